@@ -1,0 +1,444 @@
+//! Configuration: three kinds of file, parsed into raw serde types and validated into one typed [`Plan`].
+//!
+//! In: a config directory (`agent.toml`, `products/**/*.toml`, optional `governance.toml`) or a list of
+//! files. Out: a [`Plan`] the runtime builds from, or [`Diagnostics`] naming every problem at
+//! `file:line:column` with its key path and, where one exists, a suggestion. Validation never stops at
+//! the first problem: an engineer fixing a file sees all of them at once.
+
+pub mod diag;
+pub mod raw;
+pub mod units;
+mod validate;
+
+pub use diag::{Diagnostic, Diagnostics};
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The default topic template for product messages (DESIGN.md section 4).
+pub const DEFAULT_TOPIC_TEMPLATE: &str = "{site}/{area}/{line}/{domain}/{product}/v{major}";
+
+/// Everything the runtime needs, validated.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub agent: AgentPlan,
+    /// `None`: run the in-process broker on loopback.
+    pub upstream: Option<UpstreamPlan>,
+    pub buffer: BufferPlan,
+    pub devices: Vec<DevicePlan>,
+    /// Every tag of every device; devices and fields refer to tags by index into this table.
+    pub tags: Vec<TagPlan>,
+    pub products: Vec<ProductPlan>,
+    /// Hash of every config file's bytes, in path order (FNV-1a 64, hex); reported in the status topic.
+    pub config_hash: String,
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentPlan {
+    pub id: String,
+    pub site: String,
+    pub area: String,
+    pub line: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttVersion {
+    V311,
+    V5,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamPlan {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub version: MqttVersion,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    pub password: Option<SecretRef>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub max_inflight: u16,
+    pub max_records_per_message: usize,
+    pub max_message_bytes: usize,
+    pub backlog_rate: u32,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// Where a secret is read from at start; never the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    File(PathBuf),
+    Env(String),
+}
+
+impl SecretRef {
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            SecretRef::File(path) => std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| format!("cannot read secret file {}: {e}", path.display())),
+            SecretRef::Env(var) => {
+                std::env::var(var).map_err(|_| format!("environment variable {var} (a secret reference) is not set"))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BufferPlan {
+    pub max_bytes: u64,
+    pub commit_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DevicePlan {
+    pub id: String,
+    pub address: String,
+    pub poll_interval: Duration,
+    pub timeout: Duration,
+    pub max_gap_registers: u16,
+    pub max_gap_bits: u16,
+    pub max_registers_per_read: u16,
+    pub max_bits_per_read: u16,
+    /// Indexes into [`Plan::tags`].
+    pub tags: Vec<usize>,
+}
+
+/// The four Modbus data tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    Coil,
+    DiscreteInput,
+    Holding,
+    Input,
+}
+
+impl Table {
+    pub fn is_bits(self) -> bool {
+        matches!(self, Table::Coil | Table::DiscreteInput)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    Bool,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+    /// Fixed length in registers.
+    Text(u16),
+}
+
+impl DataType {
+    /// Registers one value occupies (1 for bits).
+    pub fn registers(self) -> u16 {
+        match self {
+            DataType::Bool | DataType::U16 | DataType::I16 => 1,
+            DataType::U32 | DataType::I32 | DataType::F32 => 2,
+            DataType::U64 | DataType::I64 | DataType::F64 => 4,
+            DataType::Text(n) => n,
+        }
+    }
+}
+
+/// Byte and word order of multi-register values, named by where bytes A (most significant) to D land.
+/// ABCD: big-endian words, most significant word first. CDAB: words swapped. BADC: bytes swapped in
+/// each word. DCBA: both (little endian). For 64-bit values "words swapped" reverses all four words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteOrder {
+    Abcd,
+    Cdab,
+    Badc,
+    Dcba,
+}
+
+impl ByteOrder {
+    pub fn swaps_words(self) -> bool {
+        matches!(self, ByteOrder::Cdab | ByteOrder::Dcba)
+    }
+    pub fn swaps_bytes(self) -> bool {
+        matches!(self, ByteOrder::Badc | ByteOrder::Dcba)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TagPlan {
+    pub device: usize,
+    pub name: String,
+    pub unit_id: u8,
+    pub table: Table,
+    pub address: u16,
+    pub data_type: DataType,
+    pub byte_order: ByteOrder,
+    /// For bool tags in register tables.
+    pub bit: Option<u8>,
+    pub scale: f64,
+    pub offset: f64,
+}
+
+impl TagPlan {
+    /// Registers (or bits) this tag occupies starting at `address`.
+    pub fn width(&self) -> u16 {
+        if self.table.is_bits() {
+            1
+        } else {
+            self.data_type.registers()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogicalType {
+    Number,
+    Integer,
+    Boolean,
+    String,
+}
+
+impl LogicalType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogicalType::Number => "number",
+            LogicalType::Integer => "integer",
+            LogicalType::Boolean => "boolean",
+            LogicalType::String => "string",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PublishMode {
+    /// A record for every poll of the product's devices.
+    EverySample,
+    /// A record when a field changes by more than its deadband, or its quality changes.
+    OnChange,
+    /// The latest values at a fixed period.
+    Interval(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Stop taking new records for the product and count what was not taken.
+    Block,
+    /// Delete the product's oldest messages to make room.
+    DropOldest,
+    /// Refuse the new message.
+    RejectNew,
+}
+
+impl FullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FullPolicy::Block => "block",
+            FullPolicy::DropOldest => "drop_oldest",
+            FullPolicy::RejectNew => "reject_new",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProductPlan {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub major: u64,
+    pub domain: String,
+    pub owner: String,
+    pub description: String,
+    pub publish: PublishMode,
+    pub max_bytes: u64,
+    pub full_policy: FullPolicy,
+    pub fields: Vec<FieldPlan>,
+    pub topic: String,
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct FieldPlan {
+    pub name: String,
+    /// Index into [`Plan::tags`].
+    pub tag: usize,
+    pub logical_type: LogicalType,
+    pub unit: String,
+    pub scale: f64,
+    pub offset: f64,
+    pub deadband: f64,
+    pub description: String,
+}
+
+impl Plan {
+    /// `<device>.<tag>` of a tag index.
+    pub fn tag_ref(&self, tag: usize) -> String {
+        let t = &self.tags[tag];
+        format!("{}.{}", self.devices[t.device].id, t.name)
+    }
+}
+
+/// Config files found for a load.
+#[derive(Debug, Default)]
+pub struct FileSet {
+    pub gateway: Option<PathBuf>,
+    pub governance: Option<PathBuf>,
+    pub products: Vec<PathBuf>,
+}
+
+impl FileSet {
+    /// Directories are read as a config directory; files are sorted by kind: `governance.toml` by
+    /// name, a file with an `[agent]` table as the gateway file, anything else as a product.
+    pub fn discover(paths: &[PathBuf]) -> Result<FileSet, Diagnostics> {
+        let mut set = FileSet::default();
+        let mut problems = Vec::new();
+        for path in paths {
+            if path.is_dir() {
+                let gateway = path.join("agent.toml");
+                if gateway.is_file() {
+                    set.add_gateway(gateway, &mut problems);
+                }
+                let governance = path.join("governance.toml");
+                if governance.is_file() {
+                    set.governance = Some(governance);
+                }
+                let products = path.join("products");
+                if products.is_dir() {
+                    collect_toml(&products, &mut set.products);
+                }
+            } else if path.is_file() {
+                if path.file_name().is_some_and(|n| n == "governance.toml") {
+                    set.governance = Some(path.clone());
+                } else if std::fs::read_to_string(path).is_ok_and(|t| looks_like_gateway(&t)) {
+                    set.add_gateway(path.clone(), &mut problems);
+                } else {
+                    set.products.push(path.clone());
+                }
+            } else {
+                problems.push(Diagnostic {
+                    file: path.clone(),
+                    line: 0,
+                    column: 0,
+                    key: String::new(),
+                    message: "no such file or directory".into(),
+                    help: None,
+                });
+            }
+        }
+        set.products.sort();
+        if set.gateway.is_none() && problems.is_empty() {
+            let file = paths.first().cloned().unwrap_or_default();
+            problems.push(Diagnostic {
+                file,
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: "no gateway file: expected agent.toml in the config directory, or a file with an [agent] table"
+                    .into(),
+                help: None,
+            });
+        }
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(Diagnostics(problems))
+        }
+    }
+
+    fn add_gateway(&mut self, path: PathBuf, problems: &mut Vec<Diagnostic>) {
+        if let Some(first) = &self.gateway {
+            problems.push(Diagnostic {
+                file: path,
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("a second gateway file; the first is {}", first.display()),
+                help: Some("give one agent.toml per gateway".into()),
+            });
+        } else {
+            self.gateway = Some(path);
+        }
+    }
+}
+
+fn looks_like_gateway(text: &str) -> bool {
+    text.lines().any(|l| l.trim() == "[agent]")
+}
+
+fn collect_toml(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_toml(&path, out);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+}
+
+/// Loads and validates config from directories and files (see [`FileSet::discover`]).
+pub fn load(paths: &[PathBuf]) -> Result<Plan, Diagnostics> {
+    let set = FileSet::discover(paths)?;
+    let mut texts = Vec::new();
+    let mut problems = Vec::new();
+    let all: Vec<PathBuf> = set
+        .gateway
+        .iter()
+        .chain(set.governance.iter())
+        .chain(set.products.iter())
+        .cloned()
+        .collect();
+    for path in &all {
+        match std::fs::read_to_string(path) {
+            Ok(text) => texts.push((path.clone(), text)),
+            Err(e) => problems.push(Diagnostic {
+                file: path.clone(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+                help: None,
+            }),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Diagnostics(problems));
+    }
+    let gateway = texts.remove(0);
+    let governance = if set.governance.is_some() { Some(texts.remove(0)) } else { None };
+    validate::validate(&gateway, governance.as_ref(), &texts)
+}
+
+/// Loads config from in-memory texts (the embedded demo plant). Paths are only used in messages.
+pub fn load_texts(
+    gateway: (&Path, &str),
+    products: &[(&Path, &str)],
+    data_dir: &Path,
+) -> Result<Plan, Diagnostics> {
+    let gw = (gateway.0.to_path_buf(), gateway.1.to_string());
+    let products: Vec<(PathBuf, String)> = products.iter().map(|(p, t)| (p.to_path_buf(), t.to_string())).collect();
+    let mut plan = validate::validate(&gw, None, &products)?;
+    plan.agent.data_dir = data_dir.to_path_buf();
+    Ok(plan)
+}
+
+/// FNV-1a, 64 bit: a stable fingerprint of config bytes (identity, not security).
+pub fn fnv1a64(chunks: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for chunk in chunks {
+        for b in *chunk {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

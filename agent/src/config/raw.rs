@@ -1,0 +1,201 @@
+//! Config files as written: serde types that mirror the TOML one to one. `validate` turns them into
+//! the typed [`super::Plan`]. Spanned values are the ones a semantic error has to point at.
+
+use super::units::{ByteSize, ConfigDuration};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The gateway file (`agent.toml`), owned by the OT engineer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    /// Who this agent is and where it stands.
+    pub agent: Agent,
+    /// The upstream MQTT broker; without it, an in-process broker on loopback is used.
+    pub upstream: Option<Upstream>,
+    /// The durable buffer between collection and publishing.
+    #[serde(default)]
+    pub buffer: Buffer,
+    /// Device connections and their tags.
+    #[serde(default)]
+    pub devices: Vec<Device>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    /// Agent id, unique in the site (used in topics and the MQTT client id).
+    pub id: Spanned<String>,
+    /// Site, area and line names used in the topic template.
+    pub site: Spanned<String>,
+    pub area: Spanned<String>,
+    pub line: Spanned<String>,
+    /// Where the buffer and agent state live. Relative paths are relative to the gateway file.
+    pub data_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS).
+    pub url: Spanned<String>,
+    /// MQTT protocol version: `"3.1.1"` or `"5"`.
+    #[serde(default)]
+    pub protocol: Option<Spanned<String>>,
+    /// MQTT client id; default `plantmesh-{agent.id}`.
+    pub client_id: Option<String>,
+    pub keep_alive: Option<ConfigDuration>,
+    pub username: Option<String>,
+    /// Never allowed: secrets are read from a file or the environment.
+    pub password: Option<Spanned<toml::Value>>,
+    /// File holding the broker password (trailing newline ignored).
+    pub password_file: Option<String>,
+    /// Environment variable holding the broker password.
+    pub password_env: Option<String>,
+    /// CA certificate(s) (PEM) to verify the broker; default: none, which is an error for `mqtts`.
+    pub ca_file: Option<String>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub cert_file: Option<String>,
+    pub key_file: Option<Spanned<String>>,
+    /// Most messages awaiting PUBACK at once (1..=65535); default 32.
+    pub max_inflight: Option<Spanned<u32>>,
+    /// Most records in one product message; default 100.
+    pub max_records_per_message: Option<Spanned<u32>>,
+    /// Most bytes in one product message; default 256KiB.
+    pub max_message_bytes: Option<ByteSize>,
+    /// Most backlog (historical) messages sent per second while live data flows; default 100.
+    pub backlog_rate: Option<Spanned<u32>>,
+    /// Reconnect backoff bounds; defaults 500ms and 30s.
+    pub reconnect_min: Option<ConfigDuration>,
+    pub reconnect_max: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Buffer {
+    /// Upper bound of all buffered messages; default 256MiB.
+    pub max_bytes: Option<Spanned<ByteSize>>,
+    /// Group-commit interval: the most time a record waits for its fsync; default 200ms.
+    pub commit_interval: Option<Spanned<ConfigDuration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// Device id, unique in the gateway file; tags are referenced as `<device>.<tag>`.
+    pub id: Spanned<String>,
+    /// `modbus_tcp`.
+    pub protocol: Spanned<String>,
+    /// `host:port` of the Modbus TCP server.
+    pub address: Spanned<String>,
+    /// Default unit id for the device's tags (0..=255); default 1.
+    pub unit_id: Option<Spanned<u32>>,
+    /// Time between polls; default 1s.
+    pub poll_interval: Option<Spanned<ConfigDuration>>,
+    /// Time to wait for one response; default 1s.
+    pub timeout: Option<Spanned<ConfigDuration>>,
+    /// Most unused registers (or bits) a coalesced read may span between two tags; default 8 (bits: 64).
+    pub max_gap: Option<Spanned<u32>>,
+    /// Most registers in one read (1..=125); default 125.
+    pub max_registers_per_read: Option<Spanned<u32>>,
+    /// Most bits in one read (1..=2000); default 2000.
+    pub max_bits_per_read: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tag {
+    /// Tag name, unique in the device.
+    pub name: Spanned<String>,
+    /// `holding`, `input`, `coil` or `discrete_input`.
+    pub table: Spanned<String>,
+    /// Zero-based protocol address (0..=65535).
+    pub address: Spanned<i64>,
+    /// Value type: bool, u16, i16, u32, i32, u64, i64, f32, f64, string. Default: bool for bit tables, u16 otherwise.
+    #[serde(rename = "type")]
+    pub data_type: Option<Spanned<String>>,
+    /// ABCD (big endian), CDAB (word swap), BADC (byte swap), DCBA (little endian); default ABCD.
+    pub byte_order: Option<Spanned<String>>,
+    /// For `bool` tags in register tables: the bit (0 = least significant).
+    pub bit: Option<Spanned<i64>>,
+    /// For `string` tags: length in registers (two characters each).
+    pub length: Option<Spanned<i64>>,
+    /// Overrides the device's unit id.
+    pub unit_id: Option<Spanned<u32>>,
+    /// value = raw * scale + offset (numeric tags only).
+    pub scale: Option<Spanned<f64>>,
+    pub offset: Option<f64>,
+}
+
+/// A product file, owned by a domain team.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Product {
+    /// Product id (lowercase letters, digits and `-`), unique in the gateway.
+    pub id: Spanned<String>,
+    pub name: String,
+    /// Semantic version `MAJOR.MINOR.PATCH`.
+    pub version: Spanned<String>,
+    /// Owning domain, e.g. `production`, `quality`.
+    pub domain: Spanned<String>,
+    /// Owning team.
+    pub owner: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub publish: Publish,
+    #[serde(default)]
+    pub buffer: ProductBuffer,
+    pub fields: Vec<Field>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Publish {
+    /// `every_sample` (default), `on_change` or `interval`.
+    pub mode: Option<Spanned<String>>,
+    /// For `interval`: the period.
+    pub interval: Option<Spanned<ConfigDuration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductBuffer {
+    /// This product's share of the buffer; default: the whole buffer.
+    pub max_bytes: Option<Spanned<ByteSize>>,
+    /// What happens when the share is full: `drop_oldest` (default), `reject_new`, `block`.
+    pub full_policy: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Field {
+    /// Field name in the product message.
+    pub name: Spanned<String>,
+    /// `<device>.<tag>` from the gateway file.
+    pub source: Spanned<String>,
+    /// Logical type: `number`, `integer`, `boolean`, `string`. Default: from the tag.
+    #[serde(rename = "type")]
+    pub logical_type: Option<Spanned<String>>,
+    /// Unit (UCUM code, e.g. `Cel`, `bar`, `1`).
+    #[serde(default)]
+    pub unit: String,
+    /// value = tag value * scale + offset.
+    pub scale: Option<f64>,
+    pub offset: Option<f64>,
+    /// For `on_change`: a change smaller than this is not a change (numeric fields).
+    pub deadband: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// The governance file, owned by the platform group. Rules arrive in a later version; for now it
+/// sets the topic template.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Governance {
+    /// Topic of product messages: `{site}`, `{area}`, `{line}`, `{domain}`, `{product}`, `{major}`.
+    pub topic_template: Option<Spanned<String>>,
+}

@@ -1,0 +1,700 @@
+//! Raw config -> [`Plan`]: every rule that serde cannot express, each with its location.
+
+use super::diag::{closest, Diagnostic, Diagnostics, Source};
+use super::raw;
+use super::*;
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, HashMap};
+use toml::Spanned;
+
+/// Parses one file into its raw type; a syntax or type error becomes one located diagnostic.
+pub(super) fn parse<T: DeserializeOwned>(src: &Source) -> Result<T, Diagnostic> {
+    let de = toml::Deserializer::parse(src.text).map_err(|e| toml_error(src, &e, String::new()))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        toml_error(src, e.inner(), if path == "." { String::new() } else { path })
+    })
+}
+
+fn toml_error(src: &Source, e: &toml::de::Error, key: String) -> Diagnostic {
+    let span = e.span().unwrap_or(0..0);
+    let message = e.message().trim().to_string();
+    let mut d = src.at(span, key, message.clone());
+    // serde's messages: "unknown field `pol_interval`, expected one of `a`, `b`" and
+    // "unknown variant `x`, expected ...": suggest the nearest expected name.
+    for prefix in ["unknown field `", "unknown variant `"] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let word = rest.split('`').next().unwrap_or_default();
+            let expected: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
+            if prefix.starts_with("unknown field") {
+                d.message = format!("unknown key `{word}`");
+            }
+            d.help = Some(match closest(word, expected.iter().copied()) {
+                Some(best) => format!("did you mean `{best}`?"),
+                None => format!("expected one of: {}", expected.join(", ")),
+            });
+            if word == "password" {
+                d.message = "inline secret: `password` is not allowed in config".into();
+                d.help = Some("put the password in a file (password_file) or the environment (password_env)".into());
+            }
+        }
+    }
+    d
+}
+
+struct Ctx<'a> {
+    src: Source<'a>,
+    problems: &'a mut Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn err<T>(&mut self, v: &Spanned<T>, key: impl Into<String>, msg: impl Into<String>) -> &mut Diagnostic {
+        let d = self.src.at(v.span(), key, msg);
+        self.problems.push(d);
+        self.problems.last_mut().expect("just pushed")
+    }
+
+    fn whole(&mut self, key: impl Into<String>, msg: impl Into<String>) {
+        let d = self.src.whole_file(key, msg);
+        self.problems.push(d);
+    }
+
+    /// Parses a spanned string against a fixed vocabulary, suggesting the nearest word.
+    fn choice<T: Copy>(&mut self, v: &Spanned<String>, key: &str, options: &[(&str, T)]) -> Option<T> {
+        if let Some((_, t)) = options.iter().find(|(name, _)| *name == v.get_ref().as_str()) {
+            return Some(*t);
+        }
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        let help = match closest(v.get_ref(), names.iter().copied()) {
+            Some(best) => format!("did you mean `{best}`?"),
+            None => format!("expected one of: {}", names.join(", ")),
+        };
+        self.err(v, key, format!("invalid value `{}`", v.get_ref())).help = Some(help);
+        None
+    }
+
+    fn range<T: PartialOrd + Copy + std::fmt::Display>(&mut self, v: &Spanned<T>, key: &str, lo: T, hi: T) -> Option<T> {
+        let x = *v.get_ref();
+        if x < lo || x > hi {
+            self.err(v, key, format!("{x} is out of range: allowed {lo}..={hi}"));
+            None
+        } else {
+            Some(x)
+        }
+    }
+
+    fn name(&mut self, v: &Spanned<String>, key: &str, allow_dot: bool) {
+        let s = v.get_ref();
+        let bad = s.is_empty()
+            || s.chars().any(|c| c.is_whitespace() || matches!(c, '/' | '+' | '#' | '{' | '}'))
+            || (!allow_dot && s.contains('.'));
+        if bad {
+            self.err(
+                v,
+                key,
+                format!("`{s}` is not a valid name: it must be non-empty, without spaces, `/`, `+`, `#`, braces{}", if allow_dot { "" } else { " or `.`" }),
+            );
+        }
+    }
+}
+
+fn secs(d: &Spanned<units::ConfigDuration>) -> Spanned<f64> {
+    Spanned::new(d.span(), d.get_ref().0.as_secs_f64())
+}
+
+pub(super) fn validate(
+    gateway: &(PathBuf, String),
+    governance: Option<&(PathBuf, String)>,
+    products: &[(PathBuf, String)],
+) -> Result<Plan, Diagnostics> {
+    let mut problems = Vec::new();
+    let mut files = vec![gateway.0.clone()];
+    let mut hash_input: Vec<&[u8]> = vec![gateway.1.as_bytes()];
+
+    // Governance first: it sets the topic template products are checked against.
+    let mut template = DEFAULT_TOPIC_TEMPLATE.to_string();
+    if let Some((path, text)) = governance {
+        files.push(path.clone());
+        hash_input.push(text.as_bytes());
+        let src = Source { path, text };
+        match parse::<raw::Governance>(&src) {
+            Err(d) => problems.push(d),
+            Ok(g) => {
+                if let Some(t) = g.topic_template {
+                    let mut cx = Ctx { src, problems: &mut problems };
+                    if check_template(&mut cx, &t) {
+                        template = t.into_inner();
+                    }
+                }
+            }
+        }
+    }
+
+    let src = Source { path: &gateway.0, text: &gateway.1 };
+    let gw = match parse::<raw::Gateway>(&src) {
+        Ok(gw) => Some(gw),
+        Err(d) => {
+            problems.push(d);
+            None
+        }
+    };
+    let mut cx = Ctx { src, problems: &mut problems };
+    let built = gw.map(|gw| gateway_plan(&mut cx, gw));
+
+    let mut plan_products = Vec::new();
+    if let Some((agent, upstream, buffer, devices, tags)) = &built {
+        let by_ref: HashMap<String, usize> = tags
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("{}.{}", devices[t.device].id, t.name), i))
+            .collect();
+        let mut seen_ids: HashMap<String, PathBuf> = HashMap::new();
+        for (path, text) in products {
+            files.push(path.clone());
+            hash_input.push(text.as_bytes());
+            let src = Source { path, text };
+            let raw = match parse::<raw::Product>(&src) {
+                Ok(p) => p,
+                Err(d) => {
+                    problems.push(d);
+                    continue;
+                }
+            };
+            let mut cx = Ctx { src, problems: &mut problems };
+            if let Some(first) = seen_ids.get(raw.id.get_ref()) {
+                let msg = format!("duplicate product id `{}`: also defined in {}", raw.id.get_ref(), first.display());
+                cx.err(&raw.id, "id", msg);
+                continue;
+            }
+            seen_ids.insert(raw.id.get_ref().clone(), path.clone());
+            if let Some(p) = product_plan(&mut cx, raw, agent, buffer, tags, &by_ref, &template) {
+                plan_products.push(p);
+            }
+        }
+        let _ = upstream;
+    }
+
+    if !problems.is_empty() {
+        return Err(Diagnostics(problems));
+    }
+    let (agent, upstream, buffer, devices, tags) = built.expect("no problems means the gateway parsed");
+    Ok(Plan {
+        agent,
+        upstream,
+        buffer,
+        devices,
+        tags,
+        products: plan_products,
+        config_hash: format!("{:016x}", fnv1a64(&hash_input)),
+        files,
+    })
+}
+
+fn check_template(cx: &mut Ctx, t: &Spanned<String>) -> bool {
+    const KNOWN: [&str; 6] = ["site", "area", "line", "domain", "product", "major"];
+    let mut ok = true;
+    let mut rest = t.get_ref().as_str();
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            cx.err(t, "topic_template", "unclosed `{` in topic template");
+            return false;
+        };
+        let name = &rest[open + 1..open + close];
+        if !KNOWN.contains(&name) {
+            let help = closest(name, KNOWN).map_or_else(|| format!("known: {}", KNOWN.join(", ")), |b| format!("did you mean `{{{b}}}`?"));
+            cx.err(t, "topic_template", format!("unknown placeholder `{{{name}}}`")).help = Some(help);
+            ok = false;
+        }
+        rest = &rest[open + close + 1..];
+    }
+    if !t.get_ref().contains("{product}") {
+        cx.err(t, "topic_template", "the topic template must contain `{product}` so products do not share a topic");
+        ok = false;
+    }
+    ok
+}
+
+type GatewayParts = (AgentPlan, Option<UpstreamPlan>, BufferPlan, Vec<DevicePlan>, Vec<TagPlan>);
+
+fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
+    let a = &gw.agent;
+    cx.name(&a.id, "agent.id", true);
+    cx.name(&a.site, "agent.site", true);
+    cx.name(&a.area, "agent.area", true);
+    cx.name(&a.line, "agent.line", true);
+    let base = cx.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let data_dir = a.data_dir.as_deref().map_or_else(|| PathBuf::from("/var/lib/plantmesh"), |d| base.join(d));
+    let agent = AgentPlan {
+        id: a.id.get_ref().clone(),
+        site: a.site.get_ref().clone(),
+        area: a.area.get_ref().clone(),
+        line: a.line.get_ref().clone(),
+        data_dir,
+    };
+    let upstream = gw.upstream.and_then(|u| upstream_plan(cx, u, &agent.id, &base));
+
+    let max_bytes = match &gw.buffer.max_bytes {
+        Some(v) => {
+            let mib = Spanned::new(v.span(), v.get_ref().0);
+            cx.range(&mib, "buffer.max_bytes", 1 << 20, 1 << 40).unwrap_or(1 << 20)
+        }
+        None => 256 << 20,
+    };
+    let commit_interval = match &gw.buffer.commit_interval {
+        Some(v) => {
+            cx.range(&secs(v), "buffer.commit_interval", 0.001, 10.0);
+            v.get_ref().0
+        }
+        None => Duration::from_millis(200),
+    };
+    let buffer = BufferPlan { max_bytes, commit_interval };
+
+    let mut devices = Vec::new();
+    let mut tags = Vec::new();
+    let mut device_ids: HashMap<String, usize> = HashMap::new();
+    for (di, d) in gw.devices.into_iter().enumerate() {
+        let key = format!("devices[{di}]");
+        cx.name(&d.id, &format!("{key}.id"), false);
+        if device_ids.insert(d.id.get_ref().clone(), di).is_some() {
+            let msg = format!("duplicate device id `{}`", d.id.get_ref());
+            cx.err(&d.id, format!("{key}.id"), msg);
+        }
+        cx.choice(&d.protocol, &format!("{key}.protocol"), &[("modbus_tcp", ())]);
+        let address = d.address.get_ref().clone();
+        let address = if address.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+            address
+        } else if !address.is_empty() && !address.contains(':') {
+            format!("{address}:502")
+        } else {
+            let msg = format!("`{address}` is not host:port");
+            cx.err(&d.address, format!("{key}.address"), msg).help = Some("e.g. \"192.168.10.5:502\"".into());
+            address
+        };
+        let unit_id = d.unit_id.as_ref().and_then(|u| cx.range(u, &format!("{key}.unit_id"), 0, 255)).unwrap_or(1) as u8;
+        let poll_interval = d.poll_interval.as_ref().map_or(Duration::from_secs(1), |v| {
+            cx.range(&secs(v), &format!("{key}.poll_interval"), 0.01, 86_400.0);
+            v.get_ref().0
+        });
+        let timeout = d.timeout.as_ref().map_or(Duration::from_secs(1), |v| {
+            cx.range(&secs(v), &format!("{key}.timeout"), 0.01, 60.0);
+            v.get_ref().0
+        });
+        let max_gap = d.max_gap.as_ref().and_then(|v| cx.range(v, &format!("{key}.max_gap"), 0, 124));
+        let max_regs =
+            d.max_registers_per_read.as_ref().and_then(|v| cx.range(v, &format!("{key}.max_registers_per_read"), 1, 125)).unwrap_or(125) as u16;
+        let max_bits =
+            d.max_bits_per_read.as_ref().and_then(|v| cx.range(v, &format!("{key}.max_bits_per_read"), 1, 2000)).unwrap_or(2000) as u16;
+        let mut plan = DevicePlan {
+            id: d.id.get_ref().clone(),
+            address,
+            poll_interval,
+            timeout,
+            max_gap_registers: max_gap.unwrap_or(8) as u16,
+            max_gap_bits: max_gap.map_or(64, |g| g * 8) as u16,
+            max_registers_per_read: max_regs,
+            max_bits_per_read: max_bits,
+            tags: Vec::new(),
+        };
+        let mut names: HashMap<String, ()> = HashMap::new();
+        let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        for (ti, t) in d.tags.into_iter().enumerate() {
+            let key = format!("{key}.tags[{ti}]");
+            cx.name(&t.name, &format!("{key}.name"), false);
+            if names.insert(t.name.get_ref().clone(), ()).is_some() {
+                let msg = format!("duplicate tag name `{}` in device `{}`", t.name.get_ref(), plan.id);
+                cx.err(&t.name, format!("{key}.name"), msg);
+            }
+            if let Some(tag) = tag_plan(cx, &t, &key, di, unit_id, max_regs) {
+                spans.push((tags.len(), t.address.span()));
+                plan.tags.push(tags.len());
+                tags.push(tag);
+            }
+        }
+        check_overlaps(cx, &tags, &spans, &key);
+        devices.push(plan);
+    }
+    (agent, upstream, buffer, devices, tags)
+}
+
+fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, max_regs: u16) -> Option<TagPlan> {
+    use DataType::*;
+    let table = cx.choice(
+        &t.table,
+        &format!("{key}.table"),
+        &[("holding", Table::Holding), ("input", Table::Input), ("coil", Table::Coil), ("discrete_input", Table::DiscreteInput)],
+    )?;
+    let address = cx.range(&t.address, &format!("{key}.address"), 0, 65_535)? as u16;
+    let type_options: [(&str, DataType); 10] = [
+        ("bool", Bool),
+        ("u16", U16),
+        ("i16", I16),
+        ("u32", U32),
+        ("i32", I32),
+        ("u64", U64),
+        ("i64", I64),
+        ("f32", F32),
+        ("f64", F64),
+        ("string", Text(0)),
+    ];
+    let mut data_type = match &t.data_type {
+        Some(v) => cx.choice(v, &format!("{key}.type"), &type_options)?,
+        None if table.is_bits() => Bool,
+        None => U16,
+    };
+    if table.is_bits() && data_type != Bool {
+        let v = t.data_type.as_ref().expect("non-bool type was written");
+        cx.err(v, format!("{key}.type"), "coils and discrete inputs hold bits: the type must be `bool`");
+        return None;
+    }
+    let bit = match &t.bit {
+        Some(b) if data_type == Bool && !table.is_bits() => Some(cx.range(b, &format!("{key}.bit"), 0, 15)? as u8),
+        Some(b) => {
+            cx.err(b, format!("{key}.bit"), "`bit` applies only to bool tags in holding or input registers");
+            return None;
+        }
+        None if data_type == Bool && !table.is_bits() => {
+            cx.err(&t.name, format!("{key}.bit"), "a bool tag in a register table needs `bit` (0..=15)");
+            return None;
+        }
+        None => None,
+    };
+    match (&t.length, data_type) {
+        (Some(l), Text(_)) => data_type = Text(cx.range(l, &format!("{key}.length"), 1, i64::from(max_regs))? as u16),
+        (None, Text(_)) => {
+            cx.err(&t.name, format!("{key}.length"), "a string tag needs `length` (in registers, two characters each)");
+            return None;
+        }
+        (Some(l), _) => {
+            cx.err(l, format!("{key}.length"), "`length` applies only to string tags");
+            return None;
+        }
+        (None, _) => {}
+    }
+    let byte_order = match &t.byte_order {
+        None => ByteOrder::Abcd,
+        Some(v) => {
+            let order = cx.choice(
+                v,
+                &format!("{key}.byte_order"),
+                &[("ABCD", ByteOrder::Abcd), ("CDAB", ByteOrder::Cdab), ("BADC", ByteOrder::Badc), ("DCBA", ByteOrder::Dcba)],
+            )?;
+            if table.is_bits() || data_type == Bool {
+                cx.err(v, format!("{key}.byte_order"), "byte_order has no meaning for bits");
+                return None;
+            }
+            if order.swaps_words() && (data_type.registers() == 1 || matches!(data_type, Text(_))) {
+                cx.err(v, format!("{key}.byte_order"), "word order has no meaning for single-register and string values")
+                    .help = Some("use ABCD or BADC".into());
+                return None;
+            }
+            order
+        }
+    };
+    let numeric = !matches!(data_type, Bool | Text(_));
+    let scale = match &t.scale {
+        Some(s) if !numeric => {
+            cx.err(s, format!("{key}.scale"), "scale applies only to numeric tags");
+            return None;
+        }
+        Some(s) if *s.get_ref() == 0.0 || !s.get_ref().is_finite() => {
+            cx.err(s, format!("{key}.scale"), "scale must be a finite, non-zero number");
+            return None;
+        }
+        Some(s) => *s.get_ref(),
+        None => 1.0,
+    };
+    let tag_unit = t.unit_id.as_ref().map(|u| cx.range(u, &format!("{key}.unit_id"), 0, 255).unwrap_or(0) as u8);
+    let plan = TagPlan {
+        device,
+        name: t.name.get_ref().clone(),
+        unit_id: tag_unit.unwrap_or(unit_id),
+        table,
+        address,
+        data_type,
+        byte_order,
+        bit,
+        scale,
+        offset: t.offset.unwrap_or(0.0),
+    };
+    if u32::from(address) + u32::from(plan.width()) > 65_536 {
+        cx.err(&t.address, format!("{key}.address"), format!("the value ends past address 65535 ({} registers from {address})", plan.width()));
+        return None;
+    }
+    Some(plan)
+}
+
+/// Two tags of one device may not share a register (or coil), except bool tags on different bits
+/// of a register; reading a register whole and its bits separately is allowed.
+fn check_overlaps(cx: &mut Ctx, tags: &[TagPlan], spans: &[(usize, std::ops::Range<usize>)], key: &str) {
+    let mut by_area: BTreeMap<(u8, Table), Vec<usize>> = BTreeMap::new();
+    for (i, _) in spans {
+        by_area.entry((tags[*i].unit_id, tags[*i].table)).or_default().push(*i);
+    }
+    let span_of: HashMap<usize, std::ops::Range<usize>> = spans.iter().cloned().collect();
+    for list in by_area.values() {
+        for (n, &a) in list.iter().enumerate() {
+            for &b in &list[..n] {
+                let (ta, tb) = (&tags[a], &tags[b]);
+                let overlap = ta.address < tb.address + tb.width() && tb.address < ta.address + ta.width();
+                if !overlap {
+                    continue;
+                }
+                let conflict = match (ta.bit, tb.bit) {
+                    (Some(x), Some(y)) => x == y,
+                    (Some(_), None) | (None, Some(_)) => false,
+                    (None, None) => true,
+                };
+                if conflict {
+                    let d = cx.src.at(
+                        span_of[&a].clone(),
+                        format!("{key}.tags.{}", ta.name),
+                        format!(
+                            "tag `{}` (address {}, {} register(s)) overlaps tag `{}` (address {}, {} register(s)) in the same table",
+                            ta.name,
+                            ta.address,
+                            ta.width(),
+                            tb.name,
+                            tb.address,
+                            tb.width()
+                        ),
+                    );
+                    cx.problems.push(d);
+                }
+            }
+        }
+    }
+}
+
+fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path) -> Option<UpstreamPlan> {
+    let url = u.url.get_ref().as_str();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let tls = match scheme {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" | "tls" => true,
+        _ => {
+            cx.err(&u.url, "upstream.url", format!("`{url}` is not an MQTT URL")).help =
+                Some("write mqtt://host:1883 or mqtts://host:8883".into());
+            return None;
+        }
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(p) => (h.trim_matches(['[', ']']).to_string(), p),
+            Err(_) => {
+                cx.err(&u.url, "upstream.url", format!("`{p}` is not a port number"));
+                return None;
+            }
+        },
+        None => (rest.to_string(), if tls { 8883 } else { 1883 }),
+    };
+    let version = match &u.protocol {
+        None => MqttVersion::V5,
+        Some(v) => cx.choice(v, "upstream.protocol", &[("5", MqttVersion::V5), ("3.1.1", MqttVersion::V311)])?,
+    };
+    if let Some(p) = &u.password {
+        cx.err(p, "upstream.password", "inline secret: `password` is not allowed in config").help =
+            Some("put the password in a file (password_file) or the environment (password_env)".into());
+    }
+    let password = match (&u.password_file, &u.password_env) {
+        (Some(_), Some(_)) => {
+            cx.whole("upstream", "set one of password_file and password_env, not both");
+            None
+        }
+        (Some(f), None) => Some(SecretRef::File(base.join(f))),
+        (None, Some(e)) => Some(SecretRef::Env(e.clone())),
+        (None, None) => None,
+    };
+    if password.is_some() && u.username.is_none() {
+        cx.whole("upstream.username", "a password is configured but no username");
+    }
+    let client_cert = match (&u.cert_file, &u.key_file) {
+        (Some(c), Some(k)) => Some((base.join(c), base.join(k.get_ref()))),
+        (None, None) => None,
+        _ => {
+            cx.whole("upstream", "mutual TLS needs both cert_file and key_file");
+            None
+        }
+    };
+    if !tls && (u.ca_file.is_some() || client_cert.is_some()) {
+        cx.err(&u.url, "upstream.url", "TLS files are set but the URL is not mqtts://");
+    }
+    let max_inflight = u.max_inflight.as_ref().and_then(|v| cx.range(v, "upstream.max_inflight", 1, 65_535)).unwrap_or(32) as u16;
+    let max_records =
+        u.max_records_per_message.as_ref().and_then(|v| cx.range(v, "upstream.max_records_per_message", 1, 100_000)).unwrap_or(100) as usize;
+    let backlog_rate = u.backlog_rate.as_ref().and_then(|v| cx.range(v, "upstream.backlog_rate", 1, 1_000_000)).unwrap_or(100);
+    let reconnect_min = u.reconnect_min.map_or(Duration::from_millis(500), |d| d.0);
+    let reconnect_max = u.reconnect_max.map_or(Duration::from_secs(30), |d| d.0);
+    if reconnect_min > reconnect_max || reconnect_min.is_zero() {
+        cx.whole("upstream.reconnect_min", "reconnect_min must be non-zero and at most reconnect_max");
+    }
+    Some(UpstreamPlan {
+        host,
+        port,
+        tls,
+        version,
+        client_id: u.client_id.clone().unwrap_or_else(|| format!("plantmesh-{agent_id}")),
+        keep_alive: u.keep_alive.map_or(Duration::from_secs(30), |d| d.0),
+        username: u.username.clone(),
+        password,
+        ca_file: u.ca_file.as_ref().map(|f| base.join(f)),
+        client_cert,
+        max_inflight,
+        max_records_per_message: max_records,
+        max_message_bytes: u.max_message_bytes.map_or(256 << 10, |b| b.0.clamp(1024, 256 << 20) as usize),
+        backlog_rate,
+        reconnect_min,
+        reconnect_max,
+    })
+}
+
+fn product_plan(
+    cx: &mut Ctx,
+    p: raw::Product,
+    agent: &AgentPlan,
+    buffer: &BufferPlan,
+    tags: &[TagPlan],
+    by_ref: &HashMap<String, usize>,
+    template: &str,
+) -> Option<ProductPlan> {
+    let id = p.id.get_ref();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        cx.err(&p.id, "id", format!("`{id}` is not a product id: use lowercase letters, digits and `-`"));
+    }
+    let parts: Vec<Option<u64>> = p.version.get_ref().split('.').map(|s| s.parse().ok()).collect();
+    let major = if parts.len() == 3 && parts.iter().all(Option::is_some) {
+        parts[0].unwrap_or(0)
+    } else {
+        cx.err(&p.version, "version", format!("`{}` is not a semantic version", p.version.get_ref())).help =
+            Some("write MAJOR.MINOR.PATCH, e.g. \"1.0.0\"".into());
+        0
+    };
+    cx.name(&p.domain, "domain", false);
+    let publish = match &p.publish.mode {
+        None => PublishMode::EverySample,
+        Some(m) => {
+            let mode = cx.choice(m, "publish.mode", &[("every_sample", 0), ("on_change", 1), ("interval", 2)])?;
+            match (mode, &p.publish.interval) {
+                (2, Some(i)) => {
+                    cx.range(&secs(i), "publish.interval", 0.01, 86_400.0);
+                    PublishMode::Interval(i.get_ref().0)
+                }
+                (2, None) => {
+                    cx.err(m, "publish.interval", "mode `interval` needs `interval`, e.g. \"5s\"");
+                    return None;
+                }
+                (1, _) => PublishMode::OnChange,
+                _ => PublishMode::EverySample,
+            }
+        }
+    };
+    if p.publish.interval.is_some() && !matches!(publish, PublishMode::Interval(_)) {
+        let i = p.publish.interval.as_ref().expect("checked");
+        cx.err(i, "publish.interval", "`interval` applies only to mode = \"interval\"");
+    }
+    let max_bytes = match &p.buffer.max_bytes {
+        Some(v) => {
+            let b = Spanned::new(v.span(), v.get_ref().0);
+            cx.range(&b, "buffer.max_bytes", 64 << 10, buffer.max_bytes).unwrap_or(buffer.max_bytes)
+        }
+        None => buffer.max_bytes,
+    };
+    let full_policy = match &p.buffer.full_policy {
+        None => FullPolicy::DropOldest,
+        Some(v) => cx.choice(
+            v,
+            "buffer.full_policy",
+            &[("drop_oldest", FullPolicy::DropOldest), ("reject_new", FullPolicy::RejectNew), ("block", FullPolicy::Block)],
+        )?,
+    };
+    if p.fields.is_empty() {
+        cx.err(&p.id, "fields", "a product needs at least one field");
+    }
+    let mut fields = Vec::new();
+    let mut names = HashMap::new();
+    for (fi, f) in p.fields.iter().enumerate() {
+        let key = format!("fields[{fi}]");
+        cx.name(&f.name, &format!("{key}.name"), false);
+        if names.insert(f.name.get_ref().clone(), ()).is_some() {
+            let msg = format!("duplicate field `{}`", f.name.get_ref());
+            cx.err(&f.name, format!("{key}.name"), msg);
+        }
+        let Some(&tag) = by_ref.get(f.source.get_ref()) else {
+            let r = f.source.get_ref();
+            let help = closest(r, by_ref.keys().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
+            let d = cx.err(&f.source, format!("{key}.source"), format!("`{r}` is not a tag of the gateway file (write <device>.<tag>)"));
+            d.help = help;
+            continue;
+        };
+        let t = &tags[tag];
+        let scale = f.scale.unwrap_or(1.0);
+        let offset = f.offset.unwrap_or(0.0);
+        let identity = scale == 1.0 && offset == 0.0 && t.scale == 1.0 && t.offset == 0.0;
+        let natural = match t.data_type {
+            DataType::Bool => LogicalType::Boolean,
+            DataType::Text(_) => LogicalType::String,
+            DataType::F32 | DataType::F64 => LogicalType::Number,
+            _ if identity => LogicalType::Integer,
+            _ => LogicalType::Number,
+        };
+        let logical_type = match &f.logical_type {
+            None => natural,
+            Some(v) => {
+                let lt = cx.choice(
+                    v,
+                    &format!("{key}.type"),
+                    &[("number", LogicalType::Number), ("integer", LogicalType::Integer), ("boolean", LogicalType::Boolean), ("string", LogicalType::String)],
+                )?;
+                let compatible = lt == natural || (lt == LogicalType::Number && natural == LogicalType::Integer);
+                if !compatible {
+                    let msg = format!("type `{}` does not fit tag `{}`, which gives {}", lt.as_str(), f.source.get_ref(), natural.as_str());
+                    cx.err(v, format!("{key}.type"), msg);
+                }
+                lt
+            }
+        };
+        if (f.scale.is_some() || f.offset.is_some()) && matches!(natural, LogicalType::Boolean | LogicalType::String) {
+            cx.err(&f.name, format!("{key}.scale"), "scale and offset apply only to numeric fields");
+        }
+        let deadband = match &f.deadband {
+            Some(d) if *d.get_ref() < 0.0 || !d.get_ref().is_finite() => {
+                cx.err(d, format!("{key}.deadband"), "deadband must be a finite number >= 0");
+                0.0
+            }
+            Some(d) => *d.get_ref(),
+            None => 0.0,
+        };
+        fields.push(FieldPlan {
+            name: f.name.get_ref().clone(),
+            tag,
+            logical_type,
+            unit: f.unit.clone(),
+            scale,
+            offset,
+            deadband,
+            description: f.description.clone(),
+        });
+    }
+    let topic = template
+        .replace("{site}", &agent.site)
+        .replace("{area}", &agent.area)
+        .replace("{line}", &agent.line)
+        .replace("{domain}", p.domain.get_ref())
+        .replace("{product}", id)
+        .replace("{major}", &major.to_string());
+    Some(ProductPlan {
+        id: id.clone(),
+        name: p.name.clone(),
+        version: p.version.get_ref().clone(),
+        major,
+        domain: p.domain.get_ref().clone(),
+        owner: p.owner.clone(),
+        description: p.description.clone(),
+        publish,
+        max_bytes,
+        full_policy,
+        fields,
+        topic,
+        file: cx.src.path.to_path_buf(),
+    })
+}

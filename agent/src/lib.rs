@@ -1,0 +1,12 @@
+//! plantmesh: an edge agent that turns factory-floor device data into governed data products.
+//!
+//! The pipeline: **sources** poll devices and emit readings (value + quality + read time); **map**
+//! turns readings into product records (pure); the **buffer** commits records durably to redb in
+//! per-product queues of numbered messages `(epoch, seq)`; **publish** sends them upstream over MQTT at
+//! QoS 1 and deletes a message only after the broker's PUBACK for exactly that message. Everything
+//! upstream of the buffer may be lost in a crash; nothing the buffer has committed may be.
+
+pub mod config;
+pub mod model;
+pub mod map;
+pub mod sources;

@@ -1,0 +1,280 @@
+//! Map: readings -> product records. Pure and synchronous: no I/O, no clocks (time comes in).
+//!
+//! In: [`ReadingBatch`]es from sources, and ticks for interval products. Out: `(product, Record)`
+//! pairs. Each product keeps the latest value and quality of each field; a record carries all of its
+//! fields (a field never seen yet is `bad:no_value`) and the read time of the batch that produced it.
+//! Publish modes: `every_sample` emits on every batch that touches the product; `on_change` when a
+//! field moves by more than its deadband, changes quality, or on the first sample; `interval` emits
+//! the latest values once per period.
+
+use crate::config::{FieldPlan, LogicalType, Plan, PublishMode};
+use crate::model::{BadReason, Millis, Quality, ReadingBatch, Record, Value};
+use std::time::Duration;
+
+type Cell = (Option<Value>, Quality);
+
+struct ProductState {
+    fields: Vec<FieldPlan>,
+    mode: PublishMode,
+    current: Vec<Cell>,
+    last_emitted: Option<Vec<Cell>>,
+    latest_ts: Millis,
+    next_due: Option<Millis>,
+    seen_any: bool,
+}
+
+/// The mapping of every product, with the state `on_change` and `interval` need.
+pub struct Mapper {
+    products: Vec<ProductState>,
+    /// For each tag: the (product, field) pairs it feeds.
+    feeds: Vec<Vec<(usize, usize)>>,
+}
+
+impl Mapper {
+    pub fn new(plan: &Plan) -> Self {
+        let mut feeds = vec![Vec::new(); plan.tags.len()];
+        let products = plan
+            .products
+            .iter()
+            .enumerate()
+            .map(|(pi, p)| {
+                for (fi, f) in p.fields.iter().enumerate() {
+                    feeds[f.tag].push((pi, fi));
+                }
+                ProductState {
+                    fields: p.fields.clone(),
+                    mode: p.publish,
+                    current: vec![(None, Quality::Bad(BadReason::NoValue)); p.fields.len()],
+                    last_emitted: None,
+                    latest_ts: 0,
+                    next_due: None,
+                    seen_any: false,
+                }
+            })
+            .collect();
+        Mapper { products, feeds }
+    }
+
+    /// Applies one poll's readings; pushes the records it produces.
+    pub fn on_batch(&mut self, batch: &ReadingBatch, out: &mut Vec<(usize, Record)>) {
+        let mut touched: Vec<usize> = Vec::new();
+        for r in &batch.readings {
+            let Some(feeds) = self.feeds.get(r.tag) else { continue };
+            for &(pi, fi) in feeds {
+                let p = &mut self.products[pi];
+                let field = &p.fields[fi];
+                p.current[fi] = match (&r.value, r.quality) {
+                    (Some(v), q) => match convert(field, v) {
+                        Some(v) => (Some(v), q),
+                        None => (None, Quality::Bad(BadReason::Decode)),
+                    },
+                    (None, q) => (None, q),
+                };
+                p.latest_ts = p.latest_ts.max(batch.ts);
+                p.seen_any = true;
+                if !touched.contains(&pi) {
+                    touched.push(pi);
+                }
+            }
+        }
+        for pi in touched {
+            let p = &mut self.products[pi];
+            let emit = match p.mode {
+                PublishMode::EverySample => true,
+                PublishMode::OnChange => p.last_emitted.as_ref().is_none_or(|last| changed(&p.fields, last, &p.current)),
+                PublishMode::Interval(_) => false,
+            };
+            if emit {
+                p.last_emitted = Some(p.current.clone());
+                out.push((pi, Record { ts: batch.ts, fields: p.current.clone() }));
+            }
+        }
+    }
+
+    /// Emits the records of interval products that are due at `now`.
+    pub fn on_tick(&mut self, now: Millis, out: &mut Vec<(usize, Record)>) {
+        for (pi, p) in self.products.iter_mut().enumerate() {
+            let PublishMode::Interval(period) = p.mode else { continue };
+            let period = period.as_millis() as u64;
+            let due = *p.next_due.get_or_insert(now + period);
+            if now < due || !p.seen_any {
+                continue;
+            }
+            // Keep the phase; skip periods missed while the process was stalled.
+            p.next_due = Some(due + period * ((now - due) / period + 1));
+            out.push((pi, Record { ts: p.latest_ts, fields: p.current.clone() }));
+        }
+    }
+
+    /// When the next interval product is due (for the caller's timer).
+    pub fn next_tick(&self) -> Option<Duration> {
+        self.products
+            .iter()
+            .filter_map(|p| match p.mode {
+                PublishMode::Interval(d) => Some(d),
+                _ => None,
+            })
+            .min()
+            .map(|d| (d / 4).max(Duration::from_millis(5)))
+    }
+}
+
+/// Tag value -> field value: the field's scale and offset, then its logical type.
+fn convert(field: &FieldPlan, v: &Value) -> Option<Value> {
+    let identity = field.scale == 1.0 && field.offset == 0.0;
+    match field.logical_type {
+        LogicalType::Boolean => matches!(v, Value::Bool(_)).then(|| v.clone()),
+        LogicalType::String => matches!(v, Value::Text(_)).then(|| v.clone()),
+        LogicalType::Integer if identity => match v {
+            Value::Int(_) | Value::UInt(_) => Some(v.clone()),
+            _ => None,
+        },
+        LogicalType::Integer | LogicalType::Number => {
+            let x = v.as_f64()? * field.scale + field.offset;
+            x.is_finite().then_some(Value::Float(x))
+        }
+    }
+}
+
+fn changed(fields: &[FieldPlan], last: &[Cell], now: &[Cell]) -> bool {
+    fields.iter().zip(last.iter().zip(now)).any(|(f, ((lv, lq), (nv, nq)))| {
+        if lq != nq {
+            return true;
+        }
+        match (lv, nv) {
+            (Some(a), Some(b)) => match (a.as_f64(), b.as_f64()) {
+                (Some(x), Some(y)) if !matches!(a, Value::Bool(_)) => (x - y).abs() > f.deadband || (f.deadband == 0.0 && x != y),
+                _ => a != b,
+            },
+            (None, None) => false,
+            _ => true,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use crate::model::Reading;
+    use std::path::Path;
+
+    const GATEWAY: &str = r#"
+[agent]
+id = "gw"
+site = "s"
+area = "a"
+line = "l"
+[[devices]]
+id = "plc"
+protocol = "modbus_tcp"
+address = "127.0.0.1:502"
+  [[devices.tags]]
+  name = "temp"
+  table = "holding"
+  address = 0
+  type = "f32"
+  [[devices.tags]]
+  name = "count"
+  table = "holding"
+  address = 2
+"#;
+
+    fn product(mode: &str) -> String {
+        format!(
+            r#"
+id = "p"
+name = "P"
+version = "1.0.0"
+domain = "production"
+owner = "team"
+[publish]
+{mode}
+[[fields]]
+name = "temp"
+source = "plc.temp"
+deadband = 0.5
+[[fields]]
+name = "count"
+source = "plc.count"
+"#
+        )
+    }
+
+    fn mapper(mode: &str) -> Mapper {
+        let p = product(mode);
+        let plan = config::load_texts((Path::new("agent.toml"), GATEWAY), &[(Path::new("p.toml"), &p)], Path::new("/tmp")).unwrap();
+        Mapper::new(&plan)
+    }
+
+    fn batch(ts: Millis, temp: f64, count: u64) -> ReadingBatch {
+        ReadingBatch {
+            device: 0,
+            ts,
+            readings: vec![
+                Reading { tag: 0, value: Some(Value::Float(temp)), quality: Quality::Good },
+                Reading { tag: 1, value: Some(Value::UInt(count)), quality: Quality::Good },
+            ],
+        }
+    }
+
+    #[test]
+    fn every_sample_emits_each_batch_with_read_time() {
+        let mut m = mapper("mode = \"every_sample\"");
+        let mut out = Vec::new();
+        m.on_batch(&batch(1000, 20.0, 1), &mut out);
+        m.on_batch(&batch(2000, 20.0, 1), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].1.ts, 2000);
+        assert_eq!(out[0].1.fields[1], (Some(Value::UInt(1)), Quality::Good));
+    }
+
+    #[test]
+    fn on_change_respects_deadband_and_quality() {
+        let mut m = mapper("mode = \"on_change\"");
+        let mut out = Vec::new();
+        m.on_batch(&batch(1, 20.0, 1), &mut out); // first sample
+        m.on_batch(&batch(2, 20.4, 1), &mut out); // within deadband
+        m.on_batch(&batch(3, 20.6, 1), &mut out); // 0.6 from last emitted
+        m.on_batch(&batch(4, 20.6, 2), &mut out); // integer change, deadband 0
+        let bad = ReadingBatch {
+            device: 0,
+            ts: 5,
+            readings: vec![Reading { tag: 0, value: None, quality: Quality::Bad(BadReason::Timeout) }],
+        };
+        m.on_batch(&bad, &mut out); // quality change
+        m.on_batch(&bad, &mut out); // no change
+        let ts: Vec<Millis> = out.iter().map(|(_, r)| r.ts).collect();
+        assert_eq!(ts, vec![1, 3, 4, 5]);
+        assert_eq!(out[3].1.fields[0], (None, Quality::Bad(BadReason::Timeout)));
+    }
+
+    #[test]
+    fn interval_emits_latest_once_per_period() {
+        let mut m = mapper("mode = \"interval\"\ninterval = \"1s\"");
+        let mut out = Vec::new();
+        m.on_tick(0, &mut out); // arms the timer; nothing seen yet
+        m.on_batch(&batch(100, 20.0, 1), &mut out);
+        m.on_batch(&batch(600, 21.0, 2), &mut out);
+        assert!(out.is_empty());
+        m.on_tick(999, &mut out);
+        assert!(out.is_empty());
+        m.on_tick(1000, &mut out);
+        m.on_tick(1500, &mut out);
+        m.on_tick(3200, &mut out); // missed 2000: one record, next due 4000
+        m.on_tick(3999, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].1.ts, 600);
+        assert_eq!(out[0].1.fields[0].0, Some(Value::Float(21.0)));
+    }
+
+    #[test]
+    fn fields_never_seen_are_no_value() {
+        let mut m = mapper("mode = \"every_sample\"");
+        let mut out = Vec::new();
+        let only_count =
+            ReadingBatch { device: 0, ts: 7, readings: vec![Reading { tag: 1, value: Some(Value::UInt(3)), quality: Quality::Good }] };
+        m.on_batch(&only_count, &mut out);
+        assert_eq!(out[0].1.fields[0], (None, Quality::Bad(BadReason::NoValue)));
+    }
+}

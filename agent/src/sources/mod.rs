@@ -1,0 +1,31 @@
+//! Sources: one task per device connection, each turning polls into [`ReadingBatch`]es.
+//!
+//! A source never stalls another: each device runs in its own task with its own timeouts and
+//! reconnect backoff. A bad device produces readings with a bad quality (exception code, timeout,
+//! disconnect, decode failure), never an error that stops the pipeline.
+
+pub mod backoff;
+pub mod modbus;
+
+use crate::model::ReadingBatch;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of one device, shared with the status view and metrics.
+#[derive(Debug, Default)]
+pub struct DeviceStats {
+    pub polls: AtomicU64,
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// 1 while connected.
+    pub connected: AtomicU64,
+}
+
+impl DeviceStats {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Where sources send what they read.
+pub type BatchSender = tokio::sync::mpsc::Sender<ReadingBatch>;

@@ -1,0 +1,238 @@
+//! Modbus TCP source: one task per device, polling coalesced reads at the device's interval.
+//!
+//! In: a [`DevicePlan`] and the plan's tags. Out: one [`ReadingBatch`] per poll with a reading for
+//! every tag, good or bad. A timeout, transport error or garbage response marks the affected tags bad
+//! and reconnects with jittered backoff (a late answer on a reused connection could otherwise be taken
+//! for the next request's). Exceptions mark only the tags of the refused read bad, after the read has
+//! been split as far as it goes (see [`plan`]).
+
+pub mod decode;
+pub mod plan;
+
+use super::backoff::Backoff;
+use super::{BatchSender, DeviceStats};
+use crate::config::{DevicePlan, Table, TagPlan};
+use crate::model::{now_millis, BadReason, Quality, Reading, ReadingBatch};
+use plan::ReadBlock;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{timeout, Instant, MissedTickBehavior};
+use tokio_modbus::client::{Client, Context, Reader};
+use tokio_modbus::prelude::SlaveContext;
+use tokio_modbus::{ExceptionCode, Slave};
+use tracing::{debug, info, warn};
+
+/// Outcome of one read.
+enum ReadOutcome {
+    Registers(Vec<u16>),
+    Bits(Vec<bool>),
+    Exception(u8),
+    /// The connection is unusable; reconnect.
+    Broken(BadReason, String),
+}
+
+pub struct ModbusSource {
+    pub index: usize,
+    pub device: DevicePlan,
+    pub tags: Arc<Vec<TagPlan>>,
+    pub stats: Arc<DeviceStats>,
+    pub out: BatchSender,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ModbusSource {
+    /// Runs until shutdown or until the pipeline behind it is gone.
+    pub async fn run(mut self) {
+        let mut blocks = plan::coalesce(&self.device, &self.tags);
+        info!(device = %self.device.id, address = %self.device.address, reads = blocks.len(), tags = self.device.tags.len(), "Modbus device planned");
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30).max(self.device.poll_interval));
+        loop {
+            if *self.shutdown.borrow() {
+                return;
+            }
+            let ctx = match self.connect().await {
+                Ok(ctx) => ctx,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    // One line per backoff step; every poll that could not happen still yields bad readings.
+                    warn!(device = %self.device.id, error = %e, retry_in = ?wait, attempt = backoff.attempt(), "Modbus connect failed");
+                    if !self.emit_all_bad(BadReason::Disconnected).await {
+                        return;
+                    }
+                    if self.sleep_or_shutdown(wait).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            backoff.reset();
+            self.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
+            let reason = self.poll_connected(ctx, &mut blocks).await;
+            self.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
+            match reason {
+                None => return,
+                Some(why) => {
+                    DeviceStats::inc(&self.stats.reconnects);
+                    let wait = backoff.next_delay();
+                    warn!(device = %self.device.id, reason = %why, retry_in = ?wait, "Modbus connection dropped");
+                    if self.sleep_or_shutdown(wait).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Context, String> {
+        let addr: SocketAddr = match tokio::net::lookup_host(&self.device.address).await {
+            Ok(mut addrs) => addrs.next().ok_or_else(|| format!("{} resolves to no address", self.device.address))?,
+            Err(e) => return Err(format!("cannot resolve {}: {e}", self.device.address)),
+        };
+        match timeout(self.device.timeout, tokio_modbus::client::tcp::connect_slave(addr, Slave(1))).await {
+            Ok(Ok(ctx)) => Ok(ctx),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no connection within {:?}", self.device.timeout)),
+        }
+    }
+
+    /// Polls until the connection breaks (returns the reason) or shutdown (returns `None`).
+    async fn poll_connected(&mut self, mut ctx: Context, blocks: &mut Vec<ReadBlock>) -> Option<String> {
+        let mut ticker = tokio::time::interval_at(Instant::now(), self.device.poll_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.shutdown.changed() => return None,
+            }
+            DeviceStats::inc(&self.stats.polls);
+            let ts = now_millis();
+            let mut readings = Vec::with_capacity(self.device.tags.len());
+            let mut broken: Option<(BadReason, String)> = None;
+            let mut i = 0;
+            while i < blocks.len() {
+                if let Some((reason, _)) = &broken {
+                    push_bad(&mut readings, &blocks[i].tags, *reason);
+                    i += 1;
+                    continue;
+                }
+                match self.read(&mut ctx, &blocks[i]).await {
+                    ReadOutcome::Registers(regs) => {
+                        self.decode_block(&blocks[i], Some(&regs), None, &mut readings);
+                        i += 1;
+                    }
+                    ReadOutcome::Bits(bits) => {
+                        self.decode_block(&blocks[i], None, Some(&bits), &mut readings);
+                        i += 1;
+                    }
+                    ReadOutcome::Exception(code) => {
+                        // Address and value exceptions on a merged read usually mean the read crosses a
+                        // hole in the device's map or exceeds its length limit: split and retry now.
+                        if matches!(code, 0x02 | 0x03) {
+                            if let Some((a, b)) = plan::split(&blocks[i], &self.tags) {
+                                info!(device = %self.device.id, start = blocks[i].start, count = blocks[i].count, exception = code,
+                                      "device refused a merged read; splitting it for good");
+                                blocks.splice(i..=i, [a, b]);
+                                continue;
+                            }
+                        }
+                        debug!(device = %self.device.id, start = blocks[i].start, exception = code, "Modbus exception");
+                        push_bad(&mut readings, &blocks[i].tags, BadReason::ModbusException(code));
+                        i += 1;
+                    }
+                    ReadOutcome::Broken(reason, msg) => {
+                        push_bad(&mut readings, &blocks[i].tags, reason);
+                        broken = Some((reason, msg));
+                        i += 1;
+                    }
+                }
+            }
+            readings.sort_by_key(|r| r.tag);
+            if self.out.send(ReadingBatch { device: self.index, ts, readings }).await.is_err() {
+                return None;
+            }
+            if let Some((_, msg)) = broken {
+                let _ = ctx.disconnect().await;
+                return Some(msg);
+            }
+        }
+    }
+
+    async fn read(&self, ctx: &mut Context, b: &ReadBlock) -> ReadOutcome {
+        ctx.set_slave(Slave(b.unit_id));
+        DeviceStats::inc(&self.stats.requests);
+        let call = async {
+            match b.table {
+                Table::Holding => ctx.read_holding_registers(b.start, b.count).await.map(|r| r.map(ReadOutcome::Registers)),
+                Table::Input => ctx.read_input_registers(b.start, b.count).await.map(|r| r.map(ReadOutcome::Registers)),
+                Table::Coil => ctx.read_coils(b.start, b.count).await.map(|r| r.map(ReadOutcome::Bits)),
+                Table::DiscreteInput => ctx.read_discrete_inputs(b.start, b.count).await.map(|r| r.map(ReadOutcome::Bits)),
+            }
+        };
+        let outcome = match timeout(self.device.timeout, call).await {
+            Ok(Ok(Ok(outcome))) => outcome,
+            Ok(Ok(Err(exception))) => ReadOutcome::Exception(exception_code(exception)),
+            Ok(Err(tokio_modbus::Error::Transport(e))) if e.kind() == std::io::ErrorKind::InvalidData => {
+                ReadOutcome::Broken(BadReason::Decode, format!("garbage response: {e}"))
+            }
+            Ok(Err(tokio_modbus::Error::Transport(e))) => ReadOutcome::Broken(BadReason::Disconnected, e.to_string()),
+            Ok(Err(tokio_modbus::Error::Protocol(e))) => ReadOutcome::Broken(BadReason::Decode, format!("invalid response: {e}")),
+            Err(_) => ReadOutcome::Broken(BadReason::Timeout, format!("no response within {:?}", self.device.timeout)),
+        };
+        if !matches!(outcome, ReadOutcome::Registers(_) | ReadOutcome::Bits(_)) {
+            DeviceStats::inc(&self.stats.errors);
+        }
+        outcome
+    }
+
+    fn decode_block(&self, b: &ReadBlock, regs: Option<&[u16]>, bits: Option<&[bool]>, out: &mut Vec<Reading>) {
+        for &ti in &b.tags {
+            let t = &self.tags[ti];
+            let off = usize::from(t.address - b.start);
+            let (value, quality) = match (regs, bits) {
+                (Some(regs), _) => match regs.get(off..off + usize::from(t.width())) {
+                    Some(slice) => decode::decode_registers(t, slice),
+                    None => (None, Quality::Bad(BadReason::Decode)),
+                },
+                (None, Some(bits)) => match bits.get(off) {
+                    Some(&bit) => (Some(crate::model::Value::Bool(bit)), Quality::Good),
+                    None => (None, Quality::Bad(BadReason::Decode)),
+                },
+                (None, None) => (None, Quality::Bad(BadReason::Decode)),
+            };
+            out.push(Reading { tag: ti, value, quality });
+        }
+    }
+
+    async fn emit_all_bad(&self, reason: BadReason) -> bool {
+        let readings = self.device.tags.iter().map(|&tag| Reading { tag, value: None, quality: Quality::Bad(reason) }).collect();
+        self.out.send(ReadingBatch { device: self.index, ts: now_millis(), readings }).await.is_ok()
+    }
+
+    /// Sleeps; true when shutdown was requested meanwhile.
+    async fn sleep_or_shutdown(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => *self.shutdown.borrow(),
+            _ = self.shutdown.changed() => true,
+        }
+    }
+}
+
+fn push_bad(out: &mut Vec<Reading>, tags: &[usize], reason: BadReason) {
+    out.extend(tags.iter().map(|&tag| Reading { tag, value: None, quality: Quality::Bad(reason) }));
+}
+
+fn exception_code(e: ExceptionCode) -> u8 {
+    match e {
+        ExceptionCode::IllegalFunction => 0x01,
+        ExceptionCode::IllegalDataAddress => 0x02,
+        ExceptionCode::IllegalDataValue => 0x03,
+        ExceptionCode::ServerDeviceFailure => 0x04,
+        ExceptionCode::Acknowledge => 0x05,
+        ExceptionCode::ServerDeviceBusy => 0x06,
+        ExceptionCode::MemoryParityError => 0x08,
+        ExceptionCode::GatewayPathUnavailable => 0x0A,
+        ExceptionCode::GatewayTargetDevice => 0x0B,
+        ExceptionCode::Custom(c) => c,
+    }
+}
