@@ -1,0 +1,290 @@
+//! Buffer: the durable middle of the pipeline.
+//!
+//! In: encoded records per product (from map) and acknowledgements (from publish). Out: numbered
+//! messages in redb, read by the publisher. A record is *accepted* when the group commit that wrote
+//! its message has returned from fsync; from then on it survives crashes and power cuts until the
+//! broker's PUBACK for that exact message deletes it.
+//!
+//! Group commit: one writer thread collects for `commit_interval` (default 200 ms) and writes
+//! everything (new messages, deletions, gap events) in one redb transaction with
+//! `Durability::Immediate`. Fsyncs are therefore bounded by 1/commit_interval (5/s by default) however
+//! high the record rate is; that keeps flash wear on gateways flat and is the upper bound on the time
+//! a record waits to be accepted. Records are grouped into messages at commit time (at most
+//! `max_records_per_message` records and `max_message_bytes` bytes each).
+//!
+//! Failure: a storage error stops the writer; the agent raises an alarm and exits non-zero so the
+//! service manager restarts it. Nothing is reported accepted after a failed commit.
+
+pub mod store;
+
+pub use store::{Batch, BufferError, GapEvent, MessageId, NewMessage, ProductLimits, Reader, Store, StoredMessage};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+/// What the writer is told.
+#[derive(Debug)]
+pub enum WriterMsg {
+    /// One encoded record (a JSON object) of a product.
+    Record { product: usize, created: u64, json: Vec<u8> },
+    /// The broker acknowledged this message.
+    Ack { product: String, id: MessageId },
+    /// The broker acknowledged this gap event.
+    GapAck(u64),
+}
+
+/// A product as the writer needs it.
+#[derive(Debug, Clone)]
+pub struct ProductSlot {
+    pub id: String,
+    pub topic: String,
+    pub version: String,
+    pub limits: ProductLimits,
+}
+
+/// Counters shared with the publisher, status view and metrics.
+#[derive(Debug, Default)]
+pub struct BufferStats {
+    pub accepted_records: AtomicU64,
+    pub accepted_messages: AtomicU64,
+    pub commits: AtomicU64,
+    pub dropped_records: AtomicU64,
+    pub pending_messages: AtomicU64,
+    pub pending_bytes: AtomicU64,
+    /// Bumped after every commit; the publisher waits on it.
+    pub generation: AtomicU64,
+}
+
+/// Producer side of the buffer: handed to map (records) and publish (acks).
+#[derive(Clone)]
+pub struct BufferHandle {
+    tx: mpsc::Sender<WriterMsg>,
+    queued_records: Arc<AtomicU64>,
+    max_queued: u64,
+    /// Per product: set while a `block` product's share is full.
+    pub blocked: Arc<Vec<AtomicBool>>,
+    /// Per product: records not taken (blocked or writer overloaded) since the last commit.
+    pub lost: Arc<Vec<AtomicU64>>,
+    pub stats: Arc<BufferStats>,
+    pub notify: tokio::sync::watch::Receiver<u64>,
+}
+
+impl BufferHandle {
+    /// Offers one record; a record refused here (product blocked, writer far behind) is counted and
+    /// becomes a gap event at the next commit.
+    pub fn offer(&self, product: usize, created: u64, json: Vec<u8>) {
+        if self.blocked[product].load(Ordering::Relaxed) || self.queued_records.load(Ordering::Relaxed) >= self.max_queued {
+            self.lost[product].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.queued_records.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(WriterMsg::Record { product, created, json }).is_err() {
+            self.lost[product].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn ack(&self, product: String, id: MessageId) {
+        let _ = self.tx.send(WriterMsg::Ack { product, id });
+    }
+
+    pub fn gap_ack(&self, id: u64) {
+        let _ = self.tx.send(WriterMsg::GapAck(id));
+    }
+}
+
+/// Starts the writer thread over an opened store.
+pub fn start(
+    mut store: Store,
+    products: Vec<ProductSlot>,
+    commit_interval: Duration,
+    max_records_per_message: usize,
+    max_message_bytes: usize,
+) -> (BufferHandle, std::thread::JoinHandle<Result<(), BufferError>>) {
+    for p in &products {
+        store.set_limits(&p.id, p.limits.clone());
+    }
+    let (tx, rx) = mpsc::channel();
+    let (notify_tx, notify_rx) = tokio::sync::watch::channel(0u64);
+    let stats = Arc::new(BufferStats::default());
+    let handle = BufferHandle {
+        tx,
+        queued_records: Arc::new(AtomicU64::new(0)),
+        max_queued: 200_000,
+        blocked: Arc::new(products.iter().map(|_| AtomicBool::new(false)).collect()),
+        lost: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
+        stats: stats.clone(),
+        notify: notify_rx,
+    };
+    let h = handle.clone();
+    let join = std::thread::Builder::new()
+        .name("buffer-writer".into())
+        .spawn(move || {
+            let mut w = Writer { store, products, rx, h, notify: notify_tx, max_records_per_message, max_message_bytes, commit_interval };
+            w.run()
+        })
+        .expect("spawn buffer writer");
+    (handle, join)
+}
+
+struct Writer {
+    store: Store,
+    products: Vec<ProductSlot>,
+    rx: mpsc::Receiver<WriterMsg>,
+    h: BufferHandle,
+    notify: tokio::sync::watch::Sender<u64>,
+    max_records_per_message: usize,
+    max_message_bytes: usize,
+    commit_interval: Duration,
+}
+
+#[derive(Default)]
+struct Pending {
+    records: Vec<Vec<Vec<u8>>>,
+    created: Vec<u64>,
+    acks: Vec<(String, MessageId)>,
+    gap_acks: Vec<u64>,
+    count: usize,
+}
+
+impl Writer {
+    fn run(&mut self) -> Result<(), BufferError> {
+        self.publish_stats();
+        let mut last_commit = Instant::now();
+        let mut closed = false;
+        while !closed {
+            let mut p = Pending { records: vec![Vec::new(); self.products.len()], created: vec![0; self.products.len()], ..Default::default() };
+            // Wait for work; with nothing to do, wake every commit interval to settle blocked/lost counts.
+            match self.rx.recv_timeout(self.commit_interval.max(Duration::from_millis(50))) {
+                Ok(m) => self.take(m, &mut p),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
+            }
+            let deadline = last_commit + self.commit_interval;
+            while !closed && p.count < 50_000 {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match self.rx.recv_timeout(deadline - now) {
+                    Ok(m) => self.take(m, &mut p),
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
+                }
+            }
+            // Drain what is already queued so nothing waits a second interval.
+            while let Ok(m) = self.rx.try_recv() {
+                self.take(m, &mut p);
+            }
+            let batch = self.batch(p);
+            if batch.appends.is_empty() && batch.acks.is_empty() && batch.gap_acks.is_empty() && batch.blocked.is_empty() {
+                continue;
+            }
+            let records: u64 = batch.appends.iter().map(|m| u64::from(m.records)).sum();
+            match self.store.commit(batch) {
+                Ok(done) => {
+                    last_commit = Instant::now();
+                    let accepted: u64 = done.appended.len() as u64;
+                    let s = &self.h.stats;
+                    s.commits.fetch_add(1, Ordering::Relaxed);
+                    s.accepted_messages.fetch_add(accepted, Ordering::Relaxed);
+                    let dropped: u64 = done.gaps.iter().map(|(_, g)| g.count).sum();
+                    s.accepted_records.fetch_add(records, Ordering::Relaxed);
+                    if dropped > 0 {
+                        s.dropped_records.fetch_add(dropped, Ordering::Relaxed);
+                        for (_, g) in &done.gaps {
+                            warn!(product = %g.product, epoch = g.epoch, from_seq = g.from_seq, to_seq = g.to_seq, records = g.count, reason = %g.reason, "records dropped; gap event recorded");
+                        }
+                    }
+                    for p in &done.now_blocked {
+                        if let Some(i) = self.products.iter().position(|s| &s.id == p) {
+                            if !self.h.blocked[i].swap(true, Ordering::Relaxed) {
+                                warn!(product = %p, "buffer share full: product blocked until the backlog drains");
+                            }
+                        }
+                    }
+                    self.publish_stats();
+                }
+                Err(e) => {
+                    error!(error = %e, "buffer commit failed; no further records are accepted");
+                    return Err(e);
+                }
+            }
+        }
+        info!("buffer writer stopped");
+        Ok(())
+    }
+
+    fn take(&mut self, m: WriterMsg, p: &mut Pending) {
+        match m {
+            WriterMsg::Record { product, created, json } => {
+                self.h.queued_records.fetch_sub(1, Ordering::Relaxed);
+                if p.records[product].is_empty() {
+                    p.created[product] = created;
+                }
+                p.records[product].push(json);
+                p.count += 1;
+            }
+            WriterMsg::Ack { product, id } => {
+                p.acks.push((product, id));
+                p.count += 1;
+            }
+            WriterMsg::GapAck(id) => p.gap_acks.push(id),
+        }
+    }
+
+    /// Groups records into messages and settles lost counts.
+    fn batch(&mut self, p: Pending) -> Batch {
+        let mut batch = Batch { acks: p.acks, gap_acks: p.gap_acks, ..Default::default() };
+        for (i, records) in p.records.into_iter().enumerate() {
+            let slot = &self.products[i];
+            let mut body: Vec<u8> = Vec::new();
+            let mut n = 0u32;
+            for json in records {
+                if n > 0 && (n as usize >= self.max_records_per_message || body.len() + json.len() + 2 > self.max_message_bytes) {
+                    body.push(b']');
+                    batch.appends.push(self.message(slot, p.created[i], n, std::mem::take(&mut body)));
+                    n = 0;
+                }
+                body.push(if n == 0 { b'[' } else { b',' });
+                body.extend(json);
+                n += 1;
+            }
+            if n > 0 {
+                body.push(b']');
+                batch.appends.push(self.message(slot, p.created[i], n, body));
+            }
+            // A blocked product unblocks once half its share is free; what it did not take meanwhile
+            // becomes one gap event.
+            if self.h.blocked[i].load(Ordering::Relaxed) && self.store.has_room(&slot.id) {
+                self.h.blocked[i].store(false, Ordering::Relaxed);
+                info!(product = %slot.id, "buffer share has room again: product unblocked");
+            }
+            let lost = self.h.lost[i].swap(0, Ordering::Relaxed);
+            if lost > 0 {
+                batch.blocked.push((slot.id.clone(), lost));
+            }
+        }
+        batch
+    }
+
+    fn message(&self, slot: &ProductSlot, created: u64, records: u32, body: Vec<u8>) -> NewMessage {
+        NewMessage { product: slot.id.clone(), created, records, topic: slot.topic.clone(), version: slot.version.clone(), body }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.h.stats;
+        let (mut msgs, mut bytes) = (0, 0);
+        for p in self.store.products() {
+            let (m, b) = self.store.depth(&p);
+            msgs += m;
+            bytes += b;
+        }
+        s.pending_messages.store(msgs, Ordering::Relaxed);
+        s.pending_bytes.store(bytes, Ordering::Relaxed);
+        let g = s.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.notify.send(g);
+    }
+}
