@@ -8,6 +8,10 @@
 
 pub mod buffer;
 pub mod config;
-pub mod model;
 pub mod map;
+pub mod model;
+pub mod publish;
+pub mod runtime;
+pub mod sim;
 pub mod sources;
+pub mod view;

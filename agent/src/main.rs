@@ -1,10 +1,248 @@
-use clap::Parser;
-fn main() -> std::process::ExitCode {
-    #[derive(Parser)]
-    struct A { paths: Vec<std::path::PathBuf> }
-    let a = A::parse();
-    match plantmesh::config::load(&a.paths) {
-        Ok(p) => { println!("ok {} products {} tags", p.products.len(), p.tags.len()); 0.into() }
-        Err(d) => { eprintln!("{d}"); 1.into() }
+//! The `plantmesh` command line.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use plantmesh::config;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "plantmesh", version, about = "Edge agent for factory-floor data products")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent. Without --config (and without PLANTMESH_CONFIG) it runs the demo plant.
+    Run {
+        /// Config directory (agent.toml, products/, governance.toml) or files.
+        #[arg(short, long, env = "PLANTMESH_CONFIG", value_delimiter = ',')]
+        config: Vec<PathBuf>,
+        /// Overrides agent.data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Show the live status view (default: on for the demo).
+        #[arg(long)]
+        view: bool,
+    },
+    /// Validate config offline; prints every problem as file:line:column and exits non-zero.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Run the demo plant: a simulated press-line PLC over Modbus TCP, two products, an embedded broker.
+    Demo {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Inspect a buffer (the agent must not be running on it).
+    Buffer {
+        #[command(subcommand)]
+        action: BufferAction,
+    },
+    /// Serve the simulated press-line PLC over Modbus TCP until interrupted.
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:5020")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferAction {
+    /// Pending messages, gap events and drop counters.
+    Stats {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Every pending message as one JSON line: product, epoch, seq, records.
+    Export {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { paths }) => check(&paths),
+        command => {
+            init_logging();
+            match run_async(command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("plantmesh: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PLANTMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn check(paths: &[PathBuf]) -> ExitCode {
+    match config::load(paths) {
+        Ok(plan) => {
+            println!(
+                "ok: {} device(s), {} tag(s), {} product(s); config hash {}",
+                plan.devices.len(),
+                plan.tags.len(),
+                plan.products.len(),
+                plan.config_hash
+            );
+            for p in &plan.products {
+                println!(
+                    "  {} v{} ({}, {} fields) -> {}",
+                    p.id,
+                    p.version,
+                    p.domain,
+                    p.fields.len(),
+                    p.topic
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(d) => {
+            eprintln!("{d}");
+            eprintln!("{} problem(s) found", d.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_async(command: Option<Command>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match command {
+            None => demo(None).await,
+            Some(Command::Demo { data_dir }) => demo(data_dir).await,
+            Some(Command::Run { config, data_dir, view }) if !config.is_empty() => {
+                let mut plan = config::load(&config).map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
+                if let Some(d) = data_dir {
+                    plan.agent.data_dir = d;
+                }
+                tracing::info!(agent = %plan.agent.id, config_hash = %plan.config_hash, files = plan.files.len(), "config loaded");
+                plantmesh::runtime::run(plan, |r| {
+                    if view {
+                        plantmesh::view::spawn(r)
+                    }
+                })
+                .await?;
+                Ok(())
+            }
+            Some(Command::Run { data_dir, .. }) => demo(data_dir).await,
+            Some(Command::Buffer { action }) => buffer(action),
+            Some(Command::Simulate { listen }) => simulate(listen).await,
+            Some(Command::Check { .. }) => unreachable!("handled before the runtime starts"),
+        }
+    })
+}
+
+const DEMO_GATEWAY: &str = include_str!("../../configs/demo/agent.toml");
+const DEMO_PRODUCTS: [(&str, &str); 2] = [
+    (
+        "products/production/press-output.toml",
+        include_str!("../../configs/demo/products/production/press-output.toml"),
+    ),
+    (
+        "products/quality/press-temperatures.toml",
+        include_str!("../../configs/demo/products/quality/press-temperatures.toml"),
+    ),
+];
+
+#[cfg(feature = "simulators")]
+async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let data_dir = data_dir.unwrap_or_else(|| std::env::temp_dir().join("plantmesh-demo"));
+    let products: Vec<(&Path, &str)> = DEMO_PRODUCTS.iter().map(|(p, t)| (Path::new(*p), *t)).collect();
+    let mut plan = config::load_texts(
+        (Path::new("configs/demo/agent.toml"), DEMO_GATEWAY),
+        &products,
+        &data_dir,
+    )
+    .map_err(|d| anyhow::anyhow!("embedded demo config is invalid:\n{d}"))?;
+    let plc = plantmesh::sim::plc::start("127.0.0.1:0".parse()?)
+        .await
+        .context("starting the simulated PLC")?;
+    for d in &mut plan.devices {
+        d.address = plc.to_string();
+    }
+    tracing::info!(plc = %plc, data_dir = %data_dir.display(), "demo plant: simulated press-line PLC on Modbus TCP");
+    plantmesh::runtime::run(plan, plantmesh::view::spawn).await?;
+    Ok(())
+}
+
+#[cfg(not(feature = "simulators"))]
+async fn demo(_: Option<PathBuf>) -> anyhow::Result<()> {
+    bail!("no config given (--config or PLANTMESH_CONFIG), and this build has no demo plant (feature `simulators`)")
+}
+
+#[cfg(feature = "simulators")]
+async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let addr = plantmesh::sim::plc::start(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    println!("simulated press-line PLC serving Modbus TCP on {addr} (Ctrl-C stops)");
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+#[cfg(not(feature = "simulators"))]
+async fn simulate(_: std::net::SocketAddr) -> anyhow::Result<()> {
+    bail!("this build has no simulators (feature `simulators`)")
+}
+
+fn buffer(action: BufferAction) -> anyhow::Result<()> {
+    let dir = match &action {
+        BufferAction::Stats { data_dir } | BufferAction::Export { data_dir } => data_dir.clone(),
+    };
+    let path = dir.join("buffer.redb");
+    if !path.exists() {
+        bail!("no buffer at {}", path.display());
+    }
+    let reader = plantmesh::buffer::Store::open_reader(&path)
+        .with_context(|| format!("opening {} (is the agent still running?)", path.display()))?;
+    let products = reader.products()?;
+    match action {
+        BufferAction::Stats { .. } => {
+            println!("buffer {}: {} pending message(s)", path.display(), reader.len()?);
+            for p in &products {
+                let msgs = reader.read_after(p, None, usize::MAX)?;
+                let records: u64 = msgs.iter().map(|m| u64::from(m.records)).sum();
+                let (first, last) = (msgs.first().map(|m| m.id), msgs.last().map(|m| m.id));
+                println!(
+                    "  {p}: {} messages, {records} records, from {first:?} to {last:?}",
+                    msgs.len()
+                );
+            }
+            for (p, reason, n) in reader.drops()? {
+                println!("  dropped {p} ({reason}): {n} records");
+            }
+            println!("  gap events awaiting upstream: {}", reader.gaps(usize::MAX)?.len());
+        }
+        BufferAction::Export { .. } => {
+            let mut out = std::io::stdout().lock();
+            for p in &products {
+                for m in reader.read_after(p, None, usize::MAX)? {
+                    let records: serde_json::Value = serde_json::from_slice(&m.body).unwrap_or(serde_json::Value::Null);
+                    let line = serde_json::json!({"product": m.product, "epoch": m.id.epoch, "seq": m.id.seq, "topic": m.topic, "records": records});
+                    use std::io::Write;
+                    writeln!(out, "{line}")?;
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -29,11 +29,17 @@ use tracing::{error, info, warn};
 #[derive(Debug)]
 pub enum WriterMsg {
     /// One encoded record (a JSON object) of a product.
-    Record { product: usize, created: u64, json: Vec<u8> },
+    Record {
+        product: usize,
+        created: u64,
+        json: Vec<u8>,
+    },
     /// The broker acknowledged this message.
     Ack { product: String, id: MessageId },
     /// The broker acknowledged this gap event.
     GapAck(u64),
+    /// The broker refused this message with an MQTT 5 reason code >= 0x80.
+    DeadLetter { product: String, id: MessageId, code: u8 },
 }
 
 /// A product as the writer needs it.
@@ -76,7 +82,9 @@ impl BufferHandle {
     /// Offers one record; a record refused here (product blocked, writer far behind) is counted and
     /// becomes a gap event at the next commit.
     pub fn offer(&self, product: usize, created: u64, json: Vec<u8>) {
-        if self.blocked[product].load(Ordering::Relaxed) || self.queued_records.load(Ordering::Relaxed) >= self.max_queued {
+        if self.blocked[product].load(Ordering::Relaxed)
+            || self.queued_records.load(Ordering::Relaxed) >= self.max_queued
+        {
             self.lost[product].fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -88,6 +96,10 @@ impl BufferHandle {
 
     pub fn ack(&self, product: String, id: MessageId) {
         let _ = self.tx.send(WriterMsg::Ack { product, id });
+    }
+
+    pub fn dead_letter(&self, product: String, id: MessageId, code: u8) {
+        let _ = self.tx.send(WriterMsg::DeadLetter { product, id, code });
     }
 
     pub fn gap_ack(&self, id: u64) {
@@ -122,7 +134,16 @@ pub fn start(
     let join = std::thread::Builder::new()
         .name("buffer-writer".into())
         .spawn(move || {
-            let mut w = Writer { store, products, rx, h, notify: notify_tx, max_records_per_message, max_message_bytes, commit_interval };
+            let mut w = Writer {
+                store,
+                products,
+                rx,
+                h,
+                notify: notify_tx,
+                max_records_per_message,
+                max_message_bytes,
+                commit_interval,
+            };
             w.run()
         })
         .expect("spawn buffer writer");
@@ -146,6 +167,7 @@ struct Pending {
     created: Vec<u64>,
     acks: Vec<(String, MessageId)>,
     gap_acks: Vec<u64>,
+    dead_letters: Vec<(String, MessageId, u8)>,
     count: usize,
 }
 
@@ -155,9 +177,16 @@ impl Writer {
         let mut last_commit = Instant::now();
         let mut closed = false;
         while !closed {
-            let mut p = Pending { records: vec![Vec::new(); self.products.len()], created: vec![0; self.products.len()], ..Default::default() };
+            let mut p = Pending {
+                records: vec![Vec::new(); self.products.len()],
+                created: vec![0; self.products.len()],
+                ..Default::default()
+            };
             // Wait for work; with nothing to do, wake every commit interval to settle blocked/lost counts.
-            match self.rx.recv_timeout(self.commit_interval.max(Duration::from_millis(50))) {
+            match self
+                .rx
+                .recv_timeout(self.commit_interval.max(Duration::from_millis(50)))
+            {
                 Ok(m) => self.take(m, &mut p),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
@@ -179,7 +208,12 @@ impl Writer {
                 self.take(m, &mut p);
             }
             let batch = self.batch(p);
-            if batch.appends.is_empty() && batch.acks.is_empty() && batch.gap_acks.is_empty() && batch.blocked.is_empty() {
+            if batch.appends.is_empty()
+                && batch.acks.is_empty()
+                && batch.gap_acks.is_empty()
+                && batch.blocked.is_empty()
+                && batch.dead_letters.is_empty()
+            {
                 continue;
             }
             let records: u64 = batch.appends.iter().map(|m| u64::from(m.records)).sum();
@@ -232,20 +266,34 @@ impl Writer {
                 p.count += 1;
             }
             WriterMsg::GapAck(id) => p.gap_acks.push(id),
+            WriterMsg::DeadLetter { product, id, code } => {
+                p.dead_letters.push((product, id, code));
+                p.count += 1;
+            }
         }
     }
 
     /// Groups records into messages and settles lost counts.
     fn batch(&mut self, p: Pending) -> Batch {
-        let mut batch = Batch { acks: p.acks, gap_acks: p.gap_acks, ..Default::default() };
+        let mut batch = Batch {
+            acks: p.acks,
+            gap_acks: p.gap_acks,
+            dead_letters: p.dead_letters,
+            ..Default::default()
+        };
         for (i, records) in p.records.into_iter().enumerate() {
             let slot = &self.products[i];
             let mut body: Vec<u8> = Vec::new();
             let mut n = 0u32;
             for json in records {
-                if n > 0 && (n as usize >= self.max_records_per_message || body.len() + json.len() + 2 > self.max_message_bytes) {
+                if n > 0
+                    && (n as usize >= self.max_records_per_message
+                        || body.len() + json.len() + 2 > self.max_message_bytes)
+                {
                     body.push(b']');
-                    batch.appends.push(self.message(slot, p.created[i], n, std::mem::take(&mut body)));
+                    batch
+                        .appends
+                        .push(self.message(slot, p.created[i], n, std::mem::take(&mut body)));
                     n = 0;
                 }
                 body.push(if n == 0 { b'[' } else { b',' });
@@ -271,7 +319,14 @@ impl Writer {
     }
 
     fn message(&self, slot: &ProductSlot, created: u64, records: u32, body: Vec<u8>) -> NewMessage {
-        NewMessage { product: slot.id.clone(), created, records, topic: slot.topic.clone(), version: slot.version.clone(), body }
+        NewMessage {
+            product: slot.id.clone(),
+            created,
+            records,
+            topic: slot.topic.clone(),
+            version: slot.version.clone(),
+            body,
+        }
     }
 
     fn publish_stats(&self) {

@@ -22,6 +22,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const MESSAGES: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("messages");
 const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps");
 const DROPS: TableDefinition<(&str, &str), u64> = TableDefinition::new("drops");
+const DEAD: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("dead_letters");
 
 /// Bytes of bookkeeping counted per message on top of its value (key and page overhead, roughly).
 const PER_MESSAGE_OVERHEAD: u64 = 48;
@@ -79,11 +80,20 @@ impl StoredMessage {
         let vl = usize::from(*b.get(15 + tl)?);
         let vs = 16 + tl;
         let version = std::str::from_utf8(b.get(vs..vs + vl)?).ok()?.to_string();
-        Some(StoredMessage { product: product.to_string(), id, created, records, topic, version, body: b[vs + vl..].to_vec() })
+        Some(StoredMessage {
+            product: product.to_string(),
+            id,
+            created,
+            records,
+            topic,
+            version,
+            body: b[vs + vl..].to_vec(),
+        })
     }
 
     fn size(&self) -> u64 {
-        (16 + self.topic.len() + self.version.len() + self.body.len() + self.product.len()) as u64 + PER_MESSAGE_OVERHEAD
+        (16 + self.topic.len() + self.version.len() + self.body.len() + self.product.len()) as u64
+            + PER_MESSAGE_OVERHEAD
     }
 }
 
@@ -129,6 +139,8 @@ pub struct Batch {
     pub appends: Vec<NewMessage>,
     pub acks: Vec<(String, MessageId)>,
     pub gap_acks: Vec<u64>,
+    /// Messages the broker refused (MQTT 5 reason code >= 0x80): moved to `dead_letters`.
+    pub dead_letters: Vec<(String, MessageId, u8)>,
     /// Records a `block` product did not take while it was full: `(product, count)`.
     pub blocked: Vec<(String, u64)>,
 }
@@ -176,14 +188,19 @@ pub struct Store {
 /// Errors that mean "this file is not a usable buffer" (as opposed to an I/O failure of the disk).
 fn is_corrupt(e: &redb::DatabaseError) -> bool {
     match e {
-        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) | redb::DatabaseError::UpgradeRequired(_) => true,
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) | redb::DatabaseError::UpgradeRequired(_) => {
+            true
+        }
         redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io.kind() == std::io::ErrorKind::InvalidData,
         _ => false,
     }
 }
 
 fn storage<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> BufferError + '_ {
-    move |e| BufferError::Storage { path: path.to_path_buf(), source: e.into() }
+    move |e| BufferError::Storage {
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
 }
 
 impl Store {
@@ -203,7 +220,10 @@ impl Store {
                 let aside = path.with_extension(format!("redb.corrupt-{}", crate::model::now_millis()));
                 tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e,
                     "buffer file is corrupt; moving it aside and starting an empty buffer (its messages are not replayed)");
-                std::fs::rename(path, &aside).map_err(|source| BufferError::MoveAside { path: path.to_path_buf(), source })?;
+                std::fs::rename(path, &aside).map_err(|source| BufferError::MoveAside {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
                 moved_aside = Some(aside);
                 builder().create(path).map_err(storage(path))?
             }
@@ -221,7 +241,8 @@ impl Store {
             next_gap: 1,
         };
         let mut tx = store.db.begin_write().map_err(storage(path))?;
-        tx.set_durability(redb::Durability::Immediate).map_err(|e| storage(path)(redb::Error::from(e)))?;
+        tx.set_durability(redb::Durability::Immediate)
+            .map_err(|e| storage(path)(redb::Error::from(e)))?;
         {
             let mut meta = tx.open_table(META).map_err(storage(path))?;
             let epoch = meta.get("epoch").map_err(storage(path))?.map_or(0, |v| v.value()) + 1;
@@ -229,6 +250,7 @@ impl Store {
             store.epoch = epoch;
             tx.open_table(MESSAGES).map_err(storage(path))?;
             tx.open_table(DROPS).map_err(storage(path))?;
+            tx.open_table(DEAD).map_err(storage(path))?;
             let gaps = tx.open_table(GAPS).map_err(storage(path))?;
             store.next_gap = gaps.last().map_err(storage(path))?.map_or(1, |(k, _)| k.value() + 1);
         }
@@ -259,12 +281,24 @@ impl Store {
         Ok((store, report))
     }
 
+    /// Opens an existing buffer for reading only (the `buffer` command; the agent must not be running).
+    pub fn open_reader(path: &Path) -> Result<Reader, BufferError> {
+        let db = Database::builder().open(path).map_err(storage(path))?;
+        Ok(Reader {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        })
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
     pub fn reader(&self) -> Reader {
-        Reader { db: self.db.clone(), path: self.path.clone() }
+        Reader {
+            db: self.db.clone(),
+            path: self.path.clone(),
+        }
     }
 
     pub fn set_limits(&mut self, product: &str, limits: ProductLimits) {
@@ -282,7 +316,12 @@ impl Store {
 
     /// Products with pending messages.
     pub fn products(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.queues.iter().filter(|(_, q)| q.messages > 0).map(|(p, _)| p.clone()).collect();
+        let mut v: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.messages > 0)
+            .map(|(p, _)| p.clone())
+            .collect();
         v.sort();
         v
     }
@@ -299,22 +338,28 @@ impl Store {
         let now = crate::model::now_millis();
 
         let mut tx = self.db.begin_write().map_err(storage(&path))?;
-        tx.set_durability(redb::Durability::Immediate).map_err(|e| storage(&path)(redb::Error::from(e)))?;
+        tx.set_durability(redb::Durability::Immediate)
+            .map_err(|e| storage(&path)(redb::Error::from(e)))?;
         {
             let mut messages = tx.open_table(MESSAGES).map_err(storage(&path))?;
             let mut gaps = tx.open_table(GAPS).map_err(storage(&path))?;
             let mut drops = tx.open_table(DROPS).map_err(storage(&path))?;
             let sizes = &self.sizes;
-            let size_of = |changes: &Vec<((String, MessageId), Option<u64>)>, key: &(String, MessageId)| -> Option<u64> {
-                match changes.iter().rev().find(|(k, _)| k == key) {
-                    Some((_, s)) => *s,
-                    None => sizes.get(key).copied(),
-                }
-            };
+            let size_of =
+                |changes: &Vec<((String, MessageId), Option<u64>)>, key: &(String, MessageId)| -> Option<u64> {
+                    match changes.iter().rev().find(|(k, _)| k == key) {
+                        Some((_, s)) => *s,
+                        None => sizes.get(key).copied(),
+                    }
+                };
 
             for (product, id) in &batch.acks {
                 let key = (product.clone(), *id);
-                if messages.remove((product.as_str(), id.epoch, id.seq)).map_err(storage(&path))?.is_some() {
+                if messages
+                    .remove((product.as_str(), id.epoch, id.seq))
+                    .map_err(storage(&path))?
+                    .is_some()
+                {
                     let size = size_of(&size_changes, &key).unwrap_or(0);
                     let q = queues.entry(product.clone()).or_default();
                     q.bytes = q.bytes.saturating_sub(size);
@@ -334,23 +379,79 @@ impl Store {
              -> Result<(), BufferError> {
                 let json = serde_json::to_vec(&ev).expect("gap events serialize");
                 gaps.insert(next_gap, json.as_slice()).map_err(storage(&path))?;
-                let prev = drops.get((ev.product.as_str(), ev.reason.as_str())).map_err(storage(&path))?.map_or(0, |v| v.value());
-                drops.insert((ev.product.as_str(), ev.reason.as_str()), prev + ev.count).map_err(storage(&path))?;
+                let prev = drops
+                    .get((ev.product.as_str(), ev.reason.as_str()))
+                    .map_err(storage(&path))?
+                    .map_or(0, |v| v.value());
+                drops
+                    .insert((ev.product.as_str(), ev.reason.as_str()), prev + ev.count)
+                    .map_err(storage(&path))?;
                 out.gaps.push((next_gap, ev));
                 next_gap += 1;
                 Ok(())
             };
+
+            for (product, id, code) in &batch.dead_letters {
+                let key = (product.clone(), *id);
+                let removed = messages
+                    .remove((product.as_str(), id.epoch, id.seq))
+                    .map_err(storage(&path))?
+                    .map(|v| v.value().to_vec());
+                let Some(bytes) = removed else { continue };
+                let records = StoredMessage::decode(product, *id, &bytes).map_or(0, |m| m.records);
+                let mut dead = tx.open_table(DEAD).map_err(storage(&path))?;
+                dead.insert((product.as_str(), id.epoch, id.seq), bytes.as_slice())
+                    .map_err(storage(&path))?;
+                let size = size_of(&size_changes, &key).unwrap_or(0);
+                let q = queues.entry(product.clone()).or_default();
+                q.bytes = q.bytes.saturating_sub(size);
+                q.messages = q.messages.saturating_sub(1);
+                total = total.saturating_sub(size);
+                size_changes.push((key, None));
+                let topic = self
+                    .limits
+                    .get(product)
+                    .map(|l| l.gap_topic.clone())
+                    .unwrap_or_default();
+                record_gap(
+                    &mut gaps,
+                    &mut drops,
+                    GapEvent {
+                        product: product.clone(),
+                        epoch: id.epoch,
+                        from_seq: id.seq,
+                        to_seq: id.seq,
+                        count: u64::from(records),
+                        reason: format!("broker_rejected_0x{code:02x}"),
+                        ts: now,
+                        topic,
+                    },
+                )?;
+            }
 
             for (product, count) in &batch.blocked {
                 let q = queues.entry(product.clone()).or_default();
                 q.next_seq = q.next_seq.max(1);
                 let seq = q.next_seq;
                 q.next_seq += 1;
-                let topic = self.limits.get(product).map(|l| l.gap_topic.clone()).unwrap_or_default();
+                let topic = self
+                    .limits
+                    .get(product)
+                    .map(|l| l.gap_topic.clone())
+                    .unwrap_or_default();
                 record_gap(
                     &mut gaps,
                     &mut drops,
-                    GapEvent { product: product.clone(), epoch: self.epoch, from_seq: seq, to_seq: seq, count: *count, reason: "buffer_full_blocked".into(), ts: now, topic },
+                    GapEvent {
+                        product: product.clone(),
+                        epoch: self.epoch,
+                        from_seq: seq,
+                        to_seq: seq,
+                        count: *count,
+                        reason: "buffer_full_blocked".into(),
+                        ts: now,
+                        topic,
+                    },
                 )?;
             }
 
@@ -362,7 +463,10 @@ impl Store {
                 });
                 let q = queues.entry(m.product.clone()).or_default();
                 q.next_seq = q.next_seq.max(1);
-                let id = MessageId { epoch: self.epoch, seq: q.next_seq };
+                let id = MessageId {
+                    epoch: self.epoch,
+                    seq: q.next_seq,
+                };
                 q.next_seq += 1;
                 let stored = StoredMessage {
                     product: m.product.clone(),
@@ -382,14 +486,17 @@ impl Store {
                     let mut q_bytes = q.bytes;
                     let mut t = total;
                     {
-                        let range = messages.range((m.product.as_str(), 0u64, 0u64)..=(m.product.as_str(), u64::MAX, u64::MAX)).map_err(storage(&path))?;
+                        let range = messages
+                            .range((m.product.as_str(), 0u64, 0u64)..=(m.product.as_str(), u64::MAX, u64::MAX))
+                            .map_err(storage(&path))?;
                         for entry in range {
                             if q_bytes + size <= limits.max_bytes && t + size <= self.max_bytes {
                                 break;
                             }
                             let (k, v) = entry.map_err(storage(&path))?;
                             let (_, e, s) = k.value();
-                            let records = StoredMessage::decode(&m.product, MessageId { epoch: e, seq: s }, v.value()).map_or(0, |x| x.records);
+                            let records = StoredMessage::decode(&m.product, MessageId { epoch: e, seq: s }, v.value())
+                                .map_or(0, |x| x.records);
                             let key = (m.product.clone(), MessageId { epoch: e, seq: s });
                             let sz = size_of(&size_changes, &key).unwrap_or(0);
                             q_bytes = q_bytes.saturating_sub(sz);
@@ -399,7 +506,9 @@ impl Store {
                     }
                     if q_bytes + size <= limits.max_bytes && t + size <= self.max_bytes {
                         for (did, _) in &dropped {
-                            messages.remove((m.product.as_str(), did.epoch, did.seq)).map_err(storage(&path))?;
+                            messages
+                                .remove((m.product.as_str(), did.epoch, did.seq))
+                                .map_err(storage(&path))?;
                             size_changes.push(((m.product.clone(), *did), None));
                         }
                         q.bytes = q_bytes;
@@ -420,7 +529,16 @@ impl Store {
                             record_gap(
                                 &mut gaps,
                                 &mut drops,
-                                GapEvent { product: m.product.clone(), epoch, from_seq: from, to_seq: to, count, reason: "buffer_full_drop_oldest".into(), ts: now, topic: limits.gap_topic.clone() },
+                                GapEvent {
+                                    product: m.product.clone(),
+                                    epoch,
+                                    from_seq: from,
+                                    to_seq: to,
+                                    count,
+                                    reason: "buffer_full_drop_oldest".into(),
+                                    ts: now,
+                                    topic: limits.gap_topic.clone(),
+                                },
                             )?;
                         }
                     }
@@ -428,7 +546,9 @@ impl Store {
 
                 if fits(q, total) {
                     let bytes = stored.encode();
-                    messages.insert((m.product.as_str(), id.epoch, id.seq), bytes.as_slice()).map_err(storage(&path))?;
+                    messages
+                        .insert((m.product.as_str(), id.epoch, id.seq), bytes.as_slice())
+                        .map_err(storage(&path))?;
                     q.bytes += size;
                     q.messages += 1;
                     total += size;
@@ -447,7 +567,16 @@ impl Store {
                     record_gap(
                         &mut gaps,
                         &mut drops,
-                        GapEvent { product: m.product.clone(), epoch: id.epoch, from_seq: id.seq, to_seq: id.seq, count: u64::from(m.records), reason: reason.into(), ts: now, topic: limits.gap_topic.clone() },
+                        GapEvent {
+                            product: m.product.clone(),
+                            epoch: id.epoch,
+                            from_seq: id.seq,
+                            to_seq: id.seq,
+                            count: u64::from(m.records),
+                            reason: reason.into(),
+                            ts: now,
+                            topic: limits.gap_topic.clone(),
+                        },
                     )?;
                 }
             }
@@ -472,7 +601,9 @@ impl Store {
 
     /// True when a `block` product has room again (half its share free, so it does not flap).
     pub fn has_room(&self, product: &str) -> bool {
-        let Some(l) = self.limits.get(product) else { return true };
+        let Some(l) = self.limits.get(product) else {
+            return true;
+        };
         let q = self.queues.get(product).copied().unwrap_or_default();
         q.bytes <= l.max_bytes / 2 && self.total_bytes <= self.max_bytes / 2 + self.max_bytes / 4
     }
@@ -487,13 +618,27 @@ pub struct Reader {
 
 impl Reader {
     /// Up to `limit` messages of `product` after `after` (from the start when `None`), in order.
-    pub fn read_after(&self, product: &str, after: Option<MessageId>, limit: usize) -> Result<Vec<StoredMessage>, BufferError> {
+    pub fn read_after(
+        &self,
+        product: &str,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, BufferError> {
         let path = &self.path;
         let rx = self.db.begin_read().map_err(storage(path))?;
         let table = rx.open_table(MESSAGES).map_err(storage(path))?;
-        let start = after.map_or((0, 0), |a| if a.seq == u64::MAX { (a.epoch + 1, 0) } else { (a.epoch, a.seq + 1) });
+        let start = after.map_or((0, 0), |a| {
+            if a.seq == u64::MAX {
+                (a.epoch + 1, 0)
+            } else {
+                (a.epoch, a.seq + 1)
+            }
+        });
         let mut out = Vec::new();
-        for entry in table.range((product, start.0, start.1)..=(product, u64::MAX, u64::MAX)).map_err(storage(path))? {
+        for entry in table
+            .range((product, start.0, start.1)..=(product, u64::MAX, u64::MAX))
+            .map_err(storage(path))?
+        {
             if out.len() >= limit {
                 break;
             }
@@ -514,7 +659,10 @@ impl Reader {
         let path = &self.path;
         let rx = self.db.begin_read().map_err(storage(path))?;
         let table = rx.open_table(MESSAGES).map_err(storage(path))?;
-        let last = table.range((product, 0u64, 0u64)..=(product, u64::MAX, u64::MAX)).map_err(storage(path))?.next_back();
+        let last = table
+            .range((product, 0u64, 0u64)..=(product, u64::MAX, u64::MAX))
+            .map_err(storage(path))?
+            .next_back();
         Ok(match last {
             Some(entry) => {
                 let (k, _) = entry.map_err(storage(path))?;
@@ -619,7 +767,14 @@ mod tests {
     fn open(path: &Path) -> Store {
         let (mut s, _) = Store::open(path, TOTAL, 1 << 20).unwrap();
         for (p, policy) in PRODUCTS.iter().zip(POLICIES) {
-            s.set_limits(p, ProductLimits { max_bytes: SHARE, policy, gap_topic: "g".into() });
+            s.set_limits(
+                p,
+                ProductLimits {
+                    max_bytes: SHARE,
+                    policy,
+                    gap_topic: "g".into(),
+                },
+            );
         }
         s
     }
@@ -749,14 +904,29 @@ mod tests {
         let path = dir.path().join("buffer.redb");
         let (mut s, r) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
         assert_eq!(r.epoch, 1);
-        let new = NewMessage { product: "p".into(), created: 5, records: 2, topic: "a/b".into(), version: "1.2.3".into(), body: b"[{},{}]".to_vec() };
-        let done = s.commit(Batch { appends: vec![new], ..Default::default() }).unwrap();
+        let new = NewMessage {
+            product: "p".into(),
+            created: 5,
+            records: 2,
+            topic: "a/b".into(),
+            version: "1.2.3".into(),
+            body: b"[{},{}]".to_vec(),
+        };
+        let done = s
+            .commit(Batch {
+                appends: vec![new],
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(done.appended, vec![("p".to_string(), MessageId { epoch: 1, seq: 1 })]);
         drop(s);
         let (s, r) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
         assert_eq!((r.epoch, r.pending_messages), (2, 1));
         let m = &s.reader().read_after("p", None, 10).unwrap()[0];
-        assert_eq!((m.topic.as_str(), m.version.as_str(), m.records, m.body.as_slice()), ("a/b", "1.2.3", 2, &b"[{},{}]"[..]));
+        assert_eq!(
+            (m.topic.as_str(), m.version.as_str(), m.records, m.body.as_slice()),
+            ("a/b", "1.2.3", 2, &b"[{},{}]"[..])
+        );
         assert_eq!(s.reader().products().unwrap(), vec!["p".to_string()]);
     }
 }

@@ -134,14 +134,20 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(closest("pol_interval", ["poll_interval", "timeout"]), Some("poll_interval"));
+        assert_eq!(
+            closest("pol_interval", ["poll_interval", "timeout"]),
+            Some("poll_interval")
+        );
         assert_eq!(closest("xyz", ["poll_interval", "timeout"]), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]
     fn line_and_column() {
-        let s = Source { path: Path::new("a.toml"), text: "a = 1\nbé = 2\n" };
+        let s = Source {
+            path: Path::new("a.toml"),
+            text: "a = 1\nbé = 2\n",
+        };
         assert_eq!(s.line_col(0), (1, 1));
         assert_eq!(s.line_col(6), (2, 1));
         assert_eq!(s.line_col(12), (2, 6));

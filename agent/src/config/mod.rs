@@ -339,8 +339,9 @@ impl FileSet {
                 line: 0,
                 column: 0,
                 key: String::new(),
-                message: "no gateway file: expected agent.toml in the config directory, or a file with an [agent] table"
-                    .into(),
+                message:
+                    "no gateway file: expected agent.toml in the config directory, or a file with an [agent] table"
+                        .into(),
                 help: None,
             });
         }
@@ -372,7 +373,9 @@ fn looks_like_gateway(text: &str) -> bool {
 }
 
 fn collect_toml(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
@@ -412,16 +415,16 @@ pub fn load(paths: &[PathBuf]) -> Result<Plan, Diagnostics> {
         return Err(Diagnostics(problems));
     }
     let gateway = texts.remove(0);
-    let governance = if set.governance.is_some() { Some(texts.remove(0)) } else { None };
+    let governance = if set.governance.is_some() {
+        Some(texts.remove(0))
+    } else {
+        None
+    };
     validate::validate(&gateway, governance.as_ref(), &texts)
 }
 
 /// Loads config from in-memory texts (the embedded demo plant). Paths are only used in messages.
-pub fn load_texts(
-    gateway: (&Path, &str),
-    products: &[(&Path, &str)],
-    data_dir: &Path,
-) -> Result<Plan, Diagnostics> {
+pub fn load_texts(gateway: (&Path, &str), products: &[(&Path, &str)], data_dir: &Path) -> Result<Plan, Diagnostics> {
     let gw = (gateway.0.to_path_buf(), gateway.1.to_string());
     let products: Vec<(PathBuf, String)> = products.iter().map(|(p, t)| (p.to_path_buf(), t.to_string())).collect();
     let mut plan = validate::validate(&gw, None, &products)?;

@@ -73,7 +73,13 @@ impl Ctx<'_> {
         None
     }
 
-    fn range<T: PartialOrd + Copy + std::fmt::Display>(&mut self, v: &Spanned<T>, key: &str, lo: T, hi: T) -> Option<T> {
+    fn range<T: PartialOrd + Copy + std::fmt::Display>(
+        &mut self,
+        v: &Spanned<T>,
+        key: &str,
+        lo: T,
+        hi: T,
+    ) -> Option<T> {
         let x = *v.get_ref();
         if x < lo || x > hi {
             self.err(v, key, format!("{x} is out of range: allowed {lo}..={hi}"));
@@ -86,13 +92,17 @@ impl Ctx<'_> {
     fn name(&mut self, v: &Spanned<String>, key: &str, allow_dot: bool) {
         let s = v.get_ref();
         let bad = s.is_empty()
-            || s.chars().any(|c| c.is_whitespace() || matches!(c, '/' | '+' | '#' | '{' | '}'))
+            || s.chars()
+                .any(|c| c.is_whitespace() || matches!(c, '/' | '+' | '#' | '{' | '}'))
             || (!allow_dot && s.contains('.'));
         if bad {
             self.err(
                 v,
                 key,
-                format!("`{s}` is not a valid name: it must be non-empty, without spaces, `/`, `+`, `#`, braces{}", if allow_dot { "" } else { " or `.`" }),
+                format!(
+                    "`{s}` is not a valid name: it must be non-empty, without spaces, `/`, `+`, `#`, braces{}",
+                    if allow_dot { "" } else { " or `.`" }
+                ),
             );
         }
     }
@@ -121,7 +131,10 @@ pub(super) fn validate(
             Err(d) => problems.push(d),
             Ok(g) => {
                 if let Some(t) = g.topic_template {
-                    let mut cx = Ctx { src, problems: &mut problems };
+                    let mut cx = Ctx {
+                        src,
+                        problems: &mut problems,
+                    };
                     if check_template(&mut cx, &t) {
                         template = t.into_inner();
                     }
@@ -130,7 +143,10 @@ pub(super) fn validate(
         }
     }
 
-    let src = Source { path: &gateway.0, text: &gateway.1 };
+    let src = Source {
+        path: &gateway.0,
+        text: &gateway.1,
+    };
     let gw = match parse::<raw::Gateway>(&src) {
         Ok(gw) => Some(gw),
         Err(d) => {
@@ -138,7 +154,10 @@ pub(super) fn validate(
             None
         }
     };
-    let mut cx = Ctx { src, problems: &mut problems };
+    let mut cx = Ctx {
+        src,
+        problems: &mut problems,
+    };
     let built = gw.map(|gw| gateway_plan(&mut cx, gw));
 
     let mut plan_products = Vec::new();
@@ -160,9 +179,16 @@ pub(super) fn validate(
                     continue;
                 }
             };
-            let mut cx = Ctx { src, problems: &mut problems };
+            let mut cx = Ctx {
+                src,
+                problems: &mut problems,
+            };
             if let Some(first) = seen_ids.get(raw.id.get_ref()) {
-                let msg = format!("duplicate product id `{}`: also defined in {}", raw.id.get_ref(), first.display());
+                let msg = format!(
+                    "duplicate product id `{}`: also defined in {}",
+                    raw.id.get_ref(),
+                    first.display()
+                );
                 cx.err(&raw.id, "id", msg);
                 continue;
             }
@@ -201,20 +227,34 @@ fn check_template(cx: &mut Ctx, t: &Spanned<String>) -> bool {
         };
         let name = &rest[open + 1..open + close];
         if !KNOWN.contains(&name) {
-            let help = closest(name, KNOWN).map_or_else(|| format!("known: {}", KNOWN.join(", ")), |b| format!("did you mean `{{{b}}}`?"));
-            cx.err(t, "topic_template", format!("unknown placeholder `{{{name}}}`")).help = Some(help);
+            let help = closest(name, KNOWN).map_or_else(
+                || format!("known: {}", KNOWN.join(", ")),
+                |b| format!("did you mean `{{{b}}}`?"),
+            );
+            cx.err(t, "topic_template", format!("unknown placeholder `{{{name}}}`"))
+                .help = Some(help);
             ok = false;
         }
         rest = &rest[open + close + 1..];
     }
     if !t.get_ref().contains("{product}") {
-        cx.err(t, "topic_template", "the topic template must contain `{product}` so products do not share a topic");
+        cx.err(
+            t,
+            "topic_template",
+            "the topic template must contain `{product}` so products do not share a topic",
+        );
         ok = false;
     }
     ok
 }
 
-type GatewayParts = (AgentPlan, Option<UpstreamPlan>, BufferPlan, Vec<DevicePlan>, Vec<TagPlan>);
+type GatewayParts = (
+    AgentPlan,
+    Option<UpstreamPlan>,
+    BufferPlan,
+    Vec<DevicePlan>,
+    Vec<TagPlan>,
+);
 
 fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
     let a = &gw.agent;
@@ -223,7 +263,10 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
     cx.name(&a.area, "agent.area", true);
     cx.name(&a.line, "agent.line", true);
     let base = cx.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let data_dir = a.data_dir.as_deref().map_or_else(|| PathBuf::from("/var/lib/plantmesh"), |d| base.join(d));
+    let data_dir = a
+        .data_dir
+        .as_deref()
+        .map_or_else(|| PathBuf::from("/var/lib/plantmesh"), |d| base.join(d));
     let agent = AgentPlan {
         id: a.id.get_ref().clone(),
         site: a.site.get_ref().clone(),
@@ -247,7 +290,10 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
         }
         None => Duration::from_millis(200),
     };
-    let buffer = BufferPlan { max_bytes, commit_interval };
+    let buffer = BufferPlan {
+        max_bytes,
+        commit_interval,
+    };
 
     let mut devices = Vec::new();
     let mut tags = Vec::new();
@@ -261,7 +307,10 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
         }
         cx.choice(&d.protocol, &format!("{key}.protocol"), &[("modbus_tcp", ())]);
         let address = d.address.get_ref().clone();
-        let address = if address.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+        let address = if address
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
             address
         } else if !address.is_empty() && !address.contains(':') {
             format!("{address}:502")
@@ -270,7 +319,11 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             cx.err(&d.address, format!("{key}.address"), msg).help = Some("e.g. \"192.168.10.5:502\"".into());
             address
         };
-        let unit_id = d.unit_id.as_ref().and_then(|u| cx.range(u, &format!("{key}.unit_id"), 0, 255)).unwrap_or(1) as u8;
+        let unit_id = d
+            .unit_id
+            .as_ref()
+            .and_then(|u| cx.range(u, &format!("{key}.unit_id"), 0, 255))
+            .unwrap_or(1) as u8;
         let poll_interval = d.poll_interval.as_ref().map_or(Duration::from_secs(1), |v| {
             cx.range(&secs(v), &format!("{key}.poll_interval"), 0.01, 86_400.0);
             v.get_ref().0
@@ -279,11 +332,20 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             cx.range(&secs(v), &format!("{key}.timeout"), 0.01, 60.0);
             v.get_ref().0
         });
-        let max_gap = d.max_gap.as_ref().and_then(|v| cx.range(v, &format!("{key}.max_gap"), 0, 124));
-        let max_regs =
-            d.max_registers_per_read.as_ref().and_then(|v| cx.range(v, &format!("{key}.max_registers_per_read"), 1, 125)).unwrap_or(125) as u16;
-        let max_bits =
-            d.max_bits_per_read.as_ref().and_then(|v| cx.range(v, &format!("{key}.max_bits_per_read"), 1, 2000)).unwrap_or(2000) as u16;
+        let max_gap = d
+            .max_gap
+            .as_ref()
+            .and_then(|v| cx.range(v, &format!("{key}.max_gap"), 0, 124));
+        let max_regs = d
+            .max_registers_per_read
+            .as_ref()
+            .and_then(|v| cx.range(v, &format!("{key}.max_registers_per_read"), 1, 125))
+            .unwrap_or(125) as u16;
+        let max_bits = d
+            .max_bits_per_read
+            .as_ref()
+            .and_then(|v| cx.range(v, &format!("{key}.max_bits_per_read"), 1, 2000))
+            .unwrap_or(2000) as u16;
         let mut plan = DevicePlan {
             id: d.id.get_ref().clone(),
             address,
@@ -321,7 +383,12 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
     let table = cx.choice(
         &t.table,
         &format!("{key}.table"),
-        &[("holding", Table::Holding), ("input", Table::Input), ("coil", Table::Coil), ("discrete_input", Table::DiscreteInput)],
+        &[
+            ("holding", Table::Holding),
+            ("input", Table::Input),
+            ("coil", Table::Coil),
+            ("discrete_input", Table::DiscreteInput),
+        ],
     )?;
     let address = cx.range(&t.address, &format!("{key}.address"), 0, 65_535)? as u16;
     let type_options: [(&str, DataType); 10] = [
@@ -343,17 +410,29 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
     };
     if table.is_bits() && data_type != Bool {
         let v = t.data_type.as_ref().expect("non-bool type was written");
-        cx.err(v, format!("{key}.type"), "coils and discrete inputs hold bits: the type must be `bool`");
+        cx.err(
+            v,
+            format!("{key}.type"),
+            "coils and discrete inputs hold bits: the type must be `bool`",
+        );
         return None;
     }
     let bit = match &t.bit {
         Some(b) if data_type == Bool && !table.is_bits() => Some(cx.range(b, &format!("{key}.bit"), 0, 15)? as u8),
         Some(b) => {
-            cx.err(b, format!("{key}.bit"), "`bit` applies only to bool tags in holding or input registers");
+            cx.err(
+                b,
+                format!("{key}.bit"),
+                "`bit` applies only to bool tags in holding or input registers",
+            );
             return None;
         }
         None if data_type == Bool && !table.is_bits() => {
-            cx.err(&t.name, format!("{key}.bit"), "a bool tag in a register table needs `bit` (0..=15)");
+            cx.err(
+                &t.name,
+                format!("{key}.bit"),
+                "a bool tag in a register table needs `bit` (0..=15)",
+            );
             return None;
         }
         None => None,
@@ -361,7 +440,11 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
     match (&t.length, data_type) {
         (Some(l), Text(_)) => data_type = Text(cx.range(l, &format!("{key}.length"), 1, i64::from(max_regs))? as u16),
         (None, Text(_)) => {
-            cx.err(&t.name, format!("{key}.length"), "a string tag needs `length` (in registers, two characters each)");
+            cx.err(
+                &t.name,
+                format!("{key}.length"),
+                "a string tag needs `length` (in registers, two characters each)",
+            );
             return None;
         }
         (Some(l), _) => {
@@ -376,15 +459,24 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
             let order = cx.choice(
                 v,
                 &format!("{key}.byte_order"),
-                &[("ABCD", ByteOrder::Abcd), ("CDAB", ByteOrder::Cdab), ("BADC", ByteOrder::Badc), ("DCBA", ByteOrder::Dcba)],
+                &[
+                    ("ABCD", ByteOrder::Abcd),
+                    ("CDAB", ByteOrder::Cdab),
+                    ("BADC", ByteOrder::Badc),
+                    ("DCBA", ByteOrder::Dcba),
+                ],
             )?;
             if table.is_bits() || data_type == Bool {
                 cx.err(v, format!("{key}.byte_order"), "byte_order has no meaning for bits");
                 return None;
             }
             if order.swaps_words() && (data_type.registers() == 1 || matches!(data_type, Text(_))) {
-                cx.err(v, format!("{key}.byte_order"), "word order has no meaning for single-register and string values")
-                    .help = Some("use ABCD or BADC".into());
+                cx.err(
+                    v,
+                    format!("{key}.byte_order"),
+                    "word order has no meaning for single-register and string values",
+                )
+                .help = Some("use ABCD or BADC".into());
                 return None;
             }
             order
@@ -403,7 +495,10 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
         Some(s) => *s.get_ref(),
         None => 1.0,
     };
-    let tag_unit = t.unit_id.as_ref().map(|u| cx.range(u, &format!("{key}.unit_id"), 0, 255).unwrap_or(0) as u8);
+    let tag_unit = t
+        .unit_id
+        .as_ref()
+        .map(|u| cx.range(u, &format!("{key}.unit_id"), 0, 255).unwrap_or(0) as u8);
     let plan = TagPlan {
         device,
         name: t.name.get_ref().clone(),
@@ -417,7 +512,14 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
         offset: t.offset.unwrap_or(0.0),
     };
     if u32::from(address) + u32::from(plan.width()) > 65_536 {
-        cx.err(&t.address, format!("{key}.address"), format!("the value ends past address 65535 ({} registers from {address})", plan.width()));
+        cx.err(
+            &t.address,
+            format!("{key}.address"),
+            format!(
+                "the value ends past address 65535 ({} registers from {address})",
+                plan.width()
+            ),
+        );
         return None;
     }
     Some(plan)
@@ -472,8 +574,8 @@ fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path) ->
         "mqtt" | "tcp" => false,
         "mqtts" | "ssl" | "tls" => true,
         _ => {
-            cx.err(&u.url, "upstream.url", format!("`{url}` is not an MQTT URL")).help =
-                Some("write mqtt://host:1883 or mqtts://host:8883".into());
+            cx.err(&u.url, "upstream.url", format!("`{url}` is not an MQTT URL"))
+                .help = Some("write mqtt://host:1883 or mqtts://host:8883".into());
             return None;
         }
     };
@@ -490,11 +592,19 @@ fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path) ->
     };
     let version = match &u.protocol {
         None => MqttVersion::V5,
-        Some(v) => cx.choice(v, "upstream.protocol", &[("5", MqttVersion::V5), ("3.1.1", MqttVersion::V311)])?,
+        Some(v) => cx.choice(
+            v,
+            "upstream.protocol",
+            &[("5", MqttVersion::V5), ("3.1.1", MqttVersion::V311)],
+        )?,
     };
     if let Some(p) = &u.password {
-        cx.err(p, "upstream.password", "inline secret: `password` is not allowed in config").help =
-            Some("put the password in a file (password_file) or the environment (password_env)".into());
+        cx.err(
+            p,
+            "upstream.password",
+            "inline secret: `password` is not allowed in config",
+        )
+        .help = Some("put the password in a file (password_file) or the environment (password_env)".into());
     }
     let password = match (&u.password_file, &u.password_env) {
         (Some(_), Some(_)) => {
@@ -519,14 +629,28 @@ fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path) ->
     if !tls && (u.ca_file.is_some() || client_cert.is_some()) {
         cx.err(&u.url, "upstream.url", "TLS files are set but the URL is not mqtts://");
     }
-    let max_inflight = u.max_inflight.as_ref().and_then(|v| cx.range(v, "upstream.max_inflight", 1, 65_535)).unwrap_or(32) as u16;
-    let max_records =
-        u.max_records_per_message.as_ref().and_then(|v| cx.range(v, "upstream.max_records_per_message", 1, 100_000)).unwrap_or(100) as usize;
-    let backlog_rate = u.backlog_rate.as_ref().and_then(|v| cx.range(v, "upstream.backlog_rate", 1, 1_000_000)).unwrap_or(100);
+    let max_inflight = u
+        .max_inflight
+        .as_ref()
+        .and_then(|v| cx.range(v, "upstream.max_inflight", 1, 65_535))
+        .unwrap_or(32) as u16;
+    let max_records = u
+        .max_records_per_message
+        .as_ref()
+        .and_then(|v| cx.range(v, "upstream.max_records_per_message", 1, 100_000))
+        .unwrap_or(100) as usize;
+    let backlog_rate = u
+        .backlog_rate
+        .as_ref()
+        .and_then(|v| cx.range(v, "upstream.backlog_rate", 1, 1_000_000))
+        .unwrap_or(100);
     let reconnect_min = u.reconnect_min.map_or(Duration::from_millis(500), |d| d.0);
     let reconnect_max = u.reconnect_max.map_or(Duration::from_secs(30), |d| d.0);
     if reconnect_min > reconnect_max || reconnect_min.is_zero() {
-        cx.whole("upstream.reconnect_min", "reconnect_min must be non-zero and at most reconnect_max");
+        cx.whole(
+            "upstream.reconnect_min",
+            "reconnect_min must be non-zero and at most reconnect_max",
+        );
     }
     Some(UpstreamPlan {
         host,
@@ -541,7 +665,9 @@ fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path) ->
         client_cert,
         max_inflight,
         max_records_per_message: max_records,
-        max_message_bytes: u.max_message_bytes.map_or(256 << 10, |b| b.0.clamp(1024, 256 << 20) as usize),
+        max_message_bytes: u
+            .max_message_bytes
+            .map_or(256 << 10, |b| b.0.clamp(1024, 256 << 20) as usize),
         backlog_rate,
         reconnect_min,
         reconnect_max,
@@ -558,22 +684,38 @@ fn product_plan(
     template: &str,
 ) -> Option<ProductPlan> {
     let id = p.id.get_ref();
-    if id.is_empty() || !id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
-        cx.err(&p.id, "id", format!("`{id}` is not a product id: use lowercase letters, digits and `-`"));
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        cx.err(
+            &p.id,
+            "id",
+            format!("`{id}` is not a product id: use lowercase letters, digits and `-`"),
+        );
     }
     let parts: Vec<Option<u64>> = p.version.get_ref().split('.').map(|s| s.parse().ok()).collect();
     let major = if parts.len() == 3 && parts.iter().all(Option::is_some) {
         parts[0].unwrap_or(0)
     } else {
-        cx.err(&p.version, "version", format!("`{}` is not a semantic version", p.version.get_ref())).help =
-            Some("write MAJOR.MINOR.PATCH, e.g. \"1.0.0\"".into());
+        cx.err(
+            &p.version,
+            "version",
+            format!("`{}` is not a semantic version", p.version.get_ref()),
+        )
+        .help = Some("write MAJOR.MINOR.PATCH, e.g. \"1.0.0\"".into());
         0
     };
     cx.name(&p.domain, "domain", false);
     let publish = match &p.publish.mode {
         None => PublishMode::EverySample,
         Some(m) => {
-            let mode = cx.choice(m, "publish.mode", &[("every_sample", 0), ("on_change", 1), ("interval", 2)])?;
+            let mode = cx.choice(
+                m,
+                "publish.mode",
+                &[("every_sample", 0), ("on_change", 1), ("interval", 2)],
+            )?;
             match (mode, &p.publish.interval) {
                 (2, Some(i)) => {
                     cx.range(&secs(i), "publish.interval", 0.01, 86_400.0);
@@ -588,14 +730,14 @@ fn product_plan(
             }
         }
     };
-    if p.publish.interval.is_some() && !matches!(publish, PublishMode::Interval(_)) {
-        let i = p.publish.interval.as_ref().expect("checked");
+    if let (Some(i), false) = (&p.publish.interval, matches!(publish, PublishMode::Interval(_))) {
         cx.err(i, "publish.interval", "`interval` applies only to mode = \"interval\"");
     }
     let max_bytes = match &p.buffer.max_bytes {
         Some(v) => {
             let b = Spanned::new(v.span(), v.get_ref().0);
-            cx.range(&b, "buffer.max_bytes", 64 << 10, buffer.max_bytes).unwrap_or(buffer.max_bytes)
+            cx.range(&b, "buffer.max_bytes", 64 << 10, buffer.max_bytes)
+                .unwrap_or(buffer.max_bytes)
         }
         None => buffer.max_bytes,
     };
@@ -604,7 +746,11 @@ fn product_plan(
         Some(v) => cx.choice(
             v,
             "buffer.full_policy",
-            &[("drop_oldest", FullPolicy::DropOldest), ("reject_new", FullPolicy::RejectNew), ("block", FullPolicy::Block)],
+            &[
+                ("drop_oldest", FullPolicy::DropOldest),
+                ("reject_new", FullPolicy::RejectNew),
+                ("block", FullPolicy::Block),
+            ],
         )?,
     };
     if p.fields.is_empty() {
@@ -622,7 +768,11 @@ fn product_plan(
         let Some(&tag) = by_ref.get(f.source.get_ref()) else {
             let r = f.source.get_ref();
             let help = closest(r, by_ref.keys().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
-            let d = cx.err(&f.source, format!("{key}.source"), format!("`{r}` is not a tag of the gateway file (write <device>.<tag>)"));
+            let d = cx.err(
+                &f.source,
+                format!("{key}.source"),
+                format!("`{r}` is not a tag of the gateway file (write <device>.<tag>)"),
+            );
             d.help = help;
             continue;
         };
@@ -643,18 +793,32 @@ fn product_plan(
                 let lt = cx.choice(
                     v,
                     &format!("{key}.type"),
-                    &[("number", LogicalType::Number), ("integer", LogicalType::Integer), ("boolean", LogicalType::Boolean), ("string", LogicalType::String)],
+                    &[
+                        ("number", LogicalType::Number),
+                        ("integer", LogicalType::Integer),
+                        ("boolean", LogicalType::Boolean),
+                        ("string", LogicalType::String),
+                    ],
                 )?;
                 let compatible = lt == natural || (lt == LogicalType::Number && natural == LogicalType::Integer);
                 if !compatible {
-                    let msg = format!("type `{}` does not fit tag `{}`, which gives {}", lt.as_str(), f.source.get_ref(), natural.as_str());
+                    let msg = format!(
+                        "type `{}` does not fit tag `{}`, which gives {}",
+                        lt.as_str(),
+                        f.source.get_ref(),
+                        natural.as_str()
+                    );
                     cx.err(v, format!("{key}.type"), msg);
                 }
                 lt
             }
         };
         if (f.scale.is_some() || f.offset.is_some()) && matches!(natural, LogicalType::Boolean | LogicalType::String) {
-            cx.err(&f.name, format!("{key}.scale"), "scale and offset apply only to numeric fields");
+            cx.err(
+                &f.name,
+                format!("{key}.scale"),
+                "scale and offset apply only to numeric fields",
+            );
         }
         let deadband = match &f.deadband {
             Some(d) if *d.get_ref() < 0.0 || !d.get_ref().is_finite() => {

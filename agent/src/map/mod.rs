@@ -59,7 +59,9 @@ impl Mapper {
     pub fn on_batch(&mut self, batch: &ReadingBatch, out: &mut Vec<(usize, Record)>) {
         let mut touched: Vec<usize> = Vec::new();
         for r in &batch.readings {
-            let Some(feeds) = self.feeds.get(r.tag) else { continue };
+            let Some(feeds) = self.feeds.get(r.tag) else {
+                continue;
+            };
             for &(pi, fi) in feeds {
                 let p = &mut self.products[pi];
                 let field = &p.fields[fi];
@@ -81,12 +83,21 @@ impl Mapper {
             let p = &mut self.products[pi];
             let emit = match p.mode {
                 PublishMode::EverySample => true,
-                PublishMode::OnChange => p.last_emitted.as_ref().is_none_or(|last| changed(&p.fields, last, &p.current)),
+                PublishMode::OnChange => p
+                    .last_emitted
+                    .as_ref()
+                    .is_none_or(|last| changed(&p.fields, last, &p.current)),
                 PublishMode::Interval(_) => false,
             };
             if emit {
                 p.last_emitted = Some(p.current.clone());
-                out.push((pi, Record { ts: batch.ts, fields: p.current.clone() }));
+                out.push((
+                    pi,
+                    Record {
+                        ts: batch.ts,
+                        fields: p.current.clone(),
+                    },
+                ));
             }
         }
     }
@@ -94,7 +105,9 @@ impl Mapper {
     /// Emits the records of interval products that are due at `now`.
     pub fn on_tick(&mut self, now: Millis, out: &mut Vec<(usize, Record)>) {
         for (pi, p) in self.products.iter_mut().enumerate() {
-            let PublishMode::Interval(period) = p.mode else { continue };
+            let PublishMode::Interval(period) = p.mode else {
+                continue;
+            };
             let period = period.as_millis() as u64;
             let due = *p.next_due.get_or_insert(now + period);
             if now < due || !p.seen_any {
@@ -102,7 +115,13 @@ impl Mapper {
             }
             // Keep the phase; skip periods missed while the process was stalled.
             p.next_due = Some(due + period * ((now - due) / period + 1));
-            out.push((pi, Record { ts: p.latest_ts, fields: p.current.clone() }));
+            out.push((
+                pi,
+                Record {
+                    ts: p.latest_ts,
+                    fields: p.current.clone(),
+                },
+            ));
         }
     }
 
@@ -137,19 +156,24 @@ fn convert(field: &FieldPlan, v: &Value) -> Option<Value> {
 }
 
 fn changed(fields: &[FieldPlan], last: &[Cell], now: &[Cell]) -> bool {
-    fields.iter().zip(last.iter().zip(now)).any(|(f, ((lv, lq), (nv, nq)))| {
-        if lq != nq {
-            return true;
-        }
-        match (lv, nv) {
-            (Some(a), Some(b)) => match (a.as_f64(), b.as_f64()) {
-                (Some(x), Some(y)) if !matches!(a, Value::Bool(_)) => (x - y).abs() > f.deadband || (f.deadband == 0.0 && x != y),
-                _ => a != b,
-            },
-            (None, None) => false,
-            _ => true,
-        }
-    })
+    fields
+        .iter()
+        .zip(last.iter().zip(now))
+        .any(|(f, ((lv, lq), (nv, nq)))| {
+            if lq != nq {
+                return true;
+            }
+            match (lv, nv) {
+                (Some(a), Some(b)) => match (a.as_f64(), b.as_f64()) {
+                    (Some(x), Some(y)) if !matches!(a, Value::Bool(_)) => {
+                        (x - y).abs() > f.deadband || (f.deadband == 0.0 && x != y)
+                    }
+                    _ => a != b,
+                },
+                (None, None) => false,
+                _ => true,
+            }
+        })
 }
 
 #[cfg(test)]
@@ -203,7 +227,12 @@ source = "plc.count"
 
     fn mapper(mode: &str) -> Mapper {
         let p = product(mode);
-        let plan = config::load_texts((Path::new("agent.toml"), GATEWAY), &[(Path::new("p.toml"), &p)], Path::new("/tmp")).unwrap();
+        let plan = config::load_texts(
+            (Path::new("agent.toml"), GATEWAY),
+            &[(Path::new("p.toml"), &p)],
+            Path::new("/tmp"),
+        )
+        .unwrap();
         Mapper::new(&plan)
     }
 
@@ -212,8 +241,16 @@ source = "plc.count"
             device: 0,
             ts,
             readings: vec![
-                Reading { tag: 0, value: Some(Value::Float(temp)), quality: Quality::Good },
-                Reading { tag: 1, value: Some(Value::UInt(count)), quality: Quality::Good },
+                Reading {
+                    tag: 0,
+                    value: Some(Value::Float(temp)),
+                    quality: Quality::Good,
+                },
+                Reading {
+                    tag: 1,
+                    value: Some(Value::UInt(count)),
+                    quality: Quality::Good,
+                },
             ],
         }
     }
@@ -240,7 +277,11 @@ source = "plc.count"
         let bad = ReadingBatch {
             device: 0,
             ts: 5,
-            readings: vec![Reading { tag: 0, value: None, quality: Quality::Bad(BadReason::Timeout) }],
+            readings: vec![Reading {
+                tag: 0,
+                value: None,
+                quality: Quality::Bad(BadReason::Timeout),
+            }],
         };
         m.on_batch(&bad, &mut out); // quality change
         m.on_batch(&bad, &mut out); // no change
@@ -272,8 +313,15 @@ source = "plc.count"
     fn fields_never_seen_are_no_value() {
         let mut m = mapper("mode = \"every_sample\"");
         let mut out = Vec::new();
-        let only_count =
-            ReadingBatch { device: 0, ts: 7, readings: vec![Reading { tag: 1, value: Some(Value::UInt(3)), quality: Quality::Good }] };
+        let only_count = ReadingBatch {
+            device: 0,
+            ts: 7,
+            readings: vec![Reading {
+                tag: 1,
+                value: Some(Value::UInt(3)),
+                quality: Quality::Good,
+            }],
+        };
         m.on_batch(&only_count, &mut out);
         assert_eq!(out[0].1.fields[0], (None, Quality::Bad(BadReason::NoValue)));
     }

@@ -13,7 +13,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max: max.max(min), attempt: 0 }
+        Backoff {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
     }
 
     /// The next wait; grows with every call until [`Backoff::reset`].

@@ -91,7 +91,13 @@ mod tests {
     fn encode(be: &[u8], order: ByteOrder) -> Vec<u16> {
         let mut words: Vec<u16> = be
             .chunks(2)
-            .map(|c| if order.swaps_bytes() { u16::from_le_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], c[1]]) })
+            .map(|c| {
+                if order.swaps_bytes() {
+                    u16::from_le_bytes([c[0], c[1]])
+                } else {
+                    u16::from_be_bytes([c[0], c[1]])
+                }
+            })
             .collect();
         if order.swaps_words() {
             words.reverse();
@@ -121,23 +127,47 @@ mod tests {
     fn every_type_round_trips_in_every_order() {
         for order in ORDERS {
             let regs = encode(&(-123_456_789i32).to_be_bytes(), order);
-            assert_eq!(decode_registers(&tag(DataType::I32, order), &regs).0, Some(Value::Int(-123_456_789)));
+            assert_eq!(
+                decode_registers(&tag(DataType::I32, order), &regs).0,
+                Some(Value::Int(-123_456_789))
+            );
             let regs = encode(&4_000_000_000u32.to_be_bytes(), order);
-            assert_eq!(decode_registers(&tag(DataType::U32, order), &regs).0, Some(Value::UInt(4_000_000_000)));
+            assert_eq!(
+                decode_registers(&tag(DataType::U32, order), &regs).0,
+                Some(Value::UInt(4_000_000_000))
+            );
             let regs = encode(&(-9_000_000_000_000i64).to_be_bytes(), order);
-            assert_eq!(decode_registers(&tag(DataType::I64, order), &regs).0, Some(Value::Int(-9_000_000_000_000)));
+            assert_eq!(
+                decode_registers(&tag(DataType::I64, order), &regs).0,
+                Some(Value::Int(-9_000_000_000_000))
+            );
             let regs = encode(&18_000_000_000_000_000u64.to_be_bytes(), order);
-            assert_eq!(decode_registers(&tag(DataType::U64, order), &regs).0, Some(Value::UInt(18_000_000_000_000_000)));
+            assert_eq!(
+                decode_registers(&tag(DataType::U64, order), &regs).0,
+                Some(Value::UInt(18_000_000_000_000_000))
+            );
             let regs = encode(&(-2.5e300f64).to_be_bytes(), order);
-            assert_eq!(decode_registers(&tag(DataType::F64, order), &regs).0, Some(Value::Float(-2.5e300)));
+            assert_eq!(
+                decode_registers(&tag(DataType::F64, order), &regs).0,
+                Some(Value::Float(-2.5e300))
+            );
         }
         for order in [ByteOrder::Abcd, ByteOrder::Badc] {
             let regs = encode(&(-2i16).to_be_bytes(), order);
-            assert_eq!(decode_registers(&tag(DataType::I16, order), &regs).0, Some(Value::Int(-2)));
+            assert_eq!(
+                decode_registers(&tag(DataType::I16, order), &regs).0,
+                Some(Value::Int(-2))
+            );
             let regs = encode(&65_000u16.to_be_bytes(), order);
-            assert_eq!(decode_registers(&tag(DataType::U16, order), &regs).0, Some(Value::UInt(65_000)));
+            assert_eq!(
+                decode_registers(&tag(DataType::U16, order), &regs).0,
+                Some(Value::UInt(65_000))
+            );
             let regs = encode(b"PRESS-7\0", order);
-            assert_eq!(decode_registers(&tag(DataType::Text(4), order), &regs).0, Some(Value::Text("PRESS-7".into())));
+            assert_eq!(
+                decode_registers(&tag(DataType::Text(4), order), &regs).0,
+                Some(Value::Text("PRESS-7".into()))
+            );
         }
     }
 
@@ -154,9 +184,18 @@ mod tests {
         assert_eq!(decode_registers(&t, &[655]).0, Some(Value::Float(655.0 * 0.1 - 40.0)));
 
         let nan = encode(&f32::NAN.to_be_bytes(), ByteOrder::Abcd);
-        assert_eq!(decode_registers(&tag(DataType::F32, ByteOrder::Abcd), &nan).1, Quality::Bad(BadReason::Decode));
-        assert_eq!(decode_registers(&tag(DataType::F32, ByteOrder::Abcd), &[1]).1, Quality::Bad(BadReason::Decode));
+        assert_eq!(
+            decode_registers(&tag(DataType::F32, ByteOrder::Abcd), &nan).1,
+            Quality::Bad(BadReason::Decode)
+        );
+        assert_eq!(
+            decode_registers(&tag(DataType::F32, ByteOrder::Abcd), &[1]).1,
+            Quality::Bad(BadReason::Decode)
+        );
         let invalid_utf8 = [0xFFFEu16, 0x0000];
-        assert_eq!(decode_registers(&tag(DataType::Text(2), ByteOrder::Abcd), &invalid_utf8).1, Quality::Bad(BadReason::Decode));
+        assert_eq!(
+            decode_registers(&tag(DataType::Text(2), ByteOrder::Abcd), &invalid_utf8).1,
+            Quality::Bad(BadReason::Decode)
+        );
     }
 }

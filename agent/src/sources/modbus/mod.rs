@@ -46,7 +46,10 @@ impl ModbusSource {
     pub async fn run(mut self) {
         let mut blocks = plan::coalesce(&self.device, &self.tags);
         info!(device = %self.device.id, address = %self.device.address, reads = blocks.len(), tags = self.device.tags.len(), "Modbus device planned");
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30).max(self.device.poll_interval));
+        let mut backoff = Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(30).max(self.device.poll_interval),
+        );
         loop {
             if *self.shutdown.borrow() {
                 return;
@@ -86,10 +89,17 @@ impl ModbusSource {
 
     async fn connect(&self) -> Result<Context, String> {
         let addr: SocketAddr = match tokio::net::lookup_host(&self.device.address).await {
-            Ok(mut addrs) => addrs.next().ok_or_else(|| format!("{} resolves to no address", self.device.address))?,
+            Ok(mut addrs) => addrs
+                .next()
+                .ok_or_else(|| format!("{} resolves to no address", self.device.address))?,
             Err(e) => return Err(format!("cannot resolve {}: {e}", self.device.address)),
         };
-        match timeout(self.device.timeout, tokio_modbus::client::tcp::connect_slave(addr, Slave(1))).await {
+        match timeout(
+            self.device.timeout,
+            tokio_modbus::client::tcp::connect_slave(addr, Slave(1)),
+        )
+        .await
+        {
             Ok(Ok(ctx)) => Ok(ctx),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no connection within {:?}", self.device.timeout)),
@@ -148,7 +158,16 @@ impl ModbusSource {
                 }
             }
             readings.sort_by_key(|r| r.tag);
-            if self.out.send(ReadingBatch { device: self.index, ts, readings }).await.is_err() {
+            if self
+                .out
+                .send(ReadingBatch {
+                    device: self.index,
+                    ts,
+                    readings,
+                })
+                .await
+                .is_err()
+            {
                 return None;
             }
             if let Some((_, msg)) = broken {
@@ -163,10 +182,19 @@ impl ModbusSource {
         DeviceStats::inc(&self.stats.requests);
         let call = async {
             match b.table {
-                Table::Holding => ctx.read_holding_registers(b.start, b.count).await.map(|r| r.map(ReadOutcome::Registers)),
-                Table::Input => ctx.read_input_registers(b.start, b.count).await.map(|r| r.map(ReadOutcome::Registers)),
+                Table::Holding => ctx
+                    .read_holding_registers(b.start, b.count)
+                    .await
+                    .map(|r| r.map(ReadOutcome::Registers)),
+                Table::Input => ctx
+                    .read_input_registers(b.start, b.count)
+                    .await
+                    .map(|r| r.map(ReadOutcome::Registers)),
                 Table::Coil => ctx.read_coils(b.start, b.count).await.map(|r| r.map(ReadOutcome::Bits)),
-                Table::DiscreteInput => ctx.read_discrete_inputs(b.start, b.count).await.map(|r| r.map(ReadOutcome::Bits)),
+                Table::DiscreteInput => ctx
+                    .read_discrete_inputs(b.start, b.count)
+                    .await
+                    .map(|r| r.map(ReadOutcome::Bits)),
             }
         };
         let outcome = match timeout(self.device.timeout, call).await {
@@ -176,8 +204,13 @@ impl ModbusSource {
                 ReadOutcome::Broken(BadReason::Decode, format!("garbage response: {e}"))
             }
             Ok(Err(tokio_modbus::Error::Transport(e))) => ReadOutcome::Broken(BadReason::Disconnected, e.to_string()),
-            Ok(Err(tokio_modbus::Error::Protocol(e))) => ReadOutcome::Broken(BadReason::Decode, format!("invalid response: {e}")),
-            Err(_) => ReadOutcome::Broken(BadReason::Timeout, format!("no response within {:?}", self.device.timeout)),
+            Ok(Err(tokio_modbus::Error::Protocol(e))) => {
+                ReadOutcome::Broken(BadReason::Decode, format!("invalid response: {e}"))
+            }
+            Err(_) => ReadOutcome::Broken(
+                BadReason::Timeout,
+                format!("no response within {:?}", self.device.timeout),
+            ),
         };
         if !matches!(outcome, ReadOutcome::Registers(_) | ReadOutcome::Bits(_)) {
             DeviceStats::inc(&self.stats.errors);
@@ -200,13 +233,33 @@ impl ModbusSource {
                 },
                 (None, None) => (None, Quality::Bad(BadReason::Decode)),
             };
-            out.push(Reading { tag: ti, value, quality });
+            out.push(Reading {
+                tag: ti,
+                value,
+                quality,
+            });
         }
     }
 
     async fn emit_all_bad(&self, reason: BadReason) -> bool {
-        let readings = self.device.tags.iter().map(|&tag| Reading { tag, value: None, quality: Quality::Bad(reason) }).collect();
-        self.out.send(ReadingBatch { device: self.index, ts: now_millis(), readings }).await.is_ok()
+        let readings = self
+            .device
+            .tags
+            .iter()
+            .map(|&tag| Reading {
+                tag,
+                value: None,
+                quality: Quality::Bad(reason),
+            })
+            .collect();
+        self.out
+            .send(ReadingBatch {
+                device: self.index,
+                ts: now_millis(),
+                readings,
+            })
+            .await
+            .is_ok()
     }
 
     /// Sleeps; true when shutdown was requested meanwhile.
@@ -219,7 +272,11 @@ impl ModbusSource {
 }
 
 fn push_bad(out: &mut Vec<Reading>, tags: &[usize], reason: BadReason) {
-    out.extend(tags.iter().map(|&tag| Reading { tag, value: None, quality: Quality::Bad(reason) }));
+    out.extend(tags.iter().map(|&tag| Reading {
+        tag,
+        value: None,
+        quality: Quality::Bad(reason),
+    }));
 }
 
 fn exception_code(e: ExceptionCode) -> u8 {

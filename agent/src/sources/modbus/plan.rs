@@ -41,7 +41,13 @@ pub fn coalesce(device: &DevicePlan, tags: &[TagPlan]) -> Vec<ReadBlock> {
                 continue;
             }
         }
-        blocks.push(ReadBlock { unit_id: t.unit_id, table: t.table, start: t.address, count: t.width(), tags: vec![i] });
+        blocks.push(ReadBlock {
+            unit_id: t.unit_id,
+            table: t.table,
+            start: t.address,
+            count: t.width(),
+            tags: vec![i],
+        });
     }
     blocks
 }
@@ -69,8 +75,18 @@ pub fn split(block: &ReadBlock, tags: &[TagPlan]) -> Option<(ReadBlock, ReadBloc
     let (k, _) = best?;
     let make = |ids: &[usize]| {
         let start = ids.iter().map(|&i| tags[i].address).min().expect("non-empty");
-        let end = ids.iter().map(|&i| u32::from(tags[i].address) + u32::from(tags[i].width())).max().expect("non-empty");
-        ReadBlock { unit_id: block.unit_id, table: block.table, start, count: (end - u32::from(start)) as u16, tags: ids.to_vec() }
+        let end = ids
+            .iter()
+            .map(|&i| u32::from(tags[i].address) + u32::from(tags[i].width()))
+            .max()
+            .expect("non-empty");
+        ReadBlock {
+            unit_id: block.unit_id,
+            table: block.table,
+            start,
+            count: (end - u32::from(start)) as u16,
+            tags: ids.to_vec(),
+        }
     };
     Some((make(&block.tags[..k]), make(&block.tags[k..])))
 }
@@ -125,7 +141,12 @@ mod tests {
         let shape: Vec<(Table, u16, u16)> = blocks.iter().map(|b| (b.table, b.start, b.count)).collect();
         assert_eq!(
             shape,
-            vec![(Table::Coil, 5, 56), (Table::Holding, 0, 12), (Table::Holding, 40, 1), (Table::Input, 0, 1)]
+            vec![
+                (Table::Coil, 5, 56),
+                (Table::Holding, 0, 12),
+                (Table::Holding, 40, 1),
+                (Table::Input, 0, 1)
+            ]
         );
     }
 

@@ -1,0 +1,222 @@
+//! One MQTT connection, 3.1.1 or 5, behind one small interface, so the publisher's logic is written
+//! once. Sessions are always clean (see `inflight`): the buffer, not the broker session, is what makes
+//! delivery at-least-once.
+
+use crate::config::{MqttVersion, UpstreamPlan};
+use bytes::Bytes;
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use std::time::Duration;
+
+/// What the connection reports.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    Connected,
+    /// A publish was written under this packet id.
+    Written(u16),
+    /// The broker acknowledged a publish; `Some(code)` is an MQTT 5 failure reason (>= 0x80).
+    PubAck {
+        pkid: u16,
+        failure: Option<u8>,
+    },
+    Other,
+}
+
+pub enum Link {
+    V4(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
+}
+
+/// Connection settings resolved at start (secrets read, TLS files loaded).
+pub struct LinkOptions {
+    pub upstream: UpstreamPlan,
+    pub password: Option<String>,
+    pub tls: Option<TlsConfiguration>,
+    pub will_topic: String,
+    pub will_payload: Vec<u8>,
+}
+
+impl LinkOptions {
+    /// Reads secrets and TLS files; every problem names the file.
+    pub fn resolve(upstream: &UpstreamPlan, will_topic: String, will_payload: Vec<u8>) -> Result<LinkOptions, String> {
+        let password = upstream.password.as_ref().map(|s| s.read()).transpose()?;
+        let tls = if upstream.tls {
+            let ca = match &upstream.ca_file {
+                Some(f) => std::fs::read(f).map_err(|e| format!("cannot read CA file {}: {e}", f.display()))?,
+                None => return Err("mqtts:// needs ca_file (the CA that signed the broker's certificate)".into()),
+            };
+            let client_auth = match &upstream.client_cert {
+                Some((cert, key)) => {
+                    check_private(key)?;
+                    let c = std::fs::read(cert)
+                        .map_err(|e| format!("cannot read client certificate {}: {e}", cert.display()))?;
+                    let k = std::fs::read(key).map_err(|e| format!("cannot read client key {}: {e}", key.display()))?;
+                    Some((c, k))
+                }
+                None => None,
+            };
+            Some(TlsConfiguration::Simple {
+                ca,
+                alpn: None,
+                client_auth,
+            })
+        } else {
+            None
+        };
+        Ok(LinkOptions {
+            upstream: upstream.clone(),
+            password,
+            tls,
+            will_topic,
+            will_payload,
+        })
+    }
+}
+
+/// Refuses a key file that others can read.
+fn check_private(path: &std::path::Path) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read client key {}: {e}", path.display()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(format!(
+                "client key {} is readable by group or others (mode {:o}); run: chmod 600 {}",
+                path.display(),
+                meta.permissions().mode() & 0o777,
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Link {
+    pub fn new(o: &LinkOptions) -> Link {
+        let u = &o.upstream;
+        // Room for a full window plus control messages, so queuing never blocks the publisher.
+        let cap = usize::from(u.max_inflight) + 64;
+        let transport = match &o.tls {
+            Some(tls) => Transport::tls_with_config(tls.clone()),
+            None => Transport::tcp(),
+        };
+        match u.version {
+            MqttVersion::V311 => {
+                let mut opts = rumqttc::MqttOptions::new(&u.client_id, &u.host, u.port);
+                opts.set_keep_alive(u.keep_alive.max(Duration::from_secs(1)))
+                    .set_clean_session(true)
+                    .set_inflight(u.max_inflight)
+                    .set_max_packet_size(1 << 20, u.max_message_bytes + 4096)
+                    .set_transport(transport)
+                    .set_last_will(rumqttc::LastWill::new(
+                        &o.will_topic,
+                        o.will_payload.clone(),
+                        rumqttc::QoS::AtLeastOnce,
+                        true,
+                    ));
+                if let (Some(user), Some(pass)) = (&u.username, &o.password) {
+                    opts.set_credentials(user, pass);
+                } else if let Some(user) = &u.username {
+                    opts.set_credentials(user, "");
+                }
+                let (c, e) = rumqttc::AsyncClient::new(opts, cap);
+                Link::V4(c, Box::new(e))
+            }
+            MqttVersion::V5 => {
+                let mut opts = rumqttc::v5::MqttOptions::new(&u.client_id, &u.host, u.port);
+                opts.set_keep_alive(u.keep_alive.max(Duration::from_secs(1)))
+                    .set_clean_start(true)
+                    .set_outgoing_inflight_upper_limit(u.max_inflight)
+                    .set_max_packet_size(Some(1 << 20))
+                    .set_transport(transport)
+                    .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                        &o.will_topic,
+                        o.will_payload.clone(),
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        true,
+                        None,
+                    ));
+                if let Some(user) = &u.username {
+                    opts.set_credentials(user, o.password.clone().unwrap_or_default());
+                }
+                let (c, e) = rumqttc::v5::AsyncClient::new(opts, cap);
+                Link::V5(c, Box::new(e))
+            }
+        }
+    }
+
+    pub async fn poll(&mut self) -> Result<LinkEvent, String> {
+        match self {
+            Link::V4(_, e) => match e.poll().await.map_err(|e| e.to_string())? {
+                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Ok(LinkEvent::Connected),
+                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => Ok(LinkEvent::PubAck {
+                    pkid: a.pkid,
+                    failure: None,
+                }),
+                rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
+                _ => Ok(LinkEvent::Other),
+            },
+            Link::V5(_, e) => match e.poll().await.map_err(|e| e.to_string())? {
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_)) => {
+                    Ok(LinkEvent::Connected)
+                }
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(a)) => {
+                    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+                    let failure = match a.reason {
+                        R::Success | R::NoMatchingSubscribers => None,
+                        R::UnspecifiedError => Some(0x80),
+                        R::ImplementationSpecificError => Some(0x83),
+                        R::NotAuthorized => Some(0x87),
+                        R::TopicNameInvalid => Some(0x90),
+                        R::PacketIdentifierInUse => Some(0x91),
+                        R::QuotaExceeded => Some(0x97),
+                        R::PayloadFormatInvalid => Some(0x99),
+                    };
+                    Ok(LinkEvent::PubAck { pkid: a.pkid, failure })
+                }
+                rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
+                _ => Ok(LinkEvent::Other),
+            },
+        }
+    }
+
+    /// Queues a QoS 1 publish. MQTT 5 carries `props` as user properties.
+    pub fn publish(
+        &self,
+        topic: &str,
+        retain: bool,
+        payload: Vec<u8>,
+        props: Vec<(String, String)>,
+    ) -> Result<(), String> {
+        match self {
+            Link::V4(c, _) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+                .map_err(|e| e.to_string()),
+            Link::V5(c, _) => {
+                let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    user_properties: props,
+                    content_type: Some("application/json".into()),
+                    ..Default::default()
+                };
+                c.try_publish_with_properties(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    retain,
+                    Bytes::from(payload),
+                    properties,
+                )
+                .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    pub fn disconnect(&self) {
+        match self {
+            Link::V4(c, _) => {
+                let _ = c.try_disconnect();
+            }
+            Link::V5(c, _) => {
+                let _ = c.try_disconnect();
+            }
+        }
+    }
+}

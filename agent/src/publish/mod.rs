@@ -1,0 +1,374 @@
+//! Publish: buffered messages -> upstream MQTT at QoS 1, deleted only on their own PUBACK.
+//!
+//! In: the buffer (read side) and its commit notifications. Out: product messages, retained
+//! descriptors and status, gap events; acknowledgements back to the buffer.
+//!
+//! Delivery: a message is deleted from the buffer only when the PUBACK for the packet that carried it
+//! arrives (see [`inflight`] for how packet ids are matched). On a disconnect, everything
+//! unacknowledged is sent again on the next connection, so duplicates are limited to the in-flight
+//! window (`max_inflight`).
+//!
+//! Backlog policy (live first): on every connect the newest pending message of each product marks the
+//! end of its backlog. Messages after that mark are *live* and are sent first, as fast as the window
+//! allows, with `historical: false`. The backlog is sent in order beside them with
+//! `historical: true`, at most `backlog_rate` messages per second, so a long outage never delays live
+//! data by the length of the outage. Order is kept within each of the two streams; consumers order by
+//! `(epoch, seq)`.
+
+pub mod envelope;
+pub mod inflight;
+pub mod link;
+
+use crate::buffer::{BufferHandle, MessageId, Reader};
+use crate::sources::backoff::Backoff;
+use inflight::{Inflight, Sent};
+use link::{Link, LinkEvent, LinkOptions};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+type Key = (String, MessageId);
+
+/// A product as the publisher announces it.
+#[derive(Debug, Clone)]
+pub struct Announced {
+    pub id: String,
+    pub descriptor_topic: String,
+    pub descriptor: Vec<u8>,
+}
+
+/// Counters shared with the status view, metrics and benchmarks.
+pub struct PublishStats {
+    pub connected: AtomicU64,
+    pub connects: AtomicU64,
+    pub messages_acked: AtomicU64,
+    pub records_acked: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub resent: AtomicU64,
+    /// Read-to-PUBACK latency of acknowledged messages (oldest record), 1 ms buckets up to 10 s.
+    latency_ms: Vec<AtomicU64>,
+}
+
+impl Default for PublishStats {
+    fn default() -> Self {
+        PublishStats {
+            connected: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            messages_acked: AtomicU64::new(0),
+            records_acked: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
+            latency_ms: (0..=10_000).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl PublishStats {
+    fn record_latency(&self, ms: u64) {
+        self.latency_ms[ms.min(10_000) as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The q-quantile (0..1) of read-to-PUBACK latency in ms, if anything was acknowledged.
+    pub fn latency_quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.latency_ms.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let target = ((total as f64) * q).ceil() as u64;
+        let mut seen = 0;
+        for (ms, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return Some(ms as u64);
+            }
+        }
+        Some(10_000)
+    }
+}
+
+pub struct Publisher {
+    pub options: LinkOptions,
+    pub reader: Reader,
+    pub buffer: BufferHandle,
+    pub products: Vec<Announced>,
+    pub agent_id: String,
+    pub status_topic: String,
+    pub online: Vec<u8>,
+    pub offline: Vec<u8>,
+    pub stats: Arc<PublishStats>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Cursor {
+    live_after: Option<MessageId>,
+    backlog_after: Option<MessageId>,
+    backlog_end: Option<MessageId>,
+}
+
+struct Session {
+    inflight: Inflight<Key>,
+    /// In flight: records and read time of each message.
+    sent: HashMap<Key, (u32, u64)>,
+    gaps_sent: HashSet<u64>,
+    cursors: HashMap<String, Cursor>,
+    tokens: f64,
+    last_refill: Instant,
+}
+
+impl Publisher {
+    pub async fn run(mut self) -> Result<(), String> {
+        let u = self.options.upstream.clone();
+        let mut backoff = Backoff::new(u.reconnect_min, u.reconnect_max);
+        let mut link = Link::new(&self.options);
+        let mut connected = false;
+        let mut session = self.new_session();
+        // Acknowledged but maybe not yet deleted: skip them until two commits have passed.
+        let mut acked: HashMap<Key, u64> = HashMap::new();
+        let mut acked_gaps: HashMap<u64, u64> = HashMap::new();
+        let mut notify = self.buffer.notify.clone();
+        let mut refill = tokio::time::interval(Duration::from_millis(100));
+        let mut stopping: Option<Instant> = None;
+        let mut dirty = true;
+        loop {
+            if connected && stopping.is_none() && std::mem::take(&mut dirty) {
+                let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
+                acked.retain(|_, g| *g + 2 > generation);
+                acked_gaps.retain(|_, g| *g + 2 > generation);
+                self.fill(&link, &mut session, &acked, &acked_gaps)?;
+            }
+            if let Some(since) = stopping {
+                if session.inflight.is_empty() || since.elapsed() > Duration::from_secs(3) || !connected {
+                    if connected {
+                        let _ = link.publish(&self.status_topic, true, self.offline.clone(), vec![]);
+                        link.disconnect();
+                        // Let the event loop write the offline status and DISCONNECT.
+                        let deadline = Instant::now() + Duration::from_secs(2);
+                        while Instant::now() < deadline {
+                            match tokio::time::timeout(Duration::from_millis(500), link.poll()).await {
+                                Ok(Ok(_)) => continue,
+                                _ => break,
+                            }
+                        }
+                    }
+                    info!("publisher stopped");
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                ev = link.poll() => match ev {
+                    Ok(LinkEvent::Connected) => {
+                        connected = true;
+                        backoff.reset();
+                        self.stats.connected.store(1, Ordering::Relaxed);
+                        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                        session = self.new_session();
+                        dirty = true;
+                        self.on_connect(&link, &mut session).map_err(|e| e.to_string())?;
+                        info!(broker = %format!("{}:{}", u.host, u.port), "connected upstream");
+                    }
+                    Ok(LinkEvent::Written(pkid)) => {
+                        if let Err(e) = session.inflight.written(pkid) {
+                            // Cannot happen while the invariants hold; recover by starting a clean session.
+                            error!(error = ?e, "PUBACK correlation lost; reconnecting with a clean session");
+                            link = Link::new(&self.options);
+                            connected = false;
+                            self.stats.connected.store(0, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(LinkEvent::PubAck { pkid, failure }) => {
+                        dirty = true;
+                        let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
+                        match session.inflight.acked(pkid) {
+                            Some(Sent::Message(key)) => {
+                                let (records, created) = session.sent.remove(&key).unwrap_or((0, 0));
+                                match failure {
+                                    None => {
+                                        self.stats.messages_acked.fetch_add(1, Ordering::Relaxed);
+                                        self.stats.records_acked.fetch_add(u64::from(records), Ordering::Relaxed);
+                                        self.stats.record_latency(crate::model::now_millis().saturating_sub(created));
+                                        self.buffer.ack(key.0.clone(), key.1);
+                                    }
+                                    Some(code) => {
+                                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                                        error!(product = %key.0, epoch = key.1.epoch, seq = key.1.seq, reason = format!("0x{code:02x}"),
+                                               "broker refused the message; dead-lettered locally");
+                                        self.buffer.dead_letter(key.0.clone(), key.1, code);
+                                    }
+                                }
+                                acked.insert(key, generation);
+                            }
+                            Some(Sent::Gap(id)) => {
+                                session.gaps_sent.remove(&id);
+                                self.buffer.gap_ack(id);
+                                acked_gaps.insert(id, generation);
+                            }
+                            Some(Sent::Control) | None => {}
+                        }
+                    }
+                    Ok(LinkEvent::Other) => {}
+                    Err(e) => {
+                        let unacked = session.inflight.reset();
+                        self.stats.resent.fetch_add(unacked.len() as u64, Ordering::Relaxed);
+                        if connected {
+                            warn!(error = %e, unacknowledged = unacked.len(), "upstream connection lost; unacknowledged messages stay buffered");
+                        }
+                        connected = false;
+                        self.stats.connected.store(0, Ordering::Relaxed);
+                        if stopping.is_some() {
+                            continue;
+                        }
+                        let wait = backoff.next_delay();
+                        warn!(broker = %format!("{}:{}", u.host, u.port), error = %e, retry_in = ?wait, attempt = backoff.attempt(), "upstream connect failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = self.shutdown.changed() => { stopping = Some(Instant::now()); }
+                        }
+                    }
+                },
+                _ = notify.changed() => dirty = true,
+                _ = refill.tick() => dirty = true,
+                _ = self.shutdown.changed(), if stopping.is_none() => {
+                    stopping = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    fn new_session(&self) -> Session {
+        Session {
+            inflight: Inflight::default(),
+            sent: HashMap::new(),
+            gaps_sent: HashSet::new(),
+            cursors: HashMap::new(),
+            tokens: 0.0,
+            last_refill: Instant::now(),
+        }
+    }
+
+    fn on_connect(&self, link: &Link, s: &mut Session) -> Result<(), String> {
+        link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
+        s.inflight.queued(Sent::Control);
+        for p in &self.products {
+            link.publish(&p.descriptor_topic, true, p.descriptor.clone(), vec![])?;
+            s.inflight.queued(Sent::Control);
+        }
+        let mut products: Vec<String> = self.products.iter().map(|p| p.id.clone()).collect();
+        for p in self.reader.products().map_err(|e| e.to_string())? {
+            if !products.contains(&p) {
+                products.push(p);
+            }
+        }
+        for p in products {
+            let end = self.reader.last_id(&p).map_err(|e| e.to_string())?;
+            s.cursors.insert(
+                p,
+                Cursor {
+                    live_after: end,
+                    backlog_after: None,
+                    backlog_end: end,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Queues as much as the window allows: gap events, then live messages, then backlog under its rate.
+    fn fill(
+        &self,
+        link: &Link,
+        s: &mut Session,
+        acked: &HashMap<Key, u64>,
+        acked_gaps: &HashMap<u64, u64>,
+    ) -> Result<(), String> {
+        let window = usize::from(self.options.upstream.max_inflight);
+        let now = Instant::now();
+        let rate = f64::from(self.options.upstream.backlog_rate);
+        s.tokens = (s.tokens + now.duration_since(s.last_refill).as_secs_f64() * rate).min(rate.max(1.0));
+        s.last_refill = now;
+        if s.inflight.len() >= window {
+            return Ok(());
+        }
+        for (id, g) in self.reader.gaps(window).map_err(|e| e.to_string())? {
+            if s.inflight.len() >= window {
+                return Ok(());
+            }
+            if s.gaps_sent.contains(&id) || acked_gaps.contains_key(&id) {
+                continue;
+            }
+            let payload = serde_json::to_vec(&g).expect("gap serializes");
+            if link
+                .publish(&g.topic, false, payload, vec![("product".into(), g.product.clone())])
+                .is_err()
+            {
+                return Ok(());
+            }
+            s.inflight.queued(Sent::Gap(id));
+            s.gaps_sent.insert(id);
+        }
+        let names: Vec<String> = s.cursors.keys().cloned().collect();
+        for historical in [false, true] {
+            let mut progress = true;
+            while progress && s.inflight.len() < window {
+                progress = false;
+                let share = ((window - s.inflight.len()) / names.len().max(1)).max(1);
+                for name in &names {
+                    let free = window.saturating_sub(s.inflight.len()).min(share);
+                    let budget = if historical { free.min(s.tokens as usize) } else { free };
+                    if budget == 0 {
+                        continue;
+                    }
+                    let c = s.cursors[name];
+                    let (after, end) = if historical {
+                        (c.backlog_after, c.backlog_end)
+                    } else {
+                        (c.live_after, None)
+                    };
+                    if historical && end.is_none() {
+                        continue;
+                    }
+                    let msgs = self.reader.read_after(name, after, budget).map_err(|e| e.to_string())?;
+                    if historical && msgs.first().is_none_or(|m| Some(m.id) > end) {
+                        // Backlog fully sent (what is left of it was acknowledged meanwhile).
+                        s.cursors.get_mut(name).expect("cursor").backlog_end = None;
+                        continue;
+                    }
+                    for m in msgs {
+                        if historical && Some(m.id) > end {
+                            break;
+                        }
+                        let key = (m.product.clone(), m.id);
+                        let cursor = s.cursors.get_mut(name).expect("cursor");
+                        if historical {
+                            cursor.backlog_after = Some(m.id);
+                        } else {
+                            cursor.live_after = Some(m.id);
+                        }
+                        if acked.contains_key(&key) || s.sent.contains_key(&key) {
+                            continue;
+                        }
+                        let payload = envelope::encode_message(&m, &self.agent_id, historical);
+                        let props = vec![
+                            ("product".to_string(), m.product.clone()),
+                            ("version".to_string(), m.version.clone()),
+                            ("epoch".to_string(), m.id.epoch.to_string()),
+                            ("seq".to_string(), m.id.seq.to_string()),
+                            ("historical".to_string(), historical.to_string()),
+                        ];
+                        link.publish(&m.topic, false, payload, props)?;
+                        s.inflight.queued(Sent::Message(key.clone()));
+                        s.sent.insert(key, (m.records, m.created));
+                        if historical {
+                            s.tokens -= 1.0;
+                        }
+                        progress = true;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,272 @@
+//! Wiring: builds the tasks of a [`Plan`] and runs them until a signal or a fatal storage error.
+//!
+//! Tasks: one per device (sources), one map task (readings -> encoded records -> buffer), the buffer
+//! writer thread, and the publisher. Shutdown order: sources stop, map drains into the buffer, the
+//! publisher finishes in-flight messages (up to 3 s) and says `offline`, the writer commits what is
+//! left and exits. A storage failure skips all that: exit non-zero at once, nothing reported accepted.
+
+use crate::buffer::{self, BufferStats, ProductLimits, ProductSlot, Store};
+use crate::config::{MqttVersion, Plan, UpstreamPlan};
+use crate::map::Mapper;
+use crate::model::now_millis;
+use crate::publish::{envelope, link::LinkOptions, Announced, PublishStats, Publisher};
+use crate::sources::{modbus::ModbusSource, DeviceStats};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info};
+
+/// Handles to what is running, for the status view.
+#[derive(Clone)]
+pub struct Running {
+    pub plan: Arc<Plan>,
+    pub buffer: Arc<BufferStats>,
+    /// Records produced per product.
+    pub produced: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    pub publish: Arc<PublishStats>,
+    pub devices: Vec<Arc<DeviceStats>>,
+    pub epoch: u64,
+    pub broker: String,
+    /// Latest record per product, rendered, for the view.
+    pub last: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Buffer(#[from] buffer::BufferError),
+    #[error("upstream: {0}")]
+    Upstream(String),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("embedded broker: {0}")]
+    Broker(String),
+}
+
+/// Default upstream settings for the embedded broker.
+pub fn local_upstream(port: u16, client_id: String) -> UpstreamPlan {
+    UpstreamPlan {
+        host: "127.0.0.1".into(),
+        port,
+        tls: false,
+        version: MqttVersion::V311,
+        client_id,
+        keep_alive: Duration::from_secs(30),
+        username: None,
+        password: None,
+        ca_file: None,
+        client_cert: None,
+        max_inflight: 32,
+        max_records_per_message: 100,
+        max_message_bytes: 256 << 10,
+        backlog_rate: 100,
+        reconnect_min: Duration::from_millis(500),
+        reconnect_max: Duration::from_secs(30),
+    }
+}
+
+/// Runs the agent. `on_start` is called once everything is running (the demo's view hooks in here).
+pub async fn run(mut plan: Plan, on_start: impl FnOnce(Running)) -> Result<(), RunError> {
+    std::fs::create_dir_all(&plan.agent.data_dir).map_err(|source| RunError::DataDir {
+        path: plan.agent.data_dir.clone(),
+        source,
+    })?;
+    let buffer_path = plan.agent.data_dir.join("buffer.redb");
+    // A small page cache: the buffer is written sequentially and read near its head.
+    let (store, report) = Store::open(&buffer_path, plan.buffer.max_bytes, 4 << 20)?;
+    info!(path = %buffer_path.display(), epoch = report.epoch, pending_messages = report.pending_messages,
+          pending_bytes = report.pending_bytes, "buffer opened");
+
+    let broker = match &plan.upstream {
+        Some(u) => format!("{}:{}", u.host, u.port),
+        None => {
+            let addr = start_embedded_broker()?;
+            plan.upstream = Some(local_upstream(addr.port(), format!("plantmesh-{}", plan.agent.id)));
+            addr.to_string()
+        }
+    };
+    let upstream = plan.upstream.clone().expect("set above");
+    let plan = Arc::new(plan);
+
+    let slots: Vec<ProductSlot> = plan
+        .products
+        .iter()
+        .map(|p| ProductSlot {
+            id: p.id.clone(),
+            topic: p.topic.clone(),
+            version: p.version.clone(),
+            limits: ProductLimits {
+                max_bytes: p.max_bytes,
+                policy: p.full_policy,
+                gap_topic: envelope::gaps_topic(p),
+            },
+        })
+        .collect();
+    let reader = store.reader();
+    let epoch = store.epoch();
+    let (handle, writer) = buffer::start(
+        store,
+        slots,
+        plan.buffer.commit_interval,
+        upstream.max_records_per_message,
+        upstream.max_message_bytes,
+    );
+    let (writer_done_tx, mut writer_done) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let result = writer.join().unwrap_or_else(|_| {
+            Err(buffer::BufferError::Storage {
+                path: Default::default(),
+                source: redb::Error::Corrupted("writer panicked".into()),
+            })
+        });
+        let _ = writer_done_tx.send(result);
+    });
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+
+    // Publisher.
+    let status_topic = envelope::status_topic(&plan);
+    let options = LinkOptions::resolve(
+        &upstream,
+        status_topic.clone(),
+        envelope::status(&plan, "offline", epoch),
+    )
+    .map_err(RunError::Upstream)?;
+    let publish_stats = Arc::new(PublishStats::default());
+    let publisher = Publisher {
+        options,
+        reader,
+        buffer: handle.clone(),
+        products: plan
+            .products
+            .iter()
+            .map(|p| Announced {
+                id: p.id.clone(),
+                descriptor_topic: envelope::descriptor_topic(p),
+                descriptor: envelope::descriptor(&plan, p),
+            })
+            .collect(),
+        agent_id: plan.agent.id.clone(),
+        status_topic,
+        online: envelope::status(&plan, "online", epoch),
+        offline: envelope::status(&plan, "offline", epoch),
+        stats: publish_stats.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let publisher = tokio::spawn(publisher.run());
+
+    // Sources -> map.
+    let (batch_tx, mut batch_rx) = mpsc::channel(1024);
+    let tags = Arc::new(plan.tags.clone());
+    let mut device_stats = Vec::new();
+    let mut sources = Vec::new();
+    for (i, d) in plan.devices.iter().enumerate() {
+        let stats = Arc::new(DeviceStats::default());
+        device_stats.push(stats.clone());
+        let src = ModbusSource {
+            index: i,
+            device: d.clone(),
+            tags: tags.clone(),
+            stats,
+            out: batch_tx.clone(),
+            shutdown: shutdown.clone(),
+        };
+        sources.push(tokio::spawn(src.run()));
+    }
+    drop(batch_tx);
+
+    let last = Arc::new(std::sync::Mutex::new(vec![None; plan.products.len()]));
+    let produced: Arc<Vec<std::sync::atomic::AtomicU64>> =
+        Arc::new(plan.products.iter().map(|_| Default::default()).collect());
+    let map_task = {
+        let plan = plan.clone();
+        let handle = handle.clone();
+        let last = last.clone();
+        let produced = produced.clone();
+        tokio::spawn(async move {
+            let mut mapper = Mapper::new(&plan);
+            let mut out = Vec::new();
+            let tick = mapper.next_tick().unwrap_or(Duration::from_secs(3600));
+            let mut ticker = tokio::time::interval(tick);
+            loop {
+                tokio::select! {
+                    b = batch_rx.recv() => match b {
+                        Some(b) => mapper.on_batch(&b, &mut out),
+                        None => break,
+                    },
+                    _ = ticker.tick() => mapper.on_tick(now_millis(), &mut out),
+                }
+                for (pi, record) in out.drain(..) {
+                    let json = envelope::encode_record(&plan.products[pi], &record);
+                    if let Ok(mut l) = last.lock() {
+                        l[pi] = Some(String::from_utf8_lossy(&json).into_owned());
+                    }
+                    produced[pi].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    handle.offer(pi, record.ts, json);
+                }
+            }
+        })
+    };
+
+    on_start(Running {
+        plan: plan.clone(),
+        buffer: handle.stats.clone(),
+        produced,
+        publish: publish_stats,
+        devices: device_stats,
+        epoch,
+        broker,
+        last,
+    });
+    drop(handle);
+
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let fatal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = sigterm.recv() => None,
+        r = &mut writer_done => Some(r),
+    };
+    if let Some(result) = fatal {
+        // The writer is gone: nothing more can be accepted. Exit without a graceful drain.
+        let e = result.unwrap_or(Ok(())).err();
+        error!(error = ?e, "buffer writer stopped; exiting so the service manager restarts the agent");
+        return Err(e.map_or_else(|| RunError::Upstream("buffer writer stopped".into()), RunError::Buffer));
+    }
+    info!("stopping: draining sources, buffer and in-flight messages");
+    let _ = shutdown_tx.send(true);
+    for s in sources {
+        let _ = s.await;
+    }
+    let _ = map_task.await;
+    match publisher.await {
+        Ok(Err(e)) => error!(error = %e, "publisher failed"),
+        Err(e) => error!(error = %e, "publisher task failed"),
+        Ok(Ok(())) => {}
+    }
+    match writer_done.await {
+        Ok(Err(e)) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(feature = "embedded-broker")]
+fn start_embedded_broker() -> Result<std::net::SocketAddr, RunError> {
+    let port = std::env::var("PLANTMESH_BROKER_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1883);
+    let addr = crate::sim::broker::start(port).map_err(RunError::Broker)?;
+    info!(address = %addr, "no upstream configured: embedded MQTT broker listening (try: mosquitto_sub -h {} -p {} -t '#' -v)", addr.ip(), addr.port());
+    Ok(addr)
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+fn start_embedded_broker() -> Result<std::net::SocketAddr, RunError> {
+    Err(RunError::Broker(
+        "no [upstream] configured and this build has no embedded broker (feature `embedded-broker`)".into(),
+    ))
+}

@@ -1,0 +1,6 @@
+//! Built-in simulated devices and the embedded broker, for the demo plant and tests.
+
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+#[cfg(feature = "simulators")]
+pub mod plc;

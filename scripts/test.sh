@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs the whole plantmesh test suite on a fresh machine: installs what it needs (Debian packages,
+# Rust components, a Python venv with the protocol peers), then lints, builds and tests everything.
+#   scripts/test.sh            everything
+#   scripts/test.sh --quick    skip fmt/clippy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+
+step() { printf '\n==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+step "system packages"
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+mosquitto -h 2>&1 | head -1 || true
+
+step "python peers (.venv)"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pymodbus' >/dev/null 2>&1; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/peers/requirements.txt
+fi
+.venv/bin/python -c 'import pymodbus; print("pymodbus", pymodbus.__version__)'
+export PLANTMESH_PYTHON="$root/.venv/bin/python"
+
+step "rust components"
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+cargo --version
+
+if [ $quick = 0 ]; then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy"
+  cargo clippy --workspace --all-targets -- -D warnings
+  step "protocol builds alone for an MCU target (no std leak)"
+  if rustup target list --installed | grep -q thumbv7em-none-eabihf || rustup target add thumbv7em-none-eabihf; then
+    cargo build -q -p plantmesh-protocol --no-default-features --target thumbv7em-none-eabihf
+  fi
+fi
+
+step "build"
+cargo build --workspace --bins
+
+step "tests"
+cargo test --workspace -- --test-threads=2
