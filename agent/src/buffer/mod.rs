@@ -130,7 +130,14 @@ pub fn start(
         stats: stats.clone(),
         notify: notify_rx,
     };
-    let h = handle.clone();
+    // The writer gets the shared counters but no sender: the channel closes when the last producer
+    // (map, publisher) is gone, which is how the writer knows to make its final commit and stop.
+    let shared = Shared {
+        queued_records: handle.queued_records.clone(),
+        blocked: handle.blocked.clone(),
+        lost: handle.lost.clone(),
+        stats: handle.stats.clone(),
+    };
     let join = std::thread::Builder::new()
         .name("buffer-writer".into())
         .spawn(move || {
@@ -138,7 +145,7 @@ pub fn start(
                 store,
                 products,
                 rx,
-                h,
+                h: shared,
                 notify: notify_tx,
                 max_records_per_message,
                 max_message_bytes,
@@ -150,11 +157,18 @@ pub fn start(
     (handle, join)
 }
 
+struct Shared {
+    queued_records: Arc<AtomicU64>,
+    blocked: Arc<Vec<AtomicBool>>,
+    lost: Arc<Vec<AtomicU64>>,
+    stats: Arc<BufferStats>,
+}
+
 struct Writer {
     store: Store,
     products: Vec<ProductSlot>,
     rx: mpsc::Receiver<WriterMsg>,
-    h: BufferHandle,
+    h: Shared,
     notify: tokio::sync::watch::Sender<u64>,
     max_records_per_message: usize,
     max_message_bytes: usize,

@@ -1,0 +1,391 @@
+//! Real peers for the end-to-end tests: Mosquitto, a pymodbus server, the `plantmesh` binary.
+//! Ports are chosen free on loopback; every process is killed when its handle drops.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The `plantmesh` binary next to this test's target directory, built if missing.
+pub fn plantmesh_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("plantmesh");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "plantmesh", "--bin", "plantmesh"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building plantmesh failed");
+    }
+    bin
+}
+
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("PLANTMESH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "no Python with pymodbus at {}: run scripts/test.sh (it creates .venv)",
+        p.display()
+    );
+    p
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// Lines a child prints on stdout, collected by a thread.
+#[derive(Clone, Default)]
+pub struct Lines(pub Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    pub fn follow(&self, out: impl std::io::Read + Send + 'static) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+fn kill(child: &mut Child, signal: &str) {
+    let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+}
+
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    persistence: bool,
+}
+
+impl Mosquitto {
+    /// `persistence`: keep sessions and queued messages across restarts (stopped with SIGTERM).
+    pub fn start(persistence: bool, extra: &str) -> Mosquitto {
+        let mut m = Mosquitto {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            persistence,
+        };
+        let conf = m.dir.path().join("mosquitto.conf");
+        let d = m.dir.path().display();
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\npersistence {persistence}\npersistence_location {d}/\nlog_dest file {d}/mosquitto.log\nlog_type all\n\
+                 max_queued_messages 1000000\nlistener {} 127.0.0.1\n{}\n",
+                m.port,
+                if extra.is_empty() { "allow_anonymous true" } else { extra }
+            ),
+        )
+        .unwrap();
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (apt-get install mosquitto; scripts/test.sh does it)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("mosquitto to listen", Duration::from_secs(10), || port_open(port));
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGTERM (mosquitto saves its persistence file) and wait for exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, "-TERM");
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `mosquitto_sub` with a persistent session at QoS 1: sees everything, across broker restarts.
+pub struct Subscriber {
+    child: Child,
+    pub lines: Lines,
+}
+
+impl Subscriber {
+    pub fn start(port: u16, topic: &str, id: &str) -> Subscriber {
+        let mut child = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-t",
+                topic,
+                "-v",
+                "-q",
+                "1",
+                "-c",
+                "-i",
+                id,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub");
+        let lines = Lines::default();
+        lines.follow(child.stdout.take().unwrap());
+        Subscriber { child, lines }
+    }
+
+    /// `(topic, payload JSON)` of everything received.
+    pub fn messages(&self) -> Vec<(String, serde_json::Value)> {
+        self.lines
+            .snapshot()
+            .iter()
+            .filter_map(|l| l.split_once(' '))
+            .filter_map(|(t, p)| serde_json::from_str(p).ok().map(|v| (t.to_string(), v)))
+            .collect()
+    }
+
+    /// Product messages only (not descriptors, gaps or status).
+    pub fn product_messages(&self) -> Vec<serde_json::Value> {
+        self.messages()
+            .into_iter()
+            .filter(|(t, _)| !t.contains("/_"))
+            .map(|(_, v)| v)
+            .collect()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct PyModbus {
+    child: Child,
+    pub port: u16,
+    pub lines: Lines,
+    _spec: tempfile::NamedTempFile,
+}
+
+impl PyModbus {
+    pub fn start(spec: &serde_json::Value) -> PyModbus {
+        let spec_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(spec_file.path(), spec.to_string()).unwrap();
+        let port = free_port();
+        let mut child = Command::new(python())
+            .arg(repo_root().join("tests/peers/modbus_server.py"))
+            .arg(port.to_string())
+            .arg(spec_file.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = Lines::default();
+        lines.follow(child.stdout.take().unwrap());
+        let l = lines.clone();
+        wait_for("pymodbus server", Duration::from_secs(20), || {
+            l.snapshot().iter().any(|x| x.starts_with("READY")) && port_open(port)
+        });
+        PyModbus {
+            child,
+            port,
+            lines,
+            _spec: spec_file,
+        }
+    }
+
+    /// `(function, address, count)` of every request so far.
+    pub fn requests(&self) -> Vec<(u8, u16, u16)> {
+        self.lines
+            .snapshot()
+            .iter()
+            .filter_map(|l| {
+                let mut it = l.strip_prefix("REQ ")?.split(' ').map(|x| x.parse::<u32>().ok());
+                Some((it.next()?? as u8, it.next()?? as u16, it.next()?? as u16))
+            })
+            .collect()
+    }
+}
+
+impl Drop for PyModbus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real agent binary on a config directory.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Agent {
+    pub fn start(config: &Path, data_dir: &Path) -> Agent {
+        let stderr = data_dir.with_extension(format!(
+            "log-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut a = Agent {
+            child: None,
+            config: config.into(),
+            data_dir: data_dir.into(),
+            stderr,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr)
+            .unwrap();
+        let child = Command::new(plantmesh_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("PLANTMESH_LOG", "info,rumqttd=off")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, "-KILL");
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        kill(&mut c, "-TERM");
+        c.wait().unwrap()
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Pending messages in the buffer, via `plantmesh buffer export` (agent must be stopped).
+    pub fn export(&self) -> Vec<serde_json::Value> {
+        let out = Command::new(plantmesh_bin())
+            .args(["buffer", "export", "--data-dir"])
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "buffer export failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Writes a config directory: agent.toml plus products/<name>.toml.
+pub fn write_config(dir: &Path, gateway: &str, products: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir.join("products")).unwrap();
+    std::fs::write(dir.join("agent.toml"), gateway).unwrap();
+    for (name, text) in products {
+        std::fs::write(dir.join("products").join(format!("{name}.toml")), text).unwrap();
+    }
+}
