@@ -4,14 +4,14 @@ use super::diag::{closest, Diagnostic, Diagnostics, Source};
 use super::raw;
 use super::*;
 use serde::de::DeserializeOwned;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use toml::Spanned;
 
 /// Parses one file into its raw type; a syntax or type error becomes one located diagnostic.
 pub(super) fn parse<T: DeserializeOwned>(src: &Source) -> Result<T, Diagnostic> {
     let de = toml::Deserializer::parse(src.text).map_err(|e| toml_error(src, &e, String::new()))?;
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+        let path = e.path().to_string().replace(".$__serde_spanned_private_value", "");
         toml_error(src, e.inner(), if path == "." { String::new() } else { path })
     })
 }
@@ -161,7 +161,7 @@ pub(super) fn validate(
     let built = gw.map(|gw| gateway_plan(&mut cx, gw));
 
     let mut plan_products = Vec::new();
-    if let Some((agent, upstream, buffer, devices, tags)) = &built {
+    if let Some((agent, _, buffer, devices, tags, declared)) = &built {
         let by_ref: HashMap<String, usize> = tags
             .iter()
             .enumerate()
@@ -193,17 +193,16 @@ pub(super) fn validate(
                 continue;
             }
             seen_ids.insert(raw.id.get_ref().clone(), path.clone());
-            if let Some(p) = product_plan(&mut cx, raw, agent, buffer, tags, &by_ref, &template) {
+            if let Some(p) = product_plan(&mut cx, raw, agent, buffer, tags, &by_ref, declared, &template) {
                 plan_products.push(p);
             }
         }
-        let _ = upstream;
     }
 
     if !problems.is_empty() {
         return Err(Diagnostics(problems));
     }
-    let (agent, upstream, buffer, devices, tags) = built.expect("no problems means the gateway parsed");
+    let (agent, upstream, buffer, devices, tags, _) = built.expect("no problems means the gateway parsed");
     Ok(Plan {
         agent,
         upstream,
@@ -254,6 +253,7 @@ type GatewayParts = (
     BufferPlan,
     Vec<DevicePlan>,
     Vec<TagPlan>,
+    HashSet<String>,
 );
 
 fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
@@ -298,6 +298,8 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
     let mut devices = Vec::new();
     let mut tags = Vec::new();
     let mut device_ids: HashMap<String, usize> = HashMap::new();
+    // Every tag written, valid or not: a product pointing at an invalid tag is not a second error.
+    let mut declared: HashSet<String> = HashSet::new();
     for (di, d) in gw.devices.into_iter().enumerate() {
         let key = format!("devices[{di}]");
         cx.name(&d.id, &format!("{key}.id"), false);
@@ -358,24 +360,25 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             tags: Vec::new(),
         };
         let mut names: HashMap<String, ()> = HashMap::new();
-        let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut spans: Vec<(usize, std::ops::Range<usize>, String)> = Vec::new();
         for (ti, t) in d.tags.into_iter().enumerate() {
             let key = format!("{key}.tags[{ti}]");
             cx.name(&t.name, &format!("{key}.name"), false);
+            declared.insert(format!("{}.{}", d.id.get_ref(), t.name.get_ref()));
             if names.insert(t.name.get_ref().clone(), ()).is_some() {
                 let msg = format!("duplicate tag name `{}` in device `{}`", t.name.get_ref(), plan.id);
                 cx.err(&t.name, format!("{key}.name"), msg);
             }
             if let Some(tag) = tag_plan(cx, &t, &key, di, unit_id, max_regs) {
-                spans.push((tags.len(), t.address.span()));
+                spans.push((tags.len(), t.address.span(), format!("{key}.address")));
                 plan.tags.push(tags.len());
                 tags.push(tag);
             }
         }
-        check_overlaps(cx, &tags, &spans, &key);
+        check_overlaps(cx, &tags, &spans);
         devices.push(plan);
     }
-    (agent, upstream, buffer, devices, tags)
+    (agent, upstream, buffer, devices, tags, declared)
 }
 
 fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, max_regs: u16) -> Option<TagPlan> {
@@ -527,12 +530,13 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
 
 /// Two tags of one device may not share a register (or coil), except bool tags on different bits
 /// of a register; reading a register whole and its bits separately is allowed.
-fn check_overlaps(cx: &mut Ctx, tags: &[TagPlan], spans: &[(usize, std::ops::Range<usize>)], key: &str) {
+fn check_overlaps(cx: &mut Ctx, tags: &[TagPlan], spans: &[(usize, std::ops::Range<usize>, String)]) {
     let mut by_area: BTreeMap<(u8, Table), Vec<usize>> = BTreeMap::new();
-    for (i, _) in spans {
+    for (i, _, _) in spans {
         by_area.entry((tags[*i].unit_id, tags[*i].table)).or_default().push(*i);
     }
-    let span_of: HashMap<usize, std::ops::Range<usize>> = spans.iter().cloned().collect();
+    let span_of: HashMap<usize, (std::ops::Range<usize>, String)> =
+        spans.iter().map(|(i, s, k)| (*i, (s.clone(), k.clone()))).collect();
     for list in by_area.values() {
         for (n, &a) in list.iter().enumerate() {
             for &b in &list[..n] {
@@ -547,9 +551,10 @@ fn check_overlaps(cx: &mut Ctx, tags: &[TagPlan], spans: &[(usize, std::ops::Ran
                     (None, None) => true,
                 };
                 if conflict {
+                    let (span, key) = span_of[&a].clone();
                     let d = cx.src.at(
-                        span_of[&a].clone(),
-                        format!("{key}.tags.{}", ta.name),
+                        span,
+                        key,
                         format!(
                             "tag `{}` (address {}, {} register(s)) overlaps tag `{}` (address {}, {} register(s)) in the same table",
                             ta.name,
@@ -681,6 +686,7 @@ fn product_plan(
     buffer: &BufferPlan,
     tags: &[TagPlan],
     by_ref: &HashMap<String, usize>,
+    declared: &HashSet<String>,
     template: &str,
 ) -> Option<ProductPlan> {
     let id = p.id.get_ref();
@@ -767,6 +773,9 @@ fn product_plan(
         }
         let Some(&tag) = by_ref.get(f.source.get_ref()) else {
             let r = f.source.get_ref();
+            if declared.contains(r) {
+                continue; // the tag itself is invalid and already reported
+            }
             let help = closest(r, by_ref.keys().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
             let d = cx.err(
                 &f.source,

@@ -1,0 +1,240 @@
+//! The delivery guarantee with the real binary: SIGKILL while the broker is down, broker restarts
+//! mid-stream, a broker that refuses the connection. A subscriber with a persistent QoS 1 session
+//! proves what arrived.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+const MAX_INFLIGHT: usize = 8;
+
+fn config(dir: &std::path::Path, broker_port: u16, modbus_port: u16, upstream_extra: &str) {
+    let gateway = format!(
+        r#"
+[agent]
+id = "gw-durable"
+site = "s1"
+area = "a1"
+line = "l1"
+
+[upstream]
+url = "mqtt://127.0.0.1:{broker_port}"
+protocol = "5"
+max_inflight = {MAX_INFLIGHT}
+max_records_per_message = 5
+reconnect_min = "100ms"
+reconnect_max = "500ms"
+{upstream_extra}
+
+[buffer]
+commit_interval = "100ms"
+
+[[devices]]
+id = "plc"
+protocol = "modbus_tcp"
+address = "127.0.0.1:{modbus_port}"
+poll_interval = "50ms"
+  [[devices.tags]]
+  name = "counter"
+  table = "holding"
+  address = 10
+  type = "u32"
+"#
+    );
+    let product = r#"
+id = "counter"
+name = "Counter"
+version = "1.0.0"
+domain = "test"
+owner = "team"
+[[fields]]
+name = "n"
+source = "plc.counter"
+"#;
+    write_config(dir, &gateway, &[("counter", product)]);
+}
+
+/// `(epoch, seq)` -> records, and how often each arrived.
+fn received(sub: &Subscriber) -> (BTreeMap<(u64, u64), Value>, usize) {
+    let mut by_id = BTreeMap::new();
+    let mut dups = 0;
+    for m in sub.product_messages() {
+        let id = (m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap());
+        if let Some(prev) = by_id.insert(id, m["records"].clone()) {
+            dups += 1;
+            assert_eq!(prev, m["records"], "a duplicate of {id:?} differs from the first copy");
+        }
+    }
+    (by_id, dups)
+}
+
+#[test]
+fn nothing_accepted_is_lost_across_sigkill_and_broker_restarts() {
+    let modbus = PyModbus::start(&json!({"values": [], "counter": {"address": 10, "period_ms": 20}}));
+    let mut broker = Mosquitto::start(true, "");
+    let sub = Subscriber::start(broker.port, "s1/#", "durability-sub");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    config(&cfg, broker.port, modbus.port, "");
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+
+    // 1. Live: messages flow.
+    wait_for("20 messages", Duration::from_secs(30), || received(&sub).0.len() >= 20);
+
+    // 2. Broker down: the agent keeps polling and buffering.
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // 3. SIGKILL the agent. What it committed is in the buffer file.
+    agent.sigkill();
+    let pending = agent.export();
+    assert!(
+        pending.len() >= 5,
+        "expected a backlog after 2 s without a broker, got {}",
+        pending.len()
+    );
+    let pending_ids: BTreeMap<(u64, u64), Value> = pending
+        .iter()
+        .map(|m| {
+            (
+                (m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap()),
+                m["records"].clone(),
+            )
+        })
+        .collect();
+
+    // 4. Broker back (the subscriber's session survives in its persistence), then the agent.
+    broker.restart();
+    agent.restart();
+    wait_for("every pending message to arrive", Duration::from_secs(60), || {
+        let (got, _) = received(&sub);
+        pending_ids.keys().all(|id| got.contains_key(id))
+    });
+    let (got, _) = received(&sub);
+    for (id, records) in &pending_ids {
+        assert_eq!(
+            &got[id], records,
+            "message {id:?} arrived with other records than were buffered"
+        );
+    }
+    // Backlog replay is marked historical.
+    let historical: BTreeSet<(u64, u64)> = sub
+        .product_messages()
+        .iter()
+        .filter(|m| m["historical"] == true)
+        .map(|m| (m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap()))
+        .collect();
+    assert!(
+        pending_ids.keys().all(|id| historical.contains(id)),
+        "replayed messages must be historical"
+    );
+
+    // 5. A broker restart in the middle of the second epoch's stream.
+    wait_for("live messages of epoch 2", Duration::from_secs(30), || {
+        received(&sub).0.keys().filter(|k| k.0 == 2).count() >= 10
+    });
+    broker.restart();
+    wait_for(
+        "more epoch 2 messages after the restart",
+        Duration::from_secs(30),
+        || received(&sub).0.keys().filter(|k| k.0 == 2).count() >= 40,
+    );
+    let status = agent.stop();
+    assert!(status.success(), "graceful stop failed: {status:?}\n{}", agent.log());
+    let left = agent.export();
+
+    // Every seq of both epochs, from 1 to the last one assigned, was delivered or is still buffered:
+    // nothing accepted was lost.
+    let left_ids: BTreeSet<(u64, u64)> = left
+        .iter()
+        .map(|m| (m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap()))
+        .collect();
+    wait_for("the subscriber to settle", Duration::from_secs(5), || true);
+    let (got, dups) = received(&sub);
+    for epoch in [1u64, 2] {
+        let max = got
+            .keys()
+            .chain(left_ids.iter())
+            .filter(|k| k.0 == epoch)
+            .map(|k| k.1)
+            .max()
+            .unwrap();
+        let missing: Vec<u64> = (1..=max)
+            .filter(|s| !got.contains_key(&(epoch, *s)) && !left_ids.contains(&(epoch, *s)))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "epoch {epoch}: seqs {missing:?} of 1..={max} were lost"
+        );
+    }
+    // Duplicates only from the in-flight windows at the three interruptions.
+    assert!(dups <= 3 * MAX_INFLIGHT, "{dups} duplicates");
+    // Values are the device's counter, in order within each epoch.
+    let values: Vec<(u64, u64)> = got
+        .iter()
+        .flat_map(|(id, recs)| {
+            recs.as_array()
+                .unwrap()
+                .iter()
+                .map(move |r| (id.0, r["fields"]["n"].as_u64().unwrap()))
+        })
+        .collect();
+    for w in values.windows(2) {
+        if w[0].0 == w[1].0 {
+            assert!(w[0].1 <= w[1].1, "counter went backwards within an epoch: {w:?}");
+        }
+    }
+    let log = broker.log();
+    assert!(
+        log.contains("Received PUBLISH from plantmesh-gw-durable"),
+        "mosquitto saw no publish from the agent"
+    );
+}
+
+#[test]
+fn a_refused_connection_keeps_everything_buffered() {
+    // The broker requires a password the agent does not have: CONNACK refused, again and again.
+    let modbus = PyModbus::start(&json!({"values": [], "counter": {"address": 10, "period_ms": 20}}));
+    let broker = Mosquitto::start(false, "allow_anonymous false\npassword_file /dev/null");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    config(
+        &cfg,
+        broker.port,
+        modbus.port,
+        "username = \"nobody\"\npassword_env = \"PLANTMESH_TEST_NO_SUCH_PASSWORD\"",
+    );
+    // The secret reference is unresolvable: the agent must refuse to start with a clear error.
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("the agent to exit", Duration::from_secs(10), || !agent.is_running());
+    assert!(
+        agent.log().contains("PLANTMESH_TEST_NO_SUCH_PASSWORD"),
+        "{}",
+        agent.log()
+    );
+
+    // Without credentials: the broker refuses; records pile up in the buffer, nothing is lost.
+    config(&cfg, broker.port, modbus.port, "");
+    let mut agent = Agent::start(&cfg, &dir.path().join("data2"));
+    wait_for("connect refusals in the log", Duration::from_secs(15), || {
+        agent.log().contains("upstream connect failed")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(agent.is_running(), "the agent must keep running: {}", agent.log());
+    agent.sigkill();
+    let pending = agent.export();
+    assert!(
+        pending.len() >= 3,
+        "records must stay buffered while the broker refuses: {}",
+        pending.len()
+    );
+    let seqs: Vec<u64> = pending.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "buffered seqs are contiguous from 1"
+    );
+}
