@@ -193,7 +193,18 @@ pub(super) fn validate(
                 continue;
             }
             seen_ids.insert(raw.id.get_ref().clone(), path.clone());
-            if let Some(p) = product_plan(&mut cx, raw, agent, buffer, tags, &by_ref, declared, &template) {
+            if let Some(p) = product_plan(
+                &mut cx,
+                raw,
+                agent,
+                buffer,
+                &TagIndex {
+                    tags,
+                    by_ref: &by_ref,
+                    declared,
+                },
+                &template,
+            ) {
                 plan_products.push(p);
             }
         }
@@ -245,6 +256,15 @@ fn check_template(cx: &mut Ctx, t: &Spanned<String>) -> bool {
         ok = false;
     }
     ok
+}
+
+/// The gateway's tags as product files see them.
+#[derive(Clone, Copy)]
+struct TagIndex<'a> {
+    tags: &'a [TagPlan],
+    by_ref: &'a HashMap<String, usize>,
+    /// Every tag written, valid or not.
+    declared: &'a HashSet<String>,
 }
 
 type GatewayParts = (
@@ -684,11 +704,10 @@ fn product_plan(
     p: raw::Product,
     agent: &AgentPlan,
     buffer: &BufferPlan,
-    tags: &[TagPlan],
-    by_ref: &HashMap<String, usize>,
-    declared: &HashSet<String>,
+    tags: &TagIndex,
     template: &str,
 ) -> Option<ProductPlan> {
+    let TagIndex { tags, by_ref, declared } = *tags;
     let id = p.id.get_ref();
     if id.is_empty()
         || !id
