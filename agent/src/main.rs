@@ -42,10 +42,17 @@ enum Command {
         #[command(subcommand)]
         action: BufferAction,
     },
-    /// Serve the simulated press-line PLC over Modbus TCP until interrupted.
+    /// Serve the simulated press-line PLC over Modbus TCP until interrupted; with --devices, that
+    /// many plain register banks instead (for load tests), each on its own loopback port.
     Simulate {
         #[arg(long, default_value = "127.0.0.1:5020")]
         listen: std::net::SocketAddr,
+        /// Serve this many register banks on free loopback ports (prints `SIM <n> <address>` lines).
+        #[arg(long)]
+        devices: Option<u16>,
+        /// Holding registers per bank.
+        #[arg(long, default_value_t = 100)]
+        registers: u16,
     },
 }
 
@@ -145,7 +152,7 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             }
             Some(Command::Run { data_dir, .. }) => demo(data_dir).await,
             Some(Command::Buffer { action }) => buffer(action),
-            Some(Command::Simulate { listen }) => simulate(listen).await,
+            Some(Command::Simulate { listen, devices, registers }) => simulate(listen, devices, registers).await,
             Some(Command::Check { .. }) => unreachable!("handled before the runtime starts"),
         }
     })
@@ -190,17 +197,33 @@ async fn demo(_: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 #[cfg(feature = "simulators")]
-async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    let addr = plantmesh::sim::plc::start(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    println!("simulated press-line PLC serving Modbus TCP on {addr} (Ctrl-C stops)");
-    tokio::signal::ctrl_c().await?;
+async fn simulate(listen: std::net::SocketAddr, devices: Option<u16>, registers: u16) -> anyhow::Result<()> {
+    use std::io::Write;
+    match devices {
+        None => {
+            let addr = plantmesh::sim::plc::start(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            println!("simulated press-line PLC serving Modbus TCP on {addr} (Ctrl-C stops)");
+        }
+        Some(n) => {
+            for i in 0..n {
+                let addr = plantmesh::sim::plc::start_bank((listen.ip(), 0).into(), registers).await?;
+                println!("SIM {i} {addr}");
+            }
+        }
+    }
+    std::io::stdout().flush()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
     Ok(())
 }
 
 #[cfg(not(feature = "simulators"))]
-async fn simulate(_: std::net::SocketAddr) -> anyhow::Result<()> {
+async fn simulate(_: std::net::SocketAddr, _: Option<u16>, _: u16) -> anyhow::Result<()> {
     bail!("this build has no simulators (feature `simulators`)")
 }
 

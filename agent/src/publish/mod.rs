@@ -154,7 +154,16 @@ impl Publisher {
                             }
                         }
                     }
-                    info!("publisher stopped");
+                    let s = &self.stats;
+                    info!(
+                        messages_acked = s.messages_acked.load(Ordering::Relaxed),
+                        records_acked = s.records_acked.load(Ordering::Relaxed),
+                        dead_lettered = s.dead_lettered.load(Ordering::Relaxed),
+                        connects = s.connects.load(Ordering::Relaxed),
+                        latency_p50_ms = s.latency_quantile(0.5).unwrap_or(0),
+                        latency_p99_ms = s.latency_quantile(0.99).unwrap_or(0),
+                        "publisher stopped"
+                    );
                     return Ok(());
                 }
             }

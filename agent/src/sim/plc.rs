@@ -112,3 +112,38 @@ pub async fn start(bind: SocketAddr) -> std::io::Result<SocketAddr> {
     });
     Ok(addr)
 }
+
+/// A plain register bank for load tests: `registers` holding registers whose values change every
+/// 100 ms (register i holds `(i + tick) mod 65536`), served on `bind`.
+pub async fn start_bank(bind: SocketAddr, registers: u16) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let mem = Arc::new(Mutex::new(Memory {
+        holding: vec![0; usize::from(registers)],
+        input: Vec::new(),
+        coils: Vec::new(),
+    }));
+    let sim = mem.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut n = 0u16;
+        loop {
+            tick.tick().await;
+            n = n.wrapping_add(1);
+            let mut m = sim.lock().expect("bank memory");
+            for (i, r) in m.holding.iter_mut().enumerate() {
+                *r = (i as u16).wrapping_add(n);
+            }
+        }
+    });
+    let server = Server::new(listener);
+    tokio::spawn(async move {
+        let new_service = move |_addr: SocketAddr| Ok(Some(PlcService(mem.clone())));
+        let on_connected = move |stream, addr| {
+            let new_service = new_service.clone();
+            async move { accept_tcp_connection(stream, addr, new_service) }
+        };
+        let _ = server.serve(&on_connected, |_| {}).await;
+    });
+    Ok(addr)
+}

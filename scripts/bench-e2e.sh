@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# End to end into a real Mosquitto at QoS 1 with simulated Modbus TCP devices (release build):
+# delivered points/s, CPU core-ms per 1000 points, RSS, p50/p99 read-to-PUBACK latency.
+#   scripts/bench-e2e.sh                       both scenarios of the spine issue
+#   scripts/bench-e2e.sh DEVICES REGS POLL     one scenario, e.g. 10 1000 100ms
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+seconds="${BENCH_SECONDS:-30}"
+export PATH="$PATH:/usr/sbin"
+command -v mosquitto >/dev/null || { echo "needs mosquitto (scripts/test.sh installs it)"; exit 1; }
+cargo build -q --release -p plantmesh --bins
+bin="$root/target/release/plantmesh"
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+clk=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+
+port=$(free_port)
+cat > "$work/mosquitto.conf" <<CONF
+user root
+persistence false
+log_dest none
+max_inflight_messages 0
+max_queued_messages 1000000
+listener $port 127.0.0.1
+allow_anonymous true
+CONF
+mosquitto -c "$work/mosquitto.conf" & pids+=($!)
+sleep 0.5
+
+run() {
+  local devices=$1 regs=$2 poll=$3
+  local dir="$work/s-$devices-$regs"
+  mkdir -p "$dir/cfg/products"
+  "$bin" simulate --devices "$devices" --registers "$regs" > "$dir/sim.out" & local sim=$!; pids+=($sim)
+  for _ in $(seq 100); do [ "$(grep -c '^SIM' "$dir/sim.out" || true)" -ge "$devices" ] && break; sleep 0.1; done
+  {
+    printf '[agent]\nid = "gw-bench"\nsite = "bench"\narea = "a"\nline = "l"\n\n'
+    printf '[upstream]\nurl = "mqtt://127.0.0.1:%s"\nprotocol = "5"\nmax_inflight = 64\n\n' "$port"
+    printf '[buffer]\nmax_bytes = "1GiB"\n\n'
+    while read -r _ i addr; do
+      printf '[[devices]]\nid = "d%s"\nprotocol = "modbus_tcp"\naddress = "%s"\npoll_interval = "%s"\n' "$i" "$addr" "$poll"
+      for r in $(seq 0 $((regs - 1))); do printf '[[devices.tags]]\nname = "r%s"\ntable = "holding"\naddress = %s\n' "$r" "$r"; done
+    done < "$dir/sim.out"
+  } > "$dir/cfg/agent.toml"
+  for i in $(seq 0 $((devices - 1))); do
+    {
+      printf 'id = "p%s"\nname = "p%s"\nversion = "1.0.0"\ndomain = "bench"\nowner = "bench"\n' "$i" "$i"
+      for r in $(seq 0 $((regs - 1))); do printf '[[fields]]\nname = "r%s"\nsource = "d%s.r%s"\n' "$r" "$i" "$r"; done
+    } > "$dir/cfg/products/p$i.toml"
+  done
+  "$bin" check "$dir/cfg" > /dev/null
+  PLANTMESH_LOG=info "$bin" run --config "$dir/cfg" --data-dir "$dir/data" 2> "$dir/agent.log" & local agent=$!; pids+=($agent)
+  sleep 5   # warm-up: connections, first polls
+  local t0 c0; t0=$(date +%s.%N); c0=$(cpu_ticks "$agent")
+  sleep "$seconds"
+  local t1 c1; t1=$(date +%s.%N); c1=$(cpu_ticks "$agent")
+  local rss hwm; rss=$(awk '/VmRSS/{print $2}' "/proc/$agent/status"); hwm=$(awk '/VmHWM/{print $2}' "/proc/$agent/status")
+  kill -TERM "$agent"; wait "$agent" || true
+  kill -TERM "$sim"; wait "$sim" 2>/dev/null || true
+  local summary; summary=$(sed 's/\x1b\[[0-9;]*m//g' "$dir/agent.log" | grep 'publisher stopped' | tail -1)
+  local records p50 p99
+  records=$(sed -n 's/.*records_acked=\([0-9]*\).*/\1/p' <<< "$summary")
+  p50=$(sed -n 's/.*latency_p50_ms=\([0-9]*\).*/\1/p' <<< "$summary")
+  p99=$(sed -n 's/.*latency_p99_ms=\([0-9]*\).*/\1/p' <<< "$summary")
+  # Points delivered over the whole run (warm-up and drain included) and over the measured window.
+  python3 - "$devices" "$regs" "$poll" "$records" "$t0" "$t1" "$c0" "$c1" "$clk" "$rss" "$hwm" "$p50" "$p99" "$seconds" <<'PY'
+import sys
+d, r, poll, records, t0, t1, c0, c1, clk, rss, hwm, p50, p99, secs = sys.argv[1:]
+d, r, records = int(d), int(r), int(records)
+wall = float(t1) - float(t0)
+cpu_ms = (int(c1) - int(c0)) * 1000 / int(clk)
+poll_s = float(poll[:-2]) / 1000 if poll.endswith("ms") else float(poll[:-1])
+offered = d * r / poll_s
+points = records * r
+print(f"{d} devices x {r} registers @ {poll}: offered {offered:.0f} points/s; delivered {points} points total "
+      f"(~{points / (wall + 5):.0f}/s over the run); CPU {cpu_ms / wall:.0f} core-ms/s = "
+      f"{cpu_ms / (offered * wall / 1000):.2f} core-ms per 1000 points; RSS {int(rss) / 1024:.1f} MiB "
+      f"(peak {int(hwm) / 1024:.1f} MiB); read-to-PUBACK p50 {p50} ms, p99 {p99} ms")
+PY
+}
+
+if [ $# -eq 3 ]; then
+  run "$1" "$2" "$3"
+else
+  run 100 100 1s
+  run 10 1000 100ms
+fi

@@ -1,0 +1,291 @@
+//! The upstream side against a real Mosquitto: TLS and mutual TLS, key-file permissions, the status
+//! topic and its will, MQTT 5 user properties, and dead-lettering of messages the broker refuses.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn gateway(broker_port: u16, modbus_port: u16, upstream: &str) -> String {
+    format!(
+        r#"
+[agent]
+id = "gw-up"
+site = "s1"
+area = "a1"
+line = "l1"
+
+[upstream]
+url = "{upstream}://127.0.0.1:{broker_port}"
+protocol = "5"
+reconnect_min = "100ms"
+reconnect_max = "500ms"
+{{EXTRA}}
+
+[buffer]
+commit_interval = "50ms"
+
+[[devices]]
+id = "plc"
+protocol = "modbus_tcp"
+address = "127.0.0.1:{modbus_port}"
+poll_interval = "100ms"
+  [[devices.tags]]
+  name = "counter"
+  table = "holding"
+  address = 10
+  type = "u32"
+"#
+    )
+}
+
+const PRODUCT: &str = r#"
+id = "counter"
+name = "Counter"
+version = "2.1.0"
+domain = "test"
+owner = "team"
+[[fields]]
+name = "n"
+source = "plc.counter"
+"#;
+
+fn counter() -> PyModbus {
+    PyModbus::start(&json!({"values": [], "counter": {"address": 10, "period_ms": 20}}))
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate.
+fn pki(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=plantmesh test CA",
+        ],
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    for (name, cn) in [("server", "127.0.0.1"), ("client", "gw-up")] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+    }
+}
+
+#[test]
+fn mutual_tls_delivers_and_loose_key_files_are_refused() {
+    let modbus = counter();
+    let certs = tempfile::tempdir().unwrap();
+    pki(certs.path());
+    let c = certs.path().display();
+    let tls_port = free_port();
+    // Plain listener for the test's subscriber, TLS listener requiring a client certificate for the agent.
+    let broker = Mosquitto::start(
+        false,
+        &format!("allow_anonymous true\nlistener {tls_port} 127.0.0.1\ncafile {c}/ca.pem\ncertfile {c}/server.pem\nkeyfile {c}/server.key\nrequire_certificate true\n"),
+    );
+    let sub = Subscriber::start(broker.port, "s1/#", "tls-sub");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    let key = certs.path().join("client.key");
+    let tls = format!(
+        "ca_file = \"{c}/ca.pem\"\ncert_file = \"{c}/client.pem\"\nkey_file = \"{}\"",
+        key.display()
+    );
+    write_config(
+        &cfg,
+        &gateway(tls_port, modbus.port, "mqtts").replace("{EXTRA}", &tls),
+        &[("counter", PRODUCT)],
+    );
+
+    // A key readable by others: refused at start, with the fix in the message.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("the agent to refuse the key", Duration::from_secs(10), || {
+        !agent.is_running()
+    });
+    assert!(
+        agent.log().contains(&format!("chmod 600 {}", key.display())),
+        "{}",
+        agent.log()
+    );
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("messages over mutual TLS", Duration::from_secs(30), || {
+        sub.product_messages().len() >= 3
+    });
+    agent.stop();
+    assert!(
+        broker.log().contains("gw-up"),
+        "the broker saw the client certificate's connection"
+    );
+}
+
+#[test]
+fn status_is_retained_with_a_will_and_v5_carries_identity_properties() {
+    let modbus = counter();
+    let broker = Mosquitto::start(false, "");
+    let status = Subscriber::start(broker.port, "s1/_agents/#", "status-sub");
+    // A v5 subscriber printing user properties.
+    let mut props = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-V",
+            "mqttv5",
+            "-t",
+            "s1/a1/l1/test/counter/v2",
+            "-F",
+            "%P",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let props_lines = Lines::default();
+    props_lines.follow(props.stdout.take().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    write_config(
+        &cfg,
+        &gateway(broker.port, modbus.port, "mqtt").replace("{EXTRA}", ""),
+        &[("counter", PRODUCT)],
+    );
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("online status", Duration::from_secs(30), || {
+        status.messages().iter().any(|(_, v)| v["state"] == "online")
+    });
+    wait_for("user properties", Duration::from_secs(30), || props_lines.len() >= 2);
+    agent.sigkill();
+    wait_for("the will: offline", Duration::from_secs(30), || {
+        status.messages().iter().any(|(_, v)| v["state"] == "offline")
+    });
+    let _ = props.kill();
+    let (topic, online) = status
+        .messages()
+        .into_iter()
+        .find(|(_, v)| v["state"] == "online")
+        .unwrap();
+    assert_eq!(topic, "s1/_agents/gw-up/status");
+    assert_eq!(online["agent"], "gw-up");
+    assert_eq!(online["epoch"], 1);
+    assert!(online["config_hash"].as_str().unwrap().len() == 16);
+    let line = props_lines.snapshot()[0].clone();
+    for want in ["product:counter", "version:2.1.0", "epoch:1", "historical:false"] {
+        assert!(line.contains(want), "user properties {line:?} lack {want}");
+    }
+    // The descriptor is retained: a late subscriber still gets it.
+    let late = Subscriber::start(broker.port, "s1/a1/l1/test/counter/v2/_descriptor", "late-sub");
+    wait_for("the retained descriptor", Duration::from_secs(10), || {
+        !late.messages().is_empty()
+    });
+    let d = &late.messages()[0].1;
+    assert_eq!(
+        (d["id"].as_str(), d["version"].as_str(), d["domain"].as_str()),
+        (Some("counter"), Some("2.1.0"), Some("test"))
+    );
+    assert_eq!(d["schema"][0]["properties"][0]["lineage"]["address"], 10);
+}
+
+#[test]
+fn messages_the_broker_refuses_are_dead_lettered_and_reported() {
+    let modbus = counter();
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    // Anonymous clients may write status, descriptors and gaps, but not the product topic.
+    std::fs::write(&acl, "topic readwrite s1/_agents/#\ntopic readwrite s1/a1/l1/test/counter/v2/_descriptor\ntopic readwrite s1/a1/l1/test/counter/v2/_gaps\n").unwrap();
+    let broker = Mosquitto::start(false, &format!("allow_anonymous true\nacl_file {}", acl.display()));
+    let gaps = Subscriber::start(broker.port, "s1/a1/l1/test/counter/v2/_gaps", "gap-sub");
+    let cfg = dir.path().join("cfg");
+    write_config(
+        &cfg,
+        &gateway(broker.port, modbus.port, "mqtt").replace("{EXTRA}", ""),
+        &[("counter", PRODUCT)],
+    );
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("gap events for refused messages", Duration::from_secs(30), || {
+        gaps.messages().len() >= 2
+    });
+    agent.stop();
+    let (_, g) = gaps.messages()[0].clone();
+    assert_eq!(g["reason"], "broker_rejected_0x87");
+    assert_eq!(g["product"], "counter");
+    assert!(g["count"].as_u64().unwrap() >= 1);
+    assert!(agent.log().contains("dead-lettered"), "{}", agent.log());
+    // Dead-lettered messages are not pending (never counted as delivered, never retried).
+    let left = agent.export();
+    let refused: Vec<u64> = gaps
+        .messages()
+        .iter()
+        .map(|(_, g)| g["from_seq"].as_u64().unwrap())
+        .collect();
+    assert!(left.iter().all(|m| !refused.contains(&m["seq"].as_u64().unwrap())));
+    let stats = Command::new(plantmesh_bin())
+        .args(["buffer", "stats", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&stats.stdout).to_string();
+    assert!(stats.contains("dropped counter (broker_rejected_0x87)"), "{stats}");
+}
