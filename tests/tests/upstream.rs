@@ -222,6 +222,7 @@ fn status_is_retained_with_a_will_and_v5_carries_identity_properties() {
         status.messages().iter().any(|(_, v)| v["state"] == "offline")
     });
     let _ = props.kill();
+    let _ = props.wait();
     let (topic, online) = status
         .messages()
         .into_iter()
