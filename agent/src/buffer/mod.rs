@@ -230,7 +230,6 @@ impl Writer {
             {
                 continue;
             }
-            let records: u64 = batch.appends.iter().map(|m| u64::from(m.records)).sum();
             match self.store.commit(batch) {
                 Ok(done) => {
                     last_commit = Instant::now();
@@ -239,6 +238,7 @@ impl Writer {
                     s.commits.fetch_add(1, Ordering::Relaxed);
                     s.accepted_messages.fetch_add(accepted, Ordering::Relaxed);
                     let dropped: u64 = done.gaps.iter().map(|(_, g)| g.count).sum();
+                    let records: u64 = done.appended.iter().map(|a| u64::from(a.2)).sum();
                     s.accepted_records.fetch_add(records, Ordering::Relaxed);
                     if dropped > 0 {
                         s.dropped_records.fetch_add(dropped, Ordering::Relaxed);
@@ -355,5 +355,84 @@ impl Writer {
         s.pending_bytes.store(bytes, Ordering::Relaxed);
         let g = s.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = self.notify.send(g);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FullPolicy;
+
+    fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A `block` product stops taking records when its share is full, counts what it refused, and
+    /// reports all of it as gap events (settled at each commit) once acknowledgements free half its share.
+    #[test]
+    fn block_policy_refuses_counts_and_reports_one_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("b.redb"), 64 << 20, 1 << 20).unwrap();
+        let reader = store.reader();
+        let slot = ProductSlot {
+            id: "p".into(),
+            topic: "t".into(),
+            version: "1.0.0".into(),
+            limits: ProductLimits {
+                max_bytes: 8 << 10,
+                policy: FullPolicy::Block,
+                gap_topic: "t/_gaps".into(),
+            },
+        };
+        let (h, writer) = start(store, vec![slot], Duration::from_millis(5), 1, 64 << 10);
+        let record = vec![b'x'; 1000];
+        // Fill the share: about 7 one-record messages fit in 8 KiB.
+        let mut offered = 0u64;
+        while !h.blocked[0].load(Ordering::Relaxed) {
+            h.offer(0, 1, record.clone());
+            offered += 1;
+            std::thread::sleep(Duration::from_millis(2));
+            assert!(offered < 1000, "never blocked");
+        }
+        // Settle: every offer so far is committed, as a message or as a counted refusal.
+        wait("the fill phase to settle", || {
+            h.stats.accepted_records.load(Ordering::Relaxed) + h.stats.dropped_records.load(Ordering::Relaxed)
+                == offered
+        });
+        // While blocked, offers are refused and counted.
+        for _ in 0..25 {
+            h.offer(0, 1, record.clone());
+        }
+        let pending = reader.read_after("p", None, 100).unwrap();
+        assert!(pending.len() >= 5 && pending.len() <= 8, "{}", pending.len());
+        // Acknowledge everything: the product unblocks and the refused records become one gap event.
+        for m in &pending {
+            h.ack("p".into(), m.id);
+        }
+        wait("unblock", || !h.blocked[0].load(Ordering::Relaxed));
+        wait("the blocked gap", || reader.gaps(10).unwrap().len() >= 2);
+        let gaps = reader.gaps(10).unwrap();
+        let blocked: u64 = gaps
+            .iter()
+            .filter(|(_, g)| g.reason == "buffer_full_blocked")
+            .map(|(_, g)| g.count)
+            .sum();
+        // Every record offered is either pending or counted: the ones that hit the cap as messages
+        // (offers already queued when the flag flipped) and the 25 refused while blocked.
+        let refused = offered - pending.len() as u64 + 25;
+        assert_eq!(blocked, refused, "{gaps:?}");
+        let total_dropped: u64 = reader.drops().unwrap().iter().map(|d| d.2).sum();
+        assert_eq!(total_dropped, refused);
+        // Seqs stay explained: the refused ones hold their own seq numbers.
+        let mut seqs: Vec<u64> = gaps.iter().map(|(_, g)| g.from_seq).collect();
+        seqs.extend(pending.iter().map(|m| m.id.seq));
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        drop(h);
+        writer.join().unwrap().unwrap();
     }
 }

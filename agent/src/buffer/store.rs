@@ -148,7 +148,8 @@ pub struct Batch {
 /// What a commit did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Committed {
-    pub appended: Vec<(String, MessageId)>,
+    /// Messages stored: product, id, records.
+    pub appended: Vec<(String, MessageId, u32)>,
     /// Gap events written: `(gap id, event)`.
     pub gaps: Vec<(u64, GapEvent)>,
     pub deleted: usize,
@@ -553,7 +554,7 @@ impl Store {
                     q.messages += 1;
                     total += size;
                     size_changes.push(((m.product.clone(), id), Some(size)));
-                    out.appended.push((m.product.clone(), id));
+                    out.appended.push((m.product.clone(), id, stored.records));
                 } else {
                     let reason = match limits.policy {
                         FullPolicy::Block => "buffer_full_blocked",
@@ -918,7 +919,10 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(done.appended, vec![("p".to_string(), MessageId { epoch: 1, seq: 1 })]);
+        assert_eq!(
+            done.appended,
+            vec![("p".to_string(), MessageId { epoch: 1, seq: 1 }, 2)]
+        );
         drop(s);
         let (s, r) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
         assert_eq!((r.epoch, r.pending_messages), (2, 1));
