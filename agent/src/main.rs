@@ -142,7 +142,7 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                     plan.agent.data_dir = d;
                 }
                 tracing::info!(agent = %plan.agent.id, config_hash = %plan.config_hash, files = plan.files.len(), "config loaded");
-                plantmesh::runtime::run(plan, |r| {
+                plantmesh::runtime::run(plan, view, |r| {
                     if view {
                         plantmesh::view::spawn(r)
                     }
@@ -187,7 +187,7 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         d.address = plc.to_string();
     }
     tracing::info!(plc = %plc, data_dir = %data_dir.display(), "demo plant: simulated press-line PLC on Modbus TCP");
-    plantmesh::runtime::run(plan, plantmesh::view::spawn).await?;
+    plantmesh::runtime::run(plan, true, plantmesh::view::spawn).await?;
     Ok(())
 }
 

@@ -68,8 +68,9 @@ pub fn local_upstream(port: u16, client_id: String) -> UpstreamPlan {
     }
 }
 
-/// Runs the agent. `on_start` is called once everything is running (the demo's view hooks in here).
-pub async fn run(mut plan: Plan, on_start: impl FnOnce(Running)) -> Result<(), RunError> {
+/// Runs the agent. `on_start` is called once everything is running (the demo's view hooks in here). `view`: keep the latest record per product for the status view (a copy per record).
+pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> Result<(), RunError> {
+    let want_last = view;
     std::fs::create_dir_all(&plan.agent.data_dir).map_err(|source| RunError::DataDir {
         path: plan.agent.data_dir.clone(),
         source,
@@ -201,8 +202,10 @@ pub async fn run(mut plan: Plan, on_start: impl FnOnce(Running)) -> Result<(), R
                 }
                 for (pi, record) in out.drain(..) {
                     let json = envelope::encode_record(&plan.products[pi], &record);
-                    if let Ok(mut l) = last.lock() {
-                        l[pi] = Some(String::from_utf8_lossy(&json).into_owned());
+                    if want_last {
+                        if let Ok(mut l) = last.lock() {
+                            l[pi] = Some(String::from_utf8_lossy(&json).into_owned());
+                        }
                     }
                     produced[pi].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     handle.offer(pi, record.ts, json);

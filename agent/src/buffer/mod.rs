@@ -62,6 +62,11 @@ pub struct BufferStats {
     pub pending_bytes: AtomicU64,
     /// Bumped after every commit; the publisher waits on it.
     pub generation: AtomicU64,
+    /// Gap events stored and not yet acknowledged.
+    pub pending_gaps: AtomicU64,
+    /// Newest message id appended per product in this run: the publisher reads only products that
+    /// have something new, instead of asking redb about every product on every PUBACK.
+    pub latest: std::sync::Mutex<std::collections::HashMap<String, MessageId>>,
 }
 
 /// Producer side of the buffer: handed to map (records) and publish (acks).
@@ -109,18 +114,21 @@ impl BufferHandle {
 
 /// Starts the writer thread over an opened store.
 pub fn start(
-    mut store: Store,
+    store: Store,
     products: Vec<ProductSlot>,
     commit_interval: Duration,
     max_records_per_message: usize,
     max_message_bytes: usize,
 ) -> (BufferHandle, std::thread::JoinHandle<Result<(), BufferError>>) {
+    let mut store = store;
     for p in &products {
         store.set_limits(&p.id, p.limits.clone());
     }
+    let pending_gaps = store.reader().gaps(usize::MAX).map_or(0, |g| g.len() as u64);
     let (tx, rx) = mpsc::channel();
     let (notify_tx, notify_rx) = tokio::sync::watch::channel(0u64);
     let stats = Arc::new(BufferStats::default());
+    stats.pending_gaps.store(pending_gaps, Ordering::Relaxed);
     let handle = BufferHandle {
         tx,
         queued_records: Arc::new(AtomicU64::new(0)),
@@ -239,6 +247,13 @@ impl Writer {
                     s.accepted_messages.fetch_add(accepted, Ordering::Relaxed);
                     let dropped: u64 = done.gaps.iter().map(|(_, g)| g.count).sum();
                     let records: u64 = done.appended.iter().map(|a| u64::from(a.2)).sum();
+                    if let Ok(mut latest) = s.latest.lock() {
+                        for (p, id, _) in &done.appended {
+                            latest.insert(p.clone(), *id);
+                        }
+                    }
+                    s.pending_gaps.fetch_add(done.gaps.len() as u64, Ordering::Relaxed);
+                    let _ = s.pending_gaps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| Some(g.saturating_sub(done.gaps_deleted as u64)));
                     s.accepted_records.fetch_add(records, Ordering::Relaxed);
                     if dropped > 0 {
                         s.dropped_records.fetch_add(dropped, Ordering::Relaxed);

@@ -153,6 +153,8 @@ pub struct Committed {
     /// Gap events written: `(gap id, event)`.
     pub gaps: Vec<(u64, GapEvent)>,
     pub deleted: usize,
+    /// Gap events deleted (acknowledged upstream).
+    pub gaps_deleted: usize,
     /// Products whose `block` share is now full (they stop taking records).
     pub now_blocked: Vec<String>,
 }
@@ -371,7 +373,9 @@ impl Store {
                 }
             }
             for id in &batch.gap_acks {
-                gaps.remove(*id).map_err(storage(&path))?;
+                if gaps.remove(*id).map_err(storage(&path))?.is_some() {
+                    out.gaps_deleted += 1;
+                }
             }
 
             let mut record_gap = |gaps: &mut redb::Table<u64, &[u8]>,

@@ -2,19 +2,43 @@
 
 use crate::buffer::StoredMessage;
 use crate::config::{Plan, ProductPlan, Table};
-use crate::model::{format_rfc3339_millis, Record};
-use serde_json::{json, Map, Value as Json};
+use crate::model::{format_rfc3339_millis, Record, Value};
+use serde_json::{json, Value as Json};
 
-/// One record as a JSON object: `{"ts":..,"fields":{..},"quality":{..}}`.
+/// One record as a JSON object: `{"ts":..,"fields":{..},"quality":{..}}`, fields in contract order.
+/// Written directly into the output (this runs for every record, so no intermediate JSON tree).
 pub fn encode_record(product: &ProductPlan, record: &Record) -> Vec<u8> {
-    let mut fields = Map::with_capacity(product.fields.len());
-    let mut quality = Map::with_capacity(product.fields.len());
-    for (f, (v, q)) in product.fields.iter().zip(&record.fields) {
-        fields.insert(f.name.clone(), v.as_ref().map_or(Json::Null, |v| v.to_json()));
-        quality.insert(f.name.clone(), Json::String(q.to_string()));
+    use std::io::Write;
+    let mut out = Vec::with_capacity(48 + product.fields.len() * 48);
+    out.extend_from_slice(b"{\"ts\":\"");
+    out.extend_from_slice(format_rfc3339_millis(record.ts).as_bytes());
+    out.extend_from_slice(b"\",\"fields\":{");
+    for (i, (f, (v, _))) in product.fields.iter().zip(&record.fields).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, &f.name).expect("write to Vec");
+        out.push(b':');
+        match v {
+            None => out.extend_from_slice(b"null"),
+            Some(Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Some(Value::Int(x)) => write!(out, "{x}").expect("write to Vec"),
+            Some(Value::UInt(x)) => write!(out, "{x}").expect("write to Vec"),
+            Some(Value::Float(x)) if x.is_finite() => serde_json::to_writer(&mut out, x).expect("write to Vec"),
+            Some(Value::Float(_)) => out.extend_from_slice(b"null"),
+            Some(Value::Text(t)) => serde_json::to_writer(&mut out, t).expect("write to Vec"),
+        }
     }
-    serde_json::to_vec(&json!({"ts": format_rfc3339_millis(record.ts), "fields": fields, "quality": quality}))
-        .expect("records serialize")
+    out.extend_from_slice(b"},\"quality\":{");
+    for (i, (f, (_, q))) in product.fields.iter().zip(&record.fields).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, &f.name).expect("write to Vec");
+        write!(out, ":\"{q}\"").expect("write to Vec");
+    }
+    out.extend_from_slice(b"}}");
+    out
 }
 
 /// The product message around stored records.
@@ -120,6 +144,59 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::buffer::MessageId;
+    use crate::config::{FieldPlan, FullPolicy, LogicalType, PublishMode};
+    use crate::model::{BadReason, Quality};
+
+    #[test]
+    fn records_are_valid_json_for_every_value_kind() {
+        let field = |name: &str| FieldPlan {
+            name: name.into(),
+            tag: 0,
+            logical_type: LogicalType::Number,
+            unit: String::new(),
+            scale: 1.0,
+            offset: 0.0,
+            deadband: 0.0,
+            description: String::new(),
+        };
+        let p = ProductPlan {
+            id: "p".into(),
+            name: "p".into(),
+            version: "1.0.0".into(),
+            major: 1,
+            domain: "d".into(),
+            owner: "o".into(),
+            description: String::new(),
+            publish: PublishMode::EverySample,
+            max_bytes: 1,
+            full_policy: FullPolicy::DropOldest,
+            fields: ["b", "i", "u", "f", "nan", "t\"q", "none"].iter().map(|n| field(n)).collect(),
+            topic: "t".into(),
+            file: Default::default(),
+        };
+        let r = Record {
+            ts: 1_795_255_200_123,
+            fields: vec![
+                (Some(Value::Bool(true)), Quality::Good),
+                (Some(Value::Int(-9_000_000_000_000)), Quality::Good),
+                (Some(Value::UInt(u64::MAX)), Quality::Good),
+                (Some(Value::Float(0.1)), Quality::Good),
+                (Some(Value::Float(f64::NAN)), Quality::Good),
+                (Some(Value::Text("a \"quoted\"\n text".into())), Quality::Good),
+                (None, Quality::Bad(BadReason::Timeout)),
+            ],
+        };
+        let v: Json = serde_json::from_slice(&encode_record(&p, &r)).unwrap();
+        assert_eq!(v["ts"], "2026-11-21T10:00:00.123Z");
+        assert_eq!(v["fields"]["b"], true);
+        assert_eq!(v["fields"]["i"], -9_000_000_000_000i64);
+        assert_eq!(v["fields"]["u"], u64::MAX);
+        assert_eq!(v["fields"]["f"], 0.1);
+        assert_eq!(v["fields"]["nan"], Json::Null);
+        assert_eq!(v["fields"]["t\"q"], "a \"quoted\"\n text");
+        assert_eq!(v["fields"]["none"], Json::Null);
+        assert_eq!(v["quality"]["none"], "bad:timeout");
+    }
 
     #[test]
     fn message_envelope_is_valid_json_with_identity() {

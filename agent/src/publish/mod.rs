@@ -301,7 +301,12 @@ impl Publisher {
         if s.inflight.len() >= window {
             return Ok(());
         }
-        for (id, g) in self.reader.gaps(window).map_err(|e| e.to_string())? {
+        let gaps = if self.buffer.stats.pending_gaps.load(Ordering::Relaxed) > 0 {
+            self.reader.gaps(window).map_err(|e| e.to_string())?
+        } else {
+            Vec::new()
+        };
+        for (id, g) in gaps {
             if s.inflight.len() >= window {
                 return Ok(());
             }
@@ -318,8 +323,18 @@ impl Publisher {
             s.inflight.queued(Sent::Gap(id));
             s.gaps_sent.insert(id);
         }
-        let names: Vec<String> = s.cursors.keys().cloned().collect();
+        let latest = self.buffer.stats.latest.lock().map(|l| l.clone()).unwrap_or_default();
         for historical in [false, true] {
+            // Only products with something to send: new live messages, or backlog not yet sent.
+            let names: Vec<String> = s
+                .cursors
+                .iter()
+                .filter(|(name, c)| if historical { c.backlog_end.is_some() } else { latest.get(*name).copied() > c.live_after })
+                .map(|(name, _)| name.clone())
+                .collect();
+            if names.is_empty() {
+                continue;
+            }
             let mut progress = true;
             while progress && s.inflight.len() < window {
                 progress = false;
