@@ -60,7 +60,7 @@ run() {
   local t0 c0; t0=$(date +%s.%N); c0=$(cpu_ticks "$agent")
   sleep "$seconds"
   local t1 c1; t1=$(date +%s.%N); c1=$(cpu_ticks "$agent")
-  local rss hwm; rss=$(awk '/VmRSS/{print $2}' "/proc/$agent/status"); hwm=$(awk '/VmHWM/{print $2}' "/proc/$agent/status")
+  local rss hwm anon; rss=$(awk '/VmRSS/{print $2}' "/proc/$agent/status"); hwm=$(awk '/VmHWM/{print $2}' "/proc/$agent/status"); anon=$(awk '/RssAnon/{print $2}' "/proc/$agent/status")
   kill -TERM "$agent"; wait "$agent" || true
   kill -TERM "$sim"; wait "$sim" 2>/dev/null || true
   local summary; summary=$(sed 's/\x1b\[[0-9;]*m//g' "$dir/agent.log" | grep 'publisher stopped' | tail -1)
@@ -69,9 +69,9 @@ run() {
   p50=$(sed -n 's/.*latency_p50_ms=\([0-9]*\).*/\1/p' <<< "$summary")
   p99=$(sed -n 's/.*latency_p99_ms=\([0-9]*\).*/\1/p' <<< "$summary")
   # Points delivered over the whole run (warm-up and drain included) and over the measured window.
-  python3 - "$devices" "$regs" "$poll" "$records" "$t0" "$t1" "$c0" "$c1" "$clk" "$rss" "$hwm" "$p50" "$p99" "$seconds" <<'PY'
+  python3 - "$devices" "$regs" "$poll" "$records" "$t0" "$t1" "$c0" "$c1" "$clk" "$rss" "$hwm" "$p50" "$p99" "$seconds" "$anon" <<'PY'
 import sys
-d, r, poll, records, t0, t1, c0, c1, clk, rss, hwm, p50, p99, secs = sys.argv[1:]
+d, r, poll, records, t0, t1, c0, c1, clk, rss, hwm, p50, p99, secs, anon = sys.argv[1:]
 d, r, records = int(d), int(r), int(records)
 wall = float(t1) - float(t0)
 cpu_ms = (int(c1) - int(c0)) * 1000 / int(clk)
@@ -81,7 +81,7 @@ points = records * r
 print(f"{d} devices x {r} registers @ {poll}: offered {offered:.0f} points/s; delivered {points} points total "
       f"(~{points / (wall + 5):.0f}/s over the run); CPU {cpu_ms / wall:.0f} core-ms/s = "
       f"{cpu_ms / (offered * wall / 1000):.2f} core-ms per 1000 points; RSS {int(rss) / 1024:.1f} MiB "
-      f"(peak {int(hwm) / 1024:.1f} MiB); read-to-PUBACK p50 {p50} ms, p99 {p99} ms")
+      f"(anonymous {int(anon) / 1024:.1f} MiB, peak {int(hwm) / 1024:.1f} MiB); read-to-PUBACK p50 {p50} ms, p99 {p99} ms")
 PY
 }
 

@@ -12,6 +12,16 @@ use std::time::Duration;
 const MAX_INFLIGHT: usize = 8;
 
 fn config(dir: &std::path::Path, broker_port: u16, modbus_port: u16, upstream_extra: &str) {
+    config_with(dir, broker_port, modbus_port, upstream_extra, 5);
+}
+
+fn config_with(
+    dir: &std::path::Path,
+    broker_port: u16,
+    modbus_port: u16,
+    upstream_extra: &str,
+    records_per_message: u32,
+) {
     let gateway = format!(
         r#"
 [agent]
@@ -24,7 +34,7 @@ line = "l1"
 url = "mqtt://127.0.0.1:{broker_port}"
 protocol = "5"
 max_inflight = {MAX_INFLIGHT}
-max_records_per_message = 5
+max_records_per_message = {records_per_message}
 reconnect_min = "100ms"
 reconnect_max = "500ms"
 {upstream_extra}
@@ -237,4 +247,49 @@ fn a_refused_connection_keeps_everything_buffered() {
         (1..=seqs.len() as u64).collect::<Vec<_>>(),
         "buffered seqs are contiguous from 1"
     );
+}
+
+#[test]
+fn live_data_flows_while_a_backlog_drains_at_its_rate() {
+    // One record per message; the backlog is paced at 5 messages/s.
+    let modbus = PyModbus::start(&json!({"values": [], "counter": {"address": 10, "period_ms": 20}}));
+    let mut broker = Mosquitto::start(true, "");
+    let sub = Subscriber::start(broker.port, "s1/a1/l1/test/counter/v1", "backlog-sub");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    config_with(&cfg, broker.port, modbus.port, "backlog_rate = 5", 1);
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("live messages", Duration::from_secs(30), || {
+        sub.product_messages().len() >= 5
+    });
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(3)); // about 60 messages of backlog at a 50 ms poll
+    broker.restart();
+    let split = |sub: &Subscriber| {
+        let all = sub.product_messages();
+        let (h, l): (Vec<Value>, Vec<Value>) = all.into_iter().partition(|m| m["historical"] == true);
+        (h, l)
+    };
+    let before = sub
+        .product_messages()
+        .iter()
+        .filter(|m| m["historical"] == false)
+        .count();
+    wait_for("20 live messages after the outage", Duration::from_secs(30), || {
+        split(&sub).1.len() >= before + 20
+    });
+    let (historical, _) = split(&sub);
+    // Live data did not wait for the backlog: most of the backlog is still to come.
+    assert!(
+        historical.len() < 30,
+        "{} backlog messages already sent: the backlog was not paced",
+        historical.len()
+    );
+    wait_for("the whole backlog", Duration::from_secs(60), || {
+        split(&sub).0.len() >= 40
+    });
+    agent.stop();
+    let (historical, _) = split(&sub);
+    let seqs: Vec<u64> = historical.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "backlog out of order: {seqs:?}");
 }

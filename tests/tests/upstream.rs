@@ -290,3 +290,37 @@ fn messages_the_broker_refuses_are_dead_lettered_and_reported() {
     let stats = String::from_utf8_lossy(&stats.stdout).to_string();
     assert!(stats.contains("dropped counter (broker_rejected_0x87)"), "{stats}");
 }
+
+#[test]
+fn password_from_a_file_authenticates() {
+    let modbus = counter();
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let out = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwd)
+        .args(["gw-up", "s3cret pass"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let broker = Mosquitto::start(
+        false,
+        &format!("allow_anonymous false\npassword_file {}", passwd.display()),
+    );
+    let sub = Subscriber::start_with(broker.port, "s1/#", "auth-sub", &["-u", "gw-up", "-P", "s3cret pass"]);
+    let secret = dir.path().join("broker.pass");
+    std::fs::write(&secret, "s3cret pass\n").unwrap();
+    let cfg = dir.path().join("cfg");
+    let extra = format!("username = \"gw-up\"\npassword_file = \"{}\"", secret.display());
+    write_config(
+        &cfg,
+        &gateway(broker.port, modbus.port, "mqtt").replace("{EXTRA}", &extra),
+        &[("counter", PRODUCT)],
+    );
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("authenticated delivery", Duration::from_secs(30), || {
+        sub.product_messages().len() >= 3
+    });
+    agent.stop();
+    assert!(!agent.log().contains("s3cret"), "the password must never be logged");
+}

@@ -253,7 +253,9 @@ impl Writer {
                         }
                     }
                     s.pending_gaps.fetch_add(done.gaps.len() as u64, Ordering::Relaxed);
-                    let _ = s.pending_gaps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| Some(g.saturating_sub(done.gaps_deleted as u64)));
+                    let _ = s.pending_gaps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| {
+                        Some(g.saturating_sub(done.gaps_deleted as u64))
+                    });
                     s.accepted_records.fetch_add(records, Ordering::Relaxed);
                     if dropped > 0 {
                         s.dropped_records.fetch_add(dropped, Ordering::Relaxed);

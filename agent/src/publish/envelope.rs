@@ -170,7 +170,10 @@ mod tests {
             publish: PublishMode::EverySample,
             max_bytes: 1,
             full_policy: FullPolicy::DropOldest,
-            fields: ["b", "i", "u", "f", "nan", "t\"q", "none"].iter().map(|n| field(n)).collect(),
+            fields: ["b", "i", "u", "f", "nan", "t\"q", "none"]
+                .iter()
+                .map(|n| field(n))
+                .collect(),
             topic: "t".into(),
             file: Default::default(),
         };

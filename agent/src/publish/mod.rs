@@ -329,7 +329,13 @@ impl Publisher {
             let names: Vec<String> = s
                 .cursors
                 .iter()
-                .filter(|(name, c)| if historical { c.backlog_end.is_some() } else { latest.get(*name).copied() > c.live_after })
+                .filter(|(name, c)| {
+                    if historical {
+                        c.backlog_end.is_some()
+                    } else {
+                        latest.get(*name).copied() > c.live_after
+                    }
+                })
                 .map(|(name, _)| name.clone())
                 .collect();
             if names.is_empty() {

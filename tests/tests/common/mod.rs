@@ -174,12 +174,18 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn start(port: u16, topic: &str, id: &str) -> Subscriber {
+        Self::start_with(port, topic, id, &[])
+    }
+
+    /// With extra `mosquitto_sub` arguments (credentials, protocol version).
+    pub fn start_with(port: u16, topic: &str, id: &str, extra: &[&str]) -> Subscriber {
+        let port = port.to_string();
         let mut child = Command::new("mosquitto_sub")
             .args([
                 "-h",
                 "127.0.0.1",
                 "-p",
-                &port.to_string(),
+                &port,
                 "-t",
                 topic,
                 "-v",
@@ -189,6 +195,7 @@ impl Subscriber {
                 "-i",
                 id,
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
