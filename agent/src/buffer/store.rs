@@ -413,24 +413,17 @@ impl Store {
                 q.messages = q.messages.saturating_sub(1);
                 total = total.saturating_sub(size);
                 size_changes.push((key, None));
-                let topic = self
-                    .limits
-                    .get(product)
-                    .map(|l| l.gap_topic.clone())
-                    .unwrap_or_default();
                 record_gap(
                     &mut gaps,
                     &mut drops,
-                    GapEvent {
-                        product: product.clone(),
-                        epoch: id.epoch,
-                        from_seq: id.seq,
-                        to_seq: id.seq,
-                        count: u64::from(records),
-                        reason: format!("broker_rejected_0x{code:02x}"),
-                        ts: now,
-                        topic,
-                    },
+                    self.gap_event(
+                        product,
+                        id.epoch,
+                        (id.seq, id.seq),
+                        u64::from(records),
+                        format!("broker_rejected_0x{code:02x}"),
+                        now,
+                    ),
                 )?;
             }
 
@@ -439,24 +432,17 @@ impl Store {
                 q.next_seq = q.next_seq.max(1);
                 let seq = q.next_seq;
                 q.next_seq += 1;
-                let topic = self
-                    .limits
-                    .get(product)
-                    .map(|l| l.gap_topic.clone())
-                    .unwrap_or_default();
                 record_gap(
                     &mut gaps,
                     &mut drops,
-                    GapEvent {
-                        product: product.clone(),
-                        epoch: self.epoch,
-                        from_seq: seq,
-                        to_seq: seq,
-                        count: *count,
-                        reason: "buffer_full_blocked".into(),
-                        ts: now,
-                        topic,
-                    },
+                    self.gap_event(
+                        product,
+                        self.epoch,
+                        (seq, seq),
+                        *count,
+                        "buffer_full_blocked".to_string(),
+                        now,
+                    ),
                 )?;
             }
 
@@ -534,16 +520,14 @@ impl Store {
                             record_gap(
                                 &mut gaps,
                                 &mut drops,
-                                GapEvent {
-                                    product: m.product.clone(),
+                                self.gap_event(
+                                    &m.product,
                                     epoch,
-                                    from_seq: from,
-                                    to_seq: to,
+                                    (from, to),
                                     count,
-                                    reason: "buffer_full_drop_oldest".into(),
-                                    ts: now,
-                                    topic: limits.gap_topic.clone(),
-                                },
+                                    "buffer_full_drop_oldest".to_string(),
+                                    now,
+                                ),
                             )?;
                         }
                     }
@@ -572,16 +556,14 @@ impl Store {
                     record_gap(
                         &mut gaps,
                         &mut drops,
-                        GapEvent {
-                            product: m.product.clone(),
-                            epoch: id.epoch,
-                            from_seq: id.seq,
-                            to_seq: id.seq,
-                            count: u64::from(m.records),
-                            reason: reason.into(),
-                            ts: now,
-                            topic: limits.gap_topic.clone(),
-                        },
+                        self.gap_event(
+                            &m.product,
+                            id.epoch,
+                            (id.seq, id.seq),
+                            u64::from(m.records),
+                            reason.to_string(),
+                            now,
+                        ),
                     )?;
                 }
             }
@@ -602,6 +584,33 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// A gap event for `product`, addressed to its gap topic.
+    fn gap_event(
+        &self,
+        product: &str,
+        epoch: u64,
+        seqs: (u64, u64),
+        count: u64,
+        reason: String,
+        ts: Millis,
+    ) -> GapEvent {
+        let topic = self
+            .limits
+            .get(product)
+            .map(|l| l.gap_topic.clone())
+            .unwrap_or_default();
+        GapEvent {
+            product: product.to_string(),
+            epoch,
+            from_seq: seqs.0,
+            to_seq: seqs.1,
+            count,
+            reason,
+            ts,
+            topic,
+        }
     }
 
     /// True when a `block` product has room again (half its share free, so it does not flap).

@@ -98,18 +98,7 @@ pub async fn start(bind: SocketAddr) -> std::io::Result<SocketAddr> {
             m.coils[0] = running;
         }
     });
-    let server = Server::new(listener);
-    tokio::spawn(async move {
-        let new_service = move |_addr: SocketAddr| Ok(Some(PlcService(mem.clone())));
-        let on_connected = move |stream, addr| {
-            let new_service = new_service.clone();
-            async move { accept_tcp_connection(stream, addr, new_service) }
-        };
-        let on_error = |e| tracing::debug!(error = %e, "simulated PLC connection error");
-        if let Err(e) = server.serve(&on_connected, on_error).await {
-            tracing::error!(error = %e, "simulated PLC stopped");
-        }
-    });
+    serve(listener, mem);
     Ok(addr)
 }
 
@@ -136,6 +125,12 @@ pub async fn start_bank(bind: SocketAddr, registers: u16) -> std::io::Result<Soc
             }
         }
     });
+    serve(listener, mem);
+    Ok(addr)
+}
+
+/// Serves `mem` over Modbus TCP on `listener` until the runtime stops.
+fn serve(listener: TcpListener, mem: Arc<Mutex<Memory>>) {
     let server = Server::new(listener);
     tokio::spawn(async move {
         let new_service = move |_addr: SocketAddr| Ok(Some(PlcService(mem.clone())));
@@ -143,7 +138,9 @@ pub async fn start_bank(bind: SocketAddr, registers: u16) -> std::io::Result<Soc
             let new_service = new_service.clone();
             async move { accept_tcp_connection(stream, addr, new_service) }
         };
-        let _ = server.serve(&on_connected, |_| {}).await;
+        let on_error = |e| tracing::debug!(error = %e, "simulated device connection error");
+        if let Err(e) = server.serve(&on_connected, on_error).await {
+            tracing::error!(error = %e, "simulated device stopped");
+        }
     });
-    Ok(addr)
 }
