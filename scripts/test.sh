@@ -42,6 +42,8 @@ if [ $quick = 0 ]; then
   cargo fmt --all -- --check
   step "cargo clippy"
   cargo clippy --workspace --all-targets -- -D warnings
+  step "cargo clippy, gateway feature set (no embedded broker, no simulators)"
+  cargo clippy -p plantmesh --no-default-features --all-targets -- -D warnings
   step "protocol builds alone for an MCU target (no std leak)"
   if rustup target list --installed | grep -q thumbv7em-none-eabihf || rustup target add thumbv7em-none-eabihf; then
     cargo build -q -p plantmesh-protocol --no-default-features --target thumbv7em-none-eabihf

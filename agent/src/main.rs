@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use plantmesh::config;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -158,7 +158,9 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
     })
 }
 
+#[cfg(feature = "simulators")]
 const DEMO_GATEWAY: &str = include_str!("../../configs/demo/agent.toml");
+#[cfg(feature = "simulators")]
 const DEMO_PRODUCTS: [(&str, &str); 2] = [
     (
         "products/production/press-output.toml",
@@ -172,6 +174,7 @@ const DEMO_PRODUCTS: [(&str, &str); 2] = [
 
 #[cfg(feature = "simulators")]
 async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use std::path::Path;
     let data_dir = data_dir.unwrap_or_else(|| std::env::temp_dir().join("plantmesh-demo"));
     let products: Vec<(&Path, &str)> = DEMO_PRODUCTS.iter().map(|(p, t)| (Path::new(*p), *t)).collect();
     let mut plan = config::load_texts(
