@@ -77,8 +77,10 @@ pub struct BufferHandle {
     max_queued: u64,
     /// Per product: set while a `block` product's share is full.
     pub blocked: Arc<Vec<AtomicBool>>,
-    /// Per product: records not taken (blocked or writer overloaded) since the last commit.
+    /// Per product: records not taken because the product was blocked, since the last commit.
     pub lost: Arc<Vec<AtomicU64>>,
+    /// Per product: records not taken because the writer was too far behind, since the last commit.
+    pub overloaded: Arc<Vec<AtomicU64>>,
     pub stats: Arc<BufferStats>,
     pub notify: tokio::sync::watch::Receiver<u64>,
 }
@@ -87,15 +89,18 @@ impl BufferHandle {
     /// Offers one record; a record refused here (product blocked, writer far behind) is counted and
     /// becomes a gap event at the next commit.
     pub fn offer(&self, product: usize, created: u64, json: Vec<u8>) {
-        if self.blocked[product].load(Ordering::Relaxed)
-            || self.queued_records.load(Ordering::Relaxed) >= self.max_queued
-        {
+        if self.blocked[product].load(Ordering::Relaxed) {
             self.lost[product].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.queued_records.load(Ordering::Relaxed) >= self.max_queued {
+            self.overloaded[product].fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.queued_records.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(WriterMsg::Record { product, created, json }).is_err() {
-            self.lost[product].fetch_add(1, Ordering::Relaxed);
+            // The writer has stopped (storage failure); the agent is exiting. Counted all the same.
+            self.overloaded[product].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -120,6 +125,25 @@ pub fn start(
     max_records_per_message: usize,
     max_message_bytes: usize,
 ) -> (BufferHandle, std::thread::JoinHandle<Result<(), BufferError>>) {
+    start_with_queue_limit(
+        store,
+        products,
+        commit_interval,
+        max_records_per_message,
+        max_message_bytes,
+        200_000,
+    )
+}
+
+/// [`start`] with the most records that may wait for the writer before offers are refused.
+fn start_with_queue_limit(
+    store: Store,
+    products: Vec<ProductSlot>,
+    commit_interval: Duration,
+    max_records_per_message: usize,
+    max_message_bytes: usize,
+    max_queued: u64,
+) -> (BufferHandle, std::thread::JoinHandle<Result<(), BufferError>>) {
     let mut store = store;
     for p in &products {
         store.set_limits(&p.id, p.limits.clone());
@@ -132,9 +156,10 @@ pub fn start(
     let handle = BufferHandle {
         tx,
         queued_records: Arc::new(AtomicU64::new(0)),
-        max_queued: 200_000,
+        max_queued,
         blocked: Arc::new(products.iter().map(|_| AtomicBool::new(false)).collect()),
         lost: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
+        overloaded: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
         stats: stats.clone(),
         notify: notify_rx,
     };
@@ -144,6 +169,7 @@ pub fn start(
         queued_records: handle.queued_records.clone(),
         blocked: handle.blocked.clone(),
         lost: handle.lost.clone(),
+        overloaded: handle.overloaded.clone(),
         stats: handle.stats.clone(),
     };
     let join = std::thread::Builder::new()
@@ -169,6 +195,7 @@ struct Shared {
     queued_records: Arc<AtomicU64>,
     blocked: Arc<Vec<AtomicBool>>,
     lost: Arc<Vec<AtomicU64>>,
+    overloaded: Arc<Vec<AtomicU64>>,
     stats: Arc<BufferStats>,
 }
 
@@ -233,7 +260,7 @@ impl Writer {
             if batch.appends.is_empty()
                 && batch.acks.is_empty()
                 && batch.gap_acks.is_empty()
-                && batch.blocked.is_empty()
+                && batch.refused.is_empty()
                 && batch.dead_letters.is_empty()
             {
                 continue;
@@ -343,7 +370,11 @@ impl Writer {
             }
             let lost = self.h.lost[i].swap(0, Ordering::Relaxed);
             if lost > 0 {
-                batch.blocked.push((slot.id.clone(), lost));
+                batch.refused.push((slot.id.clone(), lost, "buffer_full_blocked"));
+            }
+            let overloaded = self.h.overloaded[i].swap(0, Ordering::Relaxed);
+            if overloaded > 0 {
+                batch.refused.push((slot.id.clone(), overloaded, "writer_overload"));
             }
         }
         batch
@@ -386,6 +417,90 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    fn slot(policy: FullPolicy, max_bytes: u64) -> ProductSlot {
+        ProductSlot {
+            id: "p".into(),
+            topic: "t".into(),
+            version: "1.0.0".into(),
+            limits: ProductLimits {
+                max_bytes,
+                policy,
+                gap_topic: "t/_gaps".into(),
+            },
+        }
+    }
+
+    /// Records are grouped into messages by count and by bytes; every message body is a JSON array
+    /// of whole records.
+    #[test]
+    fn messages_respect_record_and_byte_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("m.redb"), 64 << 20, 1 << 20).unwrap();
+        let reader = store.reader();
+        let (h, writer) = start(
+            store,
+            vec![slot(FullPolicy::DropOldest, 64 << 20)],
+            Duration::from_millis(300),
+            4,
+            2500,
+        );
+        // 10 records of ~1000 bytes: at most 2 fit in 2500 bytes.
+        for i in 0..10 {
+            h.offer(
+                0,
+                i,
+                format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(990)).into_bytes(),
+            );
+        }
+        // 12 small records: at most 4 per message.
+        for i in 10..22 {
+            h.offer(0, i, format!("{{\"i\":{i}}}").into_bytes());
+        }
+        drop(h);
+        writer.join().unwrap().unwrap();
+        let msgs = reader.read_after("p", None, 100).unwrap();
+        let mut seen = Vec::new();
+        for m in &msgs {
+            assert!(m.body.len() <= 2500, "{} bytes", m.body.len());
+            let records: Vec<serde_json::Value> = serde_json::from_slice(&m.body).unwrap();
+            assert!(records.len() <= 4 && records.len() as u32 == m.records);
+            seen.extend(records.iter().map(|r| r["i"].as_u64().unwrap()));
+        }
+        assert_eq!(seen, (0..22).collect::<Vec<_>>(), "every record once, in order");
+        assert_eq!(msgs.len(), 5 + 3);
+    }
+
+    /// When the writer is far behind, offers are refused, counted, and reported as `writer_overload`.
+    #[test]
+    fn an_overloaded_writer_counts_what_it_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("o.redb"), 64 << 20, 1 << 20).unwrap();
+        let reader = store.reader();
+        let (h, writer) = start_with_queue_limit(
+            store,
+            vec![slot(FullPolicy::DropOldest, 64 << 20)],
+            Duration::from_millis(500),
+            100,
+            1 << 20,
+            5,
+        );
+        for i in 0..100 {
+            h.offer(0, i, b"{}".to_vec());
+        }
+        let stats = h.stats.clone();
+        drop(h);
+        writer.join().unwrap().unwrap();
+        let accepted = stats.accepted_records.load(Ordering::Relaxed);
+        let gaps = reader.gaps(100).unwrap();
+        let overload: u64 = gaps
+            .iter()
+            .filter(|(_, g)| g.reason == "writer_overload")
+            .map(|(_, g)| g.count)
+            .sum();
+        assert!(overload >= 90, "{overload} refused");
+        assert_eq!(accepted + overload, 100, "every offer accepted or counted");
     }
 
     /// A `block` product stops taking records when its share is full, counts what it refused, and

@@ -141,8 +141,10 @@ pub struct Batch {
     pub gap_acks: Vec<u64>,
     /// Messages the broker refused (MQTT 5 reason code >= 0x80): moved to `dead_letters`.
     pub dead_letters: Vec<(String, MessageId, u8)>,
-    /// Records a `block` product did not take while it was full: `(product, count)`.
-    pub blocked: Vec<(String, u64)>,
+    /// Records refused before they reached a message: `(product, count, reason)`; reasons are
+    /// `buffer_full_blocked` (a `block` product while full) and `writer_overload` (the writer was
+    /// too far behind to queue more).
+    pub refused: Vec<(String, u64, &'static str)>,
 }
 
 /// What a commit did.
@@ -427,7 +429,7 @@ impl Store {
                 )?;
             }
 
-            for (product, count) in &batch.blocked {
+            for (product, count, reason) in &batch.refused {
                 let q = queues.entry(product.clone()).or_default();
                 q.next_seq = q.next_seq.max(1);
                 let seq = q.next_seq;
@@ -435,14 +437,7 @@ impl Store {
                 record_gap(
                     &mut gaps,
                     &mut drops,
-                    self.gap_event(
-                        product,
-                        self.epoch,
-                        (seq, seq),
-                        *count,
-                        "buffer_full_blocked".to_string(),
-                        now,
-                    ),
+                    self.gap_event(product, self.epoch, (seq, seq), *count, reason.to_string(), now),
                 )?;
             }
 
