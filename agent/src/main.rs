@@ -71,6 +71,7 @@ enum BufferAction {
 }
 
 fn main() -> ExitCode {
+    allocator::limit_arenas();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { paths }) => check(&paths),
@@ -138,6 +139,8 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             Some(Command::Demo { data_dir }) => demo(data_dir).await,
             Some(Command::Run { config, data_dir, view }) if !config.is_empty() => {
                 let mut plan = config::load(&config).map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
+                // Parsing a large config leaves freed memory behind; hand it back before running.
+                allocator::trim();
                 if let Some(d) = data_dir {
                     plan.agent.data_dir = d;
                 }
@@ -271,4 +274,35 @@ fn buffer(action: BufferAction) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// glibc allocator settings for a long-running gateway process. By default glibc gives each thread
+/// that allocates its own arena (up to 8 per core), and keeps freed memory (for instance, what
+/// parsing a large config left behind) mapped. Measured with scripts/bench-e2e.sh (100 devices x 100
+/// tags): see the session notes.
+mod allocator {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    pub fn limit_arenas() {
+        // SAFETY: mallopt only changes allocator parameters; called once, before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    pub fn trim() {
+        // SAFETY: malloc_trim releases free heap pages to the kernel; it is thread-safe and has no
+        // preconditions.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    pub fn limit_arenas() {}
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    pub fn trim() {}
 }

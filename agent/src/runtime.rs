@@ -77,7 +77,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     })?;
     let buffer_path = plan.agent.data_dir.join("buffer.redb");
     // A small page cache: the buffer is written sequentially and read near its head.
-    let (store, report) = Store::open(&buffer_path, plan.buffer.max_bytes, 4 << 20)?;
+    let (store, report) = Store::open(&buffer_path, plan.buffer.max_bytes, 1 << 20)?;
     info!(path = %buffer_path.display(), epoch = report.epoch, pending_messages = report.pending_messages,
           pending_bytes = report.pending_bytes, "buffer opened");
 
@@ -189,6 +189,8 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         let produced = produced.clone();
         tokio::spawn(async move {
             let mut mapper = Mapper::new(&plan);
+            let encoders: Vec<envelope::RecordEncoder> =
+                plan.products.iter().map(envelope::RecordEncoder::new).collect();
             let mut out = Vec::new();
             let tick = mapper.next_tick().unwrap_or(Duration::from_secs(3600));
             let mut ticker = tokio::time::interval(tick);
@@ -201,7 +203,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
                     _ = ticker.tick() => mapper.on_tick(now_millis(), &mut out),
                 }
                 for (pi, record) in out.drain(..) {
-                    let json = envelope::encode_record(&plan.products[pi], &record);
+                    let json = encoders[pi].encode(&record);
                     if want_last {
                         if let Ok(mut l) = last.lock() {
                             l[pi] = Some(String::from_utf8_lossy(&json).into_owned());

@@ -5,40 +5,70 @@ use crate::config::{Plan, ProductPlan, Table};
 use crate::model::{format_rfc3339_millis, Record, Value};
 use serde_json::{json, Value as Json};
 
-/// One record as a JSON object: `{"ts":..,"fields":{..},"quality":{..}}`, fields in contract order.
-/// Written directly into the output (this runs for every record, so no intermediate JSON tree).
+/// Encodes a product's records: `{"ts":..,"fields":{..},"quality":{..}}`, fields in contract order.
+/// Keys are escaped once per product; this runs for every record, so it writes straight into the
+/// output with no intermediate JSON tree.
+pub struct RecordEncoder {
+    /// `"name":` per field, JSON-escaped.
+    keys: Vec<Vec<u8>>,
+}
+
+impl RecordEncoder {
+    pub fn new(product: &ProductPlan) -> Self {
+        let keys = product
+            .fields
+            .iter()
+            .map(|f| {
+                let mut k = serde_json::to_vec(&f.name).expect("a string serializes");
+                k.push(b':');
+                k
+            })
+            .collect();
+        RecordEncoder { keys }
+    }
+
+    pub fn encode(&self, record: &Record) -> Vec<u8> {
+        use std::io::Write;
+        let key_bytes: usize = self.keys.iter().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(64 + 2 * key_bytes + self.keys.len() * 16);
+        out.extend_from_slice(b"{\"ts\":\"");
+        out.extend_from_slice(format_rfc3339_millis(record.ts).as_bytes());
+        out.extend_from_slice(b"\",\"fields\":{");
+        for (i, (key, (v, _))) in self.keys.iter().zip(&record.fields).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(key);
+            match v {
+                None => out.extend_from_slice(b"null"),
+                Some(Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+                Some(Value::Int(x)) => serde_json::to_writer(&mut out, x).expect("write to Vec"),
+                Some(Value::UInt(x)) => serde_json::to_writer(&mut out, x).expect("write to Vec"),
+                Some(Value::Float(x)) if x.is_finite() => serde_json::to_writer(&mut out, x).expect("write to Vec"),
+                Some(Value::Float(_)) => out.extend_from_slice(b"null"),
+                Some(Value::Text(t)) => serde_json::to_writer(&mut out, t).expect("write to Vec"),
+            }
+        }
+        out.extend_from_slice(b"},\"quality\":{");
+        for (i, (key, (_, q))) in self.keys.iter().zip(&record.fields).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(key);
+            if q.is_good() {
+                out.extend_from_slice(b"\"good\"");
+            } else {
+                write!(out, "\"{q}\"").expect("write to Vec");
+            }
+        }
+        out.extend_from_slice(b"}}");
+        out
+    }
+}
+
+/// One record of `product` (see [`RecordEncoder`]; build one per product when encoding many).
 pub fn encode_record(product: &ProductPlan, record: &Record) -> Vec<u8> {
-    use std::io::Write;
-    let mut out = Vec::with_capacity(48 + product.fields.len() * 48);
-    out.extend_from_slice(b"{\"ts\":\"");
-    out.extend_from_slice(format_rfc3339_millis(record.ts).as_bytes());
-    out.extend_from_slice(b"\",\"fields\":{");
-    for (i, (f, (v, _))) in product.fields.iter().zip(&record.fields).enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut out, &f.name).expect("write to Vec");
-        out.push(b':');
-        match v {
-            None => out.extend_from_slice(b"null"),
-            Some(Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-            Some(Value::Int(x)) => write!(out, "{x}").expect("write to Vec"),
-            Some(Value::UInt(x)) => write!(out, "{x}").expect("write to Vec"),
-            Some(Value::Float(x)) if x.is_finite() => serde_json::to_writer(&mut out, x).expect("write to Vec"),
-            Some(Value::Float(_)) => out.extend_from_slice(b"null"),
-            Some(Value::Text(t)) => serde_json::to_writer(&mut out, t).expect("write to Vec"),
-        }
-    }
-    out.extend_from_slice(b"},\"quality\":{");
-    for (i, (f, (_, q))) in product.fields.iter().zip(&record.fields).enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut out, &f.name).expect("write to Vec");
-        write!(out, ":\"{q}\"").expect("write to Vec");
-    }
-    out.extend_from_slice(b"}}");
-    out
+    RecordEncoder::new(product).encode(record)
 }
 
 /// The product message around stored records.

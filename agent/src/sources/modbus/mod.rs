@@ -88,11 +88,16 @@ impl ModbusSource {
     }
 
     async fn connect(&self) -> Result<Context, String> {
-        let addr: SocketAddr = match tokio::net::lookup_host(&self.device.address).await {
-            Ok(mut addrs) => addrs
-                .next()
-                .ok_or_else(|| format!("{} resolves to no address", self.device.address))?,
-            Err(e) => return Err(format!("cannot resolve {}: {e}", self.device.address)),
+        // A literal address needs no resolver (which would run on tokio's blocking pool).
+        let literal = self.device.address.parse::<SocketAddr>().ok();
+        let addr: SocketAddr = match literal {
+            Some(a) => a,
+            None => match tokio::net::lookup_host(&self.device.address).await {
+                Ok(mut addrs) => addrs
+                    .next()
+                    .ok_or_else(|| format!("{} resolves to no address", self.device.address))?,
+                Err(e) => return Err(format!("cannot resolve {}: {e}", self.device.address)),
+            },
         };
         match timeout(
             self.device.timeout,
