@@ -12,6 +12,8 @@ pub enum Value {
     UInt(u64),
     Float(f64),
     Text(String),
+    /// A one-dimensional array (OPC UA arrays).
+    Array(Vec<Value>),
 }
 
 impl Value {
@@ -22,7 +24,7 @@ impl Value {
             Value::Int(i) => Some(*i as f64),
             Value::UInt(u) => Some(*u as f64),
             Value::Float(f) => Some(*f),
-            Value::Text(_) => None,
+            Value::Text(_) | Value::Array(_) => None,
         }
     }
 
@@ -34,6 +36,7 @@ impl Value {
             Value::UInt(u) => (*u).into(),
             Value::Float(f) => serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into),
             Value::Text(s) => s.as_str().into(),
+            Value::Array(items) => serde_json::Value::Array(items.iter().map(Value::to_json).collect()),
         }
     }
 }
@@ -46,7 +49,19 @@ impl fmt::Display for Value {
             Value::UInt(u) => write!(f, "{u}"),
             Value::Float(x) => write!(f, "{x}"),
             Value::Text(s) => write!(f, "{s:?}"),
+            Value::Array(items) => write!(f, "[{} items]", items.len()),
         }
+    }
+}
+
+/// The wire form of a quality (`good`, `stale`, `bad:<reason>`, `uncertain:<reason>`), with OPC UA
+/// status codes by name (`bad:opcua_BadNodeIdUnknown`).
+pub fn quality_text(q: Quality) -> String {
+    let name = |code: u32| opcua::types::StatusCode::from(code).sub_code().name();
+    match q {
+        Quality::Bad(BadReason::OpcUa(code)) => format!("bad:opcua_{}", name(code)),
+        Quality::Uncertain(BadReason::OpcUa(code)) => format!("uncertain:opcua_{}", name(code)),
+        q => q.to_string(),
     }
 }
 

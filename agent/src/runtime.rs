@@ -10,7 +10,7 @@ use crate::config::{MqttVersion, Plan, UpstreamPlan};
 use crate::map::Mapper;
 use crate::model::now_millis;
 use crate::publish::{envelope, link::LinkOptions, Announced, PublishStats, Publisher};
-use crate::sources::{modbus::ModbusSource, DeviceStats};
+use crate::sources::{modbus::ModbusSource, opcua::OpcUaSource, DeviceStats};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -44,6 +44,11 @@ pub enum RunError {
     },
     #[error("embedded broker: {0}")]
     Broker(String),
+}
+
+/// The OPC UA ApplicationUri of this agent (also in its application instance certificate).
+pub fn application_uri(plan: &Plan) -> String {
+    format!("urn:plantmesh:{}:{}", plan.agent.site, plan.agent.id)
 }
 
 /// Default upstream settings for the embedded broker.
@@ -167,6 +172,20 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     for (i, d) in plan.devices.iter().enumerate() {
         let stats = Arc::new(DeviceStats::default());
         device_stats.push(stats.clone());
+        if d.opcua.is_some() {
+            let src = OpcUaSource {
+                index: i,
+                device: d.clone(),
+                tags: tags.clone(),
+                stats,
+                out: batch_tx.clone(),
+                shutdown: shutdown.clone(),
+                pki_dir: plan.agent.data_dir.join("pki"),
+                application_uri: application_uri(&plan),
+            };
+            sources.push(tokio::spawn(src.run()));
+            continue;
+        }
         let src = ModbusSource {
             index: i,
             device: d.clone(),

@@ -18,6 +18,8 @@ pub enum Quality {
     Bad(BadReason),
     /// The last good value is older than the source's freshness limit.
     Stale,
+    /// A value the source itself marks as uncertain (OPC UA `Uncertain*` status codes).
+    Uncertain(BadReason),
 }
 
 /// Why a reading is bad.
@@ -36,6 +38,8 @@ pub enum BadReason {
     Crc,
     /// The source has not delivered a value for this tag yet.
     NoValue,
+    /// An OPC UA StatusCode (the full 32-bit code).
+    OpcUa(u32),
 }
 
 impl Quality {
@@ -52,6 +56,7 @@ impl fmt::Display for Quality {
             Quality::Good => f.write_str("good"),
             Quality::Stale => f.write_str("stale"),
             Quality::Bad(reason) => write!(f, "bad:{reason}"),
+            Quality::Uncertain(reason) => write!(f, "uncertain:{reason}"),
         }
     }
 }
@@ -71,6 +76,7 @@ impl fmt::Display for BadReason {
             BadReason::Decode => f.write_str("decode"),
             BadReason::Crc => f.write_str("crc"),
             BadReason::NoValue => f.write_str("no_value"),
+            BadReason::OpcUa(code) => write!(f, "opcua_0x{code:08x}"),
         }
     }
 }

@@ -107,6 +107,54 @@ pub struct DevicePlan {
     pub max_bits_per_read: u16,
     /// Indexes into [`Plan::tags`].
     pub tags: Vec<usize>,
+    /// Set for OPC UA devices (then `address` holds the endpoint URL and the Modbus fields are unused).
+    pub opcua: Option<OpcUaDevicePlan>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpcUaSecurityMode {
+    None,
+    Sign,
+    SignAndEncrypt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpcUaIdentity {
+    Anonymous,
+    UserName { user: String, password: SecretRef },
+    X509 { cert: PathBuf, key: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct OpcUaDevicePlan {
+    pub endpoint: String,
+    /// OPC UA security policy name as in the spec, e.g. `Aes256_Sha256_RsaPss`, `None`.
+    pub security_policy: String,
+    pub security_mode: OpcUaSecurityMode,
+    pub identity: OpcUaIdentity,
+    pub publishing_interval: Duration,
+    /// Read service every `poll_interval` instead of a subscription.
+    pub polling: bool,
+    /// Record time from the server timestamp instead of the source timestamp.
+    pub server_timestamp: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Deadband {
+    Absolute(f64),
+    Percent(f64),
+}
+
+#[derive(Debug, Clone)]
+pub struct OpcUaTagPlan {
+    /// The NodeId as written (with `ns=` unless `namespace_uri` is set).
+    pub node_id: String,
+    pub namespace_uri: Option<String>,
+    pub sampling_interval: Duration,
+    pub queue_size: u32,
+    pub deadband: Option<Deadband>,
+    /// The OPC UA built-in type name the tag is declared with.
+    pub type_name: String,
 }
 
 /// The four Modbus data tables.
@@ -135,8 +183,10 @@ pub enum DataType {
     I64,
     F32,
     F64,
-    /// Fixed length in registers.
+    /// Fixed length in registers (Modbus); any text (OPC UA).
     Text(u16),
+    /// A one-dimensional array (OPC UA).
+    Array,
 }
 
 impl DataType {
@@ -147,6 +197,7 @@ impl DataType {
             DataType::U32 | DataType::I32 | DataType::F32 => 2,
             DataType::U64 | DataType::I64 | DataType::F64 => 4,
             DataType::Text(n) => n,
+            DataType::Array => 0,
         }
     }
 }
@@ -184,6 +235,8 @@ pub struct TagPlan {
     pub bit: Option<u8>,
     pub scale: f64,
     pub offset: f64,
+    /// Set for OPC UA tags (then the Modbus fields are unused).
+    pub opcua: Option<OpcUaTagPlan>,
 }
 
 impl TagPlan {
@@ -203,6 +256,7 @@ pub enum LogicalType {
     Integer,
     Boolean,
     String,
+    Array,
 }
 
 impl LogicalType {
@@ -212,6 +266,7 @@ impl LogicalType {
             LogicalType::Integer => "integer",
             LogicalType::Boolean => "boolean",
             LogicalType::String => "string",
+            LogicalType::Array => "array",
         }
     }
 }

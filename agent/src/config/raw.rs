@@ -84,10 +84,33 @@ pub struct Buffer {
 pub struct Device {
     /// Device id, unique in the gateway file; tags are referenced as `<device>.<tag>`.
     pub id: Spanned<String>,
-    /// `modbus_tcp`.
+    /// `modbus_tcp` or `opcua`.
     pub protocol: Spanned<String>,
-    /// `host:port` of the Modbus TCP server.
-    pub address: Spanned<String>,
+    /// Modbus: `host:port` of the Modbus TCP server.
+    pub address: Option<Spanned<String>>,
+    /// OPC UA: `opc.tcp://host:port[/path]`.
+    pub endpoint: Option<Spanned<String>>,
+    /// OPC UA: `Aes256_Sha256_RsaPss` (default), `Aes128_Sha256_RsaOaep`, `Basic256Sha256`, `None`.
+    pub security_policy: Option<Spanned<String>>,
+    /// OPC UA: `SignAndEncrypt` (default), `Sign`, `None`.
+    pub security_mode: Option<Spanned<String>>,
+    /// OPC UA: `anonymous` (default), `username`, `x509`.
+    pub identity: Option<Spanned<String>>,
+    /// OPC UA `username` identity.
+    pub username: Option<String>,
+    /// Never allowed: secrets are read from a file or the environment.
+    pub password: Option<Spanned<toml::Value>>,
+    pub password_file: Option<String>,
+    pub password_env: Option<String>,
+    /// OPC UA `x509` identity: user certificate (DER or PEM) and private key.
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    /// OPC UA: subscription publishing interval; default 1s.
+    pub publishing_interval: Option<Spanned<ConfigDuration>>,
+    /// OPC UA: `subscription` (default) or `polling` (Read service every poll_interval).
+    pub mode: Option<Spanned<String>>,
+    /// OPC UA: record time from the `source` (default) or `server` timestamp.
+    pub timestamps: Option<Spanned<String>>,
     /// Default unit id for the device's tags (0..=255); default 1.
     pub unit_id: Option<Spanned<u32>>,
     /// Time between polls; default 1s.
@@ -109,11 +132,27 @@ pub struct Device {
 pub struct Tag {
     /// Tag name, unique in the device.
     pub name: Spanned<String>,
-    /// `holding`, `input`, `coil` or `discrete_input`.
-    pub table: Spanned<String>,
-    /// Zero-based protocol address (0..=65535).
-    pub address: Spanned<i64>,
-    /// Value type: bool, u16, i16, u32, i32, u64, i64, f32, f64, string. Default: bool for bit tables, u16 otherwise.
+    /// Modbus: `holding`, `input`, `coil` or `discrete_input`.
+    pub table: Option<Spanned<String>>,
+    /// Modbus: zero-based protocol address (0..=65535).
+    pub address: Option<Spanned<i64>>,
+    /// OPC UA: NodeId, e.g. `ns=2;s=Oven.Zone1`, `i=2258`, `ns=1;g=...`, `ns=1;b=...`. With
+    /// `namespace_uri`, write it without `ns=`.
+    pub node_id: Option<Spanned<String>>,
+    /// OPC UA: namespace URI, resolved to its index at every connect (indexes can change).
+    pub namespace_uri: Option<String>,
+    /// OPC UA: sampling interval; default: the device's publishing interval.
+    pub sampling_interval: Option<Spanned<ConfigDuration>>,
+    /// OPC UA: server-side queue size; default 1.
+    pub queue_size: Option<Spanned<i64>>,
+    /// OPC UA: data change deadband value, with `deadband_type` `absolute` (default) or `percent`.
+    pub deadband: Option<Spanned<f64>>,
+    pub deadband_type: Option<Spanned<String>>,
+    /// OPC UA: the value is a one-dimensional array.
+    pub array: Option<bool>,
+    /// Modbus value type: bool, u16, i16, u32, i32, u64, i64, f32, f64, string. Default: bool for bit
+    /// tables, u16 otherwise. OPC UA: the built-in type name (Boolean, SByte, Byte, Int16, UInt16,
+    /// Int32, UInt32, Int64, UInt64, Float, Double, String, DateTime, ByteString, ...); default Double.
     #[serde(rename = "type")]
     pub data_type: Option<Spanned<String>>,
     /// ABCD (big endian), CDAB (word swap), BADC (byte swap), DCBA (little endian); default ABCD.

@@ -327,8 +327,39 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             let msg = format!("duplicate device id `{}`", d.id.get_ref());
             cx.err(&d.id, format!("{key}.id"), msg);
         }
-        cx.choice(&d.protocol, &format!("{key}.protocol"), &[("modbus_tcp", ())]);
-        let address = d.address.get_ref().clone();
+        let Some(is_opcua) = cx.choice(
+            &d.protocol,
+            &format!("{key}.protocol"),
+            &[("modbus_tcp", false), ("opcua", true)],
+        ) else {
+            continue;
+        };
+        if is_opcua {
+            if let Some(plan) = opcua_device(cx, &d, &key, di, &base, &mut tags, &mut declared) {
+                devices.push(plan);
+            }
+            continue;
+        }
+        let opcua_only: [(&str, Option<std::ops::Range<usize>>); 8] = [
+            ("endpoint", d.endpoint.as_ref().map(Spanned::span)),
+            ("security_policy", d.security_policy.as_ref().map(Spanned::span)),
+            ("security_mode", d.security_mode.as_ref().map(Spanned::span)),
+            ("identity", d.identity.as_ref().map(Spanned::span)),
+            ("publishing_interval", d.publishing_interval.as_ref().map(Spanned::span)),
+            ("mode", d.mode.as_ref().map(Spanned::span)),
+            ("timestamps", d.timestamps.as_ref().map(Spanned::span)),
+            ("password", d.password.as_ref().map(Spanned::span)),
+        ];
+        not_for(cx, &opcua_only, &key, "modbus_tcp");
+        let Some(address_s) = &d.address else {
+            cx.err(
+                &d.protocol,
+                format!("{key}.address"),
+                "a modbus_tcp device needs `address` (host:port)",
+            );
+            continue;
+        };
+        let address = address_s.get_ref().clone();
         let address = if address
             .rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
@@ -338,7 +369,7 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             format!("{address}:502")
         } else {
             let msg = format!("`{address}` is not host:port");
-            cx.err(&d.address, format!("{key}.address"), msg).help = Some("e.g. \"192.168.10.5:502\"".into());
+            cx.err(address_s, format!("{key}.address"), msg).help = Some("e.g. \"192.168.10.5:502\"".into());
             address
         };
         let unit_id = d
@@ -378,6 +409,7 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             max_registers_per_read: max_regs,
             max_bits_per_read: max_bits,
             tags: Vec::new(),
+            opcua: None,
         };
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut spans: Vec<(usize, std::ops::Range<usize>, String)> = Vec::new();
@@ -389,8 +421,17 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
                 let msg = format!("duplicate tag name `{}` in device `{}`", t.name.get_ref(), plan.id);
                 cx.err(&t.name, format!("{key}.name"), msg);
             }
+            let opcua_only: [(&str, Option<std::ops::Range<usize>>); 5] = [
+                ("node_id", t.node_id.as_ref().map(Spanned::span)),
+                ("sampling_interval", t.sampling_interval.as_ref().map(Spanned::span)),
+                ("queue_size", t.queue_size.as_ref().map(Spanned::span)),
+                ("deadband", t.deadband.as_ref().map(Spanned::span)),
+                ("deadband_type", t.deadband_type.as_ref().map(Spanned::span)),
+            ];
+            not_for(cx, &opcua_only, &key, "modbus_tcp");
             if let Some(tag) = tag_plan(cx, &t, &key, di, unit_id, max_regs) {
-                spans.push((tags.len(), t.address.span(), format!("{key}.address")));
+                let span = t.address.as_ref().map_or(0..0, Spanned::span);
+                spans.push((tags.len(), span, format!("{key}.address")));
                 plan.tags.push(tags.len());
                 tags.push(tag);
             }
@@ -403,8 +444,12 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
 
 fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, max_regs: u16) -> Option<TagPlan> {
     use DataType::*;
+    let (Some(table_s), Some(address_s)) = (&t.table, &t.address) else {
+        cx.err(&t.name, key.to_string(), "a modbus_tcp tag needs `table` and `address`");
+        return None;
+    };
     let table = cx.choice(
-        &t.table,
+        table_s,
         &format!("{key}.table"),
         &[
             ("holding", Table::Holding),
@@ -413,7 +458,7 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
             ("discrete_input", Table::DiscreteInput),
         ],
     )?;
-    let address = cx.range(&t.address, &format!("{key}.address"), 0, 65_535)? as u16;
+    let address = cx.range(address_s, &format!("{key}.address"), 0, 65_535)? as u16;
     let type_options: [(&str, DataType); 10] = [
         ("bool", Bool),
         ("u16", U16),
@@ -533,10 +578,11 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
         bit,
         scale,
         offset: t.offset.unwrap_or(0.0),
+        opcua: None,
     };
     if u32::from(address) + u32::from(plan.width()) > 65_536 {
         cx.err(
-            &t.address,
+            address_s,
             format!("{key}.address"),
             format!(
                 "the value ends past address 65535 ({} registers from {address})",
@@ -811,6 +857,7 @@ fn product_plan(
         let natural = match t.data_type {
             DataType::Bool => LogicalType::Boolean,
             DataType::Text(_) => LogicalType::String,
+            DataType::Array => LogicalType::Array,
             DataType::F32 | DataType::F64 => LogicalType::Number,
             _ if identity => LogicalType::Integer,
             _ => LogicalType::Number,
@@ -826,6 +873,7 @@ fn product_plan(
                         ("integer", LogicalType::Integer),
                         ("boolean", LogicalType::Boolean),
                         ("string", LogicalType::String),
+                        ("array", LogicalType::Array),
                     ],
                 )?;
                 let compatible = lt == natural || (lt == LogicalType::Number && natural == LogicalType::Integer);
@@ -841,7 +889,9 @@ fn product_plan(
                 lt
             }
         };
-        if (f.scale.is_some() || f.offset.is_some()) && matches!(natural, LogicalType::Boolean | LogicalType::String) {
+        if (f.scale.is_some() || f.offset.is_some())
+            && matches!(natural, LogicalType::Boolean | LogicalType::String | LogicalType::Array)
+        {
             cx.err(
                 &f.name,
                 format!("{key}.scale"),
@@ -889,4 +939,344 @@ fn product_plan(
         topic,
         file: cx.src.path.to_path_buf(),
     })
+}
+
+/// Reports keys that were written but do not apply to the device's protocol.
+fn not_for(cx: &mut Ctx, keys: &[(&str, Option<std::ops::Range<usize>>)], key: &str, protocol: &str) {
+    for (name, span) in keys {
+        if let Some(span) = span {
+            let d = cx.src.at(
+                span.clone(),
+                format!("{key}.{name}"),
+                format!("`{name}` does not apply to {protocol} devices"),
+            );
+            cx.problems.push(d);
+        }
+    }
+}
+
+/// The OPC UA security policies plantmesh offers, by their names in the OPC UA specification.
+const OPCUA_POLICIES: [&str; 4] = [
+    "Aes256_Sha256_RsaPss",
+    "Aes128_Sha256_RsaOaep",
+    "Basic256Sha256",
+    "None",
+];
+
+/// OPC UA built-in types a tag may be declared with, and the value type each gives.
+const OPCUA_TYPES: [(&str, DataType); 17] = [
+    ("Boolean", DataType::Bool),
+    ("SByte", DataType::I64),
+    ("Byte", DataType::U64),
+    ("Int16", DataType::I64),
+    ("UInt16", DataType::U64),
+    ("Int32", DataType::I64),
+    ("UInt32", DataType::U64),
+    ("Int64", DataType::I64),
+    ("UInt64", DataType::U64),
+    ("Float", DataType::F64),
+    ("Double", DataType::F64),
+    ("String", DataType::Text(0)),
+    ("DateTime", DataType::Text(0)),
+    ("ByteString", DataType::Text(0)),
+    ("Guid", DataType::Text(0)),
+    ("LocalizedText", DataType::Text(0)),
+    ("StatusCode", DataType::U64),
+];
+
+fn opcua_device(
+    cx: &mut Ctx,
+    d: &raw::Device,
+    key: &str,
+    di: usize,
+    base: &Path,
+    tags: &mut Vec<TagPlan>,
+    declared: &mut HashSet<String>,
+) -> Option<DevicePlan> {
+    let modbus_only: [(&str, Option<std::ops::Range<usize>>); 5] = [
+        ("address", d.address.as_ref().map(Spanned::span)),
+        ("unit_id", d.unit_id.as_ref().map(Spanned::span)),
+        ("max_gap", d.max_gap.as_ref().map(Spanned::span)),
+        (
+            "max_registers_per_read",
+            d.max_registers_per_read.as_ref().map(Spanned::span),
+        ),
+        ("max_bits_per_read", d.max_bits_per_read.as_ref().map(Spanned::span)),
+    ];
+    not_for(cx, &modbus_only, key, "opcua");
+    let Some(endpoint) = &d.endpoint else {
+        cx.err(
+            &d.protocol,
+            format!("{key}.endpoint"),
+            "an opcua device needs `endpoint` (opc.tcp://host:port[/path])",
+        );
+        return None;
+    };
+    let url = endpoint.get_ref();
+    let host_port = url
+        .strip_prefix("opc.tcp://")
+        .map(|r| r.split('/').next().unwrap_or_default());
+    if !host_port.is_some_and(|hp| {
+        hp.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+    }) {
+        cx.err(
+            endpoint,
+            format!("{key}.endpoint"),
+            format!("`{url}` is not an OPC UA endpoint URL"),
+        )
+        .help = Some("write opc.tcp://host:port[/path], e.g. \"opc.tcp://10.0.0.5:4840\"".into());
+    }
+    let policy = match &d.security_policy {
+        None => "Aes256_Sha256_RsaPss".to_string(),
+        Some(p) => {
+            let options: Vec<(&str, &str)> = OPCUA_POLICIES.iter().map(|p| (*p, *p)).collect();
+            cx.choice(p, &format!("{key}.security_policy"), &options)?.to_string()
+        }
+    };
+    let default_mode = if policy == "None" {
+        OpcUaSecurityMode::None
+    } else {
+        OpcUaSecurityMode::SignAndEncrypt
+    };
+    let mode = match &d.security_mode {
+        None => default_mode,
+        Some(m) => cx.choice(
+            m,
+            &format!("{key}.security_mode"),
+            &[
+                ("SignAndEncrypt", OpcUaSecurityMode::SignAndEncrypt),
+                ("Sign", OpcUaSecurityMode::Sign),
+                ("None", OpcUaSecurityMode::None),
+            ],
+        )?,
+    };
+    if (policy == "None") != (mode == OpcUaSecurityMode::None) {
+        let at = d
+            .security_mode
+            .as_ref()
+            .or(d.security_policy.as_ref())
+            .unwrap_or(endpoint);
+        cx.err(
+            at,
+            format!("{key}.security_mode"),
+            "security_policy `None` goes with security_mode `None`, and only with it",
+        );
+    }
+    if let Some(p) = &d.password {
+        cx.err(
+            p,
+            format!("{key}.password"),
+            "inline secret: `password` is not allowed in config",
+        )
+        .help = Some("put the password in a file (password_file) or the environment (password_env)".into());
+    }
+    let identity = match d.identity.as_ref().map(|i| {
+        cx.choice(
+            i,
+            &format!("{key}.identity"),
+            &[("anonymous", 0), ("username", 1), ("x509", 2)],
+        )
+    }) {
+        None => OpcUaIdentity::Anonymous,
+        Some(None) => return None,
+        Some(Some(0)) => OpcUaIdentity::Anonymous,
+        Some(Some(1)) => {
+            let password = match (&d.password_file, &d.password_env) {
+                (Some(f), None) => SecretRef::File(base.join(f)),
+                (None, Some(e)) => SecretRef::Env(e.clone()),
+                _ => {
+                    let i = d.identity.as_ref().expect("identity was written");
+                    cx.err(
+                        i,
+                        format!("{key}.identity"),
+                        "identity `username` needs `username` and one of `password_file`, `password_env`",
+                    );
+                    return None;
+                }
+            };
+            let Some(user) = d.username.clone() else {
+                let i = d.identity.as_ref().expect("identity was written");
+                cx.err(i, format!("{key}.username"), "identity `username` needs `username`");
+                return None;
+            };
+            OpcUaIdentity::UserName { user, password }
+        }
+        Some(Some(_)) => match (&d.cert_file, &d.key_file) {
+            (Some(c), Some(k)) => OpcUaIdentity::X509 {
+                cert: base.join(c),
+                key: base.join(k),
+            },
+            _ => {
+                let i = d.identity.as_ref().expect("identity was written");
+                cx.err(
+                    i,
+                    format!("{key}.identity"),
+                    "identity `x509` needs `cert_file` and `key_file`",
+                );
+                return None;
+            }
+        },
+    };
+    let publishing_interval = d.publishing_interval.as_ref().map_or(Duration::from_secs(1), |v| {
+        cx.range(&secs(v), &format!("{key}.publishing_interval"), 0.01, 3600.0);
+        v.get_ref().0
+    });
+    let polling = match &d.mode {
+        None => false,
+        Some(m) => cx.choice(m, &format!("{key}.mode"), &[("subscription", false), ("polling", true)])?,
+    };
+    let server_timestamp = match &d.timestamps {
+        None => false,
+        Some(m) => cx.choice(m, &format!("{key}.timestamps"), &[("source", false), ("server", true)])?,
+    };
+    let poll_interval = d.poll_interval.as_ref().map_or(Duration::from_secs(1), |v| {
+        cx.range(&secs(v), &format!("{key}.poll_interval"), 0.01, 86_400.0);
+        v.get_ref().0
+    });
+    let timeout = d.timeout.as_ref().map_or(Duration::from_secs(5), |v| {
+        cx.range(&secs(v), &format!("{key}.timeout"), 0.1, 120.0);
+        v.get_ref().0
+    });
+    let mut plan = DevicePlan {
+        id: d.id.get_ref().clone(),
+        address: url.clone(),
+        poll_interval,
+        timeout,
+        max_gap_registers: 0,
+        max_gap_bits: 0,
+        max_registers_per_read: 0,
+        max_bits_per_read: 0,
+        tags: Vec::new(),
+        opcua: Some(OpcUaDevicePlan {
+            endpoint: url.clone(),
+            security_policy: policy,
+            security_mode: mode,
+            identity,
+            publishing_interval,
+            polling,
+            server_timestamp,
+        }),
+    };
+    let mut names = HashSet::new();
+    for (ti, t) in d.tags.iter().enumerate() {
+        let key = format!("{key}.tags[{ti}]");
+        cx.name(&t.name, &format!("{key}.name"), false);
+        declared.insert(format!("{}.{}", d.id.get_ref(), t.name.get_ref()));
+        if !names.insert(t.name.get_ref().clone()) {
+            let msg = format!("duplicate tag name `{}` in device `{}`", t.name.get_ref(), plan.id);
+            cx.err(&t.name, format!("{key}.name"), msg);
+        }
+        let modbus_only: [(&str, Option<std::ops::Range<usize>>); 6] = [
+            ("table", t.table.as_ref().map(Spanned::span)),
+            ("address", t.address.as_ref().map(Spanned::span)),
+            ("byte_order", t.byte_order.as_ref().map(Spanned::span)),
+            ("bit", t.bit.as_ref().map(Spanned::span)),
+            ("length", t.length.as_ref().map(Spanned::span)),
+            ("unit_id", t.unit_id.as_ref().map(Spanned::span)),
+        ];
+        not_for(cx, &modbus_only, &key, "opcua");
+        let Some(node) = &t.node_id else {
+            cx.err(
+                &t.name,
+                format!("{key}.node_id"),
+                "an opcua tag needs `node_id`, e.g. \"ns=2;s=Oven.Zone1\"",
+            );
+            continue;
+        };
+        let text = node.get_ref();
+        if t.namespace_uri.is_some() && text.starts_with("ns=") {
+            cx.err(
+                node,
+                format!("{key}.node_id"),
+                "with `namespace_uri`, write the NodeId without `ns=`",
+            );
+            continue;
+        }
+        if text.parse::<opcua::types::NodeId>().is_err() {
+            cx.err(node, format!("{key}.node_id"), format!("`{text}` is not a NodeId")).help =
+                Some("forms: i=2258, ns=2;s=Oven.Zone1, ns=1;g=09087e75-8e5e-499b-954f-f2a9603db28a, ns=1;b=M/RbKBsRVkePCePcx24oRA==".into());
+            continue;
+        }
+        let (type_name, data_type) = match &t.data_type {
+            None => ("Double".to_string(), DataType::F64),
+            Some(ty) => {
+                let Some((n, dt)) = cx.choice(ty, &format!("{key}.type"), &OPCUA_TYPES.map(|(n, dt)| (n, (n, dt))))
+                else {
+                    continue;
+                };
+                (n.to_string(), dt)
+            }
+        };
+        let deadband = match (&t.deadband, &t.deadband_type) {
+            (None, None) => None,
+            (None, Some(dt)) => {
+                cx.err(dt, format!("{key}.deadband_type"), "`deadband_type` needs `deadband`");
+                None
+            }
+            (Some(v), dt) => {
+                let x = *v.get_ref();
+                if !(x.is_finite() && x >= 0.0) {
+                    cx.err(v, format!("{key}.deadband"), "deadband must be a finite number >= 0");
+                }
+                match dt {
+                    None => Some(Deadband::Absolute(x)),
+                    Some(dt) => match cx.choice(
+                        dt,
+                        &format!("{key}.deadband_type"),
+                        &[("absolute", false), ("percent", true)],
+                    ) {
+                        Some(true) if x > 100.0 => {
+                            cx.err(v, format!("{key}.deadband"), "a percent deadband is at most 100");
+                            None
+                        }
+                        Some(true) => Some(Deadband::Percent(x)),
+                        Some(false) => Some(Deadband::Absolute(x)),
+                        None => None,
+                    },
+                }
+            }
+        };
+        let queue_size = t
+            .queue_size
+            .as_ref()
+            .and_then(|q| cx.range(q, &format!("{key}.queue_size"), 1, 10_000))
+            .unwrap_or(1) as u32;
+        let sampling_interval = t.sampling_interval.as_ref().map_or(publishing_interval, |v| {
+            cx.range(&secs(v), &format!("{key}.sampling_interval"), 0.0, 3600.0);
+            v.get_ref().0
+        });
+        let numeric = matches!(data_type, DataType::I64 | DataType::U64 | DataType::F64);
+        let is_array = t.array.unwrap_or(false);
+        let scale = match &t.scale {
+            Some(s) if !numeric || is_array => {
+                cx.err(s, format!("{key}.scale"), "scale applies only to numeric scalar tags");
+                continue;
+            }
+            Some(s) => *s.get_ref(),
+            None => 1.0,
+        };
+        plan.tags.push(tags.len());
+        tags.push(TagPlan {
+            device: di,
+            name: t.name.get_ref().clone(),
+            unit_id: 0,
+            table: Table::Holding,
+            address: 0,
+            data_type: if is_array { DataType::Array } else { data_type },
+            byte_order: ByteOrder::Abcd,
+            bit: None,
+            scale,
+            offset: t.offset.unwrap_or(0.0),
+            opcua: Some(OpcUaTagPlan {
+                node_id: text.clone(),
+                namespace_uri: t.namespace_uri.clone(),
+                sampling_interval,
+                queue_size,
+                deadband,
+                type_name,
+            }),
+        });
+    }
+    Some(plan)
 }

@@ -144,6 +144,7 @@ fn convert(field: &FieldPlan, v: &Value) -> Option<Value> {
     match field.logical_type {
         LogicalType::Boolean => matches!(v, Value::Bool(_)).then(|| v.clone()),
         LogicalType::String => matches!(v, Value::Text(_)).then(|| v.clone()),
+        LogicalType::Array => matches!(v, Value::Array(_)).then(|| v.clone()),
         LogicalType::Integer if identity => match v {
             Value::Int(_) | Value::UInt(_) => Some(v.clone()),
             _ => None,

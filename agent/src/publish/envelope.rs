@@ -47,6 +47,7 @@ impl RecordEncoder {
                 Some(Value::Float(x)) if x.is_finite() => serde_json::to_writer(&mut out, x).expect("write to Vec"),
                 Some(Value::Float(_)) => out.extend_from_slice(b"null"),
                 Some(Value::Text(t)) => serde_json::to_writer(&mut out, t).expect("write to Vec"),
+                Some(v @ Value::Array(_)) => serde_json::to_writer(&mut out, &v.to_json()).expect("write to Vec"),
             }
         }
         out.extend_from_slice(b"},\"quality\":{");
@@ -58,7 +59,7 @@ impl RecordEncoder {
             if q.is_good() {
                 out.extend_from_slice(b"\"good\"");
             } else {
-                write!(out, "\"{q}\"").expect("write to Vec");
+                write!(out, "\"{}\"", crate::model::quality_text(*q)).expect("write to Vec");
             }
         }
         out.extend_from_slice(b"}}");
@@ -134,19 +135,31 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                 Table::Holding => "holding",
                 Table::Input => "input",
             };
-            json!({
-                "name": f.name,
-                "logicalType": f.logical_type.as_str(),
-                "unit": f.unit,
-                "description": f.description,
-                "lineage": {
+            let lineage = match &t.opcua {
+                Some(o) => json!({
+                    "device": plan.devices[t.device].id,
+                    "tag": t.name,
+                    "protocol": "opcua",
+                    "endpoint": plan.devices[t.device].address,
+                    "node_id": o.node_id,
+                    "namespace_uri": o.namespace_uri,
+                    "type": o.type_name,
+                }),
+                None => json!({
                     "device": plan.devices[t.device].id,
                     "tag": t.name,
                     "protocol": "modbus_tcp",
                     "unit_id": t.unit_id,
                     "table": table,
                     "address": t.address,
-                },
+                }),
+            };
+            json!({
+                "name": f.name,
+                "logicalType": f.logical_type.as_str(),
+                "unit": f.unit,
+                "description": f.description,
+                "lineage": lineage,
             })
         })
         .collect();

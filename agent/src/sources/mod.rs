@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod modbus;
+pub mod opcua;
 
 use crate::model::ReadingBatch;
 use std::sync::atomic::{AtomicU64, Ordering};

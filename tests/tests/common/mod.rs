@@ -381,6 +381,14 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- last lines of the agent log ({}) ---", self.stderr.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -394,5 +402,77 @@ pub fn write_config(dir: &Path, gateway: &str, products: &[(&str, &str)]) {
     std::fs::write(dir.join("agent.toml"), gateway).unwrap();
     for (name, text) in products {
         std::fs::write(dir.join("products").join(format!("{name}.toml")), text).unwrap();
+    }
+}
+
+/// The python asyncua OPC UA server (tests/peers/opcua_server.py).
+pub struct PyOpcUa {
+    child: Option<Child>,
+    pub port: u16,
+    pub lines: Lines,
+    spec: tempfile::NamedTempFile,
+}
+
+impl PyOpcUa {
+    pub fn start(spec: &serde_json::Value) -> PyOpcUa {
+        let spec_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(spec_file.path(), spec.to_string()).unwrap();
+        let mut s = PyOpcUa {
+            child: None,
+            port: free_port(),
+            lines: Lines::default(),
+            spec: spec_file,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        self.lines = Lines::default();
+        let mut child = Command::new(python())
+            .arg(repo_root().join("tests/peers/opcua_server.py"))
+            .arg(self.port.to_string())
+            .arg(self.spec.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.lines.follow(child.stdout.take().unwrap());
+        self.child = Some(child);
+        let l = self.lines.clone();
+        wait_for("the OPC UA server", Duration::from_secs(30), || {
+            l.snapshot().iter().any(|x| x.starts_with("READY"))
+        });
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("opc.tcp://127.0.0.1:{}/plantmesh/test", self.port)
+    }
+
+    /// SIGKILL, as a crash or power cut would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// The latest `(subscriptions, sessions)` the server reported.
+    pub fn counts(&self) -> Option<(usize, usize)> {
+        self.lines.snapshot().iter().rev().find_map(|l| {
+            let mut it = l.strip_prefix("SUBS ")?.split(" SESSIONS ");
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+    }
+}
+
+impl Drop for PyOpcUa {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

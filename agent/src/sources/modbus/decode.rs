@@ -31,6 +31,7 @@ pub fn decode_registers(tag: &TagPlan, regs: &[u16]) -> (Option<Value>, Quality)
     }
     let b = ordered_bytes(regs, tag.byte_order);
     let raw = match tag.data_type {
+        DataType::Array => return (None, Quality::Bad(BadReason::Decode)),
         DataType::Bool => Value::Bool(regs[0] != 0),
         DataType::U16 => Value::UInt(u64::from(u16::from_be_bytes([b[0], b[1]]))),
         DataType::I16 => Value::Int(i64::from(i16::from_be_bytes([b[0], b[1]]))),
@@ -84,6 +85,7 @@ mod tests {
             bit: None,
             scale: 1.0,
             offset: 0.0,
+            opcua: None,
         }
     }
 

@@ -109,6 +109,7 @@ mod tests {
             bit: None,
             scale: 1.0,
             offset: 0.0,
+            opcua: None,
         }
     }
 
@@ -123,6 +124,7 @@ mod tests {
             max_registers_per_read: max_regs,
             max_bits_per_read: 2000,
             tags: (0..n).collect(),
+            opcua: None,
         }
     }
 

@@ -1,0 +1,587 @@
+//! OPC UA source: one session per endpoint; monitored items on one subscription (or the Read service
+//! at the poll interval, for servers with broken subscriptions).
+//!
+//! In: an OPC UA [`DevicePlan`] and its tags. Out: [`ReadingBatch`]es, one per distinct timestamp of
+//! the data changes received together; the record time is the source timestamp (or the server
+//! timestamp when configured). Qualities come from the StatusCode of each value, by name.
+//!
+//! Recovery is ours, not the library's: the session is built with no automatic retry, and every
+//! lost connection or server restart means a new session, namespace URIs resolved again (indexes
+//! change between server restarts), and the subscription and every monitored item created again,
+//! after a jittered backoff. A NodeId the server does not know makes that one tag bad.
+//!
+//! Security: the application instance certificate is created on first start under
+//! `<data_dir>/pki` (one per agent) with the agent's ApplicationUri. Server certificates are never trusted
+//! automatically: an unknown one is stored in `rejected/` and the log gives the `mv` that trusts it.
+
+use super::backoff::Backoff;
+use super::{BatchSender, DeviceStats};
+use crate::config::{Deadband, DevicePlan, OpcUaDevicePlan, OpcUaIdentity, OpcUaSecurityMode, TagPlan};
+use crate::model::{now_millis, BadReason, Millis, Quality, Reading, ReadingBatch, Value};
+use opcua::client::{Client, ClientBuilder, DataChangeCallback, IdentityToken, Password, Session};
+use opcua::crypto::{CertificateStore, SecurityPolicy};
+use opcua::types::{
+    DataChangeFilter, DataChangeTrigger, DataValue, DeadbandType, ExtensionObject, MessageSecurityMode,
+    MonitoredItemCreateRequest, MonitoringMode, MonitoringParameters, NodeId, ReadValueId, StatusCode,
+    TimestampsToReturn, UserTokenPolicy, VariableId, Variant,
+};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+pub struct OpcUaSource {
+    pub index: usize,
+    pub device: DevicePlan,
+    pub tags: Arc<Vec<TagPlan>>,
+    pub stats: Arc<DeviceStats>,
+    pub out: BatchSender,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// This device's PKI directory (own certificate, trusted/, rejected/).
+    pub pki_dir: PathBuf,
+    /// The ApplicationUri of this agent's certificate.
+    pub application_uri: String,
+}
+
+/// How a session ended.
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+impl OpcUaSource {
+    pub async fn run(mut self) {
+        let o = self.device.opcua.clone().expect("an OPC UA device has an OPC UA plan");
+        if o.security_mode == OpcUaSecurityMode::None {
+            warn!(device = %self.device.id, endpoint = %o.endpoint,
+                  "OPC UA security is None: traffic to this server is neither signed nor encrypted");
+        }
+        let mut client = match build_client(&self.device, &o, &self.pki_dir, &self.application_uri) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(device = %self.device.id, error = %e, "cannot set up the OPC UA client");
+                let _ = self.emit_all_bad(BadReason::Disconnected).await;
+                return;
+            }
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut known_rejected = rejected_files(&self.pki_dir);
+        loop {
+            if *self.shutdown.borrow() {
+                return;
+            }
+            let ended = self.session(&mut client, &o, &mut backoff).await;
+            self.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
+            let why = match ended {
+                Ended::Shutdown => return,
+                Ended::Lost(why) => why,
+            };
+            // A server certificate we do not trust lands in rejected/: say exactly how to trust it.
+            for file in rejected_files(&self.pki_dir).difference(&known_rejected) {
+                let trusted = self.pki_dir.join("trusted");
+                error!(device = %self.device.id, endpoint = %o.endpoint, certificate = %file,
+                    "the server's certificate is not trusted; after checking it, trust it with: mv {} {}/",
+                    self.pki_dir.join("rejected").join(file).display(), trusted.display());
+            }
+            known_rejected = rejected_files(&self.pki_dir);
+            DeviceStats::inc(&self.stats.reconnects);
+            let wait = backoff.next_delay();
+            warn!(device = %self.device.id, endpoint = %o.endpoint, reason = %why, retry_in = ?wait, attempt = backoff.attempt(),
+                  "OPC UA session ended");
+            if !self.emit_all_bad(BadReason::Disconnected).await {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn session(&mut self, client: &mut Client, o: &OpcUaDevicePlan, backoff: &mut Backoff) -> Ended {
+        let policy: SecurityPolicy = o.security_policy.parse().unwrap_or(SecurityPolicy::Unknown);
+        let mode = match o.security_mode {
+            OpcUaSecurityMode::None => MessageSecurityMode::None,
+            OpcUaSecurityMode::Sign => MessageSecurityMode::Sign,
+            OpcUaSecurityMode::SignAndEncrypt => MessageSecurityMode::SignAndEncrypt,
+        };
+        let identity = match identity_token(&o.identity) {
+            Ok(i) => i,
+            Err(e) => return Ended::Lost(e),
+        };
+        let endpoint = (o.endpoint.as_str(), policy.to_str(), mode, UserTokenPolicy::anonymous());
+        let connect = client.connect_to_matching_endpoint(endpoint, identity);
+        let (session, event_loop) = match tokio::time::timeout(self.device.timeout * 2, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Ended::Lost(format!(
+                    "no matching endpoint ({} / {:?}): {e}",
+                    o.security_policy, o.security_mode
+                ))
+            }
+            Err(_) => {
+                return Ended::Lost(format!(
+                    "no answer from {} within {:?}",
+                    o.endpoint,
+                    self.device.timeout * 2
+                ))
+            }
+        };
+        let mut handle = event_loop.spawn();
+        let connected = tokio::select! {
+            ok = session.wait_for_connection() => ok,
+            status = &mut handle => return Ended::Lost(format!("connection failed: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string()))),
+            _ = self.shutdown.changed() => { handle.abort(); return Ended::Shutdown; }
+        };
+        if !connected {
+            let status = handle.await.map_or_else(|e| e.to_string(), |s| s.to_string());
+            return Ended::Lost(format!("connection failed: {status}"));
+        }
+        backoff.reset();
+        self.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
+        info!(device = %self.device.id, endpoint = %o.endpoint, policy = %o.security_policy, mode = ?o.security_mode, "OPC UA session active");
+
+        let result = self.serve(&session, o, &mut handle).await;
+        // Close the session on the server (best effort) so nothing is left behind there.
+        if !handle.is_finished() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+        }
+        handle.abort();
+        result
+    }
+
+    /// Runs subscriptions (or polling) on an active session until it ends.
+    async fn serve(
+        &mut self,
+        session: &Arc<Session>,
+        o: &OpcUaDevicePlan,
+        handle: &mut tokio::task::JoinHandle<StatusCode>,
+    ) -> Ended {
+        let nodes = match self.resolve(session).await {
+            Ok(n) => n,
+            Err(e) => return Ended::Lost(e),
+        };
+        // Tags whose NodeId cannot be resolved are bad from the start; the rest are monitored.
+        let mut bad: Vec<Reading> = Vec::new();
+        let mut monitored: Vec<(usize, NodeId)> = Vec::new();
+        for (tag, node) in nodes {
+            match node {
+                Ok(n) => monitored.push((tag, n)),
+                Err(status) => bad.push(Reading {
+                    tag,
+                    value: None,
+                    quality: Quality::Bad(BadReason::OpcUa(status.bits())),
+                }),
+            }
+        }
+        let ts = if o.server_timestamp {
+            TimestampsToReturn::Server
+        } else {
+            TimestampsToReturn::Both
+        };
+        if o.polling {
+            if !bad.is_empty()
+                && !self
+                    .send(ReadingBatch {
+                        device: self.index,
+                        ts: now_millis(),
+                        readings: bad,
+                    })
+                    .await
+            {
+                return Ended::Shutdown;
+            }
+            return self.poll(session, o, &monitored, ts, handle).await;
+        }
+
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u32, DataValue)>();
+        let callback = DataChangeCallback::new(move |dv, item| {
+            let _ = tx.send((item.client_handle(), dv));
+        });
+        let subscription = match session
+            .create_subscription(o.publishing_interval, 60, 10, 0, 0, true, callback)
+            .await
+        {
+            Ok(id) => id,
+            Err(e) => return Ended::Lost(format!("CreateSubscription failed: {e}")),
+        };
+        let requests: Vec<MonitoredItemCreateRequest> = monitored
+            .iter()
+            .map(|(tag, node)| self.monitored_item(*tag, node))
+            .collect();
+        let mut created = 0usize;
+        for chunk in requests.chunks(1000) {
+            match session.create_monitored_items(subscription, ts, chunk.to_vec()).await {
+                Ok(results) => {
+                    for r in results {
+                        let tag = r.requested_parameters.client_handle as usize - 1;
+                        if r.result.status_code.is_bad() {
+                            warn!(device = %self.device.id, tag = %self.tags[tag].name, node = %r.item_to_monitor.node_id,
+                                  status = %r.result.status_code, "monitored item refused; the tag is bad");
+                            bad.push(Reading {
+                                tag,
+                                value: None,
+                                quality: Quality::Bad(BadReason::OpcUa(r.result.status_code.bits())),
+                            });
+                        } else {
+                            created += 1;
+                        }
+                    }
+                }
+                Err(e) => return Ended::Lost(format!("CreateMonitoredItems failed: {e}")),
+            }
+        }
+        info!(device = %self.device.id, subscription, monitored_items = created, bad_tags = bad.len(), "OPC UA subscription created");
+        if !bad.is_empty()
+            && !self
+                .send(ReadingBatch {
+                    device: self.index,
+                    ts: now_millis(),
+                    readings: bad,
+                })
+                .await
+        {
+            return Ended::Shutdown;
+        }
+        loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { return Ended::Lost("subscription callback closed".into()) };
+                    let mut changes = vec![first];
+                    while let Ok(c) = rx.try_recv() {
+                        changes.push(c);
+                        if changes.len() >= 10_000 {
+                            break;
+                        }
+                    }
+                    DeviceStats::inc(&self.stats.polls);
+                    let readings: Vec<(Millis, Reading)> = changes
+                        .iter()
+                        .filter_map(|(h, dv)| {
+                            let tag = (*h as usize).checked_sub(1)?;
+                            self.tags.get(tag).map(|t| reading(tag, t, dv, o.server_timestamp))
+                        })
+                        .collect();
+                    for batch in group_by_time(self.index, readings) {
+                        if !self.send(batch).await {
+                            return Ended::Shutdown;
+                        }
+                    }
+                }
+                status = &mut *handle => {
+                    return Ended::Lost(format!("connection lost: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())));
+                }
+                _ = self.shutdown.changed() => return Ended::Shutdown,
+            }
+        }
+    }
+
+    async fn poll(
+        &mut self,
+        session: &Arc<Session>,
+        o: &OpcUaDevicePlan,
+        monitored: &[(usize, NodeId)],
+        ts: TimestampsToReturn,
+        handle: &mut tokio::task::JoinHandle<StatusCode>,
+    ) -> Ended {
+        let read_ids: Vec<ReadValueId> = monitored.iter().map(|(_, n)| ReadValueId::from(n.clone())).collect();
+        let mut ticker = tokio::time::interval(self.device.poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                status = &mut *handle => {
+                    return Ended::Lost(format!("connection lost: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())));
+                }
+                _ = self.shutdown.changed() => return Ended::Shutdown,
+            }
+            DeviceStats::inc(&self.stats.polls);
+            let mut readings = Vec::with_capacity(read_ids.len());
+            for (chunk_ids, chunk_tags) in read_ids.chunks(1000).zip(monitored.chunks(1000)) {
+                DeviceStats::inc(&self.stats.requests);
+                match tokio::time::timeout(self.device.timeout, session.read(chunk_ids, ts, 0.0)).await {
+                    Ok(Ok(values)) => {
+                        for ((tag, _), dv) in chunk_tags.iter().zip(values) {
+                            readings.push(reading(*tag, &self.tags[*tag], &dv, o.server_timestamp));
+                        }
+                    }
+                    Ok(Err(e)) => return Ended::Lost(format!("Read failed: {e}")),
+                    Err(_) => return Ended::Lost(format!("Read timed out after {:?}", self.device.timeout)),
+                }
+            }
+            for batch in group_by_time(self.index, readings) {
+                if !self.send(batch).await {
+                    return Ended::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Resolves every tag's NodeId, looking namespace URIs up in the server's NamespaceArray.
+    async fn resolve(&self, session: &Arc<Session>) -> Result<Vec<(usize, Result<NodeId, StatusCode>)>, String> {
+        let needs_uris = self
+            .device
+            .tags
+            .iter()
+            .any(|&t| self.tags[t].opcua.as_ref().is_some_and(|o| o.namespace_uri.is_some()));
+        let namespaces: Vec<String> = if needs_uris {
+            let id = ReadValueId::from(NodeId::from(VariableId::Server_NamespaceArray));
+            let values = session
+                .read(&[id], TimestampsToReturn::Neither, 0.0)
+                .await
+                .map_err(|e| format!("reading the NamespaceArray failed: {e}"))?;
+            match values.first().and_then(|v| v.value.clone()) {
+                Some(Variant::Array(a)) => a
+                    .values
+                    .iter()
+                    .map(|v| match v {
+                        Variant::String(s) => s.as_ref().to_string(),
+                        _ => String::new(),
+                    })
+                    .collect(),
+                _ => return Err("the server returned no NamespaceArray".into()),
+            }
+        } else {
+            Vec::new()
+        };
+        Ok(self
+            .device
+            .tags
+            .iter()
+            .map(|&t| {
+                let o = self.tags[t].opcua.as_ref().expect("an OPC UA tag");
+                let text = match &o.namespace_uri {
+                    None => Ok(o.node_id.clone()),
+                    Some(uri) => match namespaces.iter().position(|n| n == uri) {
+                        Some(i) => Ok(format!("ns={i};{}", o.node_id)),
+                        None => {
+                            warn!(device = %self.device.id, tag = %self.tags[t].name, namespace_uri = %uri, "the server has no such namespace; the tag is bad");
+                            Err(StatusCode::BadNodeIdUnknown)
+                        }
+                    },
+                };
+                (t, text.and_then(|s| s.parse::<NodeId>().map_err(|_| StatusCode::BadNodeIdInvalid)))
+            })
+            .collect())
+    }
+
+    fn monitored_item(&self, tag: usize, node: &NodeId) -> MonitoredItemCreateRequest {
+        let o = self.tags[tag].opcua.as_ref().expect("an OPC UA tag");
+        let filter = match o.deadband {
+            None => ExtensionObject::null(),
+            Some(d) => {
+                let (kind, value) = match d {
+                    Deadband::Absolute(v) => (DeadbandType::Absolute, v),
+                    Deadband::Percent(v) => (DeadbandType::Percent, v),
+                };
+                ExtensionObject::from_message(DataChangeFilter {
+                    trigger: DataChangeTrigger::StatusValue,
+                    deadband_type: kind as u32,
+                    deadband_value: value,
+                })
+            }
+        };
+        MonitoredItemCreateRequest {
+            item_to_monitor: ReadValueId::from(node.clone()),
+            monitoring_mode: MonitoringMode::Reporting,
+            requested_parameters: MonitoringParameters {
+                // Handle 0 means "assign one" to the client library: tags are numbered from 1.
+                client_handle: tag as u32 + 1,
+                sampling_interval: o.sampling_interval.as_secs_f64() * 1000.0,
+                filter,
+                queue_size: o.queue_size,
+                discard_oldest: true,
+            },
+        }
+    }
+
+    async fn send(&self, batch: ReadingBatch) -> bool {
+        self.out.send(batch).await.is_ok()
+    }
+
+    async fn emit_all_bad(&self, reason: BadReason) -> bool {
+        let readings = self
+            .device
+            .tags
+            .iter()
+            .map(|&tag| Reading {
+                tag,
+                value: None,
+                quality: Quality::Bad(reason),
+            })
+            .collect();
+        self.send(ReadingBatch {
+            device: self.index,
+            ts: now_millis(),
+            readings,
+        })
+        .await
+    }
+}
+
+/// The OPC UA client for one device: its own PKI directory, no automatic reconnects (see module docs).
+pub fn build_client(
+    device: &DevicePlan,
+    o: &OpcUaDevicePlan,
+    pki_dir: &std::path::Path,
+    application_uri: &str,
+) -> Result<Client, String> {
+    // Devices share the agent's application instance certificate: the first client creates it, the
+    // others must not race it.
+    static CREATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = CREATE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    std::fs::create_dir_all(pki_dir).map_err(|e| format!("cannot create {}: {e}", pki_dir.display()))?;
+    ClientBuilder::new()
+        .application_name("plantmesh")
+        .application_uri(application_uri)
+        .product_uri("urn:plantmesh")
+        .create_sample_keypair(true)
+        .pki_dir(pki_dir)
+        .trust_server_certs(false)
+        .verify_server_certs(true)
+        .session_retry_limit(0)
+        .session_timeout(60_000)
+        .session_name(format!("plantmesh {}", device.id))
+        .request_timeout(device.timeout)
+        .publish_timeout(o.publishing_interval * 4 + device.timeout)
+        .client()
+        .map_err(|e| e.join("; "))
+}
+
+pub fn identity_token(identity: &OpcUaIdentity) -> Result<IdentityToken, String> {
+    Ok(match identity {
+        OpcUaIdentity::Anonymous => IdentityToken::Anonymous,
+        OpcUaIdentity::UserName { user, password } => IdentityToken::UserName(user.clone(), Password(password.read()?)),
+        OpcUaIdentity::X509 { cert, key } => {
+            let c = CertificateStore::read_cert(cert)
+                .map_err(|e| format!("cannot read user certificate {}: {e}", cert.display()))?;
+            let k =
+                CertificateStore::read_pkey(key).map_err(|e| format!("cannot read user key {}: {e}", key.display()))?;
+            IdentityToken::X509(Box::new(c), Box::new(k))
+        }
+    })
+}
+
+fn rejected_files(pki_dir: &std::path::Path) -> HashSet<String> {
+    std::fs::read_dir(pki_dir.join("rejected"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One data value as a reading with its time.
+fn reading(tag: usize, plan: &TagPlan, dv: &DataValue, server_ts: bool) -> (Millis, Reading) {
+    let when = if server_ts {
+        dv.server_timestamp
+    } else {
+        dv.source_timestamp.or(dv.server_timestamp)
+    };
+    let ts = when.map_or_else(now_millis, |t| t.as_chrono().timestamp_millis().max(0) as u64);
+    let status = dv.status.unwrap_or(StatusCode::Good);
+    let converted = dv.value.as_ref().and_then(variant_value);
+    let (value, quality) = if status.is_bad() {
+        (None, Quality::Bad(BadReason::OpcUa(status.bits())))
+    } else {
+        match converted {
+            None if dv.value.is_none() || matches!(dv.value, Some(Variant::Empty)) => {
+                (None, Quality::Bad(BadReason::NoValue))
+            }
+            None => (None, Quality::Bad(BadReason::Decode)),
+            Some(v) => {
+                let (v, q) = super::modbus::decode::scale(plan, v);
+                if status.is_uncertain() && q.is_good() {
+                    (v, Quality::Uncertain(BadReason::OpcUa(status.bits())))
+                } else {
+                    (v, q)
+                }
+            }
+        }
+    };
+    (ts, Reading { tag, value, quality })
+}
+
+/// A Variant as a plantmesh value: numbers as numbers, DateTime as RFC 3339, ByteString as base64.
+pub fn variant_value(v: &Variant) -> Option<Value> {
+    Some(match v {
+        Variant::Empty => return None,
+        Variant::Boolean(b) => Value::Bool(*b),
+        Variant::SByte(x) => Value::Int(i64::from(*x)),
+        Variant::Int16(x) => Value::Int(i64::from(*x)),
+        Variant::Int32(x) => Value::Int(i64::from(*x)),
+        Variant::Int64(x) => Value::Int(*x),
+        Variant::Byte(x) => Value::UInt(u64::from(*x)),
+        Variant::UInt16(x) => Value::UInt(u64::from(*x)),
+        Variant::UInt32(x) => Value::UInt(u64::from(*x)),
+        Variant::UInt64(x) => Value::UInt(*x),
+        Variant::Float(x) => Value::Float(f64::from(*x)),
+        Variant::Double(x) => Value::Float(*x),
+        Variant::String(s) => Value::Text(s.as_ref().to_string()),
+        Variant::DateTime(d) => Value::Text(crate::model::format_rfc3339_millis(
+            d.as_chrono().timestamp_millis().max(0) as u64,
+        )),
+        Variant::Guid(g) => Value::Text(g.to_string()),
+        Variant::ByteString(b) => Value::Text(b.as_base64()),
+        Variant::StatusCode(s) => Value::UInt(u64::from(s.bits())),
+        Variant::LocalizedText(t) => Value::Text(t.text.as_ref().to_string()),
+        Variant::QualifiedName(q) => Value::Text(q.name.as_ref().to_string()),
+        Variant::NodeId(n) => Value::Text(n.to_string()),
+        Variant::Array(a) => Value::Array(a.values.iter().filter_map(variant_value).collect()),
+        _ => return None,
+    })
+}
+
+/// Consecutive readings with the same time form one batch.
+fn group_by_time(device: usize, readings: Vec<(Millis, Reading)>) -> Vec<ReadingBatch> {
+    let mut out: Vec<ReadingBatch> = Vec::new();
+    for (ts, r) in readings {
+        match out.last_mut() {
+            Some(b) if b.ts == ts => b.readings.push(r),
+            _ => out.push(ReadingBatch {
+                device,
+                ts,
+                readings: vec![r],
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_become_values() {
+        assert_eq!(variant_value(&Variant::Float(1.5)), Some(Value::Float(1.5)));
+        assert_eq!(variant_value(&Variant::UInt64(u64::MAX)), Some(Value::UInt(u64::MAX)));
+        assert_eq!(variant_value(&Variant::SByte(-3)), Some(Value::Int(-3)));
+        assert_eq!(variant_value(&Variant::from("x")), Some(Value::Text("x".into())));
+        assert_eq!(
+            variant_value(&Variant::ByteString(opcua::types::ByteString::from(vec![1u8, 2, 3]))),
+            Some(Value::Text("AQID".into()))
+        );
+        assert_eq!(variant_value(&Variant::Empty), None);
+        let arr = Variant::from(vec![1i32, 2, 3]);
+        assert_eq!(
+            variant_value(&arr),
+            Some(Value::Array(vec![Value::Int(1), Value::Int(2), Value::Int(3)]))
+        );
+    }
+
+    #[test]
+    fn consecutive_equal_times_share_a_batch() {
+        let r = |tag| Reading {
+            tag,
+            value: None,
+            quality: Quality::Good,
+        };
+        let b = group_by_time(0, vec![(1, r(0)), (1, r(1)), (2, r(2)), (1, r(3))]);
+        let shape: Vec<(u64, usize)> = b.iter().map(|b| (b.ts, b.readings.len())).collect();
+        assert_eq!(shape, vec![(1, 2), (2, 1), (1, 1)]);
+    }
+}
