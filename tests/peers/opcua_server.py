@@ -15,6 +15,7 @@ import datetime
 import json
 import sys
 import uuid
+from pathlib import Path
 
 from asyncua import Server, ua
 from asyncua.crypto.cert_gen import setup_self_signed_certificate
@@ -46,7 +47,7 @@ async def main():
     await server.set_application_uri(APP_URI)
     if spec.get("security", "none") == "encrypt":
         pki = spec["pki"]
-        cert, key = f"{pki}/server-cert.der", f"{pki}/server-key.pem"
+        cert, key = Path(pki) / "server-cert.der", Path(pki) / "server-key.pem"
         await setup_self_signed_certificate(
             key, cert, APP_URI, "127.0.0.1", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
             {"countryName": "DE", "organizationName": "plantmesh tests", "commonName": "plantmesh test server"},

@@ -82,7 +82,7 @@ impl OpcUaSource {
             for file in rejected_files(&self.pki_dir).difference(&known_rejected) {
                 let trusted = self.pki_dir.join("trusted");
                 error!(device = %self.device.id, endpoint = %o.endpoint, certificate = %file,
-                    "the server's certificate is not trusted; after checking it, trust it with: mv {} {}/",
+                    "the server's certificate is not trusted; after checking it, trust it with: mv '{}' '{}/'",
                     self.pki_dir.join("rejected").join(file).display(), trusted.display());
             }
             known_rejected = rejected_files(&self.pki_dir);
@@ -101,7 +101,9 @@ impl OpcUaSource {
     }
 
     async fn session(&mut self, client: &mut Client, o: &OpcUaDevicePlan, backoff: &mut Backoff) -> Ended {
-        let policy: SecurityPolicy = o.security_policy.parse().unwrap_or(SecurityPolicy::Unknown);
+        let Some(policy) = security_policy(&o.security_policy) else {
+            return Ended::Lost(format!("unsupported security policy {}", o.security_policy));
+        };
         let mode = match o.security_mode {
             OpcUaSecurityMode::None => MessageSecurityMode::None,
             OpcUaSecurityMode::Sign => MessageSecurityMode::Sign,
@@ -450,6 +452,18 @@ pub fn build_client(
         .map_err(|e| e.join("; "))
 }
 
+/// The policy named as in the OPC UA specification (config uses those names; the client library
+/// spells some with dashes).
+pub fn security_policy(name: &str) -> Option<SecurityPolicy> {
+    Some(match name {
+        "None" => SecurityPolicy::None,
+        "Aes256_Sha256_RsaPss" => SecurityPolicy::Aes256Sha256RsaPss,
+        "Aes128_Sha256_RsaOaep" => SecurityPolicy::Aes128Sha256RsaOaep,
+        "Basic256Sha256" => SecurityPolicy::Basic256Sha256,
+        _ => return None,
+    })
+}
+
 pub fn identity_token(identity: &OpcUaIdentity) -> Result<IdentityToken, String> {
     Ok(match identity {
         OpcUaIdentity::Anonymous => IdentityToken::Anonymous,
@@ -554,6 +568,21 @@ fn group_by_time(device: usize, readings: Vec<(Millis, Reading)>) -> Vec<Reading
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_configurable_policy_is_known_to_the_client_library() {
+        for name in [
+            "None",
+            "Aes256_Sha256_RsaPss",
+            "Aes128_Sha256_RsaOaep",
+            "Basic256Sha256",
+        ] {
+            let p = security_policy(name).unwrap();
+            assert_ne!(p, SecurityPolicy::Unknown);
+            assert!(!p.to_str().is_empty(), "{name}");
+        }
+        assert!(security_policy("Basic128Rsa15").is_none());
+    }
 
     #[test]
     fn variants_become_values() {
