@@ -8,6 +8,7 @@
 
 pub mod buffer;
 pub mod config;
+pub mod discover;
 pub mod map;
 pub mod model;
 pub mod publish;

@@ -37,6 +37,36 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Browse an OPC UA server and print proposed tag definitions (progress on stderr).
+    Discover {
+        /// opc.tcp://host:port[/path]
+        endpoint: String,
+        /// Aes256_Sha256_RsaPss, Aes128_Sha256_RsaOaep, Basic256Sha256 or None.
+        #[arg(long, default_value = "Aes256_Sha256_RsaPss")]
+        security_policy: String,
+        /// SignAndEncrypt, Sign or None (default: SignAndEncrypt, or None with policy None).
+        #[arg(long)]
+        security_mode: Option<String>,
+        #[arg(long)]
+        username: Option<String>,
+        /// Environment variable holding the password.
+        #[arg(long)]
+        password_env: Option<String>,
+        /// File holding the password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Start node (default: the Objects folder, i=85).
+        #[arg(long)]
+        start: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        max_depth: usize,
+        /// Where discover keeps its certificate and trusted/rejected server certificates (pki-discover/).
+        #[arg(long, default_value = "/var/lib/plantmesh")]
+        data_dir: PathBuf,
+        /// Device id to use in the proposal.
+        #[arg(long, default_value = "opcua-1")]
+        device_id: String,
+    },
     /// Inspect a buffer (the agent must not be running on it).
     Buffer {
         #[command(subcommand)]
@@ -158,6 +188,53 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             }
             Some(Command::Run { data_dir, .. }) => demo(data_dir).await,
             Some(Command::Buffer { action }) => buffer(action),
+            Some(Command::Discover {
+                endpoint,
+                security_policy,
+                security_mode,
+                username,
+                password_env,
+                password_file,
+                start,
+                max_depth,
+                data_dir,
+                device_id,
+            }) => {
+                use plantmesh::config::{OpcUaIdentity, OpcUaSecurityMode, SecretRef};
+                if plantmesh::sources::opcua::security_policy(&security_policy).is_none() {
+                    bail!("unknown security policy `{security_policy}`: use Aes256_Sha256_RsaPss, Aes128_Sha256_RsaOaep, Basic256Sha256 or None");
+                }
+                let security_mode = match security_mode.as_deref() {
+                    None if security_policy == "None" => OpcUaSecurityMode::None,
+                    None | Some("SignAndEncrypt") => OpcUaSecurityMode::SignAndEncrypt,
+                    Some("Sign") => OpcUaSecurityMode::Sign,
+                    Some("None") => OpcUaSecurityMode::None,
+                    Some(other) => bail!("unknown security mode `{other}`: use SignAndEncrypt, Sign or None"),
+                };
+                if security_mode == OpcUaSecurityMode::None {
+                    tracing::warn!("OPC UA security is None: traffic is neither signed nor encrypted");
+                }
+                let identity = match (username, password_env, password_file) {
+                    (None, None, None) => OpcUaIdentity::Anonymous,
+                    (Some(user), Some(env), None) => OpcUaIdentity::UserName { user, password: SecretRef::Env(env) },
+                    (Some(user), None, Some(file)) => OpcUaIdentity::UserName { user, password: SecretRef::File(file) },
+                    _ => bail!("--username needs exactly one of --password-env, --password-file"),
+                };
+                let options = plantmesh::discover::Options {
+                    endpoint,
+                    security_policy,
+                    security_mode,
+                    identity,
+                    start,
+                    max_depth,
+                    pki_dir: data_dir.join("pki-discover"),
+                    application_uri: "urn:plantmesh:discover".into(),
+                    device_id,
+                };
+                let proposal = plantmesh::discover::discover(&options).await.map_err(|e| anyhow::anyhow!(e))?;
+                print!("{proposal}");
+                Ok(())
+            }
             Some(Command::Simulate { listen, devices, registers }) => simulate(listen, devices, registers).await,
             Some(Command::Check { .. }) => unreachable!("handled before the runtime starts"),
         }

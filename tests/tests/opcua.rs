@@ -288,3 +288,67 @@ fn server_restarts_resume_data_with_one_fresh_subscription() {
     }
     agent.stop();
 }
+
+#[test]
+fn discover_lists_every_variable_with_its_type_as_pasteable_config() {
+    let mut vars: Vec<Value> = cases()
+        .iter()
+        .map(|(ty, v, _, array)| json!({"name": var_name(ty, *array), "type": ty, "value": v, "array": array}))
+        .collect();
+    vars.truncate(cases().len());
+    // 30 folders x 200 variables: 6,000 variables plus the typed ones, more than one Browse response holds.
+    let server = PyOpcUa::start(&json!({"namespace": NS, "security": "none", "variables": vars, "tree": [30, 200]}));
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(plantmesh_bin())
+        .args([
+            "discover",
+            &server.endpoint(),
+            "--security-policy",
+            "None",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("variables found"), "progress on stderr: {stderr}");
+    let proposal = String::from_utf8(out.stdout).unwrap();
+    // Every typed variable with its type (and arrays marked).
+    for (ty, _, _, array) in cases() {
+        let name = var_name(ty, array);
+        let block = proposal
+            .split("[[devices.tags]]")
+            .find(|b| b.contains(&format!("name = \"Plant_{name}\"")))
+            .unwrap_or_else(|| panic!("{name} missing"));
+        assert!(
+            block.contains(&format!("node_id = \"s={name}\"")) && block.contains(&format!("namespace_uri = \"{NS}\"")),
+            "{block}"
+        );
+        assert!(block.contains(&format!("type = \"{ty}\"")), "{name}: {block}");
+        assert_eq!(block.contains("array = true"), array, "{name}: {block}");
+    }
+    // Every variable of the tree.
+    for f in 0..30 {
+        for i in 0..200 {
+            assert!(
+                proposal.contains(&format!("node_id = \"s=Area{f}.Tag{i}\"")),
+                "Area{f}.Tag{i} missing"
+            );
+        }
+    }
+    // Ready to paste: with an [agent] section it is a valid gateway file.
+    let cfg = dir.path().join("cfg");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("agent.toml"),
+        format!("[agent]\nid = \"g\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n\n{proposal}"),
+    )
+    .unwrap();
+    let check = std::process::Command::new(plantmesh_bin())
+        .arg("check")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
