@@ -83,6 +83,12 @@ enum Command {
         /// Holding registers per bank.
         #[arg(long, default_value_t = 100)]
         registers: u16,
+        /// Serve an OPC UA server with this many Double items (prints `SIM-OPCUA <endpoint>`).
+        #[arg(long)]
+        opcua_items: Option<usize>,
+        /// How often every OPC UA item changes.
+        #[arg(long, default_value = "100ms")]
+        opcua_interval: String,
     },
 }
 
@@ -235,7 +241,9 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                 print!("{proposal}");
                 Ok(())
             }
-            Some(Command::Simulate { listen, devices, registers }) => simulate(listen, devices, registers).await,
+            Some(Command::Simulate { listen, devices, registers, opcua_items, opcua_interval }) => {
+                simulate(listen, devices, registers, opcua_items, &opcua_interval).await
+            }
             Some(Command::Check { .. }) => unreachable!("handled before the runtime starts"),
         }
     })
@@ -244,10 +252,14 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
 #[cfg(feature = "simulators")]
 const DEMO_GATEWAY: &str = include_str!("../../configs/demo/agent.toml");
 #[cfg(feature = "simulators")]
-const DEMO_PRODUCTS: [(&str, &str); 2] = [
+const DEMO_PRODUCTS: [(&str, &str); 3] = [
     (
         "products/production/press-output.toml",
         include_str!("../../configs/demo/products/production/press-output.toml"),
+    ),
+    (
+        "products/quality/oven-profile.toml",
+        include_str!("../../configs/demo/products/quality/oven-profile.toml"),
     ),
     (
         "products/quality/press-temperatures.toml",
@@ -269,9 +281,19 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let plc = plantmesh::sim::plc::start("127.0.0.1:0".parse()?)
         .await
         .context("starting the simulated PLC")?;
+    let oven = plantmesh::sim::oven::start_oven(&data_dir.join("sim-pki"))
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the simulated oven: {e}"))?;
     for d in &mut plan.devices {
-        d.address = plc.to_string();
+        match &mut d.opcua {
+            Some(o) => {
+                o.endpoint = oven.endpoint.clone();
+                d.address = oven.endpoint.clone();
+            }
+            None => d.address = plc.to_string(),
+        }
     }
+    tracing::info!(oven = %oven.endpoint, "demo plant: simulated curing oven on OPC UA");
     tracing::info!(plc = %plc, data_dir = %data_dir.display(), "demo plant: simulated press-line PLC on Modbus TCP");
     plantmesh::runtime::run(plan, true, plantmesh::view::spawn).await?;
     Ok(())
@@ -283,8 +305,26 @@ async fn demo(_: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 #[cfg(feature = "simulators")]
-async fn simulate(listen: std::net::SocketAddr, devices: Option<u16>, registers: u16) -> anyhow::Result<()> {
+async fn simulate(
+    listen: std::net::SocketAddr,
+    devices: Option<u16>,
+    registers: u16,
+    opcua_items: Option<usize>,
+    opcua_interval: &str,
+) -> anyhow::Result<()> {
     use std::io::Write;
+    let _bank = match opcua_items {
+        Some(n) => {
+            let every = plantmesh::config::units::parse_duration(opcua_interval).map_err(|e| anyhow::anyhow!(e))?;
+            let dir = std::env::temp_dir().join(format!("plantmesh-sim-{}", std::process::id()));
+            let bank = plantmesh::sim::oven::start_bank(&dir, n, every)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!("SIM-OPCUA {} {} items every {opcua_interval}", bank.endpoint, n);
+            Some(bank)
+        }
+        None => None,
+    };
     match devices {
         None => {
             let addr = plantmesh::sim::plc::start(listen)
@@ -309,7 +349,7 @@ async fn simulate(listen: std::net::SocketAddr, devices: Option<u16>, registers:
 }
 
 #[cfg(not(feature = "simulators"))]
-async fn simulate(_: std::net::SocketAddr, _: Option<u16>, _: u16) -> anyhow::Result<()> {
+async fn simulate(_: std::net::SocketAddr, _: Option<u16>, _: u16, _: Option<usize>, _: &str) -> anyhow::Result<()> {
     bail!("this build has no simulators (feature `simulators`)")
 }
 

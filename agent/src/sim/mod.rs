@@ -3,4 +3,6 @@
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 #[cfg(feature = "simulators")]
+pub mod oven;
+#[cfg(feature = "simulators")]
 pub mod plc;

@@ -5,10 +5,12 @@
 //! the data changes received together; the record time is the source timestamp (or the server
 //! timestamp when configured). Qualities come from the StatusCode of each value, by name.
 //!
-//! Recovery is ours, not the library's: the session is built with no automatic retry, and every
-//! lost connection or server restart means a new session, namespace URIs resolved again (indexes
-//! change between server restarts), and the subscription and every monitored item created again,
-//! after a jittered backoff. A NodeId the server does not know makes that one tag bad.
+//! Recovery: the client library gets one immediate reconnect attempt (it reactivates the session
+//! and transfers its subscriptions when the server is still there, e.g. after a network blip); the
+//! tags are bad while the connection is down. If that attempt fails (the server restarted or is
+//! gone) the session ends and this source builds a new one after a jittered backoff: namespace URIs
+//! resolved again (indexes change between server restarts), subscriptions and every monitored item
+//! created again. A NodeId the server does not know makes that one tag bad.
 //!
 //! Security: the application instance certificate is created on first start under
 //! `<data_dir>/pki` (one per agent) with the agent's ApplicationUri. Server certificates are never trusted
@@ -18,12 +20,15 @@ use super::backoff::Backoff;
 use super::{BatchSender, DeviceStats};
 use crate::config::{Deadband, DevicePlan, OpcUaDevicePlan, OpcUaIdentity, OpcUaSecurityMode, TagPlan};
 use crate::model::{now_millis, BadReason, Millis, Quality, Reading, ReadingBatch, Value};
-use opcua::client::{Client, ClientBuilder, DataChangeCallback, IdentityToken, Password, Session};
+use opcua::client::{
+    Client, ClientBuilder, IdentityToken, MonitoredItemMap, OnSubscriptionNotificationCore, Password, Session,
+    SessionPollResult,
+};
 use opcua::crypto::{CertificateStore, SecurityPolicy};
 use opcua::types::{
-    DataChangeFilter, DataChangeTrigger, DataValue, DeadbandType, ExtensionObject, MessageSecurityMode,
-    MonitoredItemCreateRequest, MonitoringMode, MonitoringParameters, NodeId, ReadValueId, StatusCode,
-    TimestampsToReturn, UserTokenPolicy, VariableId, Variant,
+    DataChangeFilter, DataChangeNotification, DataChangeTrigger, DataValue, DeadbandType, ExtensionObject,
+    MessageSecurityMode, MonitoredItemCreateRequest, MonitoringMode, MonitoringParameters, NodeId, NotificationMessage,
+    ReadValueId, StatusCode, TimestampsToReturn, UserTokenPolicy, VariableId, Variant,
 };
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -44,6 +49,32 @@ pub struct OpcUaSource {
     /// The ApplicationUri of this agent's certificate.
     pub application_uri: String,
 }
+
+/// Forwards each notification message of a subscription whole: the data changes of one Publish
+/// response, by client handle.
+struct Notifications(mpsc::UnboundedSender<Vec<(u32, DataValue)>>);
+
+impl OnSubscriptionNotificationCore for Notifications {
+    fn on_subscription_notification(&mut self, notification: NotificationMessage, _items: MonitoredItemMap<'_>) {
+        let mut changes = Vec::new();
+        for obj in notification.notification_data.into_iter().flatten() {
+            if let Some(dc) = obj.into_inner_as::<DataChangeNotification>() {
+                changes.extend(
+                    dc.monitored_items
+                        .into_iter()
+                        .flatten()
+                        .map(|n| (n.client_handle, n.value)),
+                );
+            }
+        }
+        if !changes.is_empty() {
+            let _ = self.0.send(changes);
+        }
+    }
+}
+
+/// Most monitored items on one subscription.
+const ITEMS_PER_SUBSCRIPTION: usize = 1000;
 
 /// How a session ended.
 enum Ended {
@@ -131,7 +162,26 @@ impl OpcUaSource {
                 ))
             }
         };
-        let mut handle = event_loop.spawn();
+        // Drive the session's event loop ourselves: a lost connection the library recovers by itself
+        // (server still reachable: the session is reactivated and its subscriptions transferred) is
+        // reported here, so the tags go bad while it lasts; a failed reconnect ends the task, and
+        // then this source builds a new session.
+        let (events_tx, mut events) = mpsc::unbounded_channel::<SessionPollResult>();
+        let mut handle = tokio::spawn(async move {
+            use futures::TryStreamExt;
+            let stream = event_loop.enter();
+            tokio::pin!(stream);
+            loop {
+                match stream.try_next().await {
+                    Ok(Some(ev @ (SessionPollResult::ConnectionLost(_) | SessionPollResult::Reconnected(_)))) => {
+                        let _ = events_tx.send(ev);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break StatusCode::Good,
+                    Err(e) => break e,
+                }
+            }
+        });
         let connected = tokio::select! {
             ok = session.wait_for_connection() => ok,
             status = &mut handle => return Ended::Lost(format!("connection failed: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string()))),
@@ -145,7 +195,7 @@ impl OpcUaSource {
         self.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
         info!(device = %self.device.id, endpoint = %o.endpoint, policy = %o.security_policy, mode = ?o.security_mode, "OPC UA session active");
 
-        let result = self.serve(&session, o, &mut handle).await;
+        let result = self.serve(&session, o, &mut handle, &mut events).await;
         // Close the session on the server (best effort) so nothing is left behind there.
         if !handle.is_finished() {
             let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
@@ -160,6 +210,7 @@ impl OpcUaSource {
         session: &Arc<Session>,
         o: &OpcUaDevicePlan,
         handle: &mut tokio::task::JoinHandle<StatusCode>,
+        events: &mut mpsc::UnboundedReceiver<SessionPollResult>,
     ) -> Ended {
         let nodes = match self.resolve(session).await {
             Ok(n) => n,
@@ -195,27 +246,30 @@ impl OpcUaSource {
             {
                 return Ended::Shutdown;
             }
-            return self.poll(session, o, &monitored, ts, handle).await;
+            return self.poll(session, o, &monitored, ts, handle, events).await;
         }
 
-        let (tx, mut rx) = mpsc::unbounded_channel::<(u32, DataValue)>();
-        let callback = DataChangeCallback::new(move |dv, item| {
-            let _ = tx.send((item.client_handle(), dv));
-        });
-        let subscription = match session
-            .create_subscription(o.publishing_interval, 60, 10, 0, 0, true, callback)
-            .await
-        {
-            Ok(id) => id,
-            Err(e) => return Ended::Lost(format!("CreateSubscription failed: {e}")),
-        };
-        let requests: Vec<MonitoredItemCreateRequest> = monitored
-            .iter()
-            .map(|(tag, node)| self.monitored_item(*tag, node))
-            .collect();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(u32, DataValue)>>();
+        // At most ITEMS_PER_SUBSCRIPTION monitored items per subscription: servers bound the
+        // notifications queued per subscription and clients keep a few Publish requests in flight
+        // per subscription, so large tag sets are spread over several.
+        let mut subscriptions = Vec::new();
         let mut created = 0usize;
-        for chunk in requests.chunks(1000) {
-            match session.create_monitored_items(subscription, ts, chunk.to_vec()).await {
+        for group in monitored.chunks(ITEMS_PER_SUBSCRIPTION) {
+            let callback = Notifications(tx.clone());
+            let subscription = match session
+                .create_subscription(o.publishing_interval, 60, 10, 0, 0, true, callback)
+                .await
+            {
+                Ok(id) => id,
+                Err(e) => return Ended::Lost(format!("CreateSubscription failed: {e}")),
+            };
+            subscriptions.push(subscription);
+            let requests: Vec<MonitoredItemCreateRequest> = group
+                .iter()
+                .map(|(tag, node)| self.monitored_item(*tag, node))
+                .collect();
+            match session.create_monitored_items(subscription, ts, requests).await {
                 Ok(results) => {
                     for r in results {
                         let tag = r.requested_parameters.client_handle as usize - 1;
@@ -235,7 +289,8 @@ impl OpcUaSource {
                 Err(e) => return Ended::Lost(format!("CreateMonitoredItems failed: {e}")),
             }
         }
-        info!(device = %self.device.id, subscription, monitored_items = created, bad_tags = bad.len(), "OPC UA subscription created");
+        drop(tx);
+        info!(device = %self.device.id, subscriptions = ?subscriptions, monitored_items = created, bad_tags = bad.len(), "OPC UA subscription created");
         if !bad.is_empty()
             && !self
                 .send(ReadingBatch {
@@ -249,23 +304,30 @@ impl OpcUaSource {
         }
         loop {
             tokio::select! {
-                first = rx.recv() => {
-                    let Some(first) = first else { return Ended::Lost("subscription callback closed".into()) };
-                    let mut changes = vec![first];
-                    while let Ok(c) = rx.try_recv() {
-                        changes.push(c);
-                        if changes.len() >= 10_000 {
-                            break;
+                message = rx.recv() => {
+                    let Some(message) = message else { return Ended::Lost("subscription callback closed".into()) };
+                    // Servers spread one sampling instant over several Publish responses (and several
+                    // subscriptions): collect briefly, then group by timestamp, so a product gets one record
+                    // per change instant of its device rather than one per fragment.
+                    let mut changes = message;
+                    let window = (o.publishing_interval / 4).min(Duration::from_millis(25));
+                    let until = tokio::time::Instant::now() + window;
+                    while changes.len() < 200_000 {
+                        match tokio::time::timeout_at(until, rx.recv()).await {
+                            Ok(Some(more)) => changes.extend(more),
+                            _ => break,
                         }
                     }
                     DeviceStats::inc(&self.stats.polls);
-                    let readings: Vec<(Millis, Reading)> = changes
+                    let mut readings: Vec<(Millis, Reading)> = changes
                         .iter()
                         .filter_map(|(h, dv)| {
                             let tag = (*h as usize).checked_sub(1)?;
                             self.tags.get(tag).map(|t| reading(tag, t, dv, o.server_timestamp))
                         })
                         .collect();
+                    // Stable: each tag's values keep their order.
+                    readings.sort_by_key(|(ts, _)| *ts);
                     for batch in group_by_time(self.index, readings) {
                         if !self.send(batch).await {
                             return Ended::Shutdown;
@@ -275,8 +337,31 @@ impl OpcUaSource {
                 status = &mut *handle => {
                     return Ended::Lost(format!("connection lost: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())));
                 }
+                Some(ev) = events.recv() => {
+                    if !self.on_session_event(ev).await {
+                        return Ended::Shutdown;
+                    }
+                }
                 _ = self.shutdown.changed() => return Ended::Shutdown,
             }
+        }
+    }
+
+    /// Connection lost and recovered by the client library itself (see `session`).
+    async fn on_session_event(&mut self, ev: SessionPollResult) -> bool {
+        match ev {
+            SessionPollResult::ConnectionLost(status) => {
+                warn!(device = %self.device.id, %status, "OPC UA connection lost; reconnecting");
+                self.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
+                DeviceStats::inc(&self.stats.reconnects);
+                self.emit_all_bad(BadReason::Disconnected).await
+            }
+            SessionPollResult::Reconnected(mode) => {
+                info!(device = %self.device.id, ?mode, "OPC UA session recovered");
+                self.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            _ => true,
         }
     }
 
@@ -287,6 +372,7 @@ impl OpcUaSource {
         monitored: &[(usize, NodeId)],
         ts: TimestampsToReturn,
         handle: &mut tokio::task::JoinHandle<StatusCode>,
+        events: &mut mpsc::UnboundedReceiver<SessionPollResult>,
     ) -> Ended {
         let read_ids: Vec<ReadValueId> = monitored.iter().map(|(_, n)| ReadValueId::from(n.clone())).collect();
         let mut ticker = tokio::time::interval(self.device.poll_interval);
@@ -296,6 +382,12 @@ impl OpcUaSource {
                 _ = ticker.tick() => {}
                 status = &mut *handle => {
                     return Ended::Lost(format!("connection lost: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())));
+                }
+                Some(ev) = events.recv() => {
+                    if !self.on_session_event(ev).await {
+                        return Ended::Shutdown;
+                    }
+                    continue;
                 }
                 _ = self.shutdown.changed() => return Ended::Shutdown,
             }
@@ -447,6 +539,11 @@ pub fn build_client(
         .session_timeout(60_000)
         .session_name(format!("plantmesh {}", device.id))
         .request_timeout(device.timeout)
+        // A publish response carries up to queue_size notifications per monitored item of a
+        // subscription: the default decoding limit (1,000 array elements) is far too small.
+        .max_array_length(1_000_000)
+        .max_message_size(256 << 20)
+        .max_chunk_count(0)
         .publish_timeout(o.publishing_interval * 4 + device.timeout)
         .client()
         .map_err(|e| e.join("; "))
