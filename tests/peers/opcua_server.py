@@ -5,7 +5,8 @@ Usage: opcua_server.py PORT SPEC.json
 SPEC: {"namespace": "urn:...", "security": "none" | "encrypt", "pki": DIR (server cert and key here),
        "variables": [{"name": "Double", "type": "Double", "value": 1.5, "array": false}],
        "counter_ms": 100,                  # optional: Int64 variable "Counter" counting up
-       "tree": [folders, variables_per_folder]}  # optional: a large address space for discover
+       "tree": [folders, variables_per_folder],  # optional: a large address space for discover
+       "users": {"name": "password"}}            # optional: only these users may open sessions
 Endpoint: opc.tcp://127.0.0.1:PORT/plantmesh/test. Prints `READY <port>` once serving, and every
 0.5 s `SUBS <n> SESSIONS <m>` (the server's live subscriptions and sessions).
 """
@@ -18,6 +19,8 @@ import uuid
 from pathlib import Path
 
 from asyncua import Server, ua
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.user_managers import UserManager
 from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -36,12 +39,27 @@ def coerce(kind, value):
     return value
 
 
+class Passwords(UserManager):
+    """Accepts exactly the configured users (spec "users": {"name": "password"}); nobody else."""
+
+    def __init__(self, users):
+        self.users = users
+
+    def get_user(self, iserver, username=None, password=None, certificate=None):
+        if username is not None and self.users.get(username) == password:
+            return User(role=UserRole.User, name=username)
+        return None
+
+
 async def main():
     port = int(sys.argv[1])
     with open(sys.argv[2]) as f:
         spec = json.load(f)
-    server = Server()
+    users = spec.get("users")
+    server = Server(user_manager=Passwords(users)) if users else Server()
     await server.init()
+    if users:
+        server.set_security_IDs(["Username"])
     server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/plantmesh/test")
     server.set_server_name("plantmesh test server")
     await server.set_application_uri(APP_URI)

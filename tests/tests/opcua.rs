@@ -352,3 +352,42 @@ fn discover_lists_every_variable_with_its_type_as_pasteable_config() {
         .unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
 }
+
+#[test]
+fn username_identity_with_a_password_from_the_environment() {
+    let server = PyOpcUa::start(
+        &json!({"namespace": NS, "security": "none", "counter_ms": 100, "users": {"operator": "s3cret"}}),
+    );
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/#", "ua-user-sub");
+    let identity = "security_policy = \"None\"\nidentity = \"username\"\nusername = \"operator\"\npassword_env = \"PLANTMESH_TEST_UA_PASSWORD\"";
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        &dir.path().join("cfg"),
+        &gateway(broker.port, &counter_device(&server, identity)),
+        &[("p", &product("ua-user", &[("counter".into(), "oven.counter".into())]))],
+    );
+    // A wrong password: the server refuses the session, nothing flows, and the agent keeps trying.
+    let mut agent = Agent::start_with_env(
+        &dir.path().join("cfg"),
+        &dir.path().join("data"),
+        &[("PLANTMESH_TEST_UA_PASSWORD", "wrong")],
+    );
+    wait_for("the refusal in the log", Duration::from_secs(30), || {
+        agent.log().contains("OPC UA session ended")
+    });
+    assert!(counters(&sub).is_empty());
+    assert!(agent.is_running());
+    agent.stop();
+    assert!(!agent.log().contains("wrong"), "the password must never be logged");
+    // The right one.
+    let mut agent = Agent::start_with_env(
+        &dir.path().join("cfg"),
+        &dir.path().join("data2"),
+        &[("PLANTMESH_TEST_UA_PASSWORD", "s3cret")],
+    );
+    wait_for("data for the authenticated user", Duration::from_secs(30), || {
+        counters(&sub).len() >= 3
+    });
+    agent.stop();
+}

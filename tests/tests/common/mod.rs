@@ -289,6 +289,7 @@ impl Drop for PyModbus {
 /// The real agent binary on a config directory.
 pub struct Agent {
     pub child: Option<Child>,
+    env: Vec<(String, String)>,
     pub config: PathBuf,
     pub data_dir: PathBuf,
     pub stderr: PathBuf,
@@ -325,6 +326,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("PLANTMESH_LOG", "info,rumqttd=off")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
