@@ -306,9 +306,23 @@ impl Agent {
         ));
         let mut a = Agent {
             child: None,
+            env: Vec::new(),
             config: config.into(),
             data_dir: data_dir.into(),
             stderr,
+        };
+        a.spawn();
+        a
+    }
+
+    /// With extra environment variables for the agent process only.
+    pub fn start_with_env(config: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Agent {
+        let mut a = Agent {
+            child: None,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            config: config.into(),
+            data_dir: data_dir.into(),
+            stderr: data_dir.with_extension("log"),
         };
         a.spawn();
         a
