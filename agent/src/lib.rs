@@ -9,6 +9,7 @@
 pub mod buffer;
 pub mod config;
 pub mod discover;
+pub mod govern;
 pub mod map;
 pub mod model;
 pub mod publish;

@@ -44,6 +44,8 @@ pub enum RunError {
     },
     #[error("embedded broker: {0}")]
     Broker(String),
+    #[error("governance: {0}")]
+    Governance(String),
 }
 
 /// The OPC UA ApplicationUri of this agent (also in its application instance certificate).
@@ -198,6 +200,12 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     }
     drop(batch_tx);
 
+    // Governance: the site secret is read now; a product that must pseudonymise cannot run without it.
+    let key = match &plan.governance.key_file {
+        Some(path) => Some(crate::govern::read_key(path).map_err(RunError::Governance)?),
+        None => None,
+    };
+    let governor = crate::govern::Governor::new(&plan, key).map_err(|e| RunError::Governance(e.to_string()))?;
     let last = Arc::new(std::sync::Mutex::new(vec![None; plan.products.len()]));
     let produced: Arc<Vec<std::sync::atomic::AtomicU64>> =
         Arc::new(plan.products.iter().map(|_| Default::default()).collect());
@@ -210,6 +218,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
             let mut mapper = Mapper::new(&plan);
             let encoders: Vec<envelope::RecordEncoder> =
                 plan.products.iter().map(envelope::RecordEncoder::new).collect();
+            let mut counts = crate::govern::Counts::default();
             let mut out = Vec::new();
             let tick = mapper.next_tick().unwrap_or(Duration::from_secs(3600));
             let mut ticker = tokio::time::interval(tick);
@@ -222,14 +231,22 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
                     _ = ticker.tick() => mapper.on_tick(now_millis(), &mut out),
                 }
                 for (pi, record) in out.drain(..) {
-                    let json = encoders[pi].encode(&record);
+                    let governed = match governor.apply(pi, record, &mut counts) {
+                        crate::govern::Decision::Publish(g) => g,
+                        crate::govern::Decision::Drop { .. } => {
+                            handle.refuse_contract(pi);
+                            continue;
+                        }
+                    };
+                    let ts = governed.ts;
+                    let json = encoders[pi].encode(&governed);
                     if want_last {
                         if let Ok(mut l) = last.lock() {
                             l[pi] = Some(String::from_utf8_lossy(&json).into_owned());
                         }
                     }
                     produced[pi].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    handle.offer(pi, record.ts, json);
+                    handle.offer(pi, ts, json);
                 }
             }
         })

@@ -40,6 +40,10 @@ pub enum BadReason {
     NoValue,
     /// An OPC UA StatusCode (the full 32-bit code).
     OpcUa(u32),
+    /// Outside the valid range of the product contract.
+    OutOfRange,
+    /// A field the product contract requires has no good value.
+    RequiredMissing,
 }
 
 impl Quality {
@@ -77,6 +81,8 @@ impl fmt::Display for BadReason {
             BadReason::Crc => f.write_str("crc"),
             BadReason::NoValue => f.write_str("no_value"),
             BadReason::OpcUa(code) => write!(f, "opcua_0x{code:08x}"),
+            BadReason::OutOfRange => f.write_str("out_of_range"),
+            BadReason::RequiredMissing => f.write_str("required_missing"),
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct BufferHandle {
     pub lost: Arc<Vec<AtomicU64>>,
     /// Per product: records not taken because the writer was too far behind, since the last commit.
     pub overloaded: Arc<Vec<AtomicU64>>,
+    /// Per product: records governance dropped for breaking the contract, since the last commit.
+    pub violations: Arc<Vec<AtomicU64>>,
     pub stats: Arc<BufferStats>,
     pub notify: tokio::sync::watch::Receiver<u64>,
 }
@@ -102,6 +104,12 @@ impl BufferHandle {
             // The writer has stopped (storage failure); the agent is exiting. Counted all the same.
             self.overloaded[product].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A record governance dropped (contract violation, `on_violation = "drop"`): counted and reported
+    /// as a gap like every other drop.
+    pub fn refuse_contract(&self, product: usize) {
+        self.violations[product].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn ack(&self, product: String, id: MessageId) {
@@ -160,6 +168,7 @@ fn start_with_queue_limit(
         blocked: Arc::new(products.iter().map(|_| AtomicBool::new(false)).collect()),
         lost: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
         overloaded: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
+        violations: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
         stats: stats.clone(),
         notify: notify_rx,
     };
@@ -170,6 +179,7 @@ fn start_with_queue_limit(
         blocked: handle.blocked.clone(),
         lost: handle.lost.clone(),
         overloaded: handle.overloaded.clone(),
+        violations: handle.violations.clone(),
         stats: handle.stats.clone(),
     };
     let join = std::thread::Builder::new()
@@ -196,6 +206,7 @@ struct Shared {
     blocked: Arc<Vec<AtomicBool>>,
     lost: Arc<Vec<AtomicU64>>,
     overloaded: Arc<Vec<AtomicU64>>,
+    violations: Arc<Vec<AtomicU64>>,
     stats: Arc<BufferStats>,
 }
 
@@ -375,6 +386,10 @@ impl Writer {
             let overloaded = self.h.overloaded[i].swap(0, Ordering::Relaxed);
             if overloaded > 0 {
                 batch.refused.push((slot.id.clone(), overloaded, "writer_overload"));
+            }
+            let violations = self.h.violations[i].swap(0, Ordering::Relaxed);
+            if violations > 0 {
+                batch.refused.push((slot.id.clone(), violations, "contract_violation"));
             }
         }
         batch

@@ -12,6 +12,7 @@ mod validate;
 
 pub use diag::{Diagnostic, Diagnostics};
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ pub struct Plan {
     /// Every tag of every device; devices and fields refer to tags by index into this table.
     pub tags: Vec<TagPlan>,
     pub products: Vec<ProductPlan>,
+    /// The platform's rules, as every product was checked against them.
+    pub governance: GovernancePlan,
     /// Hash of every config file's bytes, in path order (FNV-1a 64, hex); reported in the status topic.
     pub config_hash: String,
     pub files: Vec<PathBuf>,
@@ -301,6 +304,86 @@ impl FullPolicy {
     }
 }
 
+/// What a classification requires at the edge, from least to most strict.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EdgeAction {
+    /// Leaves as it is.
+    Pass,
+    /// Rounded to a multiple of the step.
+    Coarsen(f64),
+    /// Replaced by a keyed hash (HMAC-SHA-256 with the site secret): linkable, not readable.
+    Pseudonymise,
+    /// The key is published, the value never (null).
+    Mask,
+    /// Never leaves the site: not even the key.
+    Never,
+}
+
+impl EdgeAction {
+    /// Strictness rank: a product may choose a higher rank than its class requires, never a lower.
+    pub fn rank(self) -> u8 {
+        match self {
+            EdgeAction::Pass => 0,
+            EdgeAction::Coarsen(_) => 1,
+            EdgeAction::Pseudonymise => 2,
+            EdgeAction::Mask => 3,
+            EdgeAction::Never => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EdgeAction::Pass => "pass",
+            EdgeAction::Coarsen(_) => "coarsen",
+            EdgeAction::Pseudonymise => "pseudonymise",
+            EdgeAction::Mask => "mask",
+            EdgeAction::Never => "never",
+        }
+    }
+}
+
+/// The governance file, validated.
+#[derive(Debug, Clone)]
+pub struct GovernancePlan {
+    /// Classification -> required edge action.
+    pub classes: BTreeMap<String, EdgeAction>,
+    pub default_class: String,
+    pub allow_topic_prefixes: Vec<String>,
+    /// Classifications allowed upstream at all (others are treated as `never`).
+    pub allow_classes: Option<Vec<String>>,
+    /// The site secret for pseudonymisation (read at start, not at check).
+    pub key_file: Option<PathBuf>,
+    /// The governance file, if there is one (for messages and the audit).
+    pub file: Option<PathBuf>,
+}
+
+impl Default for GovernancePlan {
+    /// Without a governance file: public and internal pass, confidential is masked, restricted never leaves.
+    fn default() -> Self {
+        GovernancePlan {
+            classes: BTreeMap::from([
+                ("public".to_string(), EdgeAction::Pass),
+                ("internal".to_string(), EdgeAction::Pass),
+                ("confidential".to_string(), EdgeAction::Mask),
+                ("restricted".to_string(), EdgeAction::Never),
+            ]),
+            default_class: "internal".into(),
+            allow_topic_prefixes: Vec::new(),
+            allow_classes: None,
+            key_file: None,
+            file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnViolation {
+    /// Publish, with the field's quality saying what is wrong.
+    Flag,
+    /// Drop the record, count it, report it as a gap.
+    Drop,
+}
+
 #[derive(Debug, Clone)]
 pub struct ProductPlan {
     pub id: String,
@@ -309,7 +392,10 @@ pub struct ProductPlan {
     pub major: u64,
     pub domain: String,
     pub owner: String,
+    pub contact: String,
+    pub status: String,
     pub description: String,
+    pub on_violation: OnViolation,
     pub publish: PublishMode,
     pub max_bytes: u64,
     pub full_policy: FullPolicy,
@@ -329,6 +415,12 @@ pub struct FieldPlan {
     pub offset: f64,
     pub deadband: f64,
     pub description: String,
+    pub classification: String,
+    /// The action that applies: the class's, or a stricter one the product chose (or `never` when
+    /// the class may not go upstream at all).
+    pub action: EdgeAction,
+    pub required: bool,
+    pub range: Option<(f64, f64)>,
 }
 
 impl Plan {

@@ -181,6 +181,14 @@ pub struct Product {
     pub domain: Spanned<String>,
     /// Owning team.
     pub owner: String,
+    /// How to reach the owning team (mail, chat channel).
+    #[serde(default)]
+    pub contact: String,
+    /// `draft`, `active` (default), `deprecated`, `retired`.
+    pub status: Option<Spanned<String>>,
+    /// What happens to a record that breaks the contract (type, range, required): `flag` (default:
+    /// published with the field's quality saying why) or `drop` (counted and reported as a gap).
+    pub on_violation: Option<Spanned<String>>,
     #[serde(default)]
     pub description: String,
     #[serde(default)]
@@ -226,15 +234,70 @@ pub struct Field {
     pub offset: Option<f64>,
     /// For `on_change`: a change smaller than this is not a change (numeric fields).
     pub deadband: Option<Spanned<f64>>,
+    /// Classification (a class of the governance file); default: the governance default.
+    pub classification: Option<Spanned<String>>,
+    /// The edge action for this field, when stricter than its class requires (never weaker).
+    pub action: Option<Spanned<String>>,
+    /// For `action = "coarsen"`.
+    pub step: Option<Spanned<f64>>,
+    /// The field must have a good value in every record.
+    #[serde(default)]
+    pub required: bool,
+    /// Valid range `[min, max]` (numeric fields).
+    pub range: Option<Spanned<[f64; 2]>>,
     #[serde(default)]
     pub description: String,
 }
 
-/// The governance file, owned by the platform group. Rules arrive in a later version; for now it
-/// sets the topic template.
+/// The governance file, owned by the platform group: what each classification requires at the
+/// edge, what may go upstream, and what every product contract must say.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Governance {
     /// Topic of product messages: `{site}`, `{area}`, `{line}`, `{domain}`, `{product}`, `{major}`.
     pub topic_template: Option<Spanned<String>>,
+    /// Classification of fields that do not name one; default `internal`.
+    pub default_classification: Option<Spanned<String>>,
+    /// Product keys that must be present and non-empty: `description`, `contact`, `status`, `unit`
+    /// (on every numeric field).
+    #[serde(default)]
+    pub required_metadata: Vec<Spanned<String>>,
+    /// File with the site secret for pseudonymisation (at least 32 bytes; mode 0600).
+    pub pseudonymise_key_file: Option<Spanned<String>>,
+    /// Classification levels and the edge action each requires.
+    #[serde(default)]
+    pub classes: std::collections::BTreeMap<String, Class>,
+    #[serde(default)]
+    pub egress: Egress,
+    /// Which domains may publish under which topic prefixes.
+    #[serde(default)]
+    pub domains: Vec<DomainRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Class {
+    /// `pass`, `coarsen`, `mask`, `pseudonymise` or `never` (never leaves the site).
+    pub action: Spanned<String>,
+    /// For `coarsen`: values are rounded to a multiple of this step.
+    pub step: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Egress {
+    /// Topic prefixes that may be published to; empty: any.
+    #[serde(default)]
+    pub allow_topic_prefixes: Vec<Spanned<String>>,
+    /// Classifications that may go upstream at all; empty: all but those whose action is `never`.
+    #[serde(default)]
+    pub allow_classes: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainRule {
+    pub domain: Spanned<String>,
+    /// Topic prefixes this domain's products must publish under.
+    pub topic_prefixes: Vec<Spanned<String>>,
 }

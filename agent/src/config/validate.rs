@@ -121,8 +121,14 @@ pub(super) fn validate(
     let mut files = vec![gateway.0.clone()];
     let mut hash_input: Vec<&[u8]> = vec![gateway.1.as_bytes()];
 
-    // Governance first: it sets the topic template products are checked against.
-    let mut template = DEFAULT_TOPIC_TEMPLATE.to_string();
+    // Governance first: every product is checked against it.
+    let mut rules = Rules {
+        plan: GovernancePlan::default(),
+        template: DEFAULT_TOPIC_TEMPLATE.to_string(),
+        required: Vec::new(),
+        domains: Vec::new(),
+        file: "governance.toml (defaults)".into(),
+    };
     if let Some((path, text)) = governance {
         files.push(path.clone());
         hash_input.push(text.as_bytes());
@@ -130,15 +136,8 @@ pub(super) fn validate(
         match parse::<raw::Governance>(&src) {
             Err(d) => problems.push(d),
             Ok(g) => {
-                if let Some(t) = g.topic_template {
-                    let mut cx = Ctx {
-                        src,
-                        problems: &mut problems,
-                    };
-                    if check_template(&mut cx, &t) {
-                        template = t.into_inner();
-                    }
-                }
+                let mut cx = Ctx { src, problems: &mut problems };
+                rules = governance_rules(&mut cx, g);
             }
         }
     }
@@ -203,7 +202,7 @@ pub(super) fn validate(
                     by_ref: &by_ref,
                     declared,
                 },
-                &template,
+                &rules,
             ) {
                 plan_products.push(p);
             }
@@ -221,6 +220,7 @@ pub(super) fn validate(
         devices,
         tags,
         products: plan_products,
+        governance: rules.plan,
         config_hash: format!("{:016x}", fnv1a64(&hash_input)),
         files,
     })
@@ -751,8 +751,9 @@ fn product_plan(
     agent: &AgentPlan,
     buffer: &BufferPlan,
     tags: &TagIndex,
-    template: &str,
+    rules: &Rules,
 ) -> Option<ProductPlan> {
+    let template = rules.template.as_str();
     let TagIndex { tags, by_ref, declared } = *tags;
     let id = p.id.get_ref();
     if id.is_empty()
@@ -906,6 +907,24 @@ fn product_plan(
             Some(d) => *d.get_ref(),
             None => 0.0,
         };
+        let Some((classification, action)) = field_governance(cx, f, &key, logical_type, rules) else { continue };
+        let numeric = matches!(logical_type, LogicalType::Number | LogicalType::Integer);
+        let range = match &f.range {
+            Some(r) if !numeric => {
+                cx.err(r, format!("{key}.range"), "`range` applies only to numeric fields");
+                None
+            }
+            Some(r) if !(r.get_ref()[0] < r.get_ref()[1]) => {
+                cx.err(r, format!("{key}.range"), "a range is [min, max] with min < max");
+                None
+            }
+            Some(r) => Some((r.get_ref()[0], r.get_ref()[1])),
+            None => None,
+        };
+        if rules.required.iter().any(|r| r == "unit") && numeric && f.unit.is_empty() {
+            let msg = format!("numeric field `{}` has no `unit`, required by rule `required_metadata` in {}", f.name.get_ref(), rules.file);
+            cx.err(&f.name, format!("{key}.unit"), msg);
+        }
         fields.push(FieldPlan {
             name: f.name.get_ref().clone(),
             tag,
@@ -915,6 +934,10 @@ fn product_plan(
             offset,
             deadband,
             description: f.description.clone(),
+            classification,
+            action,
+            required: f.required,
+            range,
         });
     }
     let topic = template
@@ -924,6 +947,53 @@ fn product_plan(
         .replace("{domain}", p.domain.get_ref())
         .replace("{product}", id)
         .replace("{major}", &major.to_string());
+    let status = match &p.status {
+        None => "active".to_string(),
+        Some(s) => cx
+            .choice(s, "status", &[("draft", "draft"), ("active", "active"), ("deprecated", "deprecated"), ("retired", "retired")])?
+            .to_string(),
+    };
+    let on_violation = match &p.on_violation {
+        None => OnViolation::Flag,
+        Some(v) => cx.choice(v, "on_violation", &[("flag", OnViolation::Flag), ("drop", OnViolation::Drop)])?,
+    };
+    for r in &rules.required {
+        let missing = match r.as_str() {
+            "description" => p.description.trim().is_empty(),
+            "contact" => p.contact.trim().is_empty(),
+            "status" => p.status.is_none(),
+            _ => false,
+        };
+        if missing {
+            let msg = format!("missing `{r}`, required by rule `required_metadata` in {}", rules.file);
+            cx.err(&p.id, r.clone(), msg);
+        }
+    }
+    if !rules.plan.allow_topic_prefixes.is_empty() && !rules.plan.allow_topic_prefixes.iter().any(|pre| topic.starts_with(pre.as_str())) {
+        let msg = format!(
+            "topic `{topic}` is outside the egress allow-list (rule `egress.allow_topic_prefixes` in {}: {})",
+            rules.file,
+            rules.plan.allow_topic_prefixes.join(", ")
+        );
+        cx.err(&p.domain, "domain", msg);
+    }
+    if !rules.domains.is_empty() {
+        match rules.domains.iter().find(|(d, _)| d == p.domain.get_ref()) {
+            None => {
+                let msg = format!("domain `{}` may not publish: it has no rule in `domains` of {}", p.domain.get_ref(), rules.file);
+                cx.err(&p.domain, "domain", msg);
+            }
+            Some((d, prefixes)) if !prefixes.iter().any(|pre| topic.starts_with(pre.as_str())) => {
+                let msg = format!(
+                    "topic `{topic}` is not under the prefixes domain `{d}` may use (rule `domains` in {}: {})",
+                    rules.file,
+                    prefixes.join(", ")
+                );
+                cx.err(&p.domain, "domain", msg);
+            }
+            Some(_) => {}
+        }
+    }
     Some(ProductPlan {
         id: id.clone(),
         name: p.name.clone(),
@@ -931,6 +1001,9 @@ fn product_plan(
         major,
         domain: p.domain.get_ref().clone(),
         owner: p.owner.clone(),
+        contact: p.contact.clone(),
+        status,
+        on_violation,
         description: p.description.clone(),
         publish,
         max_bytes,
@@ -1279,4 +1352,146 @@ fn opcua_device(
         });
     }
     Some(plan)
+}
+
+/// The governance file's rules as product checks need them.
+struct Rules {
+    plan: GovernancePlan,
+    template: String,
+    required: Vec<String>,
+    domains: Vec<(String, Vec<String>)>,
+    /// How messages name the governance file.
+    file: String,
+}
+
+const ACTIONS: [&str; 5] = ["pass", "coarsen", "pseudonymise", "mask", "never"];
+
+fn action_of(cx: &mut Ctx, name: &Spanned<String>, step: Option<&Spanned<f64>>, key: &str) -> Option<EdgeAction> {
+    let options: Vec<(&str, &str)> = ACTIONS.iter().map(|a| (*a, *a)).collect();
+    let a = cx.choice(name, key, &options)?;
+    Some(match a {
+        "pass" => EdgeAction::Pass,
+        "coarsen" => match step {
+            Some(s) if s.get_ref().is_finite() && *s.get_ref() > 0.0 => EdgeAction::Coarsen(*s.get_ref()),
+            Some(s) => {
+                cx.err(s, key.replace("action", "step"), "`step` must be a number > 0");
+                return None;
+            }
+            None => {
+                cx.err(name, key.replace("action", "step"), "`coarsen` needs `step` (values are rounded to a multiple of it)");
+                return None;
+            }
+        },
+        "pseudonymise" => EdgeAction::Pseudonymise,
+        "mask" => EdgeAction::Mask,
+        _ => EdgeAction::Never,
+    })
+}
+
+fn governance_rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
+    let file = cx.src.path.display().to_string();
+    let base = cx.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut plan = GovernancePlan { file: Some(cx.src.path.to_path_buf()), ..GovernancePlan::default() };
+    let mut template = DEFAULT_TOPIC_TEMPLATE.to_string();
+    if let Some(t) = &g.topic_template {
+        if check_template(cx, t) {
+            template = t.get_ref().clone();
+        }
+    }
+    if !g.classes.is_empty() {
+        plan.classes.clear();
+        for (name, class) in &g.classes {
+            if let Some(a) = action_of(cx, &class.action, class.step.as_ref(), &format!("classes.{name}.action")) {
+                plan.classes.insert(name.clone(), a);
+            }
+        }
+    }
+    let class_names: Vec<String> = plan.classes.keys().cloned().collect();
+    let known = |cx: &mut Ctx, c: &Spanned<String>, key: &str| {
+        if !class_names.contains(c.get_ref()) {
+            let help = closest(c.get_ref(), class_names.iter().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
+            cx.err(c, key, format!("unknown classification `{}`", c.get_ref())).help = help;
+            false
+        } else {
+            true
+        }
+    };
+    if let Some(d) = &g.default_classification {
+        if known(cx, d, "default_classification") {
+            plan.default_class = d.get_ref().clone();
+        }
+    } else if !plan.classes.contains_key(&plan.default_class) {
+        let first = plan.classes.keys().next().cloned().unwrap_or_default();
+        cx.whole("default_classification", format!("there is no class `internal`: set default_classification (e.g. \"{first}\")"));
+    }
+    if !g.egress.allow_classes.is_empty() {
+        let mut allowed = Vec::new();
+        for (i, c) in g.egress.allow_classes.iter().enumerate() {
+            if known(cx, c, &format!("egress.allow_classes[{i}]")) {
+                allowed.push(c.get_ref().clone());
+            }
+        }
+        plan.allow_classes = Some(allowed);
+    }
+    plan.allow_topic_prefixes = g.egress.allow_topic_prefixes.iter().map(|p| p.get_ref().clone()).collect();
+    plan.key_file = g.pseudonymise_key_file.as_ref().map(|k| base.join(k.get_ref()));
+    let mut required = Vec::new();
+    for (i, r) in g.required_metadata.iter().enumerate() {
+        if let Some(name) = cx.choice(r, &format!("required_metadata[{i}]"), &[("description", "description"), ("contact", "contact"), ("status", "status"), ("unit", "unit")]) {
+            required.push(name.to_string());
+        }
+    }
+    let domains = g.domains.iter().map(|d| (d.domain.get_ref().clone(), d.topic_prefixes.iter().map(|p| p.get_ref().clone()).collect())).collect();
+    Rules { plan, template, required, domains, file }
+}
+
+/// A field's classification and the edge action that applies to it; a product may tighten its
+/// class's action, never weaken it.
+fn field_governance(cx: &mut Ctx, f: &raw::Field, key: &str, logical: LogicalType, rules: &Rules) -> Option<(String, EdgeAction)> {
+    let class = match &f.classification {
+        Some(c) => {
+            if !rules.plan.classes.contains_key(c.get_ref()) {
+                let help = closest(c.get_ref(), rules.plan.classes.keys().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
+                let msg = format!("unknown classification `{}` (the classes of {} are: {})", c.get_ref(), rules.file, rules.plan.classes.keys().cloned().collect::<Vec<_>>().join(", "));
+                cx.err(c, format!("{key}.classification"), msg).help = help;
+                return None;
+            }
+            c.get_ref().clone()
+        }
+        None => rules.plan.default_class.clone(),
+    };
+    let required = rules.plan.classes[&class];
+    let upstream = rules.plan.allow_classes.as_ref().is_none_or(|a| a.contains(&class));
+    let mut action = if upstream { required } else { EdgeAction::Never };
+    if let Some(a) = &f.action {
+        let chosen = action_of(cx, a, f.step.as_ref(), &format!("{key}.action"))?;
+        if chosen.rank() < action.rank() {
+            let rule = if upstream {
+                format!("rule `classes.{class}.action = \"{}\"` in {}", required.name(), rules.file)
+            } else {
+                format!("rule `egress.allow_classes` in {} (class `{class}` may not leave the site)", rules.file)
+            };
+            let msg = format!("`{}` weakens governance: class `{class}` requires `{}` ({rule})", chosen.name(), action.name());
+            cx.err(a, format!("{key}.action"), msg).help = Some(format!("use `{}` or a stricter action", action.name()));
+            return None;
+        }
+        action = chosen;
+    } else if f.step.is_some() {
+        let s = f.step.as_ref().expect("checked");
+        cx.err(s, format!("{key}.step"), "`step` applies only to action = \"coarsen\"");
+    }
+    if matches!(action, EdgeAction::Coarsen(_)) && !matches!(logical, LogicalType::Number | LogicalType::Integer) {
+        cx.err(&f.name, format!("{key}.action"), "`coarsen` applies only to numeric fields");
+        return None;
+    }
+    if action == EdgeAction::Pseudonymise && rules.plan.key_file.is_none() {
+        let msg = format!(
+            "field `{}` must be pseudonymised (class `{class}`), but {} names no `pseudonymise_key_file`",
+            f.name.get_ref(),
+            rules.file
+        );
+        cx.err(&f.name, format!("{key}.classification"), msg);
+        return None;
+    }
+    Some((class, action))
 }

@@ -2,6 +2,7 @@
 
 use crate::buffer::StoredMessage;
 use crate::config::{Plan, ProductPlan, Table};
+use crate::govern::Governed;
 use crate::model::{format_rfc3339_millis, Record, Value};
 use serde_json::{json, Value as Json};
 
@@ -27,18 +28,19 @@ impl RecordEncoder {
         RecordEncoder { keys }
     }
 
-    pub fn encode(&self, record: &Record) -> Vec<u8> {
+    /// Encodes what governance lets leave: only the fields in `record`, nothing else.
+    pub fn encode(&self, record: &Governed) -> Vec<u8> {
         use std::io::Write;
         let key_bytes: usize = self.keys.iter().map(Vec::len).sum();
         let mut out = Vec::with_capacity(64 + 2 * key_bytes + self.keys.len() * 16);
         out.extend_from_slice(b"{\"ts\":\"");
         out.extend_from_slice(format_rfc3339_millis(record.ts).as_bytes());
         out.extend_from_slice(b"\",\"fields\":{");
-        for (i, (key, (v, _))) in self.keys.iter().zip(&record.fields).enumerate() {
+        for (i, (field, v, _)) in record.fields.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(key);
+            out.extend_from_slice(&self.keys[*field]);
             match v {
                 None => out.extend_from_slice(b"null"),
                 Some(Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
@@ -51,11 +53,11 @@ impl RecordEncoder {
             }
         }
         out.extend_from_slice(b"},\"quality\":{");
-        for (i, (key, (_, q))) in self.keys.iter().zip(&record.fields).enumerate() {
+        for (i, (field, _, q)) in record.fields.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(key);
+            out.extend_from_slice(&self.keys[*field]);
             if q.is_good() {
                 out.extend_from_slice(b"\"good\"");
             } else {
@@ -67,9 +69,9 @@ impl RecordEncoder {
     }
 }
 
-/// One record of `product` (see [`RecordEncoder`]; build one per product when encoding many).
+/// One record of `product` with every field, ungoverned (see [`RecordEncoder`]; tests and tools).
 pub fn encode_record(product: &ProductPlan, record: &Record) -> Vec<u8> {
-    RecordEncoder::new(product).encode(record)
+    RecordEncoder::new(product).encode(&Governed::all(record.clone()))
 }
 
 /// The product message around stored records.
@@ -127,6 +129,8 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
     let properties: Vec<Json> = p
         .fields
         .iter()
+        // Fields that never leave the site are not part of the published contract.
+        .filter(|f| f.action != crate::config::EdgeAction::Never)
         .map(|f| {
             let t = &plan.tags[f.tag];
             let table = match t.table {
@@ -154,11 +158,20 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                     "address": t.address,
                 }),
             };
+            // What leaves is what the consumer gets: pseudonyms are strings, masked values null.
+            let logical = match f.action {
+                crate::config::EdgeAction::Pseudonymise => "string",
+                _ => f.logical_type.as_str(),
+            };
             json!({
                 "name": f.name,
-                "logicalType": f.logical_type.as_str(),
+                "logicalType": logical,
                 "unit": f.unit,
                 "description": f.description,
+                "required": f.required,
+                "classification": f.classification,
+                "edgeAction": f.action.name(),
+                "range": f.range.map(|(lo, hi)| json!({"min": lo, "max": hi})),
                 "lineage": lineage,
             })
         })
@@ -172,8 +185,9 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
         "version": p.version,
         "domain": p.domain,
         "team": p.owner,
+        "contact": p.contact,
         "description": p.description,
-        "status": "active",
+        "status": p.status,
         "schema": [{"name": p.id, "properties": properties}],
         "binding": {"protocol": "mqtt", "topic": p.topic, "qos": 1, "encoding": "json",
                     "gaps_topic": gaps_topic(p)},
@@ -201,6 +215,10 @@ mod tests {
             offset: 0.0,
             deadband: 0.0,
             description: String::new(),
+            classification: "internal".into(),
+            action: crate::config::EdgeAction::Pass,
+            required: false,
+            range: None,
         };
         let p = ProductPlan {
             id: "p".into(),
@@ -209,6 +227,9 @@ mod tests {
             major: 1,
             domain: "d".into(),
             owner: "o".into(),
+            contact: String::new(),
+            status: "active".into(),
+            on_violation: crate::config::OnViolation::Flag,
             description: String::new(),
             publish: PublishMode::EverySample,
             max_bytes: 1,
