@@ -163,6 +163,10 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         offline: envelope::status(&plan, "offline", epoch),
         stats: publish_stats.clone(),
         shutdown: shutdown.clone(),
+        egress: crate::publish::Egress {
+            topic_prefixes: plan.governance.allow_topic_prefixes.clone(),
+            products: plan.products.iter().map(|p| p.id.clone()).collect(),
+        },
     };
     let publisher = tokio::spawn(publisher.run());
 

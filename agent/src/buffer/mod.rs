@@ -38,8 +38,13 @@ pub enum WriterMsg {
     Ack { product: String, id: MessageId },
     /// The broker acknowledged this gap event.
     GapAck(u64),
-    /// The broker refused this message with an MQTT 5 reason code >= 0x80.
-    DeadLetter { product: String, id: MessageId, code: u8 },
+    /// The message may not be delivered: the broker refused it (MQTT 5 reason code >= 0x80), or
+    /// egress was denied just before publishing. `reason` becomes the gap event's reason.
+    DeadLetter {
+        product: String,
+        id: MessageId,
+        reason: String,
+    },
 }
 
 /// A product as the writer needs it.
@@ -116,8 +121,8 @@ impl BufferHandle {
         let _ = self.tx.send(WriterMsg::Ack { product, id });
     }
 
-    pub fn dead_letter(&self, product: String, id: MessageId, code: u8) {
-        let _ = self.tx.send(WriterMsg::DeadLetter { product, id, code });
+    pub fn dead_letter(&self, product: String, id: MessageId, reason: String) {
+        let _ = self.tx.send(WriterMsg::DeadLetter { product, id, reason });
     }
 
     pub fn gap_ack(&self, id: u64) {
@@ -227,7 +232,7 @@ struct Pending {
     created: Vec<u64>,
     acks: Vec<(String, MessageId)>,
     gap_acks: Vec<u64>,
-    dead_letters: Vec<(String, MessageId, u8)>,
+    dead_letters: Vec<(String, MessageId, String)>,
     count: usize,
 }
 
@@ -335,8 +340,8 @@ impl Writer {
                 p.count += 1;
             }
             WriterMsg::GapAck(id) => p.gap_acks.push(id),
-            WriterMsg::DeadLetter { product, id, code } => {
-                p.dead_letters.push((product, id, code));
+            WriterMsg::DeadLetter { product, id, reason } => {
+                p.dead_letters.push((product, id, reason));
                 p.count += 1;
             }
         }

@@ -140,7 +140,7 @@ pub struct Batch {
     pub acks: Vec<(String, MessageId)>,
     pub gap_acks: Vec<u64>,
     /// Messages the broker refused (MQTT 5 reason code >= 0x80): moved to `dead_letters`.
-    pub dead_letters: Vec<(String, MessageId, u8)>,
+    pub dead_letters: Vec<(String, MessageId, String)>,
     /// Records refused before they reached a message: `(product, count, reason)`; reasons are
     /// `buffer_full_blocked` (a `block` product while full) and `writer_overload` (the writer was
     /// too far behind to queue more).
@@ -398,14 +398,15 @@ impl Store {
                 Ok(())
             };
 
-            for (product, id, code) in &batch.dead_letters {
+            for (product, id, reason) in &batch.dead_letters {
                 let key = (product.clone(), *id);
                 let removed = messages
                     .remove((product.as_str(), id.epoch, id.seq))
                     .map_err(storage(&path))?
                     .map(|v| v.value().to_vec());
                 let Some(bytes) = removed else { continue };
-                let records = StoredMessage::decode(product, *id, &bytes).map_or(0, |m| m.records);
+                let decoded = StoredMessage::decode(product, *id, &bytes);
+                let records = decoded.as_ref().map_or(0, |m| m.records);
                 let mut dead = tx.open_table(DEAD).map_err(storage(&path))?;
                 dead.insert((product.as_str(), id.epoch, id.seq), bytes.as_slice())
                     .map_err(storage(&path))?;
@@ -415,18 +416,19 @@ impl Store {
                 q.messages = q.messages.saturating_sub(1);
                 total = total.saturating_sub(size);
                 size_changes.push((key, None));
-                record_gap(
-                    &mut gaps,
-                    &mut drops,
-                    self.gap_event(
-                        product,
-                        id.epoch,
-                        (id.seq, id.seq),
-                        u64::from(records),
-                        format!("broker_rejected_0x{code:02x}"),
-                        now,
-                    ),
-                )?;
+                let mut ev = self.gap_event(
+                    product,
+                    id.epoch,
+                    (id.seq, id.seq),
+                    u64::from(records),
+                    reason.clone(),
+                    now,
+                );
+                if ev.topic.is_empty() {
+                    // A product no longer in the config: its message still knows where it belonged.
+                    ev.topic = decoded.map(|m| format!("{}/_gaps", m.topic)).unwrap_or_default();
+                }
+                record_gap(&mut gaps, &mut drops, ev)?;
             }
 
             for (product, count, reason) in &batch.refused {

@@ -136,7 +136,10 @@ pub(super) fn validate(
         match parse::<raw::Governance>(&src) {
             Err(d) => problems.push(d),
             Ok(g) => {
-                let mut cx = Ctx { src, problems: &mut problems };
+                let mut cx = Ctx {
+                    src,
+                    problems: &mut problems,
+                };
                 rules = governance_rules(&mut cx, g);
             }
         }
@@ -907,14 +910,16 @@ fn product_plan(
             Some(d) => *d.get_ref(),
             None => 0.0,
         };
-        let Some((classification, action)) = field_governance(cx, f, &key, logical_type, rules) else { continue };
+        let Some((classification, action)) = field_governance(cx, f, &key, logical_type, rules) else {
+            continue;
+        };
         let numeric = matches!(logical_type, LogicalType::Number | LogicalType::Integer);
         let range = match &f.range {
             Some(r) if !numeric => {
                 cx.err(r, format!("{key}.range"), "`range` applies only to numeric fields");
                 None
             }
-            Some(r) if !(r.get_ref()[0] < r.get_ref()[1]) => {
+            Some(r) if r.get_ref()[0] >= r.get_ref()[1] || r.get_ref().iter().any(|x| !x.is_finite()) => {
                 cx.err(r, format!("{key}.range"), "a range is [min, max] with min < max");
                 None
             }
@@ -922,7 +927,11 @@ fn product_plan(
             None => None,
         };
         if rules.required.iter().any(|r| r == "unit") && numeric && f.unit.is_empty() {
-            let msg = format!("numeric field `{}` has no `unit`, required by rule `required_metadata` in {}", f.name.get_ref(), rules.file);
+            let msg = format!(
+                "numeric field `{}` has no `unit`, required by rule `required_metadata` in {}",
+                f.name.get_ref(),
+                rules.file
+            );
             cx.err(&f.name, format!("{key}.unit"), msg);
         }
         fields.push(FieldPlan {
@@ -950,12 +959,25 @@ fn product_plan(
     let status = match &p.status {
         None => "active".to_string(),
         Some(s) => cx
-            .choice(s, "status", &[("draft", "draft"), ("active", "active"), ("deprecated", "deprecated"), ("retired", "retired")])?
+            .choice(
+                s,
+                "status",
+                &[
+                    ("draft", "draft"),
+                    ("active", "active"),
+                    ("deprecated", "deprecated"),
+                    ("retired", "retired"),
+                ],
+            )?
             .to_string(),
     };
     let on_violation = match &p.on_violation {
         None => OnViolation::Flag,
-        Some(v) => cx.choice(v, "on_violation", &[("flag", OnViolation::Flag), ("drop", OnViolation::Drop)])?,
+        Some(v) => cx.choice(
+            v,
+            "on_violation",
+            &[("flag", OnViolation::Flag), ("drop", OnViolation::Drop)],
+        )?,
     };
     for r in &rules.required {
         let missing = match r.as_str() {
@@ -969,7 +991,13 @@ fn product_plan(
             cx.err(&p.id, r.clone(), msg);
         }
     }
-    if !rules.plan.allow_topic_prefixes.is_empty() && !rules.plan.allow_topic_prefixes.iter().any(|pre| topic.starts_with(pre.as_str())) {
+    if !rules.plan.allow_topic_prefixes.is_empty()
+        && !rules
+            .plan
+            .allow_topic_prefixes
+            .iter()
+            .any(|pre| topic.starts_with(pre.as_str()))
+    {
         let msg = format!(
             "topic `{topic}` is outside the egress allow-list (rule `egress.allow_topic_prefixes` in {}: {})",
             rules.file,
@@ -980,7 +1008,11 @@ fn product_plan(
     if !rules.domains.is_empty() {
         match rules.domains.iter().find(|(d, _)| d == p.domain.get_ref()) {
             None => {
-                let msg = format!("domain `{}` may not publish: it has no rule in `domains` of {}", p.domain.get_ref(), rules.file);
+                let msg = format!(
+                    "domain `{}` may not publish: it has no rule in `domains` of {}",
+                    p.domain.get_ref(),
+                    rules.file
+                );
                 cx.err(&p.domain, "domain", msg);
             }
             Some((d, prefixes)) if !prefixes.iter().any(|pre| topic.starts_with(pre.as_str())) => {
@@ -1378,7 +1410,11 @@ fn action_of(cx: &mut Ctx, name: &Spanned<String>, step: Option<&Spanned<f64>>, 
                 return None;
             }
             None => {
-                cx.err(name, key.replace("action", "step"), "`coarsen` needs `step` (values are rounded to a multiple of it)");
+                cx.err(
+                    name,
+                    key.replace("action", "step"),
+                    "`coarsen` needs `step` (values are rounded to a multiple of it)",
+                );
                 return None;
             }
         },
@@ -1391,7 +1427,10 @@ fn action_of(cx: &mut Ctx, name: &Spanned<String>, step: Option<&Spanned<f64>>, 
 fn governance_rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
     let file = cx.src.path.display().to_string();
     let base = cx.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut plan = GovernancePlan { file: Some(cx.src.path.to_path_buf()), ..GovernancePlan::default() };
+    let mut plan = GovernancePlan {
+        file: Some(cx.src.path.to_path_buf()),
+        ..GovernancePlan::default()
+    };
     let mut template = DEFAULT_TOPIC_TEMPLATE.to_string();
     if let Some(t) = &g.topic_template {
         if check_template(cx, t) {
@@ -1401,7 +1440,12 @@ fn governance_rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
     if !g.classes.is_empty() {
         plan.classes.clear();
         for (name, class) in &g.classes {
-            if let Some(a) = action_of(cx, &class.action, class.step.as_ref(), &format!("classes.{name}.action")) {
+            if let Some(a) = action_of(
+                cx,
+                &class.action,
+                class.step.as_ref(),
+                &format!("classes.{name}.action"),
+            ) {
                 plan.classes.insert(name.clone(), a);
             }
         }
@@ -1409,7 +1453,8 @@ fn governance_rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
     let class_names: Vec<String> = plan.classes.keys().cloned().collect();
     let known = |cx: &mut Ctx, c: &Spanned<String>, key: &str| {
         if !class_names.contains(c.get_ref()) {
-            let help = closest(c.get_ref(), class_names.iter().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
+            let help =
+                closest(c.get_ref(), class_names.iter().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
             cx.err(c, key, format!("unknown classification `{}`", c.get_ref())).help = help;
             false
         } else {
@@ -1422,7 +1467,10 @@ fn governance_rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
         }
     } else if !plan.classes.contains_key(&plan.default_class) {
         let first = plan.classes.keys().next().cloned().unwrap_or_default();
-        cx.whole("default_classification", format!("there is no class `internal`: set default_classification (e.g. \"{first}\")"));
+        cx.whole(
+            "default_classification",
+            format!("there is no class `internal`: set default_classification (e.g. \"{first}\")"),
+        );
     }
     if !g.egress.allow_classes.is_empty() {
         let mut allowed = Vec::new();
@@ -1433,26 +1481,67 @@ fn governance_rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
         }
         plan.allow_classes = Some(allowed);
     }
-    plan.allow_topic_prefixes = g.egress.allow_topic_prefixes.iter().map(|p| p.get_ref().clone()).collect();
+    plan.allow_topic_prefixes = g
+        .egress
+        .allow_topic_prefixes
+        .iter()
+        .map(|p| p.get_ref().clone())
+        .collect();
     plan.key_file = g.pseudonymise_key_file.as_ref().map(|k| base.join(k.get_ref()));
     let mut required = Vec::new();
     for (i, r) in g.required_metadata.iter().enumerate() {
-        if let Some(name) = cx.choice(r, &format!("required_metadata[{i}]"), &[("description", "description"), ("contact", "contact"), ("status", "status"), ("unit", "unit")]) {
+        if let Some(name) = cx.choice(
+            r,
+            &format!("required_metadata[{i}]"),
+            &[
+                ("description", "description"),
+                ("contact", "contact"),
+                ("status", "status"),
+                ("unit", "unit"),
+            ],
+        ) {
             required.push(name.to_string());
         }
     }
-    let domains = g.domains.iter().map(|d| (d.domain.get_ref().clone(), d.topic_prefixes.iter().map(|p| p.get_ref().clone()).collect())).collect();
-    Rules { plan, template, required, domains, file }
+    let domains = g
+        .domains
+        .iter()
+        .map(|d| {
+            (
+                d.domain.get_ref().clone(),
+                d.topic_prefixes.iter().map(|p| p.get_ref().clone()).collect(),
+            )
+        })
+        .collect();
+    Rules {
+        plan,
+        template,
+        required,
+        domains,
+        file,
+    }
 }
 
 /// A field's classification and the edge action that applies to it; a product may tighten its
 /// class's action, never weaken it.
-fn field_governance(cx: &mut Ctx, f: &raw::Field, key: &str, logical: LogicalType, rules: &Rules) -> Option<(String, EdgeAction)> {
+fn field_governance(
+    cx: &mut Ctx,
+    f: &raw::Field,
+    key: &str,
+    logical: LogicalType,
+    rules: &Rules,
+) -> Option<(String, EdgeAction)> {
     let class = match &f.classification {
         Some(c) => {
             if !rules.plan.classes.contains_key(c.get_ref()) {
-                let help = closest(c.get_ref(), rules.plan.classes.keys().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
-                let msg = format!("unknown classification `{}` (the classes of {} are: {})", c.get_ref(), rules.file, rules.plan.classes.keys().cloned().collect::<Vec<_>>().join(", "));
+                let help = closest(c.get_ref(), rules.plan.classes.keys().map(String::as_str))
+                    .map(|b| format!("did you mean `{b}`?"));
+                let msg = format!(
+                    "unknown classification `{}` (the classes of {} are: {})",
+                    c.get_ref(),
+                    rules.file,
+                    rules.plan.classes.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
                 cx.err(c, format!("{key}.classification"), msg).help = help;
                 return None;
             }
@@ -1467,21 +1556,36 @@ fn field_governance(cx: &mut Ctx, f: &raw::Field, key: &str, logical: LogicalTyp
         let chosen = action_of(cx, a, f.step.as_ref(), &format!("{key}.action"))?;
         if chosen.rank() < action.rank() {
             let rule = if upstream {
-                format!("rule `classes.{class}.action = \"{}\"` in {}", required.name(), rules.file)
+                format!(
+                    "rule `classes.{class}.action = \"{}\"` in {}",
+                    required.name(),
+                    rules.file
+                )
             } else {
-                format!("rule `egress.allow_classes` in {} (class `{class}` may not leave the site)", rules.file)
+                format!(
+                    "rule `egress.allow_classes` in {} (class `{class}` may not leave the site)",
+                    rules.file
+                )
             };
-            let msg = format!("`{}` weakens governance: class `{class}` requires `{}` ({rule})", chosen.name(), action.name());
-            cx.err(a, format!("{key}.action"), msg).help = Some(format!("use `{}` or a stricter action", action.name()));
+            let msg = format!(
+                "`{}` weakens governance: class `{class}` requires `{}` ({rule})",
+                chosen.name(),
+                action.name()
+            );
+            cx.err(a, format!("{key}.action"), msg).help =
+                Some(format!("use `{}` or a stricter action", action.name()));
             return None;
         }
         action = chosen;
-    } else if f.step.is_some() {
-        let s = f.step.as_ref().expect("checked");
+    } else if let Some(s) = &f.step {
         cx.err(s, format!("{key}.step"), "`step` applies only to action = \"coarsen\"");
     }
     if matches!(action, EdgeAction::Coarsen(_)) && !matches!(logical, LogicalType::Number | LogicalType::Integer) {
-        cx.err(&f.name, format!("{key}.action"), "`coarsen` applies only to numeric fields");
+        cx.err(
+            &f.name,
+            format!("{key}.action"),
+            "`coarsen` applies only to numeric fields",
+        );
         return None;
     }
     if action == EdgeAction::Pseudonymise && rules.plan.key_file.is_none() {

@@ -25,7 +25,15 @@ pub struct Governed {
 impl Governed {
     /// Every field as it is (for tests and tools that bypass governance on purpose).
     pub fn all(record: Record) -> Governed {
-        Governed { ts: record.ts, fields: record.fields.into_iter().enumerate().map(|(i, (v, q))| (i, v, q)).collect() }
+        Governed {
+            ts: record.ts,
+            fields: record
+                .fields
+                .into_iter()
+                .enumerate()
+                .map(|(i, (v, q))| (i, v, q))
+                .collect(),
+        }
     }
 }
 
@@ -33,7 +41,9 @@ impl Governed {
 pub enum Decision {
     Publish(Governed),
     /// The record breaks its contract and the product drops such records.
-    Drop { rule: &'static str },
+    Drop {
+        rule: &'static str,
+    },
 }
 
 /// Decisions counted per (product, rule); rules: `pseudonymise`, `mask`, `coarsen`, `never`,
@@ -64,11 +74,21 @@ impl Governor {
         for p in &plan.products {
             if let Some(f) = p.fields.iter().find(|f| f.action == EdgeAction::Pseudonymise) {
                 if key.is_none() {
-                    return Err(GovernError::NoKey { product: p.id.clone(), field: f.name.clone() });
+                    return Err(GovernError::NoKey {
+                        product: p.id.clone(),
+                        field: f.name.clone(),
+                    });
                 }
             }
         }
-        Ok(Governor { products: plan.products.iter().map(|p| (p.fields.clone(), p.on_violation)).collect(), key })
+        Ok(Governor {
+            products: plan
+                .products
+                .iter()
+                .map(|p| (p.fields.clone(), p.on_violation))
+                .collect(),
+            key,
+        })
     }
 
     pub fn apply(&self, product: usize, record: Record, counts: &mut Counts) -> Decision {
@@ -84,7 +104,9 @@ impl Governor {
                     violated = true;
                 }
             }
-            if f.required && (value.is_none() || !matches!(quality, Quality::Good | Quality::Bad(BadReason::OutOfRange))) {
+            if f.required
+                && (value.is_none() || !matches!(quality, Quality::Good | Quality::Bad(BadReason::OutOfRange)))
+            {
                 // Keep a more telling reason (timeout, exception) when there is one.
                 if quality.is_good() {
                     quality = Quality::Bad(BadReason::RequiredMissing);
@@ -112,9 +134,14 @@ impl Governor {
         }
         if violated && *on_violation == OnViolation::Drop {
             counts.add(product, "contract_drop", 1);
-            return Decision::Drop { rule: "contract_violation" };
+            return Decision::Drop {
+                rule: "contract_violation",
+            };
         }
-        Decision::Publish(Governed { ts: record.ts, fields: out })
+        Decision::Publish(Governed {
+            ts: record.ts,
+            fields: out,
+        })
     }
 
     /// `h:` + the first 16 bytes of HMAC-SHA-256(site secret, canonical value), hex.
@@ -140,14 +167,24 @@ pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read the pseudonymisation key {}: {e}", path.display()))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read the pseudonymisation key {}: {e}", path.display()))?;
         if meta.permissions().mode() & 0o077 != 0 {
-            return Err(format!("the pseudonymisation key {} is readable by group or others; run: chmod 600 {}", path.display(), path.display()));
+            return Err(format!(
+                "the pseudonymisation key {} is readable by group or others; run: chmod 600 {}",
+                path.display(),
+                path.display()
+            ));
         }
     }
-    let key = std::fs::read(path).map_err(|e| format!("cannot read the pseudonymisation key {}: {e}", path.display()))?;
+    let key =
+        std::fs::read(path).map_err(|e| format!("cannot read the pseudonymisation key {}: {e}", path.display()))?;
     if key.len() < 32 {
-        return Err(format!("the pseudonymisation key {} has {} bytes; it needs at least 32 (e.g. head -c 32 /dev/urandom > key)", path.display(), key.len()));
+        return Err(format!(
+            "the pseudonymisation key {} has {} bytes; it needs at least 32 (e.g. head -c 32 /dev/urandom > key)",
+            path.display(),
+            key.len()
+        ));
     }
     Ok(key)
 }
@@ -198,7 +235,10 @@ mod tests {
     }
 
     fn governor(p: &ProductPlan) -> Governor {
-        Governor { products: vec![(p.fields.clone(), p.on_violation)], key: Some(b"a site secret of at least 32 bytes!!".to_vec()) }
+        Governor {
+            products: vec![(p.fields.clone(), p.on_violation)],
+            key: Some(b"a site secret of at least 32 bytes!!".to_vec()),
+        }
     }
 
     fn action() -> impl Strategy<Value = EdgeAction> {
@@ -286,10 +326,21 @@ mod tests {
         let p = product(vec![field(0, EdgeAction::Pseudonymise, LogicalType::String)]);
         let g = governor(&p);
         let a = g.pseudonym(&Value::Text("badge-4711".into()));
-        assert_eq!(a, g.pseudonym(&Value::Text("badge-4711".into())), "the same badge maps to the same pseudonym");
+        assert_eq!(
+            a,
+            g.pseudonym(&Value::Text("badge-4711".into())),
+            "the same badge maps to the same pseudonym"
+        );
         assert_ne!(a, g.pseudonym(&Value::Text("badge-4712".into())));
-        let other = Governor { products: vec![], key: Some(b"another site secret, also 32 bytes long".to_vec()) };
-        assert_ne!(a, other.pseudonym(&Value::Text("badge-4711".into())), "other sites cannot link it");
+        let other = Governor {
+            products: vec![],
+            key: Some(b"another site secret, also 32 bytes long".to_vec()),
+        };
+        assert_ne!(
+            a,
+            other.pseudonym(&Value::Text("badge-4711".into())),
+            "other sites cannot link it"
+        );
     }
 
     #[test]
@@ -301,15 +352,35 @@ mod tests {
         let mut p = product(vec![f, r]);
         let g = governor(&p);
         let mut counts = Counts::default();
-        let rec = Record { ts: 5, fields: vec![(Some(Value::Float(250.0)), Quality::Good), (None, Quality::Bad(BadReason::Timeout))] };
-        let Decision::Publish(out) = g.apply(0, rec.clone(), &mut counts) else { panic!("flag publishes") };
-        assert_eq!(out.fields[0], (0, Some(Value::Float(250.0)), Quality::Bad(BadReason::OutOfRange)));
-        assert_eq!(out.fields[1].2, Quality::Bad(BadReason::Timeout), "the original reason is kept");
+        let rec = Record {
+            ts: 5,
+            fields: vec![
+                (Some(Value::Float(250.0)), Quality::Good),
+                (None, Quality::Bad(BadReason::Timeout)),
+            ],
+        };
+        let Decision::Publish(out) = g.apply(0, rec.clone(), &mut counts) else {
+            panic!("flag publishes")
+        };
+        assert_eq!(
+            out.fields[0],
+            (0, Some(Value::Float(250.0)), Quality::Bad(BadReason::OutOfRange))
+        );
+        assert_eq!(
+            out.fields[1].2,
+            Quality::Bad(BadReason::Timeout),
+            "the original reason is kept"
+        );
         assert_eq!(counts.0[&(0, "contract_range")], 1);
         assert_eq!(counts.0[&(0, "contract_required")], 1);
         p.on_violation = OnViolation::Drop;
         let g = governor(&p);
-        assert_eq!(g.apply(0, rec, &mut counts), Decision::Drop { rule: "contract_violation" });
+        assert_eq!(
+            g.apply(0, rec, &mut counts),
+            Decision::Drop {
+                rule: "contract_violation"
+            }
+        );
         assert_eq!(counts.0[&(0, "contract_drop")], 1);
     }
 }

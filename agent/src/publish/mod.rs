@@ -100,6 +100,24 @@ pub struct Publisher {
     pub offline: Vec<u8>,
     pub stats: Arc<PublishStats>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Checked again just before every publish (fail closed).
+    pub egress: Egress,
+}
+
+/// What may go upstream, as the governance file and the valid contracts say.
+#[derive(Debug, Clone, Default)]
+pub struct Egress {
+    /// Topic prefixes allowed; empty: any.
+    pub topic_prefixes: Vec<String>,
+    /// Products with a valid contract in the running config.
+    pub products: HashSet<String>,
+}
+
+impl Egress {
+    pub fn allows(&self, product: &str, topic: &str) -> bool {
+        self.products.contains(product)
+            && (self.topic_prefixes.is_empty() || self.topic_prefixes.iter().any(|p| topic.starts_with(p.as_str())))
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -138,7 +156,7 @@ impl Publisher {
                 let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
                 acked.retain(|_, g| *g + 2 > generation);
                 acked_gaps.retain(|_, g| *g + 2 > generation);
-                self.fill(&link, &mut session, &acked, &acked_gaps)?;
+                self.fill(&link, &mut session, &mut acked, &acked_gaps)?;
             }
             if let Some(since) = stopping {
                 if session.inflight.is_empty() || since.elapsed() > Duration::from_secs(3) || !connected {
@@ -205,7 +223,7 @@ impl Publisher {
                                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                                         error!(product = %key.0, epoch = key.1.epoch, seq = key.1.seq, reason = format!("0x{code:02x}"),
                                                "broker refused the message; dead-lettered locally");
-                                        self.buffer.dead_letter(key.0.clone(), key.1, code);
+                                        self.buffer.dead_letter(key.0.clone(), key.1, format!("broker_rejected_0x{code:02x}"));
                                     }
                                 }
                                 acked.insert(key, generation);
@@ -290,7 +308,7 @@ impl Publisher {
         &self,
         link: &Link,
         s: &mut Session,
-        acked: &HashMap<Key, u64>,
+        acked: &mut HashMap<Key, u64>,
         acked_gaps: &HashMap<u64, u64>,
     ) -> Result<(), String> {
         let window = usize::from(self.options.upstream.max_inflight);
@@ -378,6 +396,16 @@ impl Publisher {
                             cursor.live_after = Some(m.id);
                         }
                         if acked.contains_key(&key) || s.sent.contains_key(&key) {
+                            continue;
+                        }
+                        if !self.egress.allows(&m.product, &m.topic) {
+                            // Fail closed: a message buffered under an older config (a product since
+                            // removed, a topic no longer allowed) is kept locally, never sent.
+                            warn!(product = %m.product, topic = %m.topic, epoch = m.id.epoch, seq = m.id.seq,
+                                  "egress denied just before publishing; dead-lettered locally");
+                            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                            self.buffer.dead_letter(key.0.clone(), key.1, "egress_denied".into());
+                            acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
                             continue;
                         }
                         let payload = envelope::encode_message(&m, &self.agent_id, historical);

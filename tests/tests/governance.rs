@@ -1,0 +1,220 @@
+//! Governance at the edge, end to end: pymodbus -> plantmesh -> Mosquitto.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::time::Duration;
+
+const GOVERNANCE: &str = r#"
+default_classification = "internal"
+pseudonymise_key_file = "site.key"
+[classes.internal]
+action = "pass"
+[classes.personal]
+action = "pseudonymise"
+[classes.restricted]
+action = "never"
+"#;
+
+fn gateway(broker_port: u16, modbus_port: u16) -> String {
+    format!(
+        r#"
+[agent]
+id = "gw-gov"
+site = "s1"
+area = "a1"
+line = "l1"
+[upstream]
+url = "mqtt://127.0.0.1:{broker_port}"
+protocol = "5"
+reconnect_min = "100ms"
+reconnect_max = "500ms"
+[buffer]
+commit_interval = "50ms"
+[[devices]]
+id = "plc"
+protocol = "modbus_tcp"
+address = "127.0.0.1:{modbus_port}"
+poll_interval = "200ms"
+  [[devices.tags]]
+  name = "badge"
+  table = "holding"
+  address = 0
+  type = "string"
+  length = 4
+  [[devices.tags]]
+  name = "temp"
+  table = "holding"
+  address = 10
+  type = "f32"
+  [[devices.tags]]
+  name = "recipe"
+  table = "holding"
+  address = 20
+  type = "f32"
+  [[devices.tags]]
+  name = "pressure"
+  table = "holding"
+  address = 30
+  type = "f32"
+"#
+    )
+}
+
+const PRODUCT: &str = r#"
+id = "press"
+name = "Press"
+version = "1.0.0"
+domain = "production"
+owner = "team"
+[[fields]]
+name = "operator"
+source = "plc.badge"
+classification = "personal"
+[[fields]]
+name = "temp"
+source = "plc.temp"
+range = [0.0, 400.0]
+[[fields]]
+name = "recipe_setpoint"
+source = "plc.recipe"
+classification = "restricted"
+[[fields]]
+name = "pressure"
+source = "plc.pressure"
+action = "coarsen"
+step = 10.0
+"#;
+
+fn modbus() -> PyModbus {
+    PyModbus::start(&json!({"values": [
+        {"table": "holding", "address": 0, "type": "string", "length": 4, "value": "OP-0042"},
+        {"table": "holding", "address": 10, "type": "f32", "value": 999.0},
+        {"table": "holding", "address": 20, "type": "f32", "value": 777.125},
+        {"table": "holding", "address": 30, "type": "f32", "value": 123.5},
+    ]}))
+}
+
+fn write_key(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let key = dir.join("site.key");
+    std::fs::write(&key, b"0123456789abcdef0123456789abcdef-test-site-secret").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn what_leaves_is_what_governance_allows() {
+    let modbus = modbus();
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/#", "gov-sub");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    write_config(&cfg, &gateway(broker.port, modbus.port), &[("press", PRODUCT)]);
+    std::fs::write(cfg.join("governance.toml"), GOVERNANCE).unwrap();
+    write_key(&cfg);
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("governed messages", Duration::from_secs(30), || {
+        sub.product_messages().len() >= 3
+    });
+    agent.stop();
+
+    let raw: Vec<String> = sub.lines.snapshot();
+    assert!(
+        raw.iter().all(|l| !l.contains("OP-0042")),
+        "a badge left the site in clear"
+    );
+    assert!(
+        raw.iter().all(|l| !l.contains("777.125")),
+        "a restricted value left the site"
+    );
+    let msg = &sub.product_messages()[1];
+    let r = &msg["records"][0];
+    let operator = r["fields"]["operator"].as_str().unwrap();
+    assert!(operator.starts_with("h:") && operator.len() == 34, "{operator}");
+    assert!(
+        r["fields"].get("recipe_setpoint").is_none() && r["quality"].get("recipe_setpoint").is_none(),
+        "never: not even the key"
+    );
+    assert_eq!(r["fields"]["temp"], 999.0, "flagged, not hidden");
+    assert_eq!(r["quality"]["temp"], "bad:out_of_range");
+    assert_eq!(r["fields"]["pressure"], 120.0, "coarsened to its step");
+    // The same badge gives the same pseudonym in every record (linkable within the site's data).
+    let all: Vec<String> = sub
+        .product_messages()
+        .iter()
+        .map(|m| m["records"][0]["fields"]["operator"].as_str().unwrap().to_string())
+        .collect();
+    assert!(all.windows(2).all(|w| w[0] == w[1]));
+    // The published contract says what happens at the edge and omits what never leaves.
+    let (_, d) = sub
+        .messages()
+        .into_iter()
+        .find(|(t, _)| t.ends_with("/_descriptor"))
+        .unwrap();
+    let props = d["schema"][0]["properties"].as_array().unwrap();
+    assert!(props.iter().all(|p| p["name"] != "recipe_setpoint"));
+    let op = props.iter().find(|p| p["name"] == "operator").unwrap();
+    assert_eq!(
+        (
+            op["classification"].as_str(),
+            op["edgeAction"].as_str(),
+            op["logicalType"].as_str()
+        ),
+        (Some("personal"), Some("pseudonymise"), Some("string"))
+    );
+}
+
+#[test]
+fn a_loose_key_file_is_refused_and_stale_products_never_leave() {
+    let modbus = modbus();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    // Phase 1: no broker reachable; the agent buffers `press`.
+    let dead_port = free_port();
+    write_config(&cfg, &gateway(dead_port, modbus.port), &[("press", PRODUCT)]);
+    std::fs::write(cfg.join("governance.toml"), GOVERNANCE).unwrap();
+    write_key(&cfg);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(cfg.join("site.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("the refusal", Duration::from_secs(10), || !agent.is_running());
+    assert!(agent.log().contains("chmod 600"), "{}", agent.log());
+    std::fs::set_permissions(cfg.join("site.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("a backlog", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(300));
+        agent.log().contains("upstream connect failed")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    agent.sigkill();
+    let buffered = agent.export().len();
+    assert!(buffered >= 2, "{buffered}");
+
+    // Phase 2: the product is gone from the config; its buffered messages must not be published.
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/#", "gov-stale-sub");
+    std::fs::remove_file(cfg.join("products/press.toml")).unwrap();
+    std::fs::write(cfg.join("agent.toml"), gateway(broker.port, modbus.port)).unwrap();
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("the egress denial", Duration::from_secs(30), || {
+        agent.log().contains("egress denied")
+    });
+    wait_for("the gap events for them", Duration::from_secs(30), || {
+        sub.messages()
+            .iter()
+            .any(|(t, g)| t.ends_with("/_gaps") && g["reason"] == "egress_denied")
+    });
+    agent.stop();
+    assert!(
+        sub.product_messages().is_empty(),
+        "a product without a valid contract was published"
+    );
+    let stats = std::process::Command::new(plantmesh_bin())
+        .args(["buffer", "stats", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&stats.stdout).to_string();
+    assert!(stats.contains("dropped press (egress_denied)"), "{stats}");
+}
