@@ -252,6 +252,8 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
 #[cfg(feature = "simulators")]
 const DEMO_GATEWAY: &str = include_str!("../../configs/demo/agent.toml");
 #[cfg(feature = "simulators")]
+const DEMO_GOVERNANCE: &str = include_str!("../../configs/demo/governance.toml");
+#[cfg(feature = "simulators")]
 const DEMO_PRODUCTS: [(&str, &str); 3] = [
     (
         "products/production/press-output.toml",
@@ -274,10 +276,28 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let products: Vec<(&Path, &str)> = DEMO_PRODUCTS.iter().map(|(p, t)| (Path::new(*p), *t)).collect();
     let mut plan = config::load_texts(
         (Path::new("configs/demo/agent.toml"), DEMO_GATEWAY),
+        Some((Path::new("configs/demo/governance.toml"), DEMO_GOVERNANCE)),
         &products,
         &data_dir,
     )
     .map_err(|d| anyhow::anyhow!("embedded demo config is invalid:\n{d}"))?;
+    // The demo's site secret: 32 random bytes, created once, readable by its owner only.
+    let key = data_dir.join("site.key");
+    if !key.exists() {
+        use std::io::Read;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::create_dir_all(&data_dir)?;
+        let mut secret = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut secret)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)?;
+        std::io::Write::write_all(&mut f, &secret)?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    }
+    plan.governance.key_file = Some(key);
     let plc = plantmesh::sim::plc::start("127.0.0.1:0".parse()?)
         .await
         .context("starting the simulated PLC")?;

@@ -571,10 +571,16 @@ pub fn load(paths: &[PathBuf]) -> Result<Plan, Diagnostics> {
 }
 
 /// Loads config from in-memory texts (the embedded demo plant). Paths are only used in messages.
-pub fn load_texts(gateway: (&Path, &str), products: &[(&Path, &str)], data_dir: &Path) -> Result<Plan, Diagnostics> {
+pub fn load_texts(
+    gateway: (&Path, &str),
+    governance: Option<(&Path, &str)>,
+    products: &[(&Path, &str)],
+    data_dir: &Path,
+) -> Result<Plan, Diagnostics> {
     let gw = (gateway.0.to_path_buf(), gateway.1.to_string());
+    let gov = governance.map(|(p, t)| (p.to_path_buf(), t.to_string()));
     let products: Vec<(PathBuf, String)> = products.iter().map(|(p, t)| (p.to_path_buf(), t.to_string())).collect();
-    let mut plan = validate::validate(&gw, None, &products)?;
+    let mut plan = validate::validate(&gw, gov.as_ref(), &products)?;
     plan.agent.data_dir = data_dir.to_path_buf();
     Ok(plan)
 }

@@ -230,6 +230,7 @@ source = "plc.count"
         let p = product(mode);
         let plan = config::load_texts(
             (Path::new("agent.toml"), GATEWAY),
+            None,
             &[(Path::new("p.toml"), &p)],
             Path::new("/tmp"),
         )

@@ -3,6 +3,7 @@
 //! Register map (unit id 1):
 //! - holding 0-1: cycle counter (u32, ABCD); 2-3: good parts (u32, ABCD); 4: scrap parts (u16)
 //! - input 0-1: die temperature (f32, CDAB); 2-3: hydraulic oil temperature (f32, CDAB)
+//! - holding 20-23: operator badge (string, 8 characters); 30-31: recipe set point (f32, ABCD)
 //! - coil 0: running
 //!
 //! Every 500 ms while running the press completes a cycle (about 4 % scrap); it stops for a few
@@ -66,7 +67,7 @@ pub async fn start(bind: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let mem = Arc::new(Mutex::new(Memory {
-        holding: vec![0; 16],
+        holding: vec![0; 32],
         input: vec![0; 8],
         coils: vec![false; 8],
     }));
@@ -93,6 +94,12 @@ pub async fn start(bind: SocketAddr) -> std::io::Result<SocketAddr> {
             put_u32(&mut m.holding, 0, cycles);
             put_u32(&mut m.holding, 2, good);
             m.holding[4] = scrap;
+            // Shifts change operator every 30 s; the recipe set point is the plant's know-how.
+            let badge = ["OP-0042\0", "OP-0107\0", "OP-0311\0"][((t / 30.0) as usize) % 3].as_bytes();
+            for (i, pair) in badge.chunks(2).enumerate() {
+                m.holding[20 + i] = u16::from_be_bytes([pair[0], pair[1]]);
+            }
+            put_u32(&mut m.holding, 30, 187.5f32.to_bits());
             put_f32_cdab(&mut m.input, 0, die);
             put_f32_cdab(&mut m.input, 2, oil);
             m.coils[0] = running;
