@@ -253,6 +253,9 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
                     handle.offer(pi, ts, json);
                 }
             }
+            for ((pi, rule), n) in &counts.0 {
+                info!(product = %plan.products[*pi].id, rule, count = n, "governance decisions this run");
+            }
         })
     };
 
