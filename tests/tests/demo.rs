@@ -61,4 +61,22 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         .unwrap();
     assert!(oven["records"][0]["fields"]["zone1_temp_c"].as_f64().unwrap() > 100.0);
     assert!(status.success(), "the demo stops cleanly on Ctrl-C: {status:?}");
+    // Every descriptor (Modbus and OPC UA lineage, governed fields) validates against the shipped schema.
+    let descriptors: Vec<serde_json::Value> = sub
+        .messages()
+        .into_iter()
+        .filter(|(t, _)| t.ends_with("/_descriptor"))
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(descriptors.len(), 3, "one retained descriptor per product");
+    validate_json(&repo_root().join("docs/descriptor.schema.json"), &descriptors);
+    // The validator itself rejects a broken descriptor.
+    let mut broken = descriptors[0].clone();
+    broken["schema"][0]["properties"][0]["edgeAction"] = serde_json::json!("never");
+    let result =
+        std::panic::catch_unwind(|| validate_json(&repo_root().join("docs/descriptor.schema.json"), &[broken]));
+    assert!(
+        result.is_err(),
+        "a descriptor publishing a `never` field must not validate"
+    );
 }

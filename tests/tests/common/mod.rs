@@ -492,3 +492,29 @@ impl Drop for PyOpcUa {
         self.kill();
     }
 }
+
+/// Validates JSON documents against a schema file with python `jsonschema`; panics with the errors.
+pub fn validate_json(schema: &Path, docs: &[serde_json::Value]) {
+    use std::io::Write;
+    let mut child = Command::new(python())
+        .arg(repo_root().join("tests/peers/validate_json.py"))
+        .arg(schema)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for d in docs {
+        writeln!(stdin, "{d}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schema validation failed:\n{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report.lines().filter(|l| *l == "ok").count(), docs.len(), "{report}");
+}
