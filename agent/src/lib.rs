@@ -7,6 +7,7 @@
 //! upstream of the buffer may be lost in a crash; nothing the buffer has committed may be.
 
 pub mod buffer;
+pub mod catalog;
 pub mod config;
 pub mod discover;
 pub mod govern;
@@ -16,4 +17,5 @@ pub mod publish;
 pub mod runtime;
 pub mod sim;
 pub mod sources;
+pub mod telemetry;
 pub mod view;

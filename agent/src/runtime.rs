@@ -29,6 +29,9 @@ pub struct Running {
     pub broker: String,
     /// Latest record per product, rendered, for the view.
     pub last: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    pub slis: Arc<std::sync::Mutex<crate::catalog::Slis>>,
+    /// False once the buffer writer has stopped.
+    pub writer_alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         })
         .collect();
     let reader = store.reader();
+    let sli_reader = store.reader();
     let epoch = store.epoch();
     let (handle, writer) = buffer::start(
         store,
@@ -144,6 +148,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     )
     .map_err(RunError::Upstream)?;
     let publish_stats = Arc::new(PublishStats::default());
+    let (retained_tx, retained_rx) = mpsc::unbounded_channel();
     let publisher = Publisher {
         options,
         reader,
@@ -163,6 +168,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         offline: envelope::status(&plan, "offline", epoch),
         stats: publish_stats.clone(),
         shutdown: shutdown.clone(),
+        retained: retained_rx,
         egress: crate::publish::Egress {
             topic_prefixes: plan.governance.allow_topic_prefixes.clone(),
             products: plan.products.iter().map(|p| p.id.clone()).collect(),
@@ -211,6 +217,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     };
     let governor = crate::govern::Governor::new(&plan, key).map_err(|e| RunError::Governance(e.to_string()))?;
     let last = Arc::new(std::sync::Mutex::new(vec![None; plan.products.len()]));
+    let slis = Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len())));
     let produced: Arc<Vec<std::sync::atomic::AtomicU64>> =
         Arc::new(plan.products.iter().map(|_| Default::default()).collect());
     let map_task = {
@@ -218,6 +225,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         let handle = handle.clone();
         let last = last.clone();
         let produced = produced.clone();
+        let slis = slis.clone();
         tokio::spawn(async move {
             let mut mapper = Mapper::new(&plan);
             let encoders: Vec<envelope::RecordEncoder> =
@@ -243,6 +251,9 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
                         }
                     };
                     let ts = governed.ts;
+                    if let Ok(mut s) = slis.lock() {
+                        s.record(pi, &governed);
+                    }
                     let json = encoders[pi].encode(&governed);
                     if want_last {
                         if let Ok(mut l) = last.lock() {
@@ -259,7 +270,50 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         })
     };
 
-    on_start(Running {
+    // SLIs: one retained document per product per interval.
+    {
+        let plan = plan.clone();
+        let slis = slis.clone();
+        let stats = publish_stats.clone();
+        let reader = sli_reader;
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let every = plan.agent.sli_interval;
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let now = now_millis();
+                let snapshots = match slis.lock() {
+                    Ok(mut s) => s.snapshot(now),
+                    Err(_) => return,
+                };
+                let drops = reader.drops().unwrap_or_default();
+                let latency = (stats.latency_quantile(0.5), stats.latency_quantile(0.99));
+                for (p, s) in plan.products.iter().zip(&snapshots) {
+                    let mine: Vec<(String, u64)> = drops
+                        .iter()
+                        .filter(|d| d.0 == p.id)
+                        .map(|d| (d.1.clone(), d.2))
+                        .collect();
+                    let doc = crate::catalog::sli_document(
+                        &p.id,
+                        &plan.agent.id,
+                        every.as_millis() as u64,
+                        s,
+                        latency,
+                        &mine,
+                        now,
+                    );
+                    let _ = retained_tx.send((format!("{}/_sli", p.topic), doc));
+                }
+            }
+        });
+    }
+    let writer_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let running = Running {
         plan: plan.clone(),
         buffer: handle.stats.clone(),
         produced,
@@ -268,7 +322,16 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         epoch,
         broker,
         last,
-    });
+        slis,
+        writer_alive: writer_alive.clone(),
+    };
+    if let Some(addr) = plan.agent.metrics_listen {
+        match crate::telemetry::serve(addr, running.clone()).await {
+            Ok(bound) => info!(address = %bound, "metrics on http://{bound}/metrics, health on http://{bound}/health"),
+            Err(e) => tracing::warn!(address = %addr, error = %e, "cannot serve metrics; continuing without"),
+        }
+    }
+    on_start(running);
     drop(handle);
 
     let mut sigterm =
@@ -279,6 +342,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         r = &mut writer_done => Some(r),
     };
     if let Some(result) = fatal {
+        writer_alive.store(false, std::sync::atomic::Ordering::Relaxed);
         // The writer is gone: nothing more can be accepted. Exit without a graceful drain.
         let e = result.unwrap_or(Ok(())).err();
         error!(error = ?e, "buffer writer stopped; exiting so the service manager restarts the agent");

@@ -44,6 +44,9 @@ pub struct AgentPlan {
     pub area: String,
     pub line: String,
     pub data_dir: PathBuf,
+    pub sli_interval: Duration,
+    /// `None`: no metrics endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -32,6 +32,11 @@ pub struct Agent {
     pub line: Spanned<String>,
     /// Where the buffer and agent state live. Relative paths are relative to the gateway file.
     pub data_dir: Option<String>,
+    /// How often each product's SLIs are published (retained, on `_sli`); default 10s.
+    pub sli_interval: Option<Spanned<ConfigDuration>>,
+    /// Loopback address of the Prometheus `/metrics` and `/health` endpoint; default
+    /// `127.0.0.1:9464`; `off` disables it.
+    pub metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -290,12 +290,30 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
         .data_dir
         .as_deref()
         .map_or_else(|| PathBuf::from("/var/lib/plantmesh"), |d| base.join(d));
+    let sli_interval = a.sli_interval.as_ref().map_or(Duration::from_secs(10), |v| {
+        cx.range(&secs(v), "agent.sli_interval", 0.1, 3600.0);
+        v.get_ref().0
+    });
+    let metrics_listen = match &a.metrics_listen {
+        None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
+        Some(m) if m.get_ref() == "off" => None,
+        Some(m) => match m.get_ref().parse::<std::net::SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                cx.err(m, "agent.metrics_listen", format!("`{}` is not ip:port", m.get_ref()))
+                    .help = Some("e.g. \"127.0.0.1:9464\", or \"off\"".into());
+                None
+            }
+        },
+    };
     let agent = AgentPlan {
         id: a.id.get_ref().clone(),
         site: a.site.get_ref().clone(),
         area: a.area.get_ref().clone(),
         line: a.line.get_ref().clone(),
         data_dir,
+        sli_interval,
+        metrics_listen,
     };
     let upstream = gw.upstream.and_then(|u| upstream_plan(cx, u, &agent.id, &base));
 

@@ -102,6 +102,9 @@ pub struct Publisher {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Checked again just before every publish (fail closed).
     pub egress: Egress,
+    /// Retained documents to publish when connected (SLIs): `(topic, payload)`; dropped while
+    /// disconnected (the next interval's document replaces them).
+    pub retained: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
 }
 
 /// What may go upstream, as the governance file and the valid contracts say.
@@ -256,6 +259,11 @@ impl Publisher {
                         }
                     }
                 },
+                Some((topic, payload)) = self.retained.recv() => {
+                    if connected && stopping.is_none() && link.publish(&topic, true, payload, vec![]).is_ok() {
+                        session.inflight.queued(Sent::Control);
+                    }
+                }
                 _ = notify.changed() => dirty = true,
                 _ = refill.tick() => dirty = true,
                 _ = self.shutdown.changed(), if stopping.is_none() => {

@@ -240,6 +240,35 @@ pub struct PyModbus {
 }
 
 impl PyModbus {
+    /// SIGKILL, then serve again on the same port with the same spec.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut child = Command::new(python())
+            .arg(repo_root().join("tests/peers/modbus_server.py"))
+            .arg(self.port.to_string())
+            .arg(self._spec.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.lines = Lines::default();
+        self.lines.follow(child.stdout.take().unwrap());
+        self.child = child;
+        let (l, port) = (self.lines.clone(), self.port);
+        wait_for("pymodbus server", Duration::from_secs(20), || {
+            l.snapshot().iter().any(|x| x.starts_with("READY")) && port_open(port)
+        });
+    }
+
+    /// SIGKILL: the device is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PyModbus {
     pub fn start(spec: &serde_json::Value) -> PyModbus {
         let spec_file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(spec_file.path(), spec.to_string()).unwrap();

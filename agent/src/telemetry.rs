@@ -1,0 +1,177 @@
+//! `/metrics` (Prometheus text format) and `/health` on a loopback address.
+//!
+//! A deliberately small HTTP/1.1 responder: one request per connection, GET only. `/health` is 200
+//! `ok` while the buffer writer runs and 503 once it has stopped (the agent is about to exit).
+
+use crate::runtime::Running;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Binds and serves in the background; returns the bound address.
+pub async fn serve(addr: std::net::SocketAddr, r: Running) -> std::io::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (status, body) = match path {
+                    "/metrics" => ("200 OK", metrics(&r)),
+                    "/health" if r.writer_alive.load(Relaxed) => ("200 OK", "ok\n".to_string()),
+                    "/health" => ("503 Service Unavailable", "buffer writer stopped\n".to_string()),
+                    _ => ("404 Not Found", "try /metrics or /health\n".to_string()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+fn metrics(r: &Running) -> String {
+    let mut s = String::new();
+    let b = &r.buffer;
+    let p = &r.publish;
+    let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    gauge(
+        "plantmesh_buffer_pending_messages",
+        "Messages in the buffer awaiting PUBACK.",
+        "gauge",
+        b.pending_messages.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_pending_bytes",
+        "Bytes in the buffer awaiting PUBACK.",
+        "gauge",
+        b.pending_bytes.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_records_accepted_total",
+        "Records committed to the buffer.",
+        "counter",
+        b.accepted_records.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_records_dropped_total",
+        "Records dropped for any reason (each reported as a gap event).",
+        "counter",
+        b.dropped_records.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_commits_total",
+        "Group commits (fsyncs).",
+        "counter",
+        b.commits.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_messages_acked_total",
+        "Messages acknowledged by the broker.",
+        "counter",
+        p.messages_acked.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_records_acked_total",
+        "Records acknowledged by the broker.",
+        "counter",
+        p.records_acked.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_dead_lettered_total",
+        "Messages refused by the broker or by egress checks.",
+        "counter",
+        p.dead_lettered.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_upstream_connected",
+        "1 while connected to the upstream broker.",
+        "gauge",
+        p.connected.load(Relaxed).to_string(),
+    );
+    let _ = writeln!(
+        s,
+        "# HELP plantmesh_publish_latency_ms Read-to-PUBACK latency.\n# TYPE plantmesh_publish_latency_ms summary"
+    );
+    for q in [0.5, 0.99] {
+        if let Some(v) = p.latency_quantile(q) {
+            let _ = writeln!(s, "plantmesh_publish_latency_ms{{quantile=\"{q}\"}} {v}");
+        }
+    }
+    let _ = writeln!(s, "# HELP plantmesh_device_connected 1 while the device's connection is up.\n# TYPE plantmesh_device_connected gauge");
+    for (i, d) in r.plan.devices.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "plantmesh_device_connected{{device=\"{}\"}} {}",
+            d.id,
+            r.devices[i].connected.load(Relaxed)
+        );
+    }
+    let _ = writeln!(s, "# HELP plantmesh_device_polls_total Polls (or notification batches) per device.\n# TYPE plantmesh_device_polls_total counter");
+    for (i, d) in r.plan.devices.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "plantmesh_device_polls_total{{device=\"{}\"}} {}",
+            d.id,
+            r.devices[i].polls.load(Relaxed)
+        );
+    }
+    let _ = writeln!(s, "# HELP plantmesh_device_errors_total Failed requests per device.\n# TYPE plantmesh_device_errors_total counter");
+    for (i, d) in r.plan.devices.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "plantmesh_device_errors_total{{device=\"{}\"}} {}",
+            d.id,
+            r.devices[i].errors.load(Relaxed)
+        );
+    }
+    if let Ok(slis) = r.slis.lock() {
+        let _ = writeln!(s, "# HELP plantmesh_product_completeness Good values / values in the last SLI interval.\n# TYPE plantmesh_product_completeness gauge");
+        for (i, pr) in r.plan.products.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "plantmesh_product_completeness{{product=\"{}\"}} {}",
+                pr.id,
+                slis.last(i).1
+            );
+        }
+        let _ = writeln!(s, "# HELP plantmesh_product_freshness_seconds Age of the newest good value at the last SLI interval.\n# TYPE plantmesh_product_freshness_seconds gauge");
+        for (i, pr) in r.plan.products.iter().enumerate() {
+            if let Some(ms) = slis.last(i).0 {
+                let _ = writeln!(
+                    s,
+                    "plantmesh_product_freshness_seconds{{product=\"{}\"}} {}",
+                    pr.id,
+                    ms as f64 / 1000.0
+                );
+            }
+        }
+        let _ = writeln!(s, "# HELP plantmesh_product_records_total Records produced per product.\n# TYPE plantmesh_product_records_total counter");
+        for (i, pr) in r.plan.products.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "plantmesh_product_records_total{{product=\"{}\"}} {}",
+                pr.id,
+                slis.last(i).2
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,107 @@
+//! Service levels, measured: an induced device outage shows in the `_sli` documents and in
+//! `/metrics`, and so does the recovery.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+fn scrape(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn a_device_outage_shows_in_freshness_and_completeness_then_recovers() {
+    let mut modbus = PyModbus::start(&json!({"values": [], "counter": {"address": 10, "period_ms": 20}}));
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/+/+/+/+/+/_sli", "sli-sub");
+    let gateway = format!(
+        r#"
+[agent]
+id = "gw-sli"
+site = "s1"
+area = "a1"
+line = "l1"
+sli_interval = "1s"
+metrics_listen = "127.0.0.1:0"
+[upstream]
+url = "mqtt://127.0.0.1:{}"
+protocol = "5"
+[buffer]
+commit_interval = "50ms"
+[[devices]]
+id = "plc"
+protocol = "modbus_tcp"
+address = "127.0.0.1:{}"
+poll_interval = "100ms"
+timeout = "300ms"
+  [[devices.tags]]
+  name = "counter"
+  table = "holding"
+  address = 10
+  type = "u32"
+"#,
+        broker.port, modbus.port
+    );
+    let product = "id = \"counter\"\nname = \"c\"\nversion = \"1.0.0\"\ndomain = \"d\"\nowner = \"o\"\n[[fields]]\nname = \"n\"\nsource = \"plc.counter\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    write_config(&dir.path().join("cfg"), &gateway, &[("counter", product)]);
+    let mut agent = Agent::start(&dir.path().join("cfg"), &dir.path().join("data"));
+    let slis = |sub: &Subscriber| -> Vec<Value> { sub.messages().into_iter().map(|(_, v)| v).collect() };
+    let healthy = |v: &Value| v["completeness"] == 1.0 && v["freshness_ms"].as_u64().is_some_and(|f| f < 1000);
+    wait_for("a healthy SLI", Duration::from_secs(30), || {
+        slis(&sub).iter().any(healthy)
+    });
+
+    // The metrics endpoint says the same.
+    let addr = agent
+        .log()
+        .lines()
+        .find_map(|l| {
+            l.split("metrics on http://")
+                .nth(1)
+                .map(|r| r.split('/').next().unwrap().to_string())
+        })
+        .unwrap();
+    let metrics = scrape(&addr, "/metrics");
+    assert!(
+        metrics.contains("plantmesh_product_completeness{product=\"counter\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("plantmesh_device_connected{device=\"plc\"} 1"),
+        "{metrics}"
+    );
+    assert!(scrape(&addr, "/health").contains("200 OK"));
+
+    // The device goes away: completeness drops to 0 and freshness grows past the outage.
+    modbus.kill();
+    let before = slis(&sub).len();
+    wait_for("the outage in the SLIs", Duration::from_secs(30), || {
+        slis(&sub)[before..]
+            .iter()
+            .any(|v| v["completeness"] == 0.0 && v["freshness_ms"].as_u64().is_some_and(|f| f >= 2000))
+    });
+    let metrics = scrape(&addr, "/metrics");
+    assert!(
+        metrics.contains("plantmesh_product_completeness{product=\"counter\"} 0"),
+        "{metrics}"
+    );
+
+    // It comes back: so do the SLIs.
+    modbus.restart();
+    let during = slis(&sub).len();
+    wait_for("recovery in the SLIs", Duration::from_secs(60), || {
+        slis(&sub)[during..].iter().any(healthy)
+    });
+    agent.stop();
+    let last = slis(&sub).last().unwrap().clone();
+    assert_eq!(last["product"], "counter");
+    assert!(last["records_total"].as_u64().unwrap() > 10);
+}
