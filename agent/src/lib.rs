@@ -6,6 +6,7 @@
 //! QoS 1 and deletes a message only after the broker's PUBACK for exactly that message. Everything
 //! upstream of the buffer may be lost in a crash; nothing the buffer has committed may be.
 
+pub mod audit;
 pub mod buffer;
 pub mod catalog;
 pub mod config;

@@ -67,6 +67,11 @@ enum Command {
         #[arg(long, default_value = "opcua-1")]
         device_id: String,
     },
+    /// Print the audit trail: config loads (with their hash) and each run's governance counts.
+    Audit {
+        #[arg(long, default_value = "/var/lib/plantmesh")]
+        data_dir: PathBuf,
+    },
     /// Inspect a buffer (the agent must not be running on it).
     Buffer {
         #[command(subcommand)]
@@ -194,6 +199,13 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             }
             Some(Command::Run { data_dir, .. }) => demo(data_dir).await,
             Some(Command::Buffer { action }) => buffer(action),
+            Some(Command::Audit { data_dir }) => {
+                let entries = plantmesh::audit::read(&data_dir).with_context(|| format!("reading {}/audit.jsonl", data_dir.display()))?;
+                for e in entries {
+                    println!("{e}");
+                }
+                Ok(())
+            }
             Some(Command::Discover {
                 endpoint,
                 security_policy,

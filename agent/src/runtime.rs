@@ -86,6 +86,15 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         source,
     })?;
     let buffer_path = plan.agent.data_dir.join("buffer.redb");
+    let audit_entry = serde_json::json!({
+        "config_hash": plan.config_hash,
+        "files": plan.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        "products": plan.products.iter().map(|p| format!("{}@{}", p.id, p.version)).collect::<Vec<_>>(),
+        "agent_version": env!("CARGO_PKG_VERSION"),
+    });
+    if let Err(e) = crate::audit::append(&plan.agent.data_dir, "config_load", audit_entry) {
+        tracing::warn!(error = %e, "cannot write the audit trail");
+    }
     // A small page cache: the buffer is written sequentially and read near its head.
     let (store, report) = Store::open(&buffer_path, plan.buffer.max_bytes, 1 << 20)?;
     info!(path = %buffer_path.display(), epoch = report.epoch, pending_messages = report.pending_messages,
@@ -264,8 +273,14 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
                     handle.offer(pi, ts, json);
                 }
             }
+            let mut summary = serde_json::Map::new();
             for ((pi, rule), n) in &counts.0 {
                 info!(product = %plan.products[*pi].id, rule, count = n, "governance decisions this run");
+                summary.insert(format!("{}:{rule}", plan.products[*pi].id), (*n).into());
+            }
+            let entry = serde_json::json!({"config_hash": plan.config_hash, "governance": summary});
+            if let Err(e) = crate::audit::append(&plan.agent.data_dir, "run_end", entry) {
+                tracing::warn!(error = %e, "cannot write the audit trail");
             }
         })
     };
