@@ -14,6 +14,7 @@ pub mod discover;
 pub mod govern;
 pub mod map;
 pub mod model;
+pub mod preview;
 pub mod publish;
 pub mod runtime;
 pub mod sim;

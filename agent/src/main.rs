@@ -67,6 +67,18 @@ enum Command {
         #[arg(long, default_value = "opcua-1")]
         device_id: String,
     },
+    /// Run the products' mapping and governance on recorded input (CSV: ts,<device>.<tag>,...) and
+    /// print what would be published, and why fields were altered, withheld or flagged.
+    Preview {
+        #[arg(short, long, required = true, value_delimiter = ',')]
+        config: Vec<PathBuf>,
+        /// The recorded tag values.
+        #[arg(long)]
+        input: PathBuf,
+        /// Only this product.
+        #[arg(long)]
+        product: Option<String>,
+    },
     /// Print the audit trail: config loads (with their hash) and each run's governance counts.
     Audit {
         #[arg(long, default_value = "/var/lib/plantmesh")]
@@ -116,6 +128,32 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { paths }) => check(&paths),
+        Some(Command::Preview { config, input, product }) => {
+            let plan = match config::load(&config) {
+                Ok(p) => p,
+                Err(d) => {
+                    eprintln!("{d}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let csv = match std::fs::read_to_string(&input) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("plantmesh: cannot read {}: {e}", input.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            match plantmesh::preview::preview_csv(&plan, product.as_deref(), &csv) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("plantmesh: {}: {e}", input.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         command => {
             init_logging();
             match run_async(command) {
@@ -256,7 +294,7 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             Some(Command::Simulate { listen, devices, registers, opcua_items, opcua_interval }) => {
                 simulate(listen, devices, registers, opcua_items, &opcua_interval).await
             }
-            Some(Command::Check { .. }) => unreachable!("handled before the runtime starts"),
+            Some(Command::Check { .. } | Command::Preview { .. }) => unreachable!("handled before the runtime starts"),
         }
     })
 }

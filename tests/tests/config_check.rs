@@ -60,3 +60,64 @@ fn every_broken_config_fails_with_its_message() {
         );
     }
 }
+
+#[test]
+fn preview_shows_what_would_leave_and_why() {
+    let root = repo_root();
+    let run = |args: &[&str]| {
+        Command::new(plantmesh_bin())
+            .arg("preview")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let input = root.join("configs/example/recorded/press-shift.csv");
+    let config = root.join("configs/example");
+    let out = run(&["--config", config.to_str().unwrap(), "--input", input.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let messages: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        messages.iter().filter(|l| l.contains("/press-cycles/v1 ")).count(),
+        4,
+        "{text}"
+    );
+    assert!(
+        !text.contains("OP-0042") && !text.contains("OP-0107"),
+        "badges in clear: {text}"
+    );
+    assert!(text.contains("#   operator: pseudonymised: class `personal`"), "{text}");
+    let first: serde_json::Value = serde_json::from_str(messages[0].split_once(' ').unwrap().1).unwrap();
+    assert_eq!(first["records"][0]["fields"]["good_parts"], 960);
+    assert!(first["records"][0]["fields"]["operator"]
+        .as_str()
+        .unwrap()
+        .starts_with("h:"));
+    // One product only.
+    let out = run(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--product",
+        "die-temperature",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .all(|l| l.contains("/die-temperature/v1 ")),
+        "{text}"
+    );
+    // A column that is no tag: a clear error.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "ts,press-plc.cycle_cnt\n2026-11-21T06:00:00Z,1\n").unwrap();
+    let out = run(&["--config", config.to_str().unwrap(), "--input", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("column 2 `press-plc.cycle_cnt` is not a tag"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
