@@ -115,63 +115,67 @@ fn metrics(r: &Running) -> String {
             let _ = writeln!(s, "plantmesh_publish_latency_ms{{quantile=\"{q}\"}} {v}");
         }
     }
-    let _ = writeln!(s, "# HELP plantmesh_device_connected 1 while the device's connection is up.\n# TYPE plantmesh_device_connected gauge");
-    for (i, d) in r.plan.devices.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "plantmesh_device_connected{{device=\"{}\"}} {}",
-            d.id,
-            r.devices[i].connected.load(Relaxed)
-        );
-    }
-    let _ = writeln!(s, "# HELP plantmesh_device_polls_total Polls (or notification batches) per device.\n# TYPE plantmesh_device_polls_total counter");
-    for (i, d) in r.plan.devices.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "plantmesh_device_polls_total{{device=\"{}\"}} {}",
-            d.id,
-            r.devices[i].polls.load(Relaxed)
-        );
-    }
-    let _ = writeln!(s, "# HELP plantmesh_device_errors_total Failed requests per device.\n# TYPE plantmesh_device_errors_total counter");
-    for (i, d) in r.plan.devices.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "plantmesh_device_errors_total{{device=\"{}\"}} {}",
-            d.id,
-            r.devices[i].errors.load(Relaxed)
-        );
-    }
+    let devices = &r.plan.devices;
+    let per_device = |f: &dyn Fn(usize) -> u64| -> Vec<(String, String)> {
+        devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("device=\"{}\"", d.id), f(i).to_string()))
+            .collect()
+    };
+    family(
+        &mut s,
+        "plantmesh_device_connected",
+        "1 while the device's connection is up.",
+        "gauge",
+        per_device(&|i| r.devices[i].connected.load(Relaxed)).into_iter(),
+    );
+    family(
+        &mut s,
+        "plantmesh_device_polls_total",
+        "Polls (or notification batches) per device.",
+        "counter",
+        per_device(&|i| r.devices[i].polls.load(Relaxed)).into_iter(),
+    );
+    family(
+        &mut s,
+        "plantmesh_device_errors_total",
+        "Failed requests per device.",
+        "counter",
+        per_device(&|i| r.devices[i].errors.load(Relaxed)).into_iter(),
+    );
     if let Ok(slis) = r.slis.lock() {
-        let _ = writeln!(s, "# HELP plantmesh_product_completeness Good values / values in the last SLI interval.\n# TYPE plantmesh_product_completeness gauge");
-        for (i, pr) in r.plan.products.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "plantmesh_product_completeness{{product=\"{}\"}} {}",
-                pr.id,
-                slis.last(i).1
-            );
-        }
-        let _ = writeln!(s, "# HELP plantmesh_product_freshness_seconds Age of the newest good value at the last SLI interval.\n# TYPE plantmesh_product_freshness_seconds gauge");
-        for (i, pr) in r.plan.products.iter().enumerate() {
-            if let Some(ms) = slis.last(i).0 {
-                let _ = writeln!(
-                    s,
-                    "plantmesh_product_freshness_seconds{{product=\"{}\"}} {}",
-                    pr.id,
-                    ms as f64 / 1000.0
-                );
-            }
-        }
-        let _ = writeln!(s, "# HELP plantmesh_product_records_total Records produced per product.\n# TYPE plantmesh_product_records_total counter");
-        for (i, pr) in r.plan.products.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "plantmesh_product_records_total{{product=\"{}\"}} {}",
-                pr.id,
-                slis.last(i).2
-            );
-        }
+        let products = &r.plan.products;
+        let label = |i: usize| format!("product=\"{}\"", products[i].id);
+        family(
+            &mut s,
+            "plantmesh_product_completeness",
+            "Good values / values in the last SLI interval.",
+            "gauge",
+            (0..products.len()).map(|i| (label(i), slis.last(i).1.to_string())),
+        );
+        family(
+            &mut s,
+            "plantmesh_product_freshness_seconds",
+            "Age of the newest good value at the last SLI interval.",
+            "gauge",
+            (0..products.len()).filter_map(|i| slis.last(i).0.map(|ms| (label(i), (ms as f64 / 1000.0).to_string()))),
+        );
+        family(
+            &mut s,
+            "plantmesh_product_records_total",
+            "Records produced per product.",
+            "counter",
+            (0..products.len()).map(|i| (label(i), slis.last(i).2.to_string())),
+        );
     }
     s
+}
+
+/// One metric family with labelled samples.
+fn family(s: &mut String, name: &str, help: &str, kind: &str, samples: impl Iterator<Item = (String, String)>) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(s, "{name}{{{labels}}} {value}");
+    }
 }

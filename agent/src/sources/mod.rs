@@ -30,3 +30,20 @@ impl DeviceStats {
 
 /// Where sources send what they read.
 pub type BatchSender = tokio::sync::mpsc::Sender<ReadingBatch>;
+
+/// A batch marking every tag of a device bad for `reason` (no connection, session lost...), stamped now.
+pub fn all_bad(device: usize, tags: &[usize], reason: crate::model::BadReason) -> ReadingBatch {
+    let readings = tags
+        .iter()
+        .map(|&tag| crate::model::Reading {
+            tag,
+            value: None,
+            quality: crate::model::Quality::Bad(reason),
+        })
+        .collect();
+    ReadingBatch {
+        device,
+        ts: crate::model::now_millis(),
+        readings,
+    }
+}

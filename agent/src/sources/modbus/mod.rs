@@ -247,22 +247,8 @@ impl ModbusSource {
     }
 
     async fn emit_all_bad(&self, reason: BadReason) -> bool {
-        let readings = self
-            .device
-            .tags
-            .iter()
-            .map(|&tag| Reading {
-                tag,
-                value: None,
-                quality: Quality::Bad(reason),
-            })
-            .collect();
         self.out
-            .send(ReadingBatch {
-                device: self.index,
-                ts: now_millis(),
-                readings,
-            })
+            .send(super::all_bad(self.index, &self.device.tags, reason))
             .await
             .is_ok()
     }

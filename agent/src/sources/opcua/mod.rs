@@ -50,6 +50,14 @@ pub struct OpcUaSource {
     pub application_uri: String,
 }
 
+/// How the session's event-loop task ended, for logs.
+fn lost(status: Result<StatusCode, tokio::task::JoinError>) -> String {
+    format!(
+        "connection lost: {}",
+        status.map_or_else(|e| e.to_string(), |s| s.to_string())
+    )
+}
+
 /// Forwards each notification message of a subscription whole: the data changes of one Publish
 /// response, by client handle.
 struct Notifications(mpsc::UnboundedSender<Vec<(u32, DataValue)>>);
@@ -335,7 +343,7 @@ impl OpcUaSource {
                     }
                 }
                 status = &mut *handle => {
-                    return Ended::Lost(format!("connection lost: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())));
+                    return Ended::Lost(lost(status));
                 }
                 Some(ev) = events.recv() => {
                     if !self.on_session_event(ev).await {
@@ -381,7 +389,7 @@ impl OpcUaSource {
             tokio::select! {
                 _ = ticker.tick() => {}
                 status = &mut *handle => {
-                    return Ended::Lost(format!("connection lost: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())));
+                    return Ended::Lost(lost(status));
                 }
                 Some(ev) = events.recv() => {
                     if !self.on_session_event(ev).await {
@@ -496,22 +504,7 @@ impl OpcUaSource {
     }
 
     async fn emit_all_bad(&self, reason: BadReason) -> bool {
-        let readings = self
-            .device
-            .tags
-            .iter()
-            .map(|&tag| Reading {
-                tag,
-                value: None,
-                quality: Quality::Bad(reason),
-            })
-            .collect();
-        self.send(ReadingBatch {
-            device: self.index,
-            ts: now_millis(),
-            readings,
-        })
-        .await
+        self.send(super::all_bad(self.index, &self.device.tags, reason)).await
     }
 }
 
