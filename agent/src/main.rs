@@ -304,7 +304,11 @@ const DEMO_GATEWAY: &str = include_str!("../../configs/demo/agent.toml");
 #[cfg(feature = "simulators")]
 const DEMO_GOVERNANCE: &str = include_str!("../../configs/demo/governance.toml");
 #[cfg(feature = "simulators")]
-const DEMO_PRODUCTS: [(&str, &str); 3] = [
+const DEMO_PRODUCTS: [(&str, &str); 4] = [
+    (
+        "products/production/press-rate.toml",
+        include_str!("../../configs/demo/products/production/press-rate.toml"),
+    ),
     (
         "products/production/press-output.toml",
         include_str!("../../configs/demo/products/production/press-output.toml"),

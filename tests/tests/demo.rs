@@ -68,7 +68,7 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         .filter(|(t, _)| t.ends_with("/_descriptor"))
         .map(|(_, d)| d)
         .collect();
-    assert_eq!(descriptors.len(), 3, "one retained descriptor per product");
+    assert_eq!(descriptors.len(), 4, "one retained descriptor per product");
     validate_json(&repo_root().join("docs/descriptor.schema.json"), &descriptors);
     // The validator itself rejects a broken descriptor.
     let mut broken = descriptors[0].clone();

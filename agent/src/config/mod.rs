@@ -285,6 +285,37 @@ pub enum PublishMode {
     OnChange,
     /// The latest values at a fixed period.
     Interval(Duration),
+    /// One record per tumbling window, fields aggregated (see [`Aggregate`]).
+    Window(Duration),
+}
+
+/// How a field is aggregated over a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    Last,
+    Count,
+    Sum,
+    Min,
+    Max,
+    Mean,
+    /// A counter's increase over the window; a decrease is a rollover at 2^bits.
+    Delta {
+        bits: u32,
+    },
+}
+
+impl Aggregate {
+    pub fn name(self) -> &'static str {
+        match self {
+            Aggregate::Last => "last",
+            Aggregate::Count => "count",
+            Aggregate::Sum => "sum",
+            Aggregate::Min => "min",
+            Aggregate::Max => "max",
+            Aggregate::Mean => "mean",
+            Aggregate::Delta { .. } => "delta",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,6 +455,8 @@ pub struct FieldPlan {
     pub action: EdgeAction,
     pub required: bool,
     pub range: Option<(f64, f64)>,
+    /// For window products.
+    pub aggregate: Aggregate,
 }
 
 impl Plan {

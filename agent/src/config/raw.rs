@@ -206,10 +206,12 @@ pub struct Product {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Publish {
-    /// `every_sample` (default), `on_change` or `interval`.
+    /// `every_sample` (default), `on_change`, `interval` or `window`.
     pub mode: Option<Spanned<String>>,
     /// For `interval`: the period.
     pub interval: Option<Spanned<ConfigDuration>>,
+    /// For `window`: the tumbling window's length (windows align to multiples of it since the epoch).
+    pub window: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -250,6 +252,11 @@ pub struct Field {
     pub required: bool,
     /// Valid range `[min, max]` (numeric fields).
     pub range: Option<Spanned<[f64; 2]>>,
+    /// For `mode = "window"`: `last` (default), `count`, `sum`, `min`, `max`, `mean`, or `delta` (the
+    /// increase of a counter over the window, across rollovers).
+    pub aggregate: Option<Spanned<String>>,
+    /// For `aggregate = "delta"`: the counter's width (16, 32 or 64); default: from the tag's type.
+    pub counter_bits: Option<Spanned<u32>>,
     #[serde(default)]
     pub description: String,
 }

@@ -807,7 +807,7 @@ fn product_plan(
             let mode = cx.choice(
                 m,
                 "publish.mode",
-                &[("every_sample", 0), ("on_change", 1), ("interval", 2)],
+                &[("every_sample", 0), ("on_change", 1), ("interval", 2), ("window", 3)],
             )?;
             match (mode, &p.publish.interval) {
                 (2, Some(i)) => {
@@ -818,11 +818,24 @@ fn product_plan(
                     cx.err(m, "publish.interval", "mode `interval` needs `interval`, e.g. \"5s\"");
                     return None;
                 }
+                (3, _) => match &p.publish.window {
+                    Some(w) => {
+                        cx.range(&secs(w), "publish.window", 0.1, 86_400.0);
+                        PublishMode::Window(w.get_ref().0)
+                    }
+                    None => {
+                        cx.err(m, "publish.window", "mode `window` needs `window`, e.g. \"1m\"");
+                        return None;
+                    }
+                },
                 (1, _) => PublishMode::OnChange,
                 _ => PublishMode::EverySample,
             }
         }
     };
+    if let (Some(w), false) = (&p.publish.window, matches!(publish, PublishMode::Window(_))) {
+        cx.err(w, "publish.window", "`window` applies only to mode = \"window\"");
+    }
     if let (Some(i), false) = (&p.publish.interval, matches!(publish, PublishMode::Interval(_))) {
         cx.err(i, "publish.interval", "`interval` applies only to mode = \"interval\"");
     }
@@ -931,6 +944,63 @@ fn product_plan(
         let Some((classification, action)) = field_governance(cx, f, &key, logical_type, rules) else {
             continue;
         };
+        let numeric_tag = !matches!(t.data_type, DataType::Bool | DataType::Text(_) | DataType::Array);
+        let aggregate = match (&f.aggregate, matches!(publish, PublishMode::Window(_))) {
+            (None, _) => Aggregate::Last,
+            (Some(a), false) => {
+                cx.err(
+                    a,
+                    format!("{key}.aggregate"),
+                    "`aggregate` applies only to mode = \"window\"",
+                );
+                continue;
+            }
+            (Some(a), true) => {
+                let Some(name) = cx.choice(
+                    a,
+                    &format!("{key}.aggregate"),
+                    &[
+                        ("last", "last"),
+                        ("count", "count"),
+                        ("sum", "sum"),
+                        ("min", "min"),
+                        ("max", "max"),
+                        ("mean", "mean"),
+                        ("delta", "delta"),
+                    ],
+                ) else {
+                    continue;
+                };
+                if !matches!(name, "last" | "count") && !numeric_tag {
+                    cx.err(a, format!("{key}.aggregate"), format!("`{name}` needs a numeric tag"));
+                    continue;
+                }
+                match name {
+                    "last" => Aggregate::Last,
+                    "count" => Aggregate::Count,
+                    "sum" => Aggregate::Sum,
+                    "min" => Aggregate::Min,
+                    "max" => Aggregate::Max,
+                    "mean" => Aggregate::Mean,
+                    _ => {
+                        let natural = match t.data_type {
+                            DataType::U16 | DataType::I16 => 16,
+                            DataType::U32 | DataType::I32 => 32,
+                            _ => 64,
+                        };
+                        let bits = match &f.counter_bits {
+                            Some(b) if [16, 32, 64].contains(b.get_ref()) => *b.get_ref(),
+                            Some(b) => {
+                                cx.err(b, format!("{key}.counter_bits"), "counter_bits is 16, 32 or 64");
+                                continue;
+                            }
+                            None => natural,
+                        };
+                        Aggregate::Delta { bits }
+                    }
+                }
+            }
+        };
         let numeric = matches!(logical_type, LogicalType::Number | LogicalType::Integer);
         let range = match &f.range {
             Some(r) if !numeric => {
@@ -965,6 +1035,7 @@ fn product_plan(
             action,
             required: f.required,
             range,
+            aggregate,
         });
     }
     let topic = template

@@ -210,6 +210,7 @@ mod tests {
             action,
             required: false,
             range: None,
+            aggregate: crate::config::Aggregate::Last,
         }
     }
 

@@ -7,7 +7,7 @@
 //! field moves by more than its deadband, changes quality, or on the first sample; `interval` emits
 //! the latest values once per period.
 
-use crate::config::{FieldPlan, LogicalType, Plan, PublishMode};
+use crate::config::{Aggregate, FieldPlan, LogicalType, Plan, PublishMode};
 use crate::model::{BadReason, Millis, Quality, ReadingBatch, Record, Value};
 use std::time::Duration;
 
@@ -21,6 +21,84 @@ struct ProductState {
     latest_ts: Millis,
     next_due: Option<Millis>,
     seen_any: bool,
+    /// Window products: one accumulator per field.
+    acc: Vec<Acc>,
+}
+
+/// A field's samples in the current window.
+#[derive(Debug, Clone, Default)]
+struct Acc {
+    n: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    last: Option<Value>,
+    /// Counter value at the previous good sample (kept across windows).
+    prev_counter: Option<u64>,
+    delta: u64,
+}
+
+impl Acc {
+    fn add(&mut self, v: &Value, aggregate: Aggregate) {
+        let x = v.as_f64().unwrap_or(0.0);
+        if self.n == 0 {
+            self.min = x;
+            self.max = x;
+        }
+        self.n += 1;
+        self.sum += x;
+        self.min = self.min.min(x);
+        self.max = self.max.max(x);
+        self.last = Some(v.clone());
+        if let Aggregate::Delta { bits } = aggregate {
+            let c = match v {
+                Value::UInt(u) => *u,
+                Value::Int(i) => *i as u64,
+                other => other.as_f64().unwrap_or(0.0).max(0.0) as u64,
+            };
+            let modulus: u128 = 1u128 << bits;
+            let c = (u128::from(c) % modulus) as u64;
+            if let Some(p) = self.prev_counter {
+                // A decrease is a rollover: the counter wrapped at 2^bits.
+                let d = if c >= p {
+                    u128::from(c - p)
+                } else {
+                    modulus - u128::from(p) + u128::from(c)
+                };
+                self.delta = self.delta.saturating_add(d as u64);
+            }
+            self.prev_counter = Some(c);
+        }
+    }
+
+    /// The field's value for the window that just closed.
+    fn result(&self, f: &FieldPlan) -> Option<Value> {
+        let integer = f.logical_type == LogicalType::Integer;
+        let number = |x: f64| {
+            if integer {
+                Value::Int(x.round() as i64)
+            } else {
+                Value::Float(x)
+            }
+        };
+        match f.aggregate {
+            Aggregate::Count => Some(Value::UInt(self.n)),
+            _ if self.n == 0 => None,
+            Aggregate::Last => self.last.clone(),
+            Aggregate::Sum => Some(number(self.sum)),
+            Aggregate::Min => Some(number(self.min)),
+            Aggregate::Max => Some(number(self.max)),
+            Aggregate::Mean => Some(Value::Float(self.sum / self.n as f64)),
+            Aggregate::Delta { .. } => Some(Value::UInt(self.delta)),
+        }
+    }
+
+    fn reset(&mut self) {
+        *self = Acc {
+            prev_counter: self.prev_counter,
+            ..Acc::default()
+        };
+    }
 }
 
 /// The mapping of every product, with the state `on_change` and `interval` need.
@@ -49,6 +127,7 @@ impl Mapper {
                     latest_ts: 0,
                     next_due: None,
                     seen_any: false,
+                    acc: vec![Acc::default(); p.fields.len()],
                 }
             })
             .collect();
@@ -72,6 +151,13 @@ impl Mapper {
                     },
                     (None, q) => (None, q),
                 };
+                if let (PublishMode::Window(_), (Some(v), q)) = (p.mode, &p.current[fi]) {
+                    if q.is_good() {
+                        let aggregate = p.fields[fi].aggregate;
+                        let v = v.clone();
+                        p.acc[fi].add(&v, aggregate);
+                    }
+                }
                 p.latest_ts = p.latest_ts.max(batch.ts);
                 p.seen_any = true;
                 if !touched.contains(&pi) {
@@ -87,7 +173,7 @@ impl Mapper {
                     .last_emitted
                     .as_ref()
                     .is_none_or(|last| changed(&p.fields, last, &p.current)),
-                PublishMode::Interval(_) => false,
+                PublishMode::Interval(_) | PublishMode::Window(_) => false,
             };
             if emit {
                 p.last_emitted = Some(p.current.clone());
@@ -102,9 +188,40 @@ impl Mapper {
         }
     }
 
-    /// Emits the records of interval products that are due at `now`.
+    /// Emits the records of interval and window products that are due at `now`.
     pub fn on_tick(&mut self, now: Millis, out: &mut Vec<(usize, Record)>) {
         for (pi, p) in self.products.iter_mut().enumerate() {
+            if let PublishMode::Window(w) = p.mode {
+                // Tumbling windows aligned to multiples of their length; the record's time is the
+                // window's end. A window without a good sample still yields a record (count 0,
+                // qualities saying why), so gaps in production are visible.
+                let w = (w.as_millis() as u64).max(1);
+                let end = *p.next_due.get_or_insert((now / w + 1) * w);
+                if now < end {
+                    continue;
+                }
+                let fields = p
+                    .fields
+                    .iter()
+                    .zip(&p.acc)
+                    .zip(&p.current)
+                    .map(|((f, acc), (_, q))| match acc.result(f) {
+                        Some(v) if acc.n > 0 || f.aggregate == Aggregate::Count => (Some(v), Quality::Good),
+                        _ => (
+                            None,
+                            if q.is_good() {
+                                Quality::Bad(BadReason::NoValue)
+                            } else {
+                                *q
+                            },
+                        ),
+                    })
+                    .collect();
+                out.push((pi, Record { ts: end, fields }));
+                p.acc.iter_mut().for_each(Acc::reset);
+                p.next_due = Some(end + w * ((now - end) / w + 1));
+                continue;
+            }
             let PublishMode::Interval(period) = p.mode else {
                 continue;
             };
@@ -130,7 +247,7 @@ impl Mapper {
         self.products
             .iter()
             .filter_map(|p| match p.mode {
-                PublishMode::Interval(d) => Some(d),
+                PublishMode::Interval(d) | PublishMode::Window(d) => Some(d),
                 _ => None,
             })
             .min()
@@ -309,6 +426,113 @@ source = "plc.count"
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].1.ts, 600);
         assert_eq!(out[0].1.fields[0].0, Some(Value::Float(21.0)));
+    }
+
+    const COUNTER_GATEWAY: &str = r#"
+[agent]
+id = "gw"
+site = "s"
+area = "a"
+line = "l"
+[[devices]]
+id = "plc"
+protocol = "modbus_tcp"
+address = "127.0.0.1:502"
+  [[devices.tags]]
+  name = "good"
+  table = "holding"
+  address = 0
+  type = "u16"
+  [[devices.tags]]
+  name = "temp"
+  table = "holding"
+  address = 2
+  type = "f32"
+"#;
+
+    fn window_mapper() -> Mapper {
+        let p = r#"
+id = "rate"
+name = "Rate"
+version = "1.0.0"
+domain = "production"
+owner = "team"
+[publish]
+mode = "window"
+window = "1m"
+[[fields]]
+name = "good_per_min"
+source = "plc.good"
+aggregate = "delta"
+[[fields]]
+name = "samples"
+source = "plc.temp"
+aggregate = "count"
+[[fields]]
+name = "temp_mean"
+source = "plc.temp"
+aggregate = "mean"
+[[fields]]
+name = "temp_max"
+source = "plc.temp"
+aggregate = "max"
+"#;
+        let plan = config::load_texts(
+            (Path::new("agent.toml"), COUNTER_GATEWAY),
+            None,
+            &[(Path::new("p.toml"), p)],
+            Path::new("/tmp"),
+        )
+        .unwrap();
+        Mapper::new(&plan)
+    }
+
+    fn counter_batch(ts: Millis, good: u64, temp: f64) -> ReadingBatch {
+        ReadingBatch {
+            device: 0,
+            ts,
+            readings: vec![
+                Reading {
+                    tag: 0,
+                    value: Some(Value::UInt(good)),
+                    quality: Quality::Good,
+                },
+                Reading {
+                    tag: 1,
+                    value: Some(Value::Float(temp)),
+                    quality: Quality::Good,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn windows_aggregate_and_counters_roll_over() {
+        let mut m = window_mapper();
+        let mut out = Vec::new();
+        let t0: Millis = 1_800_000_000_000; // a minute boundary (divisible by 60,000)
+        m.on_tick(t0 + 1, &mut out); // arms: the window ends at t0 + 60 s
+                                     // A 16-bit counter wrapping: 65_530 -> 65_535 -> 4 is 5 + 5 = 10 parts.
+        m.on_batch(&counter_batch(t0 + 1_000, 65_530, 20.0), &mut out);
+        m.on_batch(&counter_batch(t0 + 2_000, 65_535, 22.0), &mut out);
+        m.on_batch(&counter_batch(t0 + 3_000, 4, 30.0), &mut out);
+        assert!(out.is_empty(), "nothing before the window closes");
+        m.on_tick(t0 + 60_000, &mut out);
+        assert_eq!(out.len(), 1);
+        let r = &out[0].1;
+        assert_eq!(r.ts, t0 + 60_000, "stamped with the window's end");
+        assert_eq!(r.fields[0], (Some(Value::UInt(10)), Quality::Good));
+        assert_eq!(r.fields[1], (Some(Value::UInt(3)), Quality::Good));
+        assert_eq!(r.fields[2], (Some(Value::Float(24.0)), Quality::Good));
+        assert_eq!(r.fields[3], (Some(Value::Float(30.0)), Quality::Good));
+        // The next window continues the counter from where it stood.
+        m.on_batch(&counter_batch(t0 + 61_000, 9, 25.0), &mut out);
+        m.on_tick(t0 + 120_000, &mut out);
+        assert_eq!(out[1].1.fields[0], (Some(Value::UInt(5)), Quality::Good));
+        // A window without samples: count 0, the rest says there was no value.
+        m.on_tick(t0 + 180_000, &mut out);
+        assert_eq!(out[2].1.fields[1], (Some(Value::UInt(0)), Quality::Good));
+        assert_eq!(out[2].1.fields[0], (None, Quality::Bad(BadReason::NoValue)));
     }
 
     #[test]

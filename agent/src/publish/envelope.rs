@@ -172,6 +172,7 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                 "classification": f.classification,
                 "edgeAction": f.action.name(),
                 "range": f.range.map(|(lo, hi)| json!({"min": lo, "max": hi})),
+                "aggregate": matches!(p.publish, crate::config::PublishMode::Window(_)).then(|| f.aggregate.name()),
                 "lineage": lineage,
             })
         })
@@ -189,6 +190,10 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
         "description": p.description,
         "status": p.status,
         "schema": [{"name": p.id, "properties": properties}],
+        "window_ms": match p.publish {
+            crate::config::PublishMode::Window(w) => Some(w.as_millis() as u64),
+            _ => None,
+        },
         "binding": {"protocol": "mqtt", "topic": p.topic, "qos": 1, "encoding": "json",
                     "gaps_topic": gaps_topic(p)},
         "contract_hash": format!("{:016x}", crate::config::fnv1a64(&[p.version.as_bytes(), &contract])),
@@ -219,6 +224,7 @@ mod tests {
             action: crate::config::EdgeAction::Pass,
             required: false,
             range: None,
+            aggregate: crate::config::Aggregate::Last,
         };
         let p = ProductPlan {
             id: "p".into(),
