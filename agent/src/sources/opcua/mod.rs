@@ -243,15 +243,7 @@ impl OpcUaSource {
             TimestampsToReturn::Both
         };
         if o.polling {
-            if !bad.is_empty()
-                && !self
-                    .send(ReadingBatch {
-                        device: self.index,
-                        ts: now_millis(),
-                        readings: bad,
-                    })
-                    .await
-            {
+            if !self.send_bad(bad).await {
                 return Ended::Shutdown;
             }
             return self.poll(session, o, &monitored, ts, handle, events).await;
@@ -299,15 +291,7 @@ impl OpcUaSource {
         }
         drop(tx);
         info!(device = %self.device.id, subscriptions = ?subscriptions, monitored_items = created, bad_tags = bad.len(), "OPC UA subscription created");
-        if !bad.is_empty()
-            && !self
-                .send(ReadingBatch {
-                    device: self.index,
-                    ts: now_millis(),
-                    readings: bad,
-                })
-                .await
-        {
+        if !self.send_bad(bad).await {
             return Ended::Shutdown;
         }
         loop {
@@ -501,6 +485,18 @@ impl OpcUaSource {
 
     async fn send(&self, batch: ReadingBatch) -> bool {
         self.out.send(batch).await.is_ok()
+    }
+
+    /// Reports the tags that could not be monitored or resolved (nothing to send: true).
+    async fn send_bad(&self, readings: Vec<Reading>) -> bool {
+        readings.is_empty()
+            || self
+                .send(ReadingBatch {
+                    device: self.index,
+                    ts: now_millis(),
+                    readings,
+                })
+                .await
     }
 
     async fn emit_all_bad(&self, reason: BadReason) -> bool {
