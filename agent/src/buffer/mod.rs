@@ -7,9 +7,11 @@
 //!
 //! Group commit: one writer thread collects for `commit_interval` (default 200 ms) and writes
 //! everything (new messages, deletions, gap events) in one redb transaction with
-//! `Durability::Immediate`. Fsyncs are therefore bounded by 1/commit_interval (5/s by default) however
-//! high the record rate is; that keeps flash wear on gateways flat and is the upper bound on the time
-//! a record waits to be accepted. Records are grouped into messages at commit time (at most
+//! `Durability::Immediate`. Fsyncs are therefore bounded by 1/commit_interval (5/s by default) at any
+//! rate up to 50,000 records per interval (250,000 records/s by default); beyond that a batch is also
+//! committed once 50,000 records wait, to bound memory (measured: 9.6 fsyncs/s at 775,000 records/s).
+//! That keeps flash wear on gateways flat, and the interval is the upper bound on the time a record
+//! waits to be accepted. Records are grouped into messages at commit time (at most
 //! `max_records_per_message` records and `max_message_bytes` bytes each).
 //!
 //! Failure: a storage error stops the writer; the agent raises an alarm and exits non-zero so the
