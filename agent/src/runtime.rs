@@ -51,6 +51,25 @@ pub enum RunError {
     Governance(String),
 }
 
+impl Running {
+    /// A `Running` with no tasks behind it (unit tests of the endpoints).
+    #[cfg(test)]
+    pub fn for_tests(plan: Arc<Plan>) -> Running {
+        Running {
+            buffer: Arc::new(BufferStats::default()),
+            produced: Arc::new(plan.products.iter().map(|_| Default::default()).collect()),
+            publish: Arc::new(PublishStats::default()),
+            devices: plan.devices.iter().map(|_| Arc::new(DeviceStats::default())).collect(),
+            epoch: 1,
+            broker: String::new(),
+            last: Arc::new(std::sync::Mutex::new(Vec::new())),
+            slis: Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len()))),
+            writer_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            plan,
+        }
+    }
+}
+
 /// The OPC UA ApplicationUri of this agent (also in its application instance certificate).
 pub fn application_uri(plan: &Plan) -> String {
     format!("urn:plantmesh:{}:{}", plan.agent.site, plan.agent.id)

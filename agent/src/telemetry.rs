@@ -20,12 +20,18 @@ pub async fn serve(addr: std::net::SocketAddr, r: Running) -> std::io::Result<st
             };
             let r = r.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let request = String::from_utf8_lossy(&buf[..n]);
+                // Read the whole request head (a request can arrive in several segments; answering
+                // early and closing would reset the connection under the client's remaining writes).
+                let mut buf = Vec::with_capacity(1024);
+                let mut chunk = [0u8; 1024];
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                    match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                        Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&buf);
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
                 let (status, body) = match path {
                     "/metrics" => ("200 OK", metrics(&r)),
@@ -177,5 +183,36 @@ fn family(s: &mut String, name: &str, help: &str, kind: &str, samples: impl Iter
     let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for (labels, value) in samples {
         let _ = writeln!(s, "{name}{{{labels}}} {value}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Regression: the responder answered after its first read. A client whose request arrived in
+    /// several segments had its later writes hit a closed socket, and the connection was reset
+    /// (seen as a broken pipe in the SLI test under load). Now the whole request head is read first.
+    #[tokio::test]
+    async fn a_request_in_many_segments_is_read_whole() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let plan = crate::config::load_texts(
+            (
+                std::path::Path::new("agent.toml"),
+                "[agent]\nid = \"g\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n",
+            ),
+            None,
+            &[],
+            std::path::Path::new("/tmp"),
+        )
+        .unwrap();
+        let running = crate::runtime::Running::for_tests(std::sync::Arc::new(plan));
+        let addr = super::serve("127.0.0.1:0".parse().unwrap(), running).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for piece in ["GET ", "/hea", "lth HTTP/1.1\r\n", "host: x\r\n", "\r\n"] {
+            s.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK") && out.ends_with("ok\n"), "{out}");
     }
 }
