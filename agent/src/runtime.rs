@@ -134,7 +134,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         .products
         .iter()
         .map(|p| ProductSlot {
-            id: p.id.clone(),
+            id: p.key.clone(),
             topic: p.topic.clone(),
             version: p.version.clone(),
             limits: ProductLimits {
@@ -185,7 +185,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
             .products
             .iter()
             .map(|p| Announced {
-                id: p.id.clone(),
+                id: p.key.clone(),
                 descriptor_topic: envelope::descriptor_topic(p),
                 descriptor: envelope::descriptor(&plan, p),
             })
@@ -197,9 +197,10 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         stats: publish_stats.clone(),
         shutdown: shutdown.clone(),
         retained: retained_rx,
+        contracts_dir: Some(crate::contract::dir(&plan.agent.data_dir)),
         egress: crate::publish::Egress {
             topic_prefixes: plan.governance.allow_topic_prefixes.clone(),
-            products: plan.products.iter().map(|p| p.id.clone()).collect(),
+            products: plan.products.iter().map(|p| p.key.clone()).collect(),
         },
     };
     let publisher = tokio::spawn(publisher.run());
@@ -295,7 +296,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
             let mut summary = serde_json::Map::new();
             for ((pi, rule), n) in &counts.0 {
                 info!(product = %plan.products[*pi].id, rule, count = n, "governance decisions this run");
-                summary.insert(format!("{}:{rule}", plan.products[*pi].id), (*n).into());
+                summary.insert(format!("{}:{rule}", plan.products[*pi].key), (*n).into());
             }
             let entry = serde_json::json!({"config_hash": plan.config_hash, "governance": summary});
             if let Err(e) = crate::audit::append(&plan.agent.data_dir, "run_end", entry) {
@@ -329,7 +330,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
                 for (p, s) in plan.products.iter().zip(&snapshots) {
                     let mine: Vec<(String, u64)> = drops
                         .iter()
-                        .filter(|d| d.0 == p.id)
+                        .filter(|d| d.0 == p.key)
                         .map(|d| (d.1.clone(), d.2))
                         .collect();
                     let doc = crate::catalog::sli_document(

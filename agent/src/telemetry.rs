@@ -152,7 +152,7 @@ fn metrics(r: &Running) -> String {
     );
     if let Ok(slis) = r.slis.lock() {
         let products = &r.plan.products;
-        let label = |i: usize| format!("product=\"{}\"", products[i].id);
+        let label = |i: usize| format!("product=\"{}\",major=\"{}\"", products[i].id, products[i].major);
         family(
             &mut s,
             "plantmesh_product_completeness",

@@ -421,6 +421,9 @@ pub enum OnViolation {
 #[derive(Debug, Clone)]
 pub struct ProductPlan {
     pub id: String,
+    /// `{id}.v{major}`: what the buffer, publisher and metrics key the product by, so two major
+    /// versions of one product can run side by side during a migration.
+    pub key: String,
     pub name: String,
     pub version: String,
     pub major: u64,
@@ -457,6 +460,22 @@ pub struct FieldPlan {
     pub range: Option<(f64, f64)>,
     /// For window products.
     pub aggregate: Aggregate,
+}
+
+/// The buffer key of a product version (see [`ProductPlan::key`]).
+pub fn product_key(id: &str, major: u64) -> String {
+    format!("{id}.v{major}")
+}
+
+/// `(id, major)` of a buffer key; keys of older buffers (no `.v`) are taken as the id.
+pub fn split_product_key(key: &str) -> (&str, Option<u64>) {
+    match key.rsplit_once(".v") {
+        Some((id, major)) => match major.parse() {
+            Ok(m) => (id, Some(m)),
+            Err(_) => (key, None),
+        },
+        None => (key, None),
+    }
 }
 
 impl Plan {
@@ -603,7 +622,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Plan, Diagnostics> {
     } else {
         None
     };
-    validate::validate(&gateway, governance.as_ref(), &texts)
+    validate::validate(&gateway, governance.as_ref(), &texts, None)
 }
 
 /// Loads config from in-memory texts (the embedded demo plant). Paths are only used in messages.
@@ -616,9 +635,7 @@ pub fn load_texts(
     let gw = (gateway.0.to_path_buf(), gateway.1.to_string());
     let gov = governance.map(|(p, t)| (p.to_path_buf(), t.to_string()));
     let products: Vec<(PathBuf, String)> = products.iter().map(|(p, t)| (p.to_path_buf(), t.to_string())).collect();
-    let mut plan = validate::validate(&gw, gov.as_ref(), &products)?;
-    plan.agent.data_dir = data_dir.to_path_buf();
-    Ok(plan)
+    validate::validate(&gw, gov.as_ref(), &products, Some(data_dir))
 }
 
 /// FNV-1a, 64 bit: a stable fingerprint of config bytes (identity, not security).

@@ -116,6 +116,7 @@ pub(super) fn validate(
     gateway: &(PathBuf, String),
     governance: Option<&(PathBuf, String)>,
     products: &[(PathBuf, String)],
+    data_dir: Option<&Path>,
 ) -> Result<Plan, Diagnostics> {
     let mut problems = Vec::new();
     let mut files = vec![gateway.0.clone()];
@@ -160,7 +161,10 @@ pub(super) fn validate(
         src,
         problems: &mut problems,
     };
-    let built = gw.map(|gw| gateway_plan(&mut cx, gw));
+    let mut built = gw.map(|gw| gateway_plan(&mut cx, gw));
+    if let (Some(dir), Some(parts)) = (data_dir, built.as_mut()) {
+        parts.0.data_dir = dir.to_path_buf();
+    }
 
     let mut plan_products = Vec::new();
     if let Some((agent, _, buffer, devices, tags, declared)) = &built {
@@ -169,7 +173,8 @@ pub(super) fn validate(
             .enumerate()
             .map(|(i, t)| (format!("{}.{}", devices[t.device].id, t.name), i))
             .collect();
-        let mut seen_ids: HashMap<String, PathBuf> = HashMap::new();
+        let mut seen_ids: HashMap<(String, String), PathBuf> = HashMap::new();
+        let published = crate::contract::load(&crate::contract::dir(&agent.data_dir));
         for (path, text) in products {
             files.push(path.clone());
             hash_input.push(text.as_bytes());
@@ -185,16 +190,22 @@ pub(super) fn validate(
                 src,
                 problems: &mut problems,
             };
-            if let Some(first) = seen_ids.get(raw.id.get_ref()) {
+            // One product may be defined twice only with different major versions (a migration
+            // window: the old major keeps publishing on its own topic beside the new one).
+            let major = raw.version.get_ref().split('.').next().unwrap_or("").to_string();
+            let seen = (raw.id.get_ref().clone(), major.clone());
+            if let Some(first) = seen_ids.get(&seen) {
                 let msg = format!(
-                    "duplicate product id `{}`: also defined in {}",
+                    "duplicate product `{}` major version {major}: also defined in {}",
                     raw.id.get_ref(),
                     first.display()
                 );
-                cx.err(&raw.id, "id", msg);
+                cx.err(&raw.id, "id", msg).help =
+                    Some("two files may define one product only with different major versions".into());
                 continue;
             }
-            seen_ids.insert(raw.id.get_ref().clone(), path.clone());
+            seen_ids.insert(seen, path.clone());
+            let version_at = raw.version.clone();
             if let Some(p) = product_plan(
                 &mut cx,
                 raw,
@@ -207,6 +218,12 @@ pub(super) fn validate(
                 },
                 &rules,
             ) {
+                if let Some(stored) = published.get(&p.key) {
+                    if let Some((message, help)) = crate::contract::check(&p, stored) {
+                        cx.err(&version_at, "version", message).help = Some(help);
+                        continue;
+                    }
+                }
                 plan_products.push(p);
             }
         }
@@ -1116,6 +1133,7 @@ fn product_plan(
         }
     }
     Some(ProductPlan {
+        key: crate::config::product_key(id, major),
         id: id.clone(),
         name: p.name.clone(),
         version: p.version.get_ref().clone(),

@@ -217,6 +217,7 @@ mod tests {
     fn product(fields: Vec<FieldPlan>) -> ProductPlan {
         ProductPlan {
             id: "p".into(),
+            key: "p.v1".into(),
             name: "p".into(),
             version: "1.0.0".into(),
             major: 1,

@@ -105,6 +105,24 @@ pub fn gaps_topic(p: &ProductPlan) -> String {
     format!("{}/_gaps", p.topic)
 }
 
+/// The wire form of a gap event: the product's id and major version rather than its buffer key.
+/// Returns the payload and the product id.
+pub fn gap_payload(g: &crate::buffer::GapEvent) -> (Vec<u8>, String) {
+    let (id, major) = crate::config::split_product_key(&g.product);
+    let payload = serde_json::to_vec(&json!({
+        "product": id,
+        "major": major,
+        "epoch": g.epoch,
+        "from_seq": g.from_seq,
+        "to_seq": g.to_seq,
+        "count": g.count,
+        "reason": g.reason,
+        "ts": g.ts,
+    }))
+    .expect("gap serializes");
+    (payload, id.to_string())
+}
+
 /// Topic of the agent's retained status.
 pub fn status_topic(plan: &Plan) -> String {
     format!("{}/_agents/{}/status", plan.agent.site, plan.agent.id)
@@ -159,10 +177,7 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                 }),
             };
             // What leaves is what the consumer gets: pseudonyms are strings, masked values null.
-            let logical = match f.action {
-                crate::config::EdgeAction::Pseudonymise => "string",
-                _ => f.logical_type.as_str(),
-            };
+            let logical = crate::contract::published_type(f);
             json!({
                 "name": f.name,
                 "logicalType": logical,
@@ -228,6 +243,7 @@ mod tests {
         };
         let p = ProductPlan {
             id: "p".into(),
+            key: "p.v1".into(),
             name: "p".into(),
             version: "1.0.0".into(),
             major: 1,

@@ -17,7 +17,10 @@ pub enum Sent<M> {
     Message(M),
     /// A buffered gap event.
     Gap(u64),
-    /// Anything else (status, descriptor): nothing to do on PUBACK.
+    /// A product's descriptor (index into the announced products): stored as the last published
+    /// contract on PUBACK.
+    Descriptor(usize),
+    /// Anything else (status, SLIs): nothing to do on PUBACK.
     Control,
 }
 

@@ -102,6 +102,8 @@ pub struct Publisher {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Checked again just before every publish (fail closed).
     pub egress: Egress,
+    /// Where acknowledged descriptors are kept (see [`crate::contract`]); `None`: not kept.
+    pub contracts_dir: Option<std::path::PathBuf>,
     /// Retained documents to publish when connected (SLIs): `(topic, payload)`; dropped while
     /// disconnected (the next interval's document replaces them).
     pub retained: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
@@ -236,6 +238,14 @@ impl Publisher {
                                 self.buffer.gap_ack(id);
                                 acked_gaps.insert(id, generation);
                             }
+                            Some(Sent::Descriptor(i)) => {
+                                // The contract consumers now rely on: later configs are checked against it.
+                                if let (Some(dir), Some(p)) = (&self.contracts_dir, self.products.get(i)) {
+                                    if let Err(e) = crate::contract::save(dir, &p.id, &p.descriptor) {
+                                        warn!(product = %p.id, error = %e, "cannot store the published descriptor");
+                                    }
+                                }
+                            }
                             Some(Sent::Control) | None => {}
                         }
                     }
@@ -287,9 +297,9 @@ impl Publisher {
     fn on_connect(&self, link: &Link, s: &mut Session) -> Result<(), String> {
         link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
         s.inflight.queued(Sent::Control);
-        for p in &self.products {
+        for (i, p) in self.products.iter().enumerate() {
             link.publish(&p.descriptor_topic, true, p.descriptor.clone(), vec![])?;
-            s.inflight.queued(Sent::Control);
+            s.inflight.queued(Sent::Descriptor(i));
         }
         let mut products: Vec<String> = self.products.iter().map(|p| p.id.clone()).collect();
         for p in self.reader.products().map_err(|e| e.to_string())? {
@@ -339,9 +349,9 @@ impl Publisher {
             if s.gaps_sent.contains(&id) || acked_gaps.contains_key(&id) {
                 continue;
             }
-            let payload = serde_json::to_vec(&g).expect("gap serializes");
+            let (payload, product) = envelope::gap_payload(&g);
             if link
-                .publish(&g.topic, false, payload, vec![("product".into(), g.product.clone())])
+                .publish(&g.topic, false, payload, vec![("product".into(), product)])
                 .is_err()
             {
                 return Ok(());
