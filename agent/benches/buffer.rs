@@ -24,6 +24,7 @@ fn main() {
                 id: format!("product-{i}"),
                 topic: format!("site/area/line/domain/product-{i}/v1"),
                 version: "1.0.0".into(),
+                max_records: None,
                 limits: ProductLimits {
                     max_bytes: 400 << 20,
                     policy: FullPolicy::DropOldest,

@@ -120,8 +120,16 @@ pub fn save(dir: &Path, key: &str, descriptor: &[u8]) -> std::io::Result<()> {
 pub enum Change {
     /// Removed, or renamed (a rename is a removal and an addition to a consumer).
     Removed(String),
-    TypeChanged { field: String, from: String, to: String },
-    UnitChanged { field: String, from: String, to: String },
+    TypeChanged {
+        field: String,
+        from: String,
+        to: String,
+    },
+    UnitChanged {
+        field: String,
+        from: String,
+        to: String,
+    },
     Added(String),
 }
 
@@ -262,10 +270,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = br#"{"version":"1.2.0","schema":[{"name":"p","properties":[{"name":"a","logicalType":"number","unit":"Cel"}]}]}"#;
         save(dir.path(), "p.v1", d).unwrap();
-        let before = std::fs::metadata(dir.path().join("p.v1.json")).unwrap().modified().unwrap();
+        let before = std::fs::metadata(dir.path().join("p.v1.json"))
+            .unwrap()
+            .modified()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         save(dir.path(), "p.v1", d).unwrap();
-        let after = std::fs::metadata(dir.path().join("p.v1.json")).unwrap().modified().unwrap();
+        let after = std::fs::metadata(dir.path().join("p.v1.json"))
+            .unwrap()
+            .modified()
+            .unwrap();
         assert_eq!(before, after, "an unchanged descriptor is not rewritten");
         let all = load(dir.path());
         assert_eq!(all["p.v1"].version, "1.2.0");

@@ -31,6 +31,9 @@ enum Command {
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Overrides agent.data_dir (where the last published contracts are kept).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Run the demo plant: a simulated press-line PLC over Modbus TCP, two products, an embedded broker.
     Demo {
@@ -70,11 +73,19 @@ enum Command {
     /// Run the products' mapping and governance on recorded input (CSV: ts,<device>.<tag>,...) and
     /// print what would be published, and why fields were altered, withheld or flagged.
     Preview {
-        #[arg(short, long, required = true, value_delimiter = ',')]
+        /// Config directory or files (not with --demo).
+        #[arg(short, long, value_delimiter = ',', required_unless_present = "demo")]
         config: Vec<PathBuf>,
-        /// The recorded tag values.
-        #[arg(long)]
-        input: PathBuf,
+        /// Recorded tag values (CSV: ts,<device>.<tag>,...). Without it, the config's devices are
+        /// polled live (read-only) for --seconds.
+        #[arg(long, conflicts_with = "demo")]
+        input: Option<PathBuf>,
+        /// Preview the demo plant's products on its simulated devices.
+        #[arg(long, conflicts_with = "config")]
+        demo: bool,
+        /// How long to watch live devices.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
         /// Only this product.
         #[arg(long)]
         product: Option<String>,
@@ -127,8 +138,13 @@ fn main() -> ExitCode {
     allocator::limit_arenas();
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check { paths }) => check(&paths),
-        Some(Command::Preview { config, input, product }) => {
+        Some(Command::Check { paths, data_dir }) => check(&paths, data_dir.as_deref()),
+        Some(Command::Preview {
+            config,
+            input: Some(input),
+            product,
+            ..
+        }) => {
             let plan = match config::load(&config) {
                 Ok(p) => p,
                 Err(d) => {
@@ -180,8 +196,8 @@ fn init_logging() {
         .init();
 }
 
-fn check(paths: &[PathBuf]) -> ExitCode {
-    match config::load(paths) {
+fn check(paths: &[PathBuf], data_dir: Option<&std::path::Path>) -> ExitCode {
+    match config::load_with(paths, data_dir) {
         Ok(plan) => {
             println!(
                 "ok: {} device(s), {} tag(s), {} product(s); config hash {}",
@@ -220,12 +236,10 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             None => demo(None).await,
             Some(Command::Demo { data_dir }) => demo(data_dir).await,
             Some(Command::Run { config, data_dir, view }) if !config.is_empty() => {
-                let mut plan = config::load(&config).map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
+                let plan = config::load_with(&config, data_dir.as_deref())
+                    .map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
                 // Parsing a large config leaves freed memory behind; hand it back before running.
                 allocator::trim();
-                if let Some(d) = data_dir {
-                    plan.agent.data_dir = d;
-                }
                 tracing::info!(agent = %plan.agent.id, config_hash = %plan.config_hash, files = plan.files.len(), "config loaded");
                 plantmesh::runtime::run(plan, view, |r| {
                     if view {
@@ -294,7 +308,33 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             Some(Command::Simulate { listen, devices, registers, opcua_items, opcua_interval }) => {
                 simulate(listen, devices, registers, opcua_items, &opcua_interval).await
             }
-            Some(Command::Check { .. } | Command::Preview { .. }) => unreachable!("handled before the runtime starts"),
+            Some(Command::Preview {
+                config,
+                demo: live_demo,
+                seconds,
+                product,
+                ..
+            }) => {
+                let seconds = std::time::Duration::from_secs(seconds);
+                let print = |s: &str| print!("{s}");
+                if live_demo {
+                    let dir = tempfile_dir("plantmesh-preview")?;
+                    let (plan, _sims) = demo_plan(&dir).await?;
+                    eprintln!("previewing the demo plant for {}s; nothing is published", seconds.as_secs());
+                    plantmesh::preview::preview_live(&plan, product.as_deref(), seconds, print)
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                    let _ = std::fs::remove_dir_all(&dir);
+                } else {
+                    let plan = config::load(&config).map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
+                    eprintln!("polling the config's devices for {}s; nothing is published", seconds.as_secs());
+                    plantmesh::preview::preview_live(&plan, product.as_deref(), seconds, print)
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                }
+                Ok(())
+            }
+            Some(Command::Check { .. }) => unreachable!("handled before the runtime starts"),
         }
     })
 }
@@ -323,10 +363,27 @@ const DEMO_PRODUCTS: [(&str, &str); 4] = [
     ),
 ];
 
+/// A fresh private directory under the system's temporary directory.
+fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 #[cfg(feature = "simulators")]
 async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    use std::path::Path;
     let data_dir = data_dir.unwrap_or_else(|| std::env::temp_dir().join("plantmesh-demo"));
+    let (plan, _sims) = demo_plan(&data_dir).await?;
+    plantmesh::runtime::run(plan, true, plantmesh::view::spawn).await?;
+    Ok(())
+}
+
+/// The demo plant: its embedded config, with its simulated PLC and oven started and wired in. The
+/// simulators run while the returned guard lives.
+#[cfg(feature = "simulators")]
+async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, plantmesh::sim::oven::SimServer)> {
+    use std::path::Path;
+    let data_dir = data_dir.to_path_buf();
     let products: Vec<(&Path, &str)> = DEMO_PRODUCTS.iter().map(|(p, t)| (Path::new(*p), *t)).collect();
     let mut plan = config::load_texts(
         (Path::new("configs/demo/agent.toml"), DEMO_GATEWAY),
@@ -369,13 +426,17 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     }
     tracing::info!(oven = %oven.endpoint, "demo plant: simulated curing oven on OPC UA");
     tracing::info!(plc = %plc, data_dir = %data_dir.display(), "demo plant: simulated press-line PLC on Modbus TCP");
-    plantmesh::runtime::run(plan, true, plantmesh::view::spawn).await?;
-    Ok(())
+    Ok((plan, oven))
 }
 
 #[cfg(not(feature = "simulators"))]
 async fn demo(_: Option<PathBuf>) -> anyhow::Result<()> {
     bail!("no config given (--config or PLANTMESH_CONFIG), and this build has no demo plant (feature `simulators`)")
+}
+
+#[cfg(not(feature = "simulators"))]
+async fn demo_plan(_: &std::path::Path) -> anyhow::Result<(config::Plan, ())> {
+    bail!("this build has no demo plant (feature `simulators`)")
 }
 
 #[cfg(feature = "simulators")]

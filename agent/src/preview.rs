@@ -1,4 +1,5 @@
-//! `plantmesh preview`: a product's mapping and governance on recorded input, offline.
+//! `plantmesh preview`: a product's mapping and governance on recorded input, offline, or on live
+//! devices (the demo plant's, or a real config's, polled read-only for a while), publishing nothing.
 //!
 //! Input: CSV with a header `ts,<device>.<tag>,...` (ts as RFC 3339 or milliseconds since the epoch;
 //! an empty cell means no value in that row; no quoted commas). Each row is one poll of the devices
@@ -14,87 +15,72 @@ use crate::publish::envelope::RecordEncoder;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-pub fn preview_csv(plan: &Plan, only: Option<&str>, csv: &str) -> Result<String, String> {
-    let mut out = String::new();
-    let key = match &plan.governance.key_file {
-        Some(path) => match crate::govern::read_key(path) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                let _ = writeln!(out, "# pseudonyms below use a throwaway key: {e}");
-                Some(b"plantmesh preview: a throwaway key, not the site's".to_vec())
-            }
-        },
-        None => None,
-    };
-    let governor = Governor::new(plan, key).map_err(|e| e.to_string())?;
-    let encoders: Vec<RecordEncoder> = plan.products.iter().map(RecordEncoder::new).collect();
-    if let Some(id) = only {
-        if !plan.products.iter().any(|p| p.id == id) {
-            return Err(format!("no product `{id}` in this config"));
-        }
-    }
-    let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<String> = lines
-        .next()
-        .ok_or("the CSV is empty")?
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
-    if header.first().map(String::as_str) != Some("ts") {
-        return Err("the CSV header must start with `ts`, then <device>.<tag> columns".into());
-    }
-    let by_ref: BTreeMap<String, usize> = (0..plan.tags.len()).map(|i| (plan.tag_ref(i), i)).collect();
-    let mut columns = Vec::new();
-    for (c, name) in header.iter().enumerate().skip(1) {
-        let tag = *by_ref
-            .get(name)
-            .ok_or_else(|| format!("column {} `{name}` is not a tag of the gateway file", c + 1))?;
-        columns.push(tag);
-    }
-    let mut mapper = Mapper::new(plan);
-    let mut counts = crate::govern::Counts::default();
-    let mut seq: BTreeMap<usize, u64> = BTreeMap::new();
-    for (row, line) in lines.enumerate() {
-        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-        let ts = parse_ts(cells[0]).ok_or_else(|| format!("row {}: `{}` is not a timestamp", row + 2, cells[0]))?;
-        // One batch per device named in the row.
-        let mut batches: BTreeMap<usize, Vec<Reading>> = BTreeMap::new();
-        for (c, &tag) in columns.iter().enumerate() {
-            let cell = cells.get(c + 1).copied().unwrap_or("");
-            let t = &plan.tags[tag];
-            let (value, quality) = if cell.is_empty() {
-                (None, Quality::Bad(BadReason::NoValue))
-            } else {
-                match parse_value(cell, t.data_type) {
-                    Some(v) => crate::sources::modbus::decode::scale(t, v),
-                    None => {
-                        return Err(format!(
-                            "row {}, column `{}`: `{cell}` is not a {:?} value",
-                            row + 2,
-                            header[c + 1],
-                            t.data_type
-                        ))
-                    }
+/// Mapping and governance of every product, writing what would be published and why.
+pub struct Previewer<'a> {
+    plan: &'a Plan,
+    only: Option<&'a str>,
+    governor: Governor,
+    encoders: Vec<RecordEncoder>,
+    mapper: Mapper,
+    counts: crate::govern::Counts,
+    seq: BTreeMap<usize, u64>,
+    pub out: String,
+}
+
+impl<'a> Previewer<'a> {
+    pub fn new(plan: &'a Plan, only: Option<&'a str>) -> Result<Self, String> {
+        let mut out = String::new();
+        let key = match &plan.governance.key_file {
+            Some(path) => match crate::govern::read_key(path) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    let _ = writeln!(out, "# pseudonyms below use a throwaway key: {e}");
+                    Some(b"plantmesh preview: a throwaway key, not the site's".to_vec())
                 }
-            };
-            batches
-                .entry(t.device)
-                .or_default()
-                .push(Reading { tag, value, quality });
+            },
+            None => None,
+        };
+        if let Some(id) = only {
+            if !plan.products.iter().any(|p| p.id == id) {
+                return Err(format!("no product `{id}` in this config"));
+            }
         }
+        Ok(Previewer {
+            plan,
+            only,
+            governor: Governor::new(plan, key).map_err(|e| e.to_string())?,
+            encoders: plan.products.iter().map(RecordEncoder::new).collect(),
+            mapper: Mapper::new(plan),
+            counts: crate::govern::Counts::default(),
+            seq: BTreeMap::new(),
+            out,
+        })
+    }
+
+    /// One poll of one device.
+    pub fn batch(&mut self, b: &ReadingBatch) {
         let mut records = Vec::new();
-        for (device, readings) in batches {
-            mapper.on_batch(&ReadingBatch { device, ts, readings }, &mut records);
-        }
-        mapper.on_tick(ts, &mut records);
+        self.mapper.on_batch(b, &mut records);
+        self.emit(b.ts, records);
+    }
+
+    /// Time passes (interval and window products).
+    pub fn tick(&mut self, now: Millis) {
+        let mut records = Vec::new();
+        self.mapper.on_tick(now, &mut records);
+        self.emit(now, records);
+    }
+
+    fn emit(&mut self, ts: Millis, records: Vec<(usize, crate::model::Record)>) {
+        let (plan, out) = (self.plan, &mut self.out);
         for (pi, record) in records {
             let p = &plan.products[pi];
-            if only.is_some_and(|id| id != p.id) {
+            if self.only.is_some_and(|id| id != p.id) {
                 continue;
             }
-            let n = seq.entry(pi).or_insert(0);
+            let n = self.seq.entry(pi).or_insert(0);
             *n += 1;
-            match governor.apply(pi, record, &mut counts) {
+            match self.governor.apply(pi, record, &mut self.counts) {
                 Decision::Drop { rule } => {
                     let _ = writeln!(
                         out,
@@ -104,7 +90,7 @@ pub fn preview_csv(plan: &Plan, only: Option<&str>, csv: &str) -> Result<String,
                     );
                 }
                 Decision::Publish(g) => {
-                    let body = format!("[{}]", String::from_utf8_lossy(&encoders[pi].encode(&g)));
+                    let body = format!("[{}]", String::from_utf8_lossy(&self.encoders[pi].encode(&g)));
                     let _ = writeln!(
                         out,
                         "{} {{\"product\":\"{}\",\"version\":\"{}\",\"agent\":\"{}\",\"epoch\":0,\"seq\":{n},\"historical\":false,\"records\":{body}}}",
@@ -138,7 +124,96 @@ pub fn preview_csv(plan: &Plan, only: Option<&str>, csv: &str) -> Result<String,
             }
         }
     }
-    Ok(out)
+}
+
+pub fn preview_csv(plan: &Plan, only: Option<&str>, csv: &str) -> Result<String, String> {
+    let mut preview = Previewer::new(plan, only)?;
+    let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<String> = lines
+        .next()
+        .ok_or("the CSV is empty")?
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    if header.first().map(String::as_str) != Some("ts") {
+        return Err("the CSV header must start with `ts`, then <device>.<tag> columns".into());
+    }
+    let by_ref: BTreeMap<String, usize> = (0..plan.tags.len()).map(|i| (plan.tag_ref(i), i)).collect();
+    let mut columns = Vec::new();
+    for (c, name) in header.iter().enumerate().skip(1) {
+        let tag = *by_ref
+            .get(name)
+            .ok_or_else(|| format!("column {} `{name}` is not a tag of the gateway file", c + 1))?;
+        columns.push(tag);
+    }
+    for (row, line) in lines.enumerate() {
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        let ts = parse_ts(cells[0]).ok_or_else(|| format!("row {}: `{}` is not a timestamp", row + 2, cells[0]))?;
+        // One batch per device named in the row.
+        let mut batches: BTreeMap<usize, Vec<Reading>> = BTreeMap::new();
+        for (c, &tag) in columns.iter().enumerate() {
+            let cell = cells.get(c + 1).copied().unwrap_or("");
+            let t = &plan.tags[tag];
+            let (value, quality) = if cell.is_empty() {
+                (None, Quality::Bad(BadReason::NoValue))
+            } else {
+                match parse_value(cell, t.data_type) {
+                    Some(v) => crate::sources::modbus::decode::scale(t, v),
+                    None => {
+                        return Err(format!(
+                            "row {}, column `{}`: `{cell}` is not a {:?} value",
+                            row + 2,
+                            header[c + 1],
+                            t.data_type
+                        ))
+                    }
+                }
+            };
+            batches
+                .entry(t.device)
+                .or_default()
+                .push(Reading { tag, value, quality });
+        }
+        for (device, readings) in batches {
+            preview.batch(&ReadingBatch { device, ts, readings });
+        }
+        preview.tick(ts);
+    }
+    Ok(preview.out)
+}
+
+/// Previews on live devices: polls them (read-only) for `duration` and prints as messages come.
+pub async fn preview_live(
+    plan: &Plan,
+    only: Option<&str>,
+    duration: std::time::Duration,
+    mut print: impl FnMut(&str),
+) -> Result<(), String> {
+    let mut preview = Previewer::new(plan, only)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (sources, _) = crate::runtime::spawn_sources(plan, tx, &stop_rx);
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            b = rx.recv() => match b {
+                Some(b) => preview.batch(&b),
+                None => break,
+            },
+            _ = ticker.tick() => preview.tick(crate::model::now_millis()),
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+        if !preview.out.is_empty() {
+            print(&preview.out);
+            preview.out.clear();
+        }
+    }
+    let _ = stop_tx.send(true);
+    for s in sources {
+        let _ = s.await;
+    }
+    Ok(())
 }
 
 fn parse_ts(s: &str) -> Option<Millis> {

@@ -97,6 +97,45 @@ pub fn local_upstream(port: u16, client_id: String) -> UpstreamPlan {
     }
 }
 
+/// Starts one task per device, sending every poll's readings to `out` until `shutdown`.
+pub fn spawn_sources(
+    plan: &Plan,
+    out: mpsc::Sender<crate::model::ReadingBatch>,
+    shutdown: &watch::Receiver<bool>,
+) -> (Vec<tokio::task::JoinHandle<()>>, Vec<Arc<DeviceStats>>) {
+    let tags = Arc::new(plan.tags.clone());
+    let mut device_stats = Vec::new();
+    let mut sources = Vec::new();
+    for (i, d) in plan.devices.iter().enumerate() {
+        let stats = Arc::new(DeviceStats::default());
+        device_stats.push(stats.clone());
+        if d.opcua.is_some() {
+            let src = OpcUaSource {
+                index: i,
+                device: d.clone(),
+                tags: tags.clone(),
+                stats,
+                out: out.clone(),
+                shutdown: shutdown.clone(),
+                pki_dir: plan.agent.data_dir.join("pki"),
+                application_uri: application_uri(plan),
+            };
+            sources.push(tokio::spawn(src.run()));
+            continue;
+        }
+        let src = ModbusSource {
+            index: i,
+            device: d.clone(),
+            tags: tags.clone(),
+            stats,
+            out: out.clone(),
+            shutdown: shutdown.clone(),
+        };
+        sources.push(tokio::spawn(src.run()));
+    }
+    (sources, device_stats)
+}
+
 /// Runs the agent. `on_start` is called once everything is running (the demo's view hooks in here). `view`: keep the latest record per product for the status view (a copy per record).
 pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> Result<(), RunError> {
     let want_last = view;
@@ -137,6 +176,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
             id: p.key.clone(),
             topic: p.topic.clone(),
             version: p.version.clone(),
+            max_records: p.max_records_per_message,
             limits: ProductLimits {
                 max_bytes: p.max_bytes,
                 policy: p.full_policy,
@@ -175,7 +215,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         envelope::status(&plan, "offline", epoch),
     )
     .map_err(RunError::Upstream)?;
-    let publish_stats = Arc::new(PublishStats::default());
+    let publish_stats = Arc::new(PublishStats::new(plan.products.len()));
     let (retained_tx, retained_rx) = mpsc::unbounded_channel();
     let publisher = Publisher {
         options,
@@ -186,6 +226,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
             .iter()
             .map(|p| Announced {
                 id: p.key.clone(),
+                qos: p.qos,
                 descriptor_topic: envelope::descriptor_topic(p),
                 descriptor: envelope::descriptor(&plan, p),
             })
@@ -207,37 +248,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
 
     // Sources -> map.
     let (batch_tx, mut batch_rx) = mpsc::channel(1024);
-    let tags = Arc::new(plan.tags.clone());
-    let mut device_stats = Vec::new();
-    let mut sources = Vec::new();
-    for (i, d) in plan.devices.iter().enumerate() {
-        let stats = Arc::new(DeviceStats::default());
-        device_stats.push(stats.clone());
-        if d.opcua.is_some() {
-            let src = OpcUaSource {
-                index: i,
-                device: d.clone(),
-                tags: tags.clone(),
-                stats,
-                out: batch_tx.clone(),
-                shutdown: shutdown.clone(),
-                pki_dir: plan.agent.data_dir.join("pki"),
-                application_uri: application_uri(&plan),
-            };
-            sources.push(tokio::spawn(src.run()));
-            continue;
-        }
-        let src = ModbusSource {
-            index: i,
-            device: d.clone(),
-            tags: tags.clone(),
-            stats,
-            out: batch_tx.clone(),
-            shutdown: shutdown.clone(),
-        };
-        sources.push(tokio::spawn(src.run()));
-    }
-    drop(batch_tx);
+    let (sources, device_stats) = spawn_sources(&plan, batch_tx, &shutdown);
 
     // Governance: the site secret is read now; a product that must pseudonymise cannot run without it.
     let key = match &plan.governance.key_file {
@@ -326,15 +337,15 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
                     Err(_) => return,
                 };
                 let drops = reader.drops().unwrap_or_default();
-                let latency = (stats.latency_quantile(0.5), stats.latency_quantile(0.99));
-                for (p, s) in plan.products.iter().zip(&snapshots) {
+                for (i, (p, s)) in plan.products.iter().zip(&snapshots).enumerate() {
+                    let latency = stats.take_product_latency(i);
                     let mine: Vec<(String, u64)> = drops
                         .iter()
                         .filter(|d| d.0 == p.key)
                         .map(|d| (d.1.clone(), d.2))
                         .collect();
                     let doc = crate::catalog::sli_document(
-                        &p.id,
+                        p,
                         &plan.agent.id,
                         every.as_millis() as u64,
                         s,

@@ -121,3 +121,27 @@ fn preview_shows_what_would_leave_and_why() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn preview_on_the_live_demo_plant_shows_governed_messages_and_publishes_nothing() {
+    let out = Command::new(plantmesh_bin())
+        .args(["preview", "--demo", "--seconds", "4", "--product", "press-output"])
+        .env("PLANTMESH_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let messages: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| serde_json::from_str(l.split_once(' ').unwrap().1).unwrap())
+        .collect();
+    assert!(messages.len() >= 2, "the simulated press changes every second: {text}");
+    assert!(messages.iter().all(|m| m["product"] == "press-output"), "{text}");
+    let fields = &messages[0]["records"][0]["fields"];
+    assert!(fields["operator"].as_str().unwrap().starts_with("h:"), "{text}");
+    assert!(fields.get("recipe_setpoint").is_none(), "{text}");
+    assert!(text.contains("#   operator: pseudonymised"), "{text}");
+    assert!(text.contains("#   recipe_setpoint: withheld"), "{text}");
+    assert!(!text.contains("OP-0"), "a badge in clear: {text}");
+}

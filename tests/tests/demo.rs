@@ -69,6 +69,37 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         .map(|(_, d)| d)
         .collect();
     assert_eq!(descriptors.len(), 4, "one retained descriptor per product");
+    // The scrap rate is derived from the window's counters; the contract states its service levels.
+    let rate = descriptors.iter().find(|d| d["id"] == "press-rate").unwrap();
+    let scrap = rate["schema"][0]["properties"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "scrap_rate_pct")
+        .unwrap();
+    assert_eq!(scrap["lineage"]["derived"], "share", "{scrap}");
+    let sla: Vec<&str> = rate["slaProperties"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["property"].as_str().unwrap())
+        .collect();
+    assert_eq!(sla, ["frequency", "freshness", "completeness", "latency"]);
+    // Every acknowledged descriptor is kept as the contract later configs are checked against.
+    let mut kept: Vec<String> = std::fs::read_dir(dir.path().join("contracts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            "oven-profile.v1.json",
+            "press-output.v1.json",
+            "press-rate.v1.json",
+            "press-temperatures.v1.json"
+        ]
+    );
     validate_json(&repo_root().join("docs/descriptor.schema.json"), &descriptors);
     // The validator itself rejects a broken descriptor.
     let mut broken = descriptors[0].clone();

@@ -328,7 +328,7 @@ fn a_full_buffer_under_drop_oldest_reports_exactly_what_it_dropped() {
     let report = stats(&dir.path().join("data"));
     let dropped: u64 = report
         .lines()
-        .find_map(|l| l.trim().strip_prefix("dropped counter (buffer_full_drop_oldest): "))
+        .find_map(|l| l.trim().strip_prefix("dropped counter.v1 (buffer_full_drop_oldest): "))
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("nothing dropped: {report}"));
     assert!(dropped > 50, "{report}");
@@ -351,7 +351,7 @@ fn a_full_buffer_under_drop_oldest_reports_exactly_what_it_dropped() {
     let report = stats(&dir.path().join("data"));
     let dropped: u64 = report
         .lines()
-        .find_map(|l| l.trim().strip_prefix("dropped counter (buffer_full_drop_oldest): "))
+        .find_map(|l| l.trim().strip_prefix("dropped counter.v1 (buffer_full_drop_oldest): "))
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
         .unwrap();
     assert!(report.contains("gap events awaiting upstream: 0"), "{report}");

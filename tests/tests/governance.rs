@@ -216,5 +216,5 @@ fn a_loose_key_file_is_refused_and_stale_products_never_leave() {
         .output()
         .unwrap();
     let stats = String::from_utf8_lossy(&stats.stdout).to_string();
-    assert!(stats.contains("dropped press (egress_denied)"), "{stats}");
+    assert!(stats.contains("dropped press.v1 (egress_denied)"), "{stats}");
 }

@@ -50,12 +50,29 @@ timeout = "300ms"
 "#,
         broker.port, modbus.port
     );
-    let product = "id = \"counter\"\nname = \"c\"\nversion = \"1.0.0\"\ndomain = \"d\"\nowner = \"o\"\n[[fields]]\nname = \"n\"\nsource = \"plc.counter\"\n";
+    let product = r#"
+id = "counter"
+name = "c"
+version = "1.0.0"
+domain = "d"
+owner = "o"
+[service_levels]
+freshness = "1500ms"
+completeness = 0.9
+latency_p99 = "10s"
+[[fields]]
+name = "n"
+source = "plc.counter"
+"#;
     let dir = tempfile::tempdir().unwrap();
     write_config(&dir.path().join("cfg"), &gateway, &[("counter", product)]);
     let mut agent = Agent::start(&dir.path().join("cfg"), &dir.path().join("data"));
     let slis = |sub: &Subscriber| -> Vec<Value> { sub.messages().into_iter().map(|(_, v)| v).collect() };
-    let healthy = |v: &Value| v["completeness"] == 1.0 && v["freshness_ms"].as_u64().is_some_and(|f| f < 1000);
+    let healthy = |v: &Value| {
+        v["completeness"] == 1.0
+            && v["freshness_ms"].as_u64().is_some_and(|f| f < 1000)
+            && v["met"] == json!({"freshness": true, "completeness": true, "latency": true})
+    };
     wait_for("a healthy SLI", Duration::from_secs(30), || {
         slis(&sub).iter().any(healthy)
     });
@@ -72,7 +89,7 @@ timeout = "300ms"
         .unwrap();
     let metrics = scrape(&addr, "/metrics");
     assert!(
-        metrics.contains("plantmesh_product_completeness{product=\"counter\"} 1"),
+        metrics.contains("plantmesh_product_completeness{product=\"counter\",major=\"1\"} 1"),
         "{metrics}"
     );
     assert!(
@@ -89,9 +106,21 @@ timeout = "300ms"
             .iter()
             .any(|v| v["completeness"] == 0.0 && v["freshness_ms"].as_u64().is_some_and(|f| f >= 2000))
     });
+    let outage = slis(&sub)[before..]
+        .iter()
+        .find(|v| v["freshness_ms"].as_u64().is_some_and(|f| f >= 2000))
+        .unwrap()
+        .clone();
+    assert_eq!(outage["met"]["freshness"], false, "{outage}");
+    assert_eq!(outage["met"]["completeness"], false, "{outage}");
+    assert_eq!(
+        outage["targets"],
+        json!({"freshness_ms": 1500.0, "completeness": 0.9, "latency_p99_ms": 10000.0, "expected_interval_ms": 100.0})
+    );
+    assert_eq!(outage["expected_records"], 10, "one per poll of a 100 ms device in 1 s");
     let metrics = scrape(&addr, "/metrics");
     assert!(
-        metrics.contains("plantmesh_product_completeness{product=\"counter\"} 0"),
+        metrics.contains("plantmesh_product_completeness{product=\"counter\",major=\"1\"} 0"),
         "{metrics}"
     );
 

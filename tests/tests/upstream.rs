@@ -288,7 +288,7 @@ fn messages_the_broker_refuses_are_dead_lettered_and_reported() {
         .output()
         .unwrap();
     let stats = String::from_utf8_lossy(&stats.stdout).to_string();
-    assert!(stats.contains("dropped counter (broker_rejected_0x87)"), "{stats}");
+    assert!(stats.contains("dropped counter.v2 (broker_rejected_0x87)"), "{stats}");
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub struct ProductSlot {
     pub id: String,
     pub topic: String,
     pub version: String,
+    /// Most records per message for this product, when fewer than the writer's default.
+    pub max_records: Option<usize>,
     pub limits: ProductLimits,
 }
 
@@ -359,13 +361,13 @@ impl Writer {
         };
         for (i, records) in p.records.into_iter().enumerate() {
             let slot = &self.products[i];
+            let max_records = slot
+                .max_records
+                .map_or(self.max_records_per_message, |m| m.min(self.max_records_per_message));
             let mut body: Vec<u8> = Vec::new();
             let mut n = 0u32;
             for json in records {
-                if n > 0
-                    && (n as usize >= self.max_records_per_message
-                        || body.len() + json.len() + 2 > self.max_message_bytes)
-                {
+                if n > 0 && (n as usize >= max_records || body.len() + json.len() + 2 > self.max_message_bytes) {
                     body.push(b']');
                     batch
                         .appends
@@ -446,6 +448,7 @@ mod tests {
             id: "p".into(),
             topic: "t".into(),
             version: "1.0.0".into(),
+            max_records: None,
             limits: ProductLimits {
                 max_bytes,
                 policy,
@@ -463,11 +466,22 @@ mod tests {
         let reader = store.reader();
         let (h, writer) = start(
             store,
-            vec![slot(FullPolicy::DropOldest, 64 << 20)],
+            vec![
+                slot(FullPolicy::DropOldest, 64 << 20),
+                ProductSlot {
+                    id: "q".into(),
+                    max_records: Some(3),
+                    ..slot(FullPolicy::DropOldest, 64 << 20)
+                },
+            ],
             Duration::from_millis(300),
             4,
             2500,
         );
+        // A product's own, smaller batch size.
+        for i in 0..9 {
+            h.offer(1, i, format!("{{\"i\":{i}}}").into_bytes());
+        }
         // 10 records of ~1000 bytes: at most 2 fit in 2500 bytes.
         for i in 0..10 {
             h.offer(
@@ -492,6 +506,8 @@ mod tests {
         }
         assert_eq!(seen, (0..22).collect::<Vec<_>>(), "every record once, in order");
         assert_eq!(msgs.len(), 5 + 3);
+        let q = reader.read_after("q", None, 100).unwrap();
+        assert_eq!(q.iter().map(|m| m.records).collect::<Vec<_>>(), vec![3, 3, 3]);
     }
 
     /// When the writer is far behind, offers are refused, counted, and reported as `writer_overload`.
@@ -536,6 +552,7 @@ mod tests {
             id: "p".into(),
             topic: "t".into(),
             version: "1.0.0".into(),
+            max_records: None,
             limits: ProductLimits {
                 max_bytes: 8 << 10,
                 policy: FullPolicy::Block,

@@ -9,8 +9,11 @@
 //! - `completeness`: good values / values over the records of the last interval (1.0 = every field of
 //!   every record good; 0.0 = nothing good, or no record at all).
 //! - `records`: records in the interval; `records_total` since start; `drops`: records dropped so far
-//!   by reason (from the buffer's counters); `latency_ms`: read-to-PUBACK quantiles (agent-wide).
+//!   by reason (from the buffer's counters); `latency_ms`: read-to-PUBACK quantiles of the product's
+//!   messages acknowledged in the interval.
+//! - `targets` and `met`: the contract's service levels and whether the interval met them.
 
+use crate::config::ProductPlan;
 use crate::govern::Governed;
 use crate::model::Millis;
 use serde_json::json;
@@ -94,10 +97,16 @@ impl Slis {
     }
 }
 
-/// The `_sli` document.
+/// Whether a measured figure meets its target (`None`: no target, or nothing measured).
+fn met(target: Option<f64>, measured: Option<f64>, higher_is_better: bool) -> Option<bool> {
+    let (t, m) = (target?, measured?);
+    Some(if higher_is_better { m >= t } else { m <= t })
+}
+
+/// The `_sli` document: measured figures beside the targets the contract promises.
 #[allow(clippy::too_many_arguments)]
 pub fn sli_document(
-    product: &str,
+    product: &ProductPlan,
     agent: &str,
     interval_ms: u64,
     s: &Snapshot,
@@ -106,17 +115,33 @@ pub fn sli_document(
     now: Millis,
 ) -> Vec<u8> {
     let drops: serde_json::Map<String, serde_json::Value> = drops.iter().map(|(r, n)| (r.clone(), json!(n))).collect();
+    let sl = &product.service_levels;
+    let ms = |d: std::time::Duration| d.as_millis() as f64;
+    let expected_ms = ms(sl.expected_interval).max(1.0);
     serde_json::to_vec(&json!({
-        "product": product,
+        "product": product.id,
+        "version": product.version,
         "agent": agent,
         "ts": crate::model::format_rfc3339_millis(now),
         "interval_ms": interval_ms,
         "freshness_ms": s.freshness_ms,
         "completeness": s.completeness,
         "records": s.records,
+        "expected_records": (interval_ms as f64 / expected_ms).floor() as u64,
         "records_total": s.records_total,
-        "latency_ms": {"p50": latency.0, "p99": latency.1, "scope": "agent"},
+        "latency_ms": {"p50": latency.0, "p99": latency.1, "scope": "product", "over": "interval"},
         "drops": drops,
+        "targets": {
+            "freshness_ms": sl.freshness.map(ms),
+            "completeness": sl.completeness,
+            "latency_p99_ms": sl.latency_p99.map(ms),
+            "expected_interval_ms": ms(sl.expected_interval),
+        },
+        "met": {
+            "freshness": met(sl.freshness.map(ms), s.freshness_ms.map(|f| f as f64), false),
+            "completeness": met(sl.completeness, Some(s.completeness), true),
+            "latency": met(sl.latency_p99.map(ms), latency.1.map(|l| l as f64), false),
+        },
     }))
     .expect("SLI serializes")
 }

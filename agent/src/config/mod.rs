@@ -438,14 +438,29 @@ pub struct ProductPlan {
     pub full_policy: FullPolicy,
     pub fields: Vec<FieldPlan>,
     pub topic: String,
+    /// MQTT QoS of product messages (1 or 2).
+    pub qos: u8,
+    /// Most records per message, when the product sets fewer than the upstream default.
+    pub max_records_per_message: Option<usize>,
+    pub service_levels: ServiceLevelPlan,
     pub file: PathBuf,
+}
+
+/// What the owning team promises about a product; `None`: no promise.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceLevelPlan {
+    pub freshness: Option<Duration>,
+    /// Always known: declared, or derived from the publish mode and the devices' poll intervals.
+    pub expected_interval: Duration,
+    pub completeness: Option<f64>,
+    pub latency_p99: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
 pub struct FieldPlan {
     pub name: String,
-    /// Index into [`Plan::tags`].
-    pub tag: usize,
+    /// Where the value comes from.
+    pub source: FieldSource,
     pub logical_type: LogicalType,
     pub unit: String,
     pub scale: f64,
@@ -475,6 +490,153 @@ pub fn split_product_key(key: &str) -> (&str, Option<u64>) {
             Err(_) => (key, None),
         },
         None => (key, None),
+    }
+}
+
+/// Where a field's value comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldSource {
+    /// A device tag: index into [`Plan::tags`].
+    Tag(usize),
+    /// Computed from earlier fields of the same record.
+    Derived(Derivation),
+}
+
+impl FieldSource {
+    /// The tag, for fields read from a device.
+    pub fn tag(&self) -> Option<usize> {
+        match self {
+            FieldSource::Tag(t) => Some(*t),
+            FieldSource::Derived(_) => None,
+        }
+    }
+}
+
+/// A derived field: one of a fixed set of operations over earlier fields of the record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Derivation {
+    pub op: DeriveOp,
+    /// Indexes of the input fields in the product (all before this field).
+    pub inputs: Vec<usize>,
+}
+
+/// The operations a derived field may use. A fixed set rather than an expression language: every
+/// operation has a defined unit rule, a defined result on division by zero (no value, `bad:no_value`),
+/// and nothing to parse, evaluate or sandbox on the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeriveOp {
+    /// a + b + ...
+    Sum,
+    /// a - b
+    Difference,
+    /// a * b * ...
+    Product,
+    /// a / b
+    Ratio,
+    /// a / (a + b + ...): e.g. scrap rate = scrap / (scrap + good).
+    Share,
+    Min,
+    Max,
+    Mean,
+}
+
+impl DeriveOp {
+    pub const ALL: [(&'static str, DeriveOp); 8] = [
+        ("sum", DeriveOp::Sum),
+        ("difference", DeriveOp::Difference),
+        ("product", DeriveOp::Product),
+        ("ratio", DeriveOp::Ratio),
+        ("share", DeriveOp::Share),
+        ("min", DeriveOp::Min),
+        ("max", DeriveOp::Max),
+        ("mean", DeriveOp::Mean),
+    ];
+
+    pub fn name(self) -> &'static str {
+        DeriveOp::ALL.iter().find(|(_, o)| *o == self).map_or("", |(n, _)| n)
+    }
+
+    /// How many inputs the operation takes: `(min, max)`.
+    pub fn arity(self) -> (usize, usize) {
+        match self {
+            DeriveOp::Difference | DeriveOp::Ratio => (2, 2),
+            _ => (2, 16),
+        }
+    }
+
+    /// The result of the operation, `None` where it has none (division by zero, non-finite).
+    pub fn apply(self, xs: &[f64]) -> Option<f64> {
+        let (lo, hi) = self.arity();
+        if xs.len() < lo || xs.len() > hi {
+            return None;
+        }
+        let r = match self {
+            DeriveOp::Sum => xs.iter().sum(),
+            DeriveOp::Difference => xs[0] - xs[1],
+            DeriveOp::Product => xs.iter().product(),
+            DeriveOp::Ratio => {
+                if xs[1] == 0.0 {
+                    return None;
+                }
+                xs[0] / xs[1]
+            }
+            DeriveOp::Share => {
+                let total: f64 = xs.iter().sum();
+                if total == 0.0 {
+                    return None;
+                }
+                xs[0] / total
+            }
+            DeriveOp::Min => xs.iter().copied().fold(f64::INFINITY, f64::min),
+            DeriveOp::Max => xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            DeriveOp::Mean => xs.iter().sum::<f64>() / xs.len() as f64,
+        };
+        r.is_finite().then_some(r)
+    }
+}
+
+#[cfg(test)]
+pub fn test_field(name: &str, logical_type: LogicalType) -> FieldPlan {
+    FieldPlan {
+        name: name.into(),
+        source: FieldSource::Tag(0),
+        logical_type,
+        unit: String::new(),
+        scale: 1.0,
+        offset: 0.0,
+        deadband: 0.0,
+        description: String::new(),
+        classification: "internal".into(),
+        action: EdgeAction::Pass,
+        required: false,
+        range: None,
+        aggregate: Aggregate::Last,
+    }
+}
+
+#[cfg(test)]
+pub fn test_product(fields: Vec<FieldPlan>) -> ProductPlan {
+    ProductPlan {
+        id: "p".into(),
+        key: "p.v1".into(),
+        name: "p".into(),
+        version: "1.0.0".into(),
+        major: 1,
+        domain: "d".into(),
+        owner: "o".into(),
+        contact: String::new(),
+        status: "active".into(),
+        on_violation: OnViolation::Flag,
+        description: String::new(),
+        publish: PublishMode::EverySample,
+        max_bytes: 1,
+        full_policy: FullPolicy::DropOldest,
+        fields,
+        topic: "t".into(),
+        qos: 1,
+        max_records_per_message: None,
+        service_levels: ServiceLevelPlan::default(),
+        file: Default::default(),
     }
 }
 
@@ -590,6 +752,12 @@ fn collect_toml(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// Loads and validates config from directories and files (see [`FileSet::discover`]).
 pub fn load(paths: &[PathBuf]) -> Result<Plan, Diagnostics> {
+    load_with(paths, None)
+}
+
+/// [`load`], with `agent.data_dir` overridden (it holds the last published contracts that product
+/// versions are checked against).
+pub fn load_with(paths: &[PathBuf], data_dir: Option<&Path>) -> Result<Plan, Diagnostics> {
     let set = FileSet::discover(paths)?;
     let mut texts = Vec::new();
     let mut problems = Vec::new();
@@ -622,7 +790,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Plan, Diagnostics> {
     } else {
         None
     };
-    validate::validate(&gateway, governance.as_ref(), &texts, None)
+    validate::validate(&gateway, governance.as_ref(), &texts, data_dir)
 }
 
 /// Loads config from in-memory texts (the embedded demo plant). Paths are only used in messages.

@@ -200,7 +200,24 @@ pub struct Product {
     pub publish: Publish,
     #[serde(default)]
     pub buffer: ProductBuffer,
+    /// The service levels the owning team promises; measured and published on `_sli`.
+    #[serde(default)]
+    pub service_levels: ServiceLevels,
     pub fields: Vec<Field>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceLevels {
+    /// Most age of the newest good value, e.g. "5s".
+    pub freshness: Option<Spanned<ConfigDuration>>,
+    /// How often a record is expected, e.g. "1s" (default: the publish interval or window, or the
+    /// fastest poll of the product's devices).
+    pub expected_interval: Option<Spanned<ConfigDuration>>,
+    /// Target share of good values per SLI interval, 0..1, e.g. 0.99.
+    pub completeness: Option<Spanned<f64>>,
+    /// Target 99th percentile of read-to-PUBACK latency, e.g. "2s".
+    pub latency_p99: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,6 +229,11 @@ pub struct Publish {
     pub interval: Option<Spanned<ConfigDuration>>,
     /// For `window`: the tumbling window's length (windows align to multiples of it since the epoch).
     pub window: Option<Spanned<ConfigDuration>>,
+    /// MQTT QoS of the product's messages: 1 (default) or 2. QoS 0 is not offered: it would give
+    /// up at-least-once delivery.
+    pub qos: Option<Spanned<u32>>,
+    /// Most records in one message; default: the upstream `max_records_per_message`.
+    pub max_records_per_message: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -228,8 +250,12 @@ pub struct ProductBuffer {
 pub struct Field {
     /// Field name in the product message.
     pub name: Spanned<String>,
-    /// `<device>.<tag>` from the gateway file.
-    pub source: Spanned<String>,
+    /// `<device>.<tag>` from the gateway file (or `derive` instead).
+    pub source: Option<Spanned<String>>,
+    /// A derived field: `sum`, `difference`, `product`, `ratio`, `share`, `min`, `max` or `mean`
+    /// of the `inputs` (earlier numeric fields of the same product), then `scale` and `offset`.
+    pub derive: Option<Spanned<String>>,
+    pub inputs: Option<Spanned<Vec<String>>>,
     /// Logical type: `number`, `integer`, `boolean`, `string`. Default: from the tag.
     #[serde(rename = "type")]
     pub logical_type: Option<Spanned<String>>,

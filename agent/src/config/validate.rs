@@ -233,6 +233,24 @@ pub(super) fn validate(
         return Err(Diagnostics(problems));
     }
     let (agent, upstream, buffer, devices, tags, _) = built.expect("no problems means the gateway parsed");
+    for p in &mut plan_products {
+        if p.service_levels.expected_interval.is_zero() {
+            // Every sample or on change: at best one record per poll of the fastest device.
+            p.service_levels.expected_interval = p
+                .fields
+                .iter()
+                .filter_map(|f| f.source.tag())
+                .map(|tag| {
+                    let d = &devices[tags[tag].device];
+                    d.opcua
+                        .as_ref()
+                        .filter(|o| !o.polling)
+                        .map_or(d.poll_interval, |o| o.publishing_interval)
+                })
+                .min()
+                .unwrap_or(Duration::from_secs(1));
+        }
+    }
     Ok(Plan {
         agent,
         upstream,
@@ -888,32 +906,13 @@ fn product_plan(
             let msg = format!("duplicate field `{}`", f.name.get_ref());
             cx.err(&f.name, format!("{key}.name"), msg);
         }
-        let Some(&tag) = by_ref.get(f.source.get_ref()) else {
-            let r = f.source.get_ref();
-            if declared.contains(r) {
-                continue; // the tag itself is invalid and already reported
-            }
-            let help = closest(r, by_ref.keys().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
-            let d = cx.err(
-                &f.source,
-                format!("{key}.source"),
-                format!("`{r}` is not a tag of the gateway file (write <device>.<tag>)"),
-            );
-            d.help = help;
+        let Some((source, natural, tag_type, from)) =
+            field_source(cx, f, fi, &key, &p.fields, &fields, tags, by_ref, declared)
+        else {
             continue;
         };
-        let t = &tags[tag];
         let scale = f.scale.unwrap_or(1.0);
         let offset = f.offset.unwrap_or(0.0);
-        let identity = scale == 1.0 && offset == 0.0 && t.scale == 1.0 && t.offset == 0.0;
-        let natural = match t.data_type {
-            DataType::Bool => LogicalType::Boolean,
-            DataType::Text(_) => LogicalType::String,
-            DataType::Array => LogicalType::Array,
-            DataType::F32 | DataType::F64 => LogicalType::Number,
-            _ if identity => LogicalType::Integer,
-            _ => LogicalType::Number,
-        };
         let logical_type = match &f.logical_type {
             None => natural,
             Some(v) => {
@@ -931,9 +930,8 @@ fn product_plan(
                 let compatible = lt == natural || (lt == LogicalType::Number && natural == LogicalType::Integer);
                 if !compatible {
                     let msg = format!(
-                        "type `{}` does not fit tag `{}`, which gives {}",
+                        "type `{}` does not fit {from}, which gives {}",
                         lt.as_str(),
-                        f.source.get_ref(),
                         natural.as_str()
                     );
                     cx.err(v, format!("{key}.type"), msg);
@@ -961,9 +959,17 @@ fn product_plan(
         let Some((classification, action)) = field_governance(cx, f, &key, logical_type, rules) else {
             continue;
         };
-        let numeric_tag = !matches!(t.data_type, DataType::Bool | DataType::Text(_) | DataType::Array);
+        let numeric_tag = !matches!(tag_type, Some(DataType::Bool | DataType::Text(_) | DataType::Array));
         let aggregate = match (&f.aggregate, matches!(publish, PublishMode::Window(_))) {
             (None, _) => Aggregate::Last,
+            (Some(a), _) if tag_type.is_none() => {
+                cx.err(
+                    a,
+                    format!("{key}.aggregate"),
+                    "a derived field is computed from its inputs' aggregates; `aggregate` does not apply",
+                );
+                continue;
+            }
             (Some(a), false) => {
                 cx.err(
                     a,
@@ -1000,9 +1006,9 @@ fn product_plan(
                     "max" => Aggregate::Max,
                     "mean" => Aggregate::Mean,
                     _ => {
-                        let natural = match t.data_type {
-                            DataType::U16 | DataType::I16 => 16,
-                            DataType::U32 | DataType::I32 => 32,
+                        let natural = match tag_type {
+                            Some(DataType::U16 | DataType::I16) => 16,
+                            Some(DataType::U32 | DataType::I32) => 32,
                             _ => 64,
                         };
                         let bits = match &f.counter_bits {
@@ -1041,7 +1047,7 @@ fn product_plan(
         }
         fields.push(FieldPlan {
             name: f.name.get_ref().clone(),
-            tag,
+            source,
             logical_type,
             unit: f.unit.clone(),
             scale,
@@ -1132,6 +1138,51 @@ fn product_plan(
             Some(_) => {}
         }
     }
+    let qos = match &p.publish.qos {
+        None => 1,
+        Some(q) if *q.get_ref() == 1 || *q.get_ref() == 2 => *q.get_ref() as u8,
+        Some(q) => {
+            cx.err(
+                q,
+                "publish.qos",
+                format!("QoS {} is not offered: use 1 or 2", q.get_ref()),
+            )
+            .help = Some("QoS 0 would give up at-least-once delivery".into());
+            1
+        }
+    };
+    let max_records_per_message = p
+        .publish
+        .max_records_per_message
+        .as_ref()
+        .and_then(|v| cx.range(v, "publish.max_records_per_message", 1, 100_000))
+        .map(|n| n as usize);
+    let sl = &p.service_levels;
+    let service_levels = ServiceLevelPlan {
+        freshness: sl.freshness.as_ref().map(|v| {
+            cx.range(&secs(v), "service_levels.freshness", 0.01, 7.0 * 86_400.0);
+            v.get_ref().0
+        }),
+        expected_interval: sl.expected_interval.as_ref().map_or(
+            match publish {
+                PublishMode::Interval(d) | PublishMode::Window(d) => d,
+                // Filled in from the devices' poll intervals once all products are read.
+                PublishMode::EverySample | PublishMode::OnChange => Duration::ZERO,
+            },
+            |v| {
+                cx.range(&secs(v), "service_levels.expected_interval", 0.01, 7.0 * 86_400.0);
+                v.get_ref().0
+            },
+        ),
+        completeness: sl
+            .completeness
+            .as_ref()
+            .and_then(|v| cx.range(v, "service_levels.completeness", 0.0, 1.0)),
+        latency_p99: sl.latency_p99.as_ref().map(|v| {
+            cx.range(&secs(v), "service_levels.latency_p99", 0.001, 3600.0);
+            v.get_ref().0
+        }),
+    };
     Some(ProductPlan {
         key: crate::config::product_key(id, major),
         id: id.clone(),
@@ -1149,8 +1200,139 @@ fn product_plan(
         full_policy,
         fields,
         topic,
+        qos,
+        max_records_per_message,
+        service_levels,
         file: cx.src.path.to_path_buf(),
     })
+}
+
+/// A field's source, natural logical type, tag type (`None` for derived fields) and how messages
+/// name it; `None` when invalid (reported).
+#[allow(clippy::too_many_arguments)]
+fn field_source(
+    cx: &mut Ctx,
+    f: &raw::Field,
+    fi: usize,
+    key: &str,
+    all: &[raw::Field],
+    built: &[FieldPlan],
+    tags: &[TagPlan],
+    by_ref: &HashMap<String, usize>,
+    declared: &HashSet<String>,
+) -> Option<(FieldSource, LogicalType, Option<DataType>, String)> {
+    match (&f.source, &f.derive) {
+        (Some(src), Some(_)) => {
+            cx.err(
+                src,
+                format!("{key}.source"),
+                "a field has `source` or `derive`, not both",
+            );
+            None
+        }
+        (None, None) => {
+            cx.err(
+                &f.name,
+                format!("{key}.source"),
+                "a field needs `source` (<device>.<tag>) or `derive`",
+            );
+            None
+        }
+        (None, Some(op)) => {
+            let op = cx.choice(op, &format!("{key}.derive"), &DeriveOp::ALL)?;
+            let Some(inputs) = &f.inputs else {
+                cx.err(
+                    &f.name,
+                    format!("{key}.inputs"),
+                    "`derive` needs `inputs`: names of earlier fields",
+                );
+                return None;
+            };
+            let (lo, hi) = op.arity();
+            let n = inputs.get_ref().len();
+            if n < lo || n > hi {
+                let msg = format!("`{}` takes {lo}..={hi} inputs, not {n}", op.name());
+                cx.err(inputs, format!("{key}.inputs"), msg);
+                return None;
+            }
+            let mut idx = Vec::new();
+            for name in inputs.get_ref() {
+                match built.iter().position(|b| &b.name == name) {
+                    Some(i) if matches!(built[i].logical_type, LogicalType::Number | LogicalType::Integer) => {
+                        idx.push(i)
+                    }
+                    Some(i) => {
+                        let msg = format!("input `{name}` is {}, not numeric", built[i].logical_type.as_str());
+                        cx.err(inputs, format!("{key}.inputs"), msg);
+                    }
+                    None if all[fi + 1..].iter().any(|g| g.name.get_ref() == name) => {
+                        let msg = format!("input `{name}` is declared after this field; inputs come first");
+                        cx.err(inputs, format!("{key}.inputs"), msg);
+                    }
+                    None if all[..fi].iter().any(|g| g.name.get_ref() == name) => {} // invalid, reported
+                    None => {
+                        let help = closest(name, all[..fi].iter().map(|g| g.name.get_ref().as_str()))
+                            .map(|b| format!("did you mean `{b}`?"));
+                        cx.err(
+                            inputs,
+                            format!("{key}.inputs"),
+                            format!("no field `{name}` in this product"),
+                        )
+                        .help = help;
+                    }
+                }
+            }
+            if f.unit.is_empty() {
+                // A derived value's unit is the team's statement; it cannot be inferred safely.
+                cx.err(
+                    &f.name,
+                    format!("{key}.unit"),
+                    "a derived field needs its `unit` (UCUM, `1` for ratios)",
+                );
+                return None;
+            }
+            (idx.len() == n).then(|| {
+                let from = format!("`derive = \"{}\"`", op.name());
+                (
+                    FieldSource::Derived(Derivation { op, inputs: idx }),
+                    LogicalType::Number,
+                    None,
+                    from,
+                )
+            })
+        }
+        (Some(src), None) => {
+            if let Some(i) = &f.inputs {
+                cx.err(i, format!("{key}.inputs"), "`inputs` applies only to derived fields");
+            }
+            let r = src.get_ref();
+            let Some(&tag) = by_ref.get(r) else {
+                if declared.contains(r) {
+                    return None; // the tag itself is invalid and already reported
+                }
+                let help = closest(r, by_ref.keys().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
+                cx.err(
+                    src,
+                    format!("{key}.source"),
+                    format!("`{r}` is not a tag of the gateway file (write <device>.<tag>)"),
+                )
+                .help = help;
+                return None;
+            };
+            let t = &tags[tag];
+            let identity =
+                f.scale.unwrap_or(1.0) == 1.0 && f.offset.unwrap_or(0.0) == 0.0 && t.scale == 1.0 && t.offset == 0.0;
+            let natural = match t.data_type {
+                DataType::Bool => LogicalType::Boolean,
+                DataType::Text(_) => LogicalType::String,
+                DataType::Array => LogicalType::Array,
+                DataType::F32 | DataType::F64 => LogicalType::Number,
+                _ if identity => LogicalType::Integer,
+                _ => LogicalType::Number,
+            };
+            Some((FieldSource::Tag(tag), natural, Some(t.data_type), format!("tag `{r}`")))
+        }
+    }
 }
 
 /// Reports keys that were written but do not apply to the device's protocol.

@@ -192,48 +192,20 @@ pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{FullPolicy, LogicalType, ProductPlan, PublishMode};
+    use crate::config::{LogicalType, ProductPlan};
     use crate::publish::envelope::RecordEncoder;
     use proptest::prelude::*;
 
     fn field(i: usize, action: EdgeAction, logical: LogicalType) -> FieldPlan {
         FieldPlan {
-            name: format!("f{i}"),
-            tag: 0,
-            logical_type: logical,
-            unit: String::new(),
-            scale: 1.0,
-            offset: 0.0,
-            deadband: 0.0,
-            description: String::new(),
             classification: "c".into(),
             action,
-            required: false,
-            range: None,
-            aggregate: crate::config::Aggregate::Last,
+            ..crate::config::test_field(&format!("f{i}"), logical)
         }
     }
 
     fn product(fields: Vec<FieldPlan>) -> ProductPlan {
-        ProductPlan {
-            id: "p".into(),
-            key: "p.v1".into(),
-            name: "p".into(),
-            version: "1.0.0".into(),
-            major: 1,
-            domain: "d".into(),
-            owner: "o".into(),
-            contact: String::new(),
-            status: "active".into(),
-            on_violation: OnViolation::Flag,
-            description: String::new(),
-            publish: PublishMode::EverySample,
-            max_bytes: 1,
-            full_policy: FullPolicy::DropOldest,
-            fields,
-            topic: "t".into(),
-            file: Default::default(),
-        }
+        crate::config::test_product(fields)
     }
 
     fn governor(p: &ProductPlan) -> Governor {

@@ -7,7 +7,7 @@
 //! field moves by more than its deadband, changes quality, or on the first sample; `interval` emits
 //! the latest values once per period.
 
-use crate::config::{Aggregate, FieldPlan, LogicalType, Plan, PublishMode};
+use crate::config::{Aggregate, FieldPlan, FieldSource, LogicalType, Plan, PublishMode};
 use crate::model::{BadReason, Millis, Quality, ReadingBatch, Record, Value};
 use std::time::Duration;
 
@@ -23,6 +23,8 @@ struct ProductState {
     seen_any: bool,
     /// Window products: one accumulator per field.
     acc: Vec<Acc>,
+    /// The product has derived fields (computed before every record).
+    derived: bool,
 }
 
 /// A field's samples in the current window.
@@ -117,7 +119,9 @@ impl Mapper {
             .enumerate()
             .map(|(pi, p)| {
                 for (fi, f) in p.fields.iter().enumerate() {
-                    feeds[f.tag].push((pi, fi));
+                    if let Some(tag) = f.source.tag() {
+                        feeds[tag].push((pi, fi));
+                    }
                 }
                 ProductState {
                     fields: p.fields.clone(),
@@ -128,6 +132,7 @@ impl Mapper {
                     next_due: None,
                     seen_any: false,
                     acc: vec![Acc::default(); p.fields.len()],
+                    derived: p.fields.iter().any(|f| f.source.tag().is_none()),
                 }
             })
             .collect();
@@ -167,6 +172,9 @@ impl Mapper {
         }
         for pi in touched {
             let p = &mut self.products[pi];
+            if p.derived {
+                derive(&p.fields, &mut p.current);
+            }
             let emit = match p.mode {
                 PublishMode::EverySample => true,
                 PublishMode::OnChange => p
@@ -216,7 +224,11 @@ impl Mapper {
                             },
                         ),
                     })
-                    .collect();
+                    .collect::<Vec<Cell>>();
+                let mut fields = fields;
+                if p.derived {
+                    derive(&p.fields, &mut fields);
+                }
                 out.push((pi, Record { ts: end, fields }));
                 p.acc.iter_mut().for_each(Acc::reset);
                 p.next_due = Some(end + w * ((now - end) / w + 1));
@@ -252,6 +264,45 @@ impl Mapper {
             })
             .min()
             .map(|d| (d / 4).max(Duration::from_millis(5)))
+    }
+}
+
+/// Computes the derived fields of a record from its other fields (in field order, so a derived field
+/// may use an earlier derived one). A missing input leaves no value, with that input's quality; an
+/// operation without a result (division by zero) leaves no value, `bad:no_value`; otherwise the
+/// quality is the first input quality that is not good, or good.
+fn derive(fields: &[FieldPlan], cells: &mut [Cell]) {
+    let mut xs = Vec::new();
+    for (i, f) in fields.iter().enumerate() {
+        let FieldSource::Derived(d) = &f.source else {
+            continue;
+        };
+        xs.clear();
+        let mut quality = Quality::Good;
+        let mut missing = None;
+        for &input in &d.inputs {
+            let (v, q) = &cells[input];
+            match v.as_ref().and_then(Value::as_f64) {
+                Some(x) => xs.push(x),
+                None => {
+                    missing.get_or_insert(if q.is_good() {
+                        Quality::Bad(BadReason::NoValue)
+                    } else {
+                        *q
+                    });
+                }
+            }
+            if !q.is_good() && quality.is_good() {
+                quality = *q;
+            }
+        }
+        cells[i] = match missing {
+            Some(q) => (None, q),
+            None => match d.op.apply(&xs) {
+                None => (None, Quality::Bad(BadReason::NoValue)),
+                Some(x) => (Some(Value::Float(x * f.scale + f.offset)), quality),
+            },
+        };
     }
 }
 
@@ -476,6 +527,16 @@ aggregate = "mean"
 name = "temp_max"
 source = "plc.temp"
 aggregate = "max"
+[[fields]]
+name = "temp_spread"
+derive = "difference"
+inputs = ["temp_max", "temp_mean"]
+unit = "K"
+[[fields]]
+name = "parts_per_sample"
+derive = "ratio"
+inputs = ["good_per_min", "samples"]
+unit = "1"
 "#;
         let plan = config::load_texts(
             (Path::new("agent.toml"), COUNTER_GATEWAY),
@@ -525,6 +586,9 @@ aggregate = "max"
         assert_eq!(r.fields[1], (Some(Value::UInt(3)), Quality::Good));
         assert_eq!(r.fields[2], (Some(Value::Float(24.0)), Quality::Good));
         assert_eq!(r.fields[3], (Some(Value::Float(30.0)), Quality::Good));
+        // Derived from the window's aggregates.
+        assert_eq!(r.fields[4], (Some(Value::Float(6.0)), Quality::Good));
+        assert_eq!(r.fields[5], (Some(Value::Float(10.0 / 3.0)), Quality::Good));
         // The next window continues the counter from where it stood.
         m.on_batch(&counter_batch(t0 + 61_000, 9, 25.0), &mut out);
         m.on_tick(t0 + 120_000, &mut out);
@@ -533,6 +597,53 @@ aggregate = "max"
         m.on_tick(t0 + 180_000, &mut out);
         assert_eq!(out[2].1.fields[1], (Some(Value::UInt(0)), Quality::Good));
         assert_eq!(out[2].1.fields[0], (None, Quality::Bad(BadReason::NoValue)));
+        assert_eq!(out[2].1.fields[5], (None, Quality::Bad(BadReason::NoValue)));
+    }
+
+    #[test]
+    fn derived_fields_follow_their_inputs_quality_and_have_no_value_without_a_result() {
+        let p = r#"
+id = "p"
+name = "P"
+version = "1.0.0"
+domain = "production"
+owner = "team"
+[[fields]]
+name = "scrap"
+source = "plc.count"
+[[fields]]
+name = "good"
+source = "plc.temp"
+[[fields]]
+name = "scrap_rate"
+derive = "share"
+inputs = ["scrap", "good"]
+unit = "%"
+scale = 100.0
+"#;
+        let plan = config::load_texts(
+            (Path::new("agent.toml"), GATEWAY),
+            None,
+            &[(Path::new("p.toml"), p)],
+            Path::new("/tmp"),
+        )
+        .unwrap();
+        let mut m = Mapper::new(&plan);
+        let mut out = Vec::new();
+        m.on_batch(&batch(1, 95.0, 5), &mut out);
+        assert_eq!(out[0].1.fields[2], (Some(Value::Float(5.0)), Quality::Good));
+        // Nothing produced yet: no share to speak of.
+        m.on_batch(&batch(2, 0.0, 0), &mut out);
+        assert_eq!(out[1].1.fields[2], (None, Quality::Bad(BadReason::NoValue)));
+        // An input that could not be read: its reason carries over.
+        let mut b = batch(3, 95.0, 5);
+        b.readings[0] = Reading {
+            tag: 0,
+            value: None,
+            quality: Quality::Bad(BadReason::Timeout),
+        };
+        m.on_batch(&b, &mut out);
+        assert_eq!(out[2].1.fields[2], (None, Quality::Bad(BadReason::Timeout)));
     }
 
     #[test]

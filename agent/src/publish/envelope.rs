@@ -78,7 +78,7 @@ pub fn encode_record(product: &ProductPlan, record: &Record) -> Vec<u8> {
 pub fn encode_message(m: &StoredMessage, agent: &str, historical: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(m.body.len() + 160);
     out.extend_from_slice(b"{\"product\":");
-    out.extend(serde_json::to_vec(&m.product).expect("string"));
+    out.extend(serde_json::to_vec(crate::config::split_product_key(&m.product).0).expect("string"));
     out.extend_from_slice(b",\"version\":");
     out.extend(serde_json::to_vec(&m.version).expect("string"));
     out.extend_from_slice(b",\"agent\":");
@@ -141,6 +141,48 @@ pub fn status(plan: &Plan, state: &str, epoch: u64) -> Vec<u8> {
     .expect("status serializes")
 }
 
+/// The service levels in Open Data Contract Standard form (`property`, `value`, `unit`).
+fn sla_properties(sl: &crate::config::ServiceLevelPlan) -> Vec<Json> {
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    let mut out = vec![
+        json!({"property": "frequency", "value": ms(sl.expected_interval), "unit": "ms",
+                              "description": "expected time between records"}),
+    ];
+    if let Some(d) = sl.freshness {
+        out.push(json!({"property": "freshness", "value": ms(d), "unit": "ms",
+                        "description": "most age of the newest good value"}));
+    }
+    if let Some(c) = sl.completeness {
+        out.push(json!({"property": "completeness", "value": c,
+                        "description": "share of good values per SLI interval"}));
+    }
+    if let Some(d) = sl.latency_p99 {
+        out.push(
+            json!({"property": "latency", "value": ms(d), "unit": "ms", "valueExt": "p99",
+                        "description": "read-to-PUBACK latency, 99th percentile"}),
+        );
+    }
+    out
+}
+
+/// One schema property of the descriptor. What leaves is what the consumer gets: pseudonyms are
+/// strings, masked values null.
+fn property(p: &ProductPlan, f: &crate::config::FieldPlan, lineage: Json) -> Json {
+    json!({
+        "name": f.name,
+        "logicalType": crate::contract::published_type(f),
+        "unit": f.unit,
+        "description": f.description,
+        "required": f.required,
+        "classification": f.classification,
+        "edgeAction": f.action.name(),
+        "range": f.range.map(|(lo, hi)| json!({"min": lo, "max": hi})),
+        "aggregate": (matches!(p.publish, crate::config::PublishMode::Window(_)) && f.source.tag().is_some())
+            .then(|| f.aggregate.name()),
+        "lineage": lineage,
+    })
+}
+
 /// The product descriptor (contract), in Open Data Contract Standard vocabulary plus the MQTT binding
 /// and lineage.
 pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
@@ -150,7 +192,21 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
         // Fields that never leave the site are not part of the published contract.
         .filter(|f| f.action != crate::config::EdgeAction::Never)
         .map(|f| {
-            let t = &plan.tags[f.tag];
+            let t = match &f.source {
+                crate::config::FieldSource::Tag(t) => &plan.tags[*t],
+                crate::config::FieldSource::Derived(d) => {
+                    return property(
+                        p,
+                        f,
+                        json!({
+                            "derived": d.op.name(),
+                            "inputs": d.inputs.iter().map(|&i| p.fields[i].name.as_str()).collect::<Vec<_>>(),
+                            "scale": f.scale,
+                            "offset": f.offset,
+                        }),
+                    )
+                }
+            };
             let table = match t.table {
                 Table::Coil => "coil",
                 Table::DiscreteInput => "discrete_input",
@@ -176,20 +232,7 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                     "address": t.address,
                 }),
             };
-            // What leaves is what the consumer gets: pseudonyms are strings, masked values null.
-            let logical = crate::contract::published_type(f);
-            json!({
-                "name": f.name,
-                "logicalType": logical,
-                "unit": f.unit,
-                "description": f.description,
-                "required": f.required,
-                "classification": f.classification,
-                "edgeAction": f.action.name(),
-                "range": f.range.map(|(lo, hi)| json!({"min": lo, "max": hi})),
-                "aggregate": matches!(p.publish, crate::config::PublishMode::Window(_)).then(|| f.aggregate.name()),
-                "lineage": lineage,
-            })
+            property(p, f, lineage)
         })
         .collect();
     let contract = serde_json::to_vec(&properties).expect("serializes");
@@ -209,7 +252,9 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
             crate::config::PublishMode::Window(w) => Some(w.as_millis() as u64),
             _ => None,
         },
-        "binding": {"protocol": "mqtt", "topic": p.topic, "qos": 1, "encoding": "json",
+        "slaProperties": sla_properties(&p.service_levels),
+        "binding": {"protocol": "mqtt", "topic": p.topic, "qos": p.qos, "encoding": "json",
+                    "sli_topic": format!("{}/_sli", p.topic),
                     "gaps_topic": gaps_topic(p)},
         "contract_hash": format!("{:016x}", crate::config::fnv1a64(&[p.version.as_bytes(), &contract])),
         "agent": plan.agent.id,
@@ -221,48 +266,18 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::buffer::MessageId;
-    use crate::config::{FieldPlan, FullPolicy, LogicalType, PublishMode};
+    use crate::config::LogicalType;
     use crate::model::{BadReason, Quality};
 
     #[test]
     fn records_are_valid_json_for_every_value_kind() {
-        let field = |name: &str| FieldPlan {
-            name: name.into(),
-            tag: 0,
-            logical_type: LogicalType::Number,
-            unit: String::new(),
-            scale: 1.0,
-            offset: 0.0,
-            deadband: 0.0,
-            description: String::new(),
-            classification: "internal".into(),
-            action: crate::config::EdgeAction::Pass,
-            required: false,
-            range: None,
-            aggregate: crate::config::Aggregate::Last,
-        };
-        let p = ProductPlan {
-            id: "p".into(),
-            key: "p.v1".into(),
-            name: "p".into(),
-            version: "1.0.0".into(),
-            major: 1,
-            domain: "d".into(),
-            owner: "o".into(),
-            contact: String::new(),
-            status: "active".into(),
-            on_violation: crate::config::OnViolation::Flag,
-            description: String::new(),
-            publish: PublishMode::EverySample,
-            max_bytes: 1,
-            full_policy: FullPolicy::DropOldest,
-            fields: ["b", "i", "u", "f", "nan", "t\"q", "none"]
+        let field = |name: &str| crate::config::test_field(name, LogicalType::Number);
+        let p = crate::config::test_product(
+            ["b", "i", "u", "f", "nan", "t\"q", "none"]
                 .iter()
                 .map(|n| field(n))
                 .collect(),
-            topic: "t".into(),
-            file: Default::default(),
-        };
+        );
         let r = Record {
             ts: 1_795_255_200_123,
             fields: vec![

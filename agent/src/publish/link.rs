@@ -7,6 +7,22 @@ use bytes::Bytes;
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use std::time::Duration;
 
+/// The MQTT 5 reason code of a refused PUBACK or PUBREC (`None`: accepted).
+macro_rules! failure_code {
+    ($r:ident, $reason:expr) => {
+        match $reason {
+            $r::Success | $r::NoMatchingSubscribers => None,
+            $r::UnspecifiedError => Some(0x80),
+            $r::ImplementationSpecificError => Some(0x83),
+            $r::NotAuthorized => Some(0x87),
+            $r::TopicNameInvalid => Some(0x90),
+            $r::PacketIdentifierInUse => Some(0x91),
+            $r::QuotaExceeded => Some(0x97),
+            $r::PayloadFormatInvalid => Some(0x99),
+        }
+    };
+}
+
 /// What the connection reports.
 #[derive(Debug, PartialEq, Eq)]
 pub enum LinkEvent {
@@ -152,6 +168,11 @@ impl Link {
                     pkid: a.pkid,
                     failure: None,
                 }),
+                // QoS 2 ends with PUBCOMP; the broker has the message once and for all.
+                rumqttc::Event::Incoming(rumqttc::Packet::PubComp(c)) => Ok(LinkEvent::PubAck {
+                    pkid: c.pkid,
+                    failure: None,
+                }),
                 rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
                 _ => Ok(LinkEvent::Other),
             },
@@ -161,18 +182,26 @@ impl Link {
                 }
                 rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(a)) => {
                     use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
-                    let failure = match a.reason {
-                        R::Success | R::NoMatchingSubscribers => None,
-                        R::UnspecifiedError => Some(0x80),
-                        R::ImplementationSpecificError => Some(0x83),
-                        R::NotAuthorized => Some(0x87),
-                        R::TopicNameInvalid => Some(0x90),
-                        R::PacketIdentifierInUse => Some(0x91),
-                        R::QuotaExceeded => Some(0x97),
-                        R::PayloadFormatInvalid => Some(0x99),
-                    };
-                    Ok(LinkEvent::PubAck { pkid: a.pkid, failure })
+                    Ok(LinkEvent::PubAck {
+                        pkid: a.pkid,
+                        failure: failure_code!(R, a.reason),
+                    })
                 }
+                // QoS 2: a refusal comes in PUBREC (and ends the exchange); success in PUBCOMP.
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubRec(a)) => {
+                    use rumqttc::v5::mqttbytes::v5::PubRecReason as R;
+                    match failure_code!(R, a.reason) {
+                        Some(code) => Ok(LinkEvent::PubAck {
+                            pkid: a.pkid,
+                            failure: Some(code),
+                        }),
+                        None => Ok(LinkEvent::Other),
+                    }
+                }
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubComp(c)) => Ok(LinkEvent::PubAck {
+                    pkid: c.pkid,
+                    failure: None,
+                }),
                 rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
                 _ => Ok(LinkEvent::Other),
             },
@@ -187,9 +216,31 @@ impl Link {
         payload: Vec<u8>,
         props: Vec<(String, String)>,
     ) -> Result<(), String> {
+        self.publish_qos(topic, 1, retain, payload, props)
+    }
+
+    /// Queues a publish at QoS 1 or 2 (anything else is taken as 1).
+    pub fn publish_qos(
+        &self,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        payload: Vec<u8>,
+        props: Vec<(String, String)>,
+    ) -> Result<(), String> {
+        let exactly_once = qos == 2;
         match self {
             Link::V4(c, _) => c
-                .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+                .try_publish(
+                    topic,
+                    if exactly_once {
+                        rumqttc::QoS::ExactlyOnce
+                    } else {
+                        rumqttc::QoS::AtLeastOnce
+                    },
+                    retain,
+                    payload,
+                )
                 .map_err(|e| e.to_string()),
             Link::V5(c, _) => {
                 let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
@@ -199,7 +250,11 @@ impl Link {
                 };
                 c.try_publish_with_properties(
                     topic,
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    if exactly_once {
+                        rumqttc::v5::mqttbytes::QoS::ExactlyOnce
+                    } else {
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+                    },
                     retain,
                     Bytes::from(payload),
                     properties,

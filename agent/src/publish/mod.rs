@@ -34,7 +34,10 @@ type Key = (String, MessageId);
 /// A product as the publisher announces it.
 #[derive(Debug, Clone)]
 pub struct Announced {
+    /// The product's buffer key (`{id}.v{major}`).
     pub id: String,
+    /// QoS of its messages (1 or 2).
+    pub qos: u8,
     pub descriptor_topic: String,
     pub descriptor: Vec<u8>,
 }
@@ -47,12 +50,21 @@ pub struct PublishStats {
     pub records_acked: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub resent: AtomicU64,
-    /// Read-to-PUBACK latency of acknowledged messages (oldest record), 1 ms buckets up to 10 s.
-    latency_ms: Vec<AtomicU64>,
+    /// Read-to-PUBACK latency of acknowledged messages (oldest record), all products.
+    latency: Histogram,
+    /// The same per announced product (by index).
+    product_latency: Vec<Histogram>,
 }
 
 impl Default for PublishStats {
     fn default() -> Self {
+        PublishStats::new(0)
+    }
+}
+
+impl PublishStats {
+    /// Counters for `products` announced products.
+    pub fn new(products: usize) -> Self {
         PublishStats {
             connected: AtomicU64::new(0),
             connects: AtomicU64::new(0),
@@ -60,32 +72,104 @@ impl Default for PublishStats {
             records_acked: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             resent: AtomicU64::new(0),
-            latency_ms: (0..=10_000).map(|_| AtomicU64::new(0)).collect(),
+            latency: Histogram::default(),
+            product_latency: (0..products).map(|_| Histogram::default()).collect(),
+        }
+    }
+
+    fn record_latency(&self, product: Option<usize>, ms: u64) {
+        self.latency.record(ms);
+        if let Some(h) = product.and_then(|i| self.product_latency.get(i)) {
+            h.record(ms);
+        }
+    }
+
+    /// The q-quantile (0..1) of read-to-PUBACK latency in ms over all products, if anything was
+    /// acknowledged.
+    pub fn latency_quantile(&self, q: f64) -> Option<u64> {
+        self.latency.quantile(q)
+    }
+
+    /// p50 and p99 of one announced product since the last call (the SLI interval), and starts the
+    /// next interval.
+    pub fn take_product_latency(&self, product: usize) -> (Option<u64>, Option<u64>) {
+        match self.product_latency.get(product) {
+            Some(h) => {
+                let q = (h.quantile(0.5), h.quantile(0.99));
+                h.reset();
+                q
+            }
+            None => (None, None),
         }
     }
 }
 
-impl PublishStats {
-    fn record_latency(&self, ms: u64) {
-        self.latency_ms[ms.min(10_000) as usize].fetch_add(1, Ordering::Relaxed);
+/// A latency histogram in milliseconds with bounded relative error: 1 ms steps below 100 ms, 10 ms
+/// to 1 s, 100 ms to 10 s, 1 s to 60 s, then one bucket for everything slower (331 counters).
+pub struct Histogram {
+    counts: Vec<AtomicU64>,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: (0..Histogram::BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Histogram {
+    const BUCKETS: usize = 100 + 90 + 90 + 50 + 1;
+
+    fn bucket(ms: u64) -> usize {
+        (match ms {
+            0..100 => ms,
+            100..1_000 => 100 + (ms - 100) / 10,
+            1_000..10_000 => 190 + (ms - 1_000) / 100,
+            10_000..60_000 => 280 + (ms - 10_000) / 1_000,
+            _ => 330,
+        }) as usize
     }
 
-    /// The q-quantile (0..1) of read-to-PUBACK latency in ms, if anything was acknowledged.
-    pub fn latency_quantile(&self, q: f64) -> Option<u64> {
-        let counts: Vec<u64> = self.latency_ms.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    /// The lowest latency that falls in bucket `b`.
+    fn floor(b: usize) -> u64 {
+        let b = b as u64;
+        match b {
+            0..100 => b,
+            100..190 => 100 + (b - 100) * 10,
+            190..280 => 1_000 + (b - 190) * 100,
+            280..330 => 10_000 + (b - 280) * 1_000,
+            _ => 60_000,
+        }
+    }
+
+    /// Forgets what was recorded (a sample recorded meanwhile may land in either interval).
+    pub fn reset(&self) {
+        for c in &self.counts {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn record(&self, ms: u64) {
+        self.counts[Self::bucket(ms)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The q-quantile (the floor of its bucket), if anything was recorded.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
         }
-        let target = ((total as f64) * q).ceil() as u64;
+        let target = ((total as f64) * q).ceil().max(1.0) as u64;
         let mut seen = 0;
-        for (ms, c) in counts.iter().enumerate() {
+        for (b, c) in counts.iter().enumerate() {
             seen += c;
             if seen >= target {
-                return Some(ms as u64);
+                return Some(Self::floor(b));
             }
         }
-        Some(10_000)
+        Some(60_000)
     }
 }
 
@@ -221,7 +305,9 @@ impl Publisher {
                                     None => {
                                         self.stats.messages_acked.fetch_add(1, Ordering::Relaxed);
                                         self.stats.records_acked.fetch_add(u64::from(records), Ordering::Relaxed);
-                                        self.stats.record_latency(crate::model::now_millis().saturating_sub(created));
+                                        let product = self.products.iter().position(|p| p.id == key.0);
+                                        self.stats
+                                            .record_latency(product, crate::model::now_millis().saturating_sub(created));
                                         self.buffer.ack(key.0.clone(), key.1);
                                     }
                                     Some(code) => {
@@ -428,13 +514,17 @@ impl Publisher {
                         }
                         let payload = envelope::encode_message(&m, &self.agent_id, historical);
                         let props = vec![
-                            ("product".to_string(), m.product.clone()),
+                            (
+                                "product".to_string(),
+                                crate::config::split_product_key(&m.product).0.to_string(),
+                            ),
                             ("version".to_string(), m.version.clone()),
                             ("epoch".to_string(), m.id.epoch.to_string()),
                             ("seq".to_string(), m.id.seq.to_string()),
                             ("historical".to_string(), historical.to_string()),
                         ];
-                        link.publish(&m.topic, false, payload, props)?;
+                        let qos = self.products.iter().find(|p| p.id == m.product).map_or(1, |p| p.qos);
+                        link.publish_qos(&m.topic, qos, false, payload, props)?;
                         s.inflight.queued(Sent::Message(key.clone()));
                         s.sent.insert(key, (m.records, m.created));
                         if historical {
@@ -446,5 +536,31 @@ impl Publisher {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Histogram;
+
+    #[test]
+    fn latency_histogram_quantiles_stay_within_their_bucket() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for ms in [5, 5, 5, 150, 2_345, 45_000, 120_000] {
+            h.record(ms);
+        }
+        assert_eq!(h.quantile(0.0), Some(5));
+        assert_eq!(h.quantile(0.5), Some(150));
+        assert_eq!(h.quantile(0.6), Some(2_300), "100 ms steps from 1 s");
+        assert_eq!(h.quantile(0.8), Some(45_000));
+        assert_eq!(h.quantile(1.0), Some(60_000), "slower than a minute is one bucket");
+        for ms in 0..70_000 {
+            let b = Histogram::bucket(ms);
+            assert!(Histogram::floor(b) <= ms, "{ms}");
+            assert!(b + 1 == Histogram::BUCKETS || Histogram::floor(b + 1) > ms, "{ms}");
+        }
+        h.reset();
+        assert_eq!(h.quantile(0.5), None);
     }
 }
