@@ -134,9 +134,27 @@ enum BufferAction {
     },
 }
 
+/// One-shot commands end quietly on a closed pipe (`plantmesh check | head`), as shell tools do. The
+/// agent itself keeps SIGPIPE ignored: a dead socket must be an error it handles, not its death.
+#[allow(unsafe_code)]
+fn die_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called before any thread is started; restores the default disposition of one signal.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     allocator::limit_arenas();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Some(Command::Check { .. } | Command::Buffer { .. } | Command::Audit { .. })
+            | Some(Command::Preview { input: Some(_), .. })
+    ) {
+        die_on_closed_pipe();
+    }
     match cli.command {
         Some(Command::Check { paths, data_dir }) => check(&paths, data_dir.as_deref()),
         Some(Command::Preview {

@@ -180,7 +180,7 @@ fn a_breaking_change_needs_a_new_major_which_runs_beside_the_old_one() {
     write_config(
         &cfg,
         &gateway(broker.port, modbus.port),
-        &[("count", &product("1.1.0", "k1"))],
+        &[("count", &product("1.1.0", "10*3"))],
     );
     let check = Command::new(plantmesh_bin())
         .arg("check")
@@ -192,7 +192,7 @@ fn a_breaking_change_needs_a_new_major_which_runs_beside_the_old_one() {
     let stderr = String::from_utf8_lossy(&check.stderr);
     assert_eq!(check.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("products/count.toml:4:11: error at `version`: breaking change to `count` without a new major version: field `n` unit `1` -> `k1`"),
+        stderr.contains("products/count.toml:4:11: error at `version`: breaking change to `count` without a new major version: field `n` unit `1` -> `10*3`"),
         "{stderr}"
     );
     assert!(stderr.contains("publish it as version 2.0.0"), "{stderr}");
@@ -210,7 +210,10 @@ fn a_breaking_change_needs_a_new_major_which_runs_beside_the_old_one() {
     write_config(
         &cfg,
         &gateway(broker.port, modbus.port),
-        &[("count", &product("1.0.0", "1")), ("count-v2", &product("2.0.0", "k1"))],
+        &[
+            ("count", &product("1.0.0", "1")),
+            ("count-v2", &product("2.0.0", "10*3")),
+        ],
     );
     let mut agent = Agent::start(&cfg, &data);
     let on = |topic: &str| {

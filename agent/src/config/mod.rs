@@ -7,6 +7,7 @@
 
 pub mod diag;
 pub mod raw;
+mod ucum;
 pub mod units;
 mod validate;
 

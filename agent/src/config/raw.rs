@@ -260,8 +260,7 @@ pub struct Field {
     #[serde(rename = "type")]
     pub logical_type: Option<Spanned<String>>,
     /// Unit (UCUM code, e.g. `Cel`, `bar`, `1`).
-    #[serde(default)]
-    pub unit: String,
+    pub unit: Option<Spanned<String>>,
     /// value = tag value * scale + offset.
     pub scale: Option<f64>,
     pub offset: Option<f64>,
@@ -285,6 +284,13 @@ pub struct Field {
     pub counter_bits: Option<Spanned<u32>>,
     #[serde(default)]
     pub description: String,
+}
+
+impl Field {
+    /// The unit as written ("" when none).
+    pub fn unit(&self) -> &str {
+        self.unit.as_ref().map_or("", |u| u.get_ref().as_str())
+    }
 }
 
 /// The governance file, owned by the platform group: what each classification requires at the

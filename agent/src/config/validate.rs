@@ -913,6 +913,11 @@ fn product_plan(
         };
         let scale = f.scale.unwrap_or(1.0);
         let offset = f.offset.unwrap_or(0.0);
+        if let Some(u) = &f.unit {
+            if let Err((message, help)) = super::ucum::check(u.get_ref()) {
+                cx.err(u, format!("{key}.unit"), message).help = help;
+            }
+        }
         let logical_type = match &f.logical_type {
             None => natural,
             Some(v) => {
@@ -1037,7 +1042,7 @@ fn product_plan(
             Some(r) => Some((r.get_ref()[0], r.get_ref()[1])),
             None => None,
         };
-        if rules.required.iter().any(|r| r == "unit") && numeric && f.unit.is_empty() {
+        if rules.required.iter().any(|r| r == "unit") && numeric && f.unit().is_empty() {
             let msg = format!(
                 "numeric field `{}` has no `unit`, required by rule `required_metadata` in {}",
                 f.name.get_ref(),
@@ -1049,7 +1054,7 @@ fn product_plan(
             name: f.name.get_ref().clone(),
             source,
             logical_type,
-            unit: f.unit.clone(),
+            unit: f.unit().to_string(),
             scale,
             offset,
             deadband,
@@ -1282,7 +1287,7 @@ fn field_source(
                     }
                 }
             }
-            if f.unit.is_empty() {
+            if f.unit().is_empty() {
                 // A derived value's unit is the team's statement; it cannot be inferred safely.
                 cx.err(
                     &f.name,
