@@ -1,10 +1,13 @@
-//! Types shared by the plantmesh agent and the sensor-node firmware.
+//! Types shared by the plantmesh agent and the sensor-node firmware: qualities, and the sensor-node
+//! link's frames ([`link`]).
 //!
-//! `no_std`, no allocator: everything here is `Copy` and fits on a small MCU. The agent uses the same
+//! `no_std`, no allocator: everything here fits on a small MCU. The agent uses the same
 //! quality vocabulary for every source (Modbus, OPC UA, MQTT, sensor nodes), so a reading's quality
 //! means the same thing wherever it came from.
 #![no_std]
 #![forbid(unsafe_code)]
+
+pub mod link;
 
 use core::fmt;
 use serde::{Deserialize, Serialize};
@@ -44,6 +47,10 @@ pub enum BadReason {
     OutOfRange,
     /// A field the product contract requires has no good value.
     RequiredMissing,
+    /// A sensor node reported the channel faulty.
+    Sensor(link::FaultCode),
+    /// A sensor node's frames stopped arriving, or some were lost.
+    LinkLost,
 }
 
 impl Quality {
@@ -83,6 +90,8 @@ impl fmt::Display for BadReason {
             BadReason::OpcUa(code) => write!(f, "opcua_0x{code:08x}"),
             BadReason::OutOfRange => f.write_str("out_of_range"),
             BadReason::RequiredMissing => f.write_str("required_missing"),
+            BadReason::Sensor(code) => write!(f, "sensor_{}", code.name()),
+            BadReason::LinkLost => f.write_str("link_lost"),
         }
     }
 }
