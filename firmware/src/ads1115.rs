@@ -30,7 +30,7 @@ pub const OVER_RANGE_UA: i64 = 20_500;
 /// The config word that starts a single-shot conversion of `input` (0..=3) against GND.
 pub const fn config_word(input: u8) -> u16 {
     let os = 1 << 15;
-    let mux = ((0b100 | (input as u16 & 0b11)) as u16) << 12;
+    let mux = (0b100 | (input as u16 & 0b11)) << 12;
     let pga = 0b001 << 9;
     let mode = 1 << 8;
     let dr = 0b100 << 5;
@@ -133,8 +133,8 @@ mod tests {
 
     #[test]
     fn config_words_match_the_datasheet_fields() {
-        // OS=1, MUX=100 (AIN0/GND), PGA=001, MODE=1, DR=100, COMP_QUE=11.
-        assert_eq!(config_word(0), 0b1_100_001_1_100_0_0_0_11);
+        // OS=1 MUX=100 (AIN0/GND) PGA=001 MODE=1 | DR=100 COMP_MODE=0 POL=0 LAT=0 QUE=11.
+        assert_eq!(config_word(0), 0b1100_0011_1000_0011);
         assert_eq!(config_word(0), 0xC383);
         assert_eq!(config_word(3), 0xF383);
     }
