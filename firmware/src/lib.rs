@@ -115,7 +115,7 @@ where
     /// One measurement cycle: a hello when due, every channel read, one `Samples` frame with what
     /// could be read and one `Fault` frame per channel that could not.
     pub fn cycle(&mut self, uptime_ms: u32) {
-        if self.cycles % self.cfg.hello_every.max(1) == 0 {
+        if self.cycles.is_multiple_of(self.cfg.hello_every.max(1)) {
             self.hello(uptime_ms);
         }
         self.cycles = self.cycles.wrapping_add(1);
