@@ -329,7 +329,7 @@ mod tests {
             uptime_ms: 1000,
             msg: Message::Heartbeat,
         };
-        let mut bytes = wire(&[f.clone()]);
+        let mut bytes = wire(core::slice::from_ref(&f));
         // Bad CRC.
         let mut bad = bytes.clone();
         bad[2] ^= 0x40;
