@@ -276,7 +276,7 @@ mod tests {
         for f in frames {
             let mut buf = [0u8; MAX_FRAME];
             let n = link::encode(f, &mut buf).unwrap();
-            out.push(SerialT::write_many(buf[..n].to_vec()));
+            out.push(SerialT::write_many(&buf[..n]));
             out.push(SerialT::flush());
         }
         out
