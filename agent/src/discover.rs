@@ -64,6 +64,8 @@ pub async fn discover(o: &Options) -> Result<String, String> {
         max_registers_per_read: 0,
         max_bits_per_read: 0,
         tags: Vec::new(),
+        serial: None,
+        sensor: None,
         opcua: Some(plan.clone()),
     };
     let mut client = build_client(&device, &plan, &o.pki_dir, &o.application_uri)?;

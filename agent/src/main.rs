@@ -117,6 +117,26 @@ enum Command {
         /// How often every OPC UA item changes.
         #[arg(long, default_value = "100ms")]
         opcua_interval: String,
+        /// Run a sensor node (the firmware library on simulated sensors) on a new pty instead;
+        /// prints `SIM-SENSOR <pty path>`.
+        #[arg(long)]
+        sensor_node: bool,
+        /// With --sensor-node: also make this symlink to the pty (a stable path for a config).
+        #[arg(long, requires = "sensor_node")]
+        link: Option<PathBuf>,
+        /// With --sensor-node: milliseconds between measurement cycles.
+        #[arg(long, default_value_t = 1000, requires = "sensor_node")]
+        interval_ms: u64,
+        /// With --sensor-node: one piece of link garbage every this many cycles (prints `GARBAGE <kind>`).
+        #[arg(long, default_value_t = 0, requires = "sensor_node")]
+        garbage_every: u32,
+        /// With --sensor-node: stop after this many cycles, stay silent 3 s, then close the pty
+        /// (0: run until killed).
+        #[arg(long, default_value_t = 0, requires = "sensor_node")]
+        cycles: u32,
+        /// With --sensor-node: the tank-level loop is open (0 mA) this many cycles out of every 30.
+        #[arg(long, default_value_t = 0, requires = "sensor_node")]
+        wire_breaks: u32,
     },
 }
 
@@ -157,6 +177,15 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Some(Command::Check { paths, data_dir }) => check(&paths, data_dir.as_deref()),
+        Some(Command::Simulate {
+            sensor_node: true,
+            link,
+            interval_ms,
+            garbage_every,
+            cycles,
+            wire_breaks,
+            ..
+        }) => sensor_node(link, interval_ms, garbage_every, cycles, wire_breaks),
         Some(Command::Preview {
             config,
             input: Some(input),
@@ -323,7 +352,7 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                 print!("{proposal}");
                 Ok(())
             }
-            Some(Command::Simulate { listen, devices, registers, opcua_items, opcua_interval }) => {
+            Some(Command::Simulate { listen, devices, registers, opcua_items, opcua_interval, .. }) => {
                 simulate(listen, devices, registers, opcua_items, &opcua_interval).await
             }
             Some(Command::Preview {
@@ -380,6 +409,44 @@ const DEMO_PRODUCTS: [(&str, &str); 4] = [
         include_str!("../../configs/demo/products/quality/press-temperatures.toml"),
     ),
 ];
+
+/// `plantmesh simulate --sensor-node`: the firmware library on simulated sensors, on a new pty.
+#[cfg(feature = "simulators")]
+fn sensor_node(link: Option<PathBuf>, interval_ms: u64, garbage_every: u32, cycles: u32, wire_breaks: u32) -> ExitCode {
+    use plantmesh::sim::sensor;
+    use std::io::Write;
+    let pty = match sensor::open_pty(link.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("plantmesh: cannot open a pty: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("SIM-SENSOR {}", pty.path.display());
+    let _ = std::io::stdout().flush();
+    let opts = sensor::SensorNodeOptions {
+        interval: std::time::Duration::from_millis(interval_ms.max(1)),
+        garbage_every,
+        cycles,
+        wire_breaks,
+    };
+    let master = pty.master.try_clone_native().expect("the pty master clones");
+    sensor::run_node(master, &opts, |kind| {
+        println!("GARBAGE {kind}");
+        let _ = std::io::stdout().flush();
+    });
+    // A node that stopped measuring but is still plugged in: the reader sees silence, not a hang-up
+    // (which would also discard what it has not read yet).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    drop(pty);
+    ExitCode::SUCCESS
+}
+
+#[cfg(not(feature = "simulators"))]
+fn sensor_node(_: Option<PathBuf>, _: u64, _: u32, _: u32, _: u32) -> ExitCode {
+    eprintln!("plantmesh: this build has no simulators (feature `simulators`)");
+    ExitCode::FAILURE
+}
 
 /// A fresh private directory under the system's temporary directory.
 fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {

@@ -109,6 +109,18 @@ pub fn spawn_sources(
     for (i, d) in plan.devices.iter().enumerate() {
         let stats = Arc::new(DeviceStats::default());
         device_stats.push(stats.clone());
+        if d.sensor.is_some() {
+            let src = crate::sources::sensor::SensorSource {
+                index: i,
+                device: d.clone(),
+                tags: tags.clone(),
+                stats,
+                out: out.clone(),
+                shutdown: shutdown.clone(),
+            };
+            sources.push(tokio::spawn(src.run()));
+            continue;
+        }
         if d.opcua.is_some() {
             let src = OpcUaSource {
                 index: i,

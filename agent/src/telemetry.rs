@@ -146,9 +146,42 @@ fn metrics(r: &Running) -> String {
     family(
         &mut s,
         "plantmesh_device_errors_total",
-        "Failed requests per device.",
+        "Failed requests per device (sensor nodes: byte runs on the link that were not frames).",
         "counter",
         per_device(&|i| r.devices[i].errors.load(Relaxed)).into_iter(),
+    );
+    let sensor = |i: &(String, String)| {
+        r.plan
+            .devices
+            .iter()
+            .any(|d| d.sensor.is_some() && i.0 == format!("device=\"{}\"", d.id))
+    };
+    family(
+        &mut s,
+        "plantmesh_sensor_crc_errors_total",
+        "Sensor-node frames that failed their CRC.",
+        "counter",
+        per_device(&|i| r.devices[i].crc_errors.load(Relaxed))
+            .into_iter()
+            .filter(sensor),
+    );
+    family(
+        &mut s,
+        "plantmesh_sensor_lost_frames_total",
+        "Sensor-node frames lost on the link (gaps in the node's sequence numbers).",
+        "counter",
+        per_device(&|i| r.devices[i].lost_frames.load(Relaxed))
+            .into_iter()
+            .filter(sensor),
+    );
+    family(
+        &mut s,
+        "plantmesh_sensor_restarts_total",
+        "Sensor-node restarts seen.",
+        "counter",
+        per_device(&|i| r.devices[i].reboots.load(Relaxed))
+            .into_iter()
+            .filter(sensor),
     );
     if let Ok(slis) = r.slis.lock() {
         let products = &r.plan.products;

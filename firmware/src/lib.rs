@@ -4,7 +4,8 @@
 //! Portable: generic over embedded-hal 1.0 ([`I2c`], [`DelayNs`]) and an `embedded-hal-nb` serial
 //! writer, so a board crate only wires its peripherals in. `no_std`, no allocator, and panic-free on
 //! any sensor or bus data: a sensor that NACKs, times out, fails its CRC or reports an open loop
-//! becomes a `Fault` frame for its channel; the other channels keep reporting.
+//! becomes a `Fault` frame for its channel; the other channels keep reporting. Each cycle ends with
+//! one `Samples` frame.
 //!
 //! Channels, in order: `temperature` (0.01 Cel) and `humidity` (0.01 %) when an SHT3x is fitted,
 //! then one channel per 4-20 mA loop on the ADS1115 (0.001 of the loop's unit).
@@ -112,8 +113,8 @@ where
         self.send(uptime_ms, msg);
     }
 
-    /// One measurement cycle: a hello when due, every channel read, one `Samples` frame with what
-    /// could be read and one `Fault` frame per channel that could not.
+    /// One measurement cycle: a hello when due, every channel read, one `Fault` frame per channel
+    /// that could not be read, then one `Samples` frame with what could.
     pub fn cycle(&mut self, uptime_ms: u32) {
         if self.cycles.is_multiple_of(self.cfg.hello_every.max(1)) {
             self.hello(uptime_ms);
@@ -159,18 +160,24 @@ where
                 }
             }
         }
-        if !samples.is_empty() {
-            self.send(uptime_ms, Message::Samples(samples));
-        }
+        // Faults first, then the samples: a `Samples` frame (empty when nothing could be read) ends
+        // every cycle, so the agent publishes each cycle once, faults included.
         for f in faults {
             self.stats.faults = self.stats.faults.wrapping_add(1);
             self.send(uptime_ms, Message::Fault(f));
         }
+        self.send(uptime_ms, Message::Samples(samples));
     }
 
     /// Says the node is alive when it has nothing else to say.
     pub fn heartbeat(&mut self, uptime_ms: u32) {
         self.send(uptime_ms, Message::Heartbeat);
+    }
+
+    /// The bus and the serial writer, between cycles (a board may share them; a simulation
+    /// changes what its simulated sensors read).
+    pub fn parts_mut(&mut self) -> (&mut I, &mut S) {
+        (&mut self.i2c, &mut self.serial)
     }
 
     /// The node's parts back (a board may need its bus or UART for something else).
@@ -367,12 +374,17 @@ mod tests {
             fault(1, 1, link::FaultCode::SensorCrc),
             fault(2, 2, link::FaultCode::WireBreak),
             fault(3, 3, link::FaultCode::Nack),
+            Frame {
+                seq: 4,
+                uptime_ms: 5,
+                msg: Message::Samples(Vec::new()),
+            },
         ]));
         let mut node = Node::new(i2c.clone(), NoopDelay, serial.clone(), cfg);
         node.cycles = 1; // not a hello cycle
         node.cycle(5);
         assert_eq!(node.stats.faults, 4);
-        assert_eq!(node.stats.frames, 4);
+        assert_eq!(node.stats.frames, 5);
         i2c.done();
         serial.done();
     }

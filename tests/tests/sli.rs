@@ -5,17 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
 use std::time::Duration;
-
-fn scrape(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
 
 #[test]
 fn a_device_outage_shows_in_freshness_and_completeness_then_recovers() {
@@ -78,15 +68,7 @@ source = "plc.counter"
     });
 
     // The metrics endpoint says the same.
-    let addr = agent
-        .log()
-        .lines()
-        .find_map(|l| {
-            l.split("metrics on http://")
-                .nth(1)
-                .map(|r| r.split('/').next().unwrap().to_string())
-        })
-        .unwrap();
+    let addr = agent.metrics_addr();
     let metrics = scrape(&addr, "/metrics");
     assert!(
         metrics.contains("plantmesh_product_completeness{product=\"counter\",major=\"1\"} 1"),

@@ -116,6 +116,47 @@ pub struct DevicePlan {
     pub tags: Vec<usize>,
     /// Set for OPC UA devices (then `address` holds the endpoint URL and the Modbus fields are unused).
     pub opcua: Option<OpcUaDevicePlan>,
+    /// Set for Modbus RTU devices and sensor nodes (then `address` holds the port).
+    pub serial: Option<SerialPlan>,
+    /// Set for sensor nodes.
+    pub sensor: Option<SensorDevicePlan>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+/// A serial line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SerialPlan {
+    pub port: String,
+    pub baud: u32,
+    pub parity: Parity,
+    pub stop_bits: u8,
+    pub data_bits: u8,
+    /// Modbus RTU: silence kept between frames.
+    pub inter_frame: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorDevicePlan {
+    /// No frame for this long: the node's channels go bad (`link_lost`).
+    pub stale_after: Duration,
+}
+
+impl DevicePlan {
+    /// The protocol name as config files and lineage write it.
+    pub fn protocol(&self) -> &'static str {
+        match (&self.opcua, &self.serial, &self.sensor) {
+            (Some(_), _, _) => "opcua",
+            (_, _, Some(_)) => "sensor_node",
+            (_, Some(_), None) => "modbus_rtu",
+            _ => "modbus_tcp",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +285,9 @@ pub struct TagPlan {
     pub offset: f64,
     /// Set for OPC UA tags (then the Modbus fields are unused).
     pub opcua: Option<OpcUaTagPlan>,
+    /// Set for sensor-node channels (then the Modbus fields are unused): the channel index, or
+    /// `None` to find the channel by the tag's name in the node's hello.
+    pub sensor_channel: Option<Option<u8>>,
 }
 
 impl TagPlan {

@@ -89,10 +89,24 @@ pub struct Buffer {
 pub struct Device {
     /// Device id, unique in the gateway file; tags are referenced as `<device>.<tag>`.
     pub id: Spanned<String>,
-    /// `modbus_tcp` or `opcua`.
+    /// `modbus_tcp`, `modbus_rtu`, `opcua` or `sensor_node`.
     pub protocol: Spanned<String>,
-    /// Modbus: `host:port` of the Modbus TCP server.
+    /// Modbus TCP: `host:port` of the Modbus TCP server.
     pub address: Option<Spanned<String>>,
+    /// Modbus RTU and sensor nodes: the serial port, e.g. `/dev/ttyUSB0`.
+    pub port: Option<Spanned<String>>,
+    /// Serial line speed; default 19200 (Modbus RTU), 115200 (sensor nodes).
+    pub baud: Option<Spanned<u32>>,
+    /// Modbus RTU: `even` (default, as the Modbus serial line spec requires), `odd` or `none`.
+    pub parity: Option<Spanned<String>>,
+    /// Modbus RTU: 1 or 2; default 1 (2 with parity `none`, to keep 11 bits per character).
+    pub stop_bits: Option<Spanned<u32>>,
+    /// Modbus RTU: 7 or 8; default 8.
+    pub data_bits: Option<Spanned<u32>>,
+    /// Modbus RTU: silence between frames; default 3.5 characters (1.75 ms above 19200 baud).
+    pub inter_frame: Option<Spanned<ConfigDuration>>,
+    /// Sensor nodes: no frame for this long marks the node's channels bad (`link_lost`); default 5s.
+    pub stale_after: Option<Spanned<ConfigDuration>>,
     /// OPC UA: `opc.tcp://host:port[/path]`.
     pub endpoint: Option<Spanned<String>>,
     /// OPC UA: `Aes256_Sha256_RsaPss` (default), `Aes128_Sha256_RsaOaep`, `Basic256Sha256`, `None`.
@@ -171,6 +185,8 @@ pub struct Tag {
     /// value = raw * scale + offset (numeric tags only).
     pub scale: Option<Spanned<f64>>,
     pub offset: Option<f64>,
+    /// Sensor nodes: the channel index; default: the channel of this name in the node's hello.
+    pub channel: Option<Spanned<u32>>,
 }
 
 /// A product file, owned by a domain team.

@@ -162,6 +162,9 @@ pub(super) fn validate(
         problems: &mut problems,
     };
     let mut built = gw.map(|gw| gateway_plan(&mut cx, gw));
+    if let Some((_, _, _, devices, tags, declared)) = built.as_mut() {
+        sensor_tags_from_products(products, devices, tags, declared);
+    }
     if let (Some(dir), Some(parts)) = (data_dir, built.as_mut()) {
         parts.0.data_dir = dir.to_path_buf();
     }
@@ -383,19 +386,64 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             let msg = format!("duplicate device id `{}`", d.id.get_ref());
             cx.err(&d.id, format!("{key}.id"), msg);
         }
-        let Some(is_opcua) = cx.choice(
+        let Some(protocol) = cx.choice(
             &d.protocol,
             &format!("{key}.protocol"),
-            &[("modbus_tcp", false), ("opcua", true)],
+            &[
+                ("modbus_tcp", "modbus_tcp"),
+                ("modbus_rtu", "modbus_rtu"),
+                ("opcua", "opcua"),
+                ("sensor_node", "sensor_node"),
+            ],
         ) else {
             continue;
         };
-        if is_opcua {
+        let serial_only: [(&str, Option<std::ops::Range<usize>>); 6] = [
+            ("port", d.port.as_ref().map(Spanned::span)),
+            ("baud", d.baud.as_ref().map(Spanned::span)),
+            ("parity", d.parity.as_ref().map(Spanned::span)),
+            ("stop_bits", d.stop_bits.as_ref().map(Spanned::span)),
+            ("data_bits", d.data_bits.as_ref().map(Spanned::span)),
+            ("inter_frame", d.inter_frame.as_ref().map(Spanned::span)),
+        ];
+        if protocol == "opcua" {
+            not_for(cx, &serial_only, &key, "opcua");
             if let Some(plan) = opcua_device(cx, &d, &key, di, &base, &mut tags, &mut declared) {
                 devices.push(plan);
             }
             continue;
         }
+        if protocol == "sensor_node" {
+            if let Some(plan) = sensor_device(cx, &d, &key, di, &mut tags, &mut declared) {
+                devices.push(plan);
+            }
+            continue;
+        }
+        if let Some(s) = &d.stale_after {
+            cx.err(
+                s,
+                format!("{key}.stale_after"),
+                format!("`stale_after` does not apply to {protocol} devices"),
+            );
+        }
+        let rtu = protocol == "modbus_rtu";
+        let serial = if rtu {
+            if let Some(a) = &d.address {
+                cx.err(
+                    a,
+                    format!("{key}.address"),
+                    "a modbus_rtu device has `port`, not `address`",
+                )
+                .help = Some("e.g. port = \"/dev/ttyUSB0\"".into());
+            }
+            match serial_line(cx, &d, &key, 19_200) {
+                Some(s) => Some(s),
+                None => continue,
+            }
+        } else {
+            not_for(cx, &serial_only, &key, "modbus_tcp");
+            None
+        };
         let opcua_only: [(&str, Option<std::ops::Range<usize>>); 8] = [
             ("endpoint", d.endpoint.as_ref().map(Spanned::span)),
             ("security_policy", d.security_policy.as_ref().map(Spanned::span)),
@@ -406,27 +454,18 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             ("timestamps", d.timestamps.as_ref().map(Spanned::span)),
             ("password", d.password.as_ref().map(Spanned::span)),
         ];
-        not_for(cx, &opcua_only, &key, "modbus_tcp");
-        let Some(address_s) = &d.address else {
+        not_for(cx, &opcua_only, &key, protocol);
+        let address = if let Some(s) = &serial {
+            s.port.clone()
+        } else if let Some(address_s) = &d.address {
+            tcp_address(cx, address_s, &key)
+        } else {
             cx.err(
                 &d.protocol,
                 format!("{key}.address"),
                 "a modbus_tcp device needs `address` (host:port)",
             );
             continue;
-        };
-        let address = address_s.get_ref().clone();
-        let address = if address
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        {
-            address
-        } else if !address.is_empty() && !address.contains(':') {
-            format!("{address}:502")
-        } else {
-            let msg = format!("`{address}` is not host:port");
-            cx.err(address_s, format!("{key}.address"), msg).help = Some("e.g. \"192.168.10.5:502\"".into());
-            address
         };
         let unit_id = d
             .unit_id
@@ -466,6 +505,8 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             max_bits_per_read: max_bits,
             tags: Vec::new(),
             opcua: None,
+            serial,
+            sensor: None,
         };
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut spans: Vec<(usize, std::ops::Range<usize>, String)> = Vec::new();
@@ -484,7 +525,14 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
                 ("deadband", t.deadband.as_ref().map(Spanned::span)),
                 ("deadband_type", t.deadband_type.as_ref().map(Spanned::span)),
             ];
-            not_for(cx, &opcua_only, &key, "modbus_tcp");
+            not_for(cx, &opcua_only, &key, protocol);
+            if let Some(c) = &t.channel {
+                cx.err(
+                    c,
+                    format!("{key}.channel"),
+                    format!("`channel` does not apply to {protocol} devices"),
+                );
+            }
             if let Some(tag) = tag_plan(cx, &t, &key, di, unit_id, max_regs) {
                 let span = t.address.as_ref().map_or(0..0, Spanned::span);
                 spans.push((tags.len(), span, format!("{key}.address")));
@@ -635,6 +683,7 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
         scale,
         offset: t.offset.unwrap_or(0.0),
         opcua: None,
+        sensor_channel: None,
     };
     if u32::from(address) + u32::from(plan.width()) > 65_536 {
         cx.err(
@@ -1340,6 +1389,243 @@ fn field_source(
     }
 }
 
+/// A Modbus TCP `host:port` (port 502 when omitted).
+fn tcp_address(cx: &mut Ctx, address_s: &Spanned<String>, key: &str) -> String {
+    let address = address_s.get_ref().clone();
+    if address
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+    {
+        address
+    } else if !address.is_empty() && !address.contains(':') {
+        format!("{address}:502")
+    } else {
+        let msg = format!("`{address}` is not host:port");
+        cx.err(address_s, format!("{key}.address"), msg).help = Some("e.g. \"192.168.10.5:502\"".into());
+        address
+    }
+}
+
+/// The serial line of a Modbus RTU device or sensor node.
+fn serial_line(cx: &mut Ctx, d: &raw::Device, key: &str, default_baud: u32) -> Option<SerialPlan> {
+    let Some(port) = &d.port else {
+        cx.err(
+            &d.protocol,
+            format!("{key}.port"),
+            format!("a {} device needs `port` (e.g. /dev/ttyUSB0)", d.protocol.get_ref()),
+        );
+        return None;
+    };
+    if port.get_ref().is_empty() {
+        cx.err(port, format!("{key}.port"), "`port` is empty");
+        return None;
+    }
+    const BAUDS: [u32; 12] = [
+        1200, 2400, 4800, 9600, 14_400, 19_200, 38_400, 57_600, 115_200, 230_400, 460_800, 921_600,
+    ];
+    let baud = match &d.baud {
+        Some(b) if BAUDS.contains(b.get_ref()) => *b.get_ref(),
+        Some(b) => {
+            cx.err(
+                b,
+                format!("{key}.baud"),
+                format!("{} is not a standard baud rate", b.get_ref()),
+            )
+            .help = Some("1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, ...".into());
+            return None;
+        }
+        None => default_baud,
+    };
+    let parity = match &d.parity {
+        None => Parity::Even,
+        Some(p) => cx.choice(
+            p,
+            &format!("{key}.parity"),
+            &[("even", Parity::Even), ("odd", Parity::Odd), ("none", Parity::None)],
+        )?,
+    };
+    let stop_bits = match &d.stop_bits {
+        None if parity == Parity::None => 2,
+        None => 1,
+        Some(s) => cx.range(s, &format!("{key}.stop_bits"), 1, 2)? as u8,
+    };
+    let data_bits = match &d.data_bits {
+        None => 8,
+        Some(b) => cx.range(b, &format!("{key}.data_bits"), 7, 8)? as u8,
+    };
+    // Modbus over serial line, section 2.5.1.1: 3.5 character times between frames, fixed at
+    // 1.75 ms above 19200 baud. A character is 11 bits (start, 8 data, parity or a second stop, stop).
+    let char_time = Duration::from_secs_f64(11.0 / f64::from(baud));
+    let inter_frame = match &d.inter_frame {
+        Some(v) => {
+            cx.range(&secs(v), &format!("{key}.inter_frame"), 0.0, 1.0);
+            v.get_ref().0
+        }
+        None if baud > 19_200 => Duration::from_micros(1_750),
+        None => char_time.mul_f64(3.5),
+    };
+    Some(SerialPlan {
+        port: port.get_ref().clone(),
+        baud,
+        parity,
+        stop_bits,
+        data_bits,
+        inter_frame,
+    })
+}
+
+/// A sensor node: a serial port and, optionally, channels named or scaled by hand. Channels a
+/// product uses but no tag declares are added by [`sensor_tags_from_products`].
+fn sensor_device(
+    cx: &mut Ctx,
+    d: &raw::Device,
+    key: &str,
+    di: usize,
+    tags: &mut Vec<TagPlan>,
+    declared: &mut HashSet<String>,
+) -> Option<DevicePlan> {
+    let not_sensor: [(&str, Option<std::ops::Range<usize>>); 14] = [
+        ("address", d.address.as_ref().map(Spanned::span)),
+        ("unit_id", d.unit_id.as_ref().map(Spanned::span)),
+        ("max_gap", d.max_gap.as_ref().map(Spanned::span)),
+        (
+            "max_registers_per_read",
+            d.max_registers_per_read.as_ref().map(Spanned::span),
+        ),
+        ("max_bits_per_read", d.max_bits_per_read.as_ref().map(Spanned::span)),
+        ("parity", d.parity.as_ref().map(Spanned::span)),
+        ("stop_bits", d.stop_bits.as_ref().map(Spanned::span)),
+        ("data_bits", d.data_bits.as_ref().map(Spanned::span)),
+        ("inter_frame", d.inter_frame.as_ref().map(Spanned::span)),
+        ("endpoint", d.endpoint.as_ref().map(Spanned::span)),
+        ("security_policy", d.security_policy.as_ref().map(Spanned::span)),
+        ("poll_interval", d.poll_interval.as_ref().map(Spanned::span)),
+        ("timeout", d.timeout.as_ref().map(Spanned::span)),
+        ("mode", d.mode.as_ref().map(Spanned::span)),
+    ];
+    not_for(cx, &not_sensor, key, "sensor_node");
+    let mut serial = serial_line(cx, d, key, 115_200)?;
+    // The link frames itself (COBS); 8N1 is what MCU UARTs and USB CDC default to.
+    serial.parity = Parity::None;
+    serial.stop_bits = 1;
+    let stale_after = d.stale_after.as_ref().map_or(Duration::from_secs(5), |v| {
+        cx.range(&secs(v), &format!("{key}.stale_after"), 0.1, 3600.0);
+        v.get_ref().0
+    });
+    let mut plan = DevicePlan {
+        id: d.id.get_ref().clone(),
+        address: serial.port.clone(),
+        poll_interval: stale_after,
+        timeout: stale_after,
+        max_gap_registers: 0,
+        max_gap_bits: 0,
+        max_registers_per_read: 0,
+        max_bits_per_read: 0,
+        tags: Vec::new(),
+        opcua: None,
+        serial: Some(serial),
+        sensor: Some(SensorDevicePlan { stale_after }),
+    };
+    let mut names = HashSet::new();
+    for (ti, t) in d.tags.iter().enumerate() {
+        let key = format!("{key}.tags[{ti}]");
+        cx.name(&t.name, &format!("{key}.name"), false);
+        declared.insert(format!("{}.{}", plan.id, t.name.get_ref()));
+        if !names.insert(t.name.get_ref().clone()) {
+            let msg = format!("duplicate tag name `{}` in device `{}`", t.name.get_ref(), plan.id);
+            cx.err(&t.name, format!("{key}.name"), msg);
+            continue;
+        }
+        let modbus_or_opcua: [(&str, Option<std::ops::Range<usize>>); 8] = [
+            ("table", t.table.as_ref().map(Spanned::span)),
+            ("address", t.address.as_ref().map(Spanned::span)),
+            ("type", t.data_type.as_ref().map(Spanned::span)),
+            ("byte_order", t.byte_order.as_ref().map(Spanned::span)),
+            ("bit", t.bit.as_ref().map(Spanned::span)),
+            ("length", t.length.as_ref().map(Spanned::span)),
+            ("unit_id", t.unit_id.as_ref().map(Spanned::span)),
+            ("node_id", t.node_id.as_ref().map(Spanned::span)),
+        ];
+        not_for(cx, &modbus_or_opcua, &key, "sensor_node");
+        let channel = match &t.channel {
+            Some(c) => Some(cx.range(c, &format!("{key}.channel"), 0, protocol::link::MAX_CHANNELS as u32 - 1)? as u8),
+            None => None,
+        };
+        let scale = match &t.scale {
+            Some(s) if *s.get_ref() == 0.0 || !s.get_ref().is_finite() => {
+                cx.err(s, format!("{key}.scale"), "scale must be a finite, non-zero number");
+                continue;
+            }
+            Some(s) => *s.get_ref(),
+            None => 1.0,
+        };
+        plan.tags.push(tags.len());
+        tags.push(sensor_tag(
+            di,
+            t.name.get_ref(),
+            channel,
+            scale,
+            t.offset.unwrap_or(0.0),
+        ));
+    }
+    Some(plan)
+}
+
+fn sensor_tag(device: usize, name: &str, channel: Option<u8>, scale: f64, offset: f64) -> TagPlan {
+    TagPlan {
+        device,
+        name: name.to_string(),
+        unit_id: 0,
+        table: Table::Holding,
+        address: 0,
+        data_type: DataType::F64,
+        byte_order: ByteOrder::Abcd,
+        bit: None,
+        scale,
+        offset,
+        opcua: None,
+        sensor_channel: Some(channel),
+    }
+}
+
+/// Sensor-node channels need no tag of their own: a product field `<node>.<channel name>` adds one,
+/// matched by name against the node's hello at run time. Product files are only skimmed here; their
+/// real parse reports any problem with them.
+fn sensor_tags_from_products(
+    products: &[(PathBuf, String)],
+    devices: &mut [DevicePlan],
+    tags: &mut Vec<TagPlan>,
+    declared: &mut HashSet<String>,
+) {
+    for (_, text) in products {
+        let Ok(doc) = toml::from_str::<toml::Table>(text) else {
+            continue;
+        };
+        let Some(fields) = doc.get("fields").and_then(toml::Value::as_array) else {
+            continue;
+        };
+        for src in fields.iter().filter_map(|f| f.get("source")?.as_str()) {
+            let Some((dev, name)) = src.split_once('.') else {
+                continue;
+            };
+            let Some(di) = devices.iter().position(|d| d.id == dev && d.sensor.is_some()) else {
+                continue;
+            };
+            let valid_name = !name.is_empty()
+                && name.len() <= 16
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !valid_name || declared.contains(src) {
+                continue;
+            }
+            declared.insert(src.to_string());
+            devices[di].tags.push(tags.len());
+            tags.push(sensor_tag(di, name, None, 1.0, 0.0));
+        }
+    }
+}
+
 /// Reports keys that were written but do not apply to the device's protocol.
 fn not_for(cx: &mut Ctx, keys: &[(&str, Option<std::ops::Range<usize>>)], key: &str, protocol: &str) {
     for (name, span) in keys {
@@ -1547,6 +1833,8 @@ fn opcua_device(
         max_registers_per_read: 0,
         max_bits_per_read: 0,
         tags: Vec::new(),
+        serial: None,
+        sensor: None,
         opcua: Some(OpcUaDevicePlan {
             endpoint: url.clone(),
             security_policy: policy,
@@ -1667,6 +1955,7 @@ fn opcua_device(
             bit: None,
             scale,
             offset: t.offset.unwrap_or(0.0),
+            sensor_channel: None,
             opcua: Some(OpcUaTagPlan {
                 node_id: text.clone(),
                 namespace_uri: t.namespace_uri.clone(),

@@ -213,7 +213,15 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                 Table::Holding => "holding",
                 Table::Input => "input",
             };
+            let device = &plan.devices[t.device];
             let lineage = match &t.opcua {
+                None if device.sensor.is_some() => json!({
+                    "device": device.id,
+                    "tag": t.name,
+                    "protocol": "sensor_node",
+                    "port": device.address,
+                    "channel": t.sensor_channel.flatten(),
+                }),
                 Some(o) => json!({
                     "device": plan.devices[t.device].id,
                     "tag": t.name,
@@ -224,9 +232,10 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                     "type": o.type_name,
                 }),
                 None => json!({
-                    "device": plan.devices[t.device].id,
+                    "device": device.id,
                     "tag": t.name,
-                    "protocol": "modbus_tcp",
+                    "protocol": device.protocol(),
+                    "port": device.serial.as_ref().map(|s| &s.port),
                     "unit_id": t.unit_id,
                     "table": table,
                     "address": t.address,

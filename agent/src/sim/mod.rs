@@ -6,3 +6,5 @@ pub mod broker;
 pub mod oven;
 #[cfg(feature = "simulators")]
 pub mod plc;
+#[cfg(feature = "simulators")]
+pub mod sensor;

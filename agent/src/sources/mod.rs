@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod modbus;
 pub mod opcua;
+pub mod sensor;
 
 use crate::model::ReadingBatch;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,12 @@ pub struct DeviceStats {
     pub reconnects: AtomicU64,
     /// 1 while connected.
     pub connected: AtomicU64,
+    /// Sensor nodes: frames that failed their CRC (also counted in `errors`).
+    pub crc_errors: AtomicU64,
+    /// Sensor nodes: frames lost on the link (gaps in the node's sequence numbers).
+    pub lost_frames: AtomicU64,
+    /// Sensor nodes: restarts seen (sequence or uptime going back).
+    pub reboots: AtomicU64,
 }
 
 impl DeviceStats {

@@ -405,6 +405,20 @@ impl Agent {
     }
 
     /// Pending messages in the buffer, via `plantmesh buffer export` (agent must be stopped).
+    /// The address of the agent's `/metrics` endpoint, from its log.
+    pub fn metrics_addr(&self) -> String {
+        let mut addr = None;
+        wait_for("the metrics endpoint", Duration::from_secs(10), || {
+            addr = self.log().lines().find_map(|l| {
+                l.split("metrics on http://")
+                    .nth(1)
+                    .map(|r| r.split('/').next().unwrap().to_string())
+            });
+            addr.is_some()
+        });
+        addr.unwrap()
+    }
+
     pub fn export(&self) -> Vec<serde_json::Value> {
         let out = Command::new(plantmesh_bin())
             .args(["buffer", "export", "--data-dir"])
@@ -546,4 +560,21 @@ pub fn validate_json(schema: &Path, docs: &[serde_json::Value]) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(report.lines().filter(|l| *l == "ok").count(), docs.len(), "{report}");
+}
+
+/// One HTTP GET against the agent's telemetry endpoint; the whole response.
+pub fn scrape(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of one metric line (`name{labels}`) in a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -86,6 +86,7 @@ mod tests {
             scale: 1.0,
             offset: 0.0,
             opcua: None,
+            sensor_channel: None,
         }
     }
 

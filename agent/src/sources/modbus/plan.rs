@@ -110,6 +110,7 @@ mod tests {
             scale: 1.0,
             offset: 0.0,
             opcua: None,
+            sensor_channel: None,
         }
     }
 
@@ -125,6 +126,8 @@ mod tests {
             max_bits_per_read: 2000,
             tags: (0..n).collect(),
             opcua: None,
+            serial: None,
+            sensor: None,
         }
     }
 
