@@ -17,6 +17,7 @@ missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+command -v socat >/dev/null 2>&1 || missing+=(socat)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -26,7 +27,7 @@ export PATH="$PATH:/usr/sbin"
 mosquitto -h 2>&1 | head -1 || true
 
 step "python peers (.venv)"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pymodbus, asyncua, jsonschema' >/dev/null 2>&1; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pymodbus, asyncua, jsonschema, serial' >/dev/null 2>&1; then
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/peers/requirements.txt
 fi
@@ -44,11 +45,15 @@ if [ $quick = 0 ]; then
   cargo clippy --workspace --all-targets -- -D warnings
   step "cargo clippy, gateway feature set (no embedded broker, no simulators)"
   cargo clippy -p plantmesh --no-default-features --all-targets -- -D warnings
-  step "protocol builds alone for an MCU target (no std leak)"
-  if rustup target list --installed | grep -q thumbv7em-none-eabihf || rustup target add thumbv7em-none-eabihf; then
-    cargo build -q -p plantmesh-protocol --no-default-features --target thumbv7em-none-eabihf
-  fi
 fi
+
+step "protocol and firmware build for MCU targets (protocol alone first: no std leak can hide)"
+for t in thumbv6m-none-eabi thumbv7em-none-eabihf; do
+  rustup target list --installed | grep -q "^$t\$" || rustup target add "$t"
+  cargo build -q -p plantmesh-protocol --no-default-features --target "$t"
+  cargo build -q -p plantmesh-firmware --target "$t"
+  echo "$t: protocol, firmware ok"
+done
 
 step "build"
 cargo build --workspace --bins

@@ -1,12 +1,15 @@
 """A Modbus TCP server for plantmesh's end-to-end tests, built on pymodbus (a peer nobody here wrote).
 
-Usage: modbus_server.py PORT SPEC.json
+Usage: modbus_server.py PORT SPEC.json          (Modbus TCP on 127.0.0.1:PORT)
+       modbus_server.py /dev/ttyX SPEC.json     (Modbus RTU on a serial port, 19200 8N2)
 
 SPEC: {"values": [{"table": "holding"|"input"|"coil"|"discrete_input", "address": N,
                    "type": "u16"|"i16"|"u32"|"i32"|"u64"|"i64"|"f32"|"f64"|"string"|"bool"|"raw",
                    "order": "ABCD"|"CDAB"|"BADC"|"DCBA", "value": ..., "length": registers (string)}],
        "counter": {"address": N, "period_ms": M}   # optional: holding u32 (ABCD) counting up
       }
+       With "units": {"1": SPEC, "2": SPEC} the server answers each unit id from its own SPEC and
+       stays silent for any other unit id (as a missing RTU slave does).
 Only register addresses listed exist: a read that touches any other gets exception 02.
 Values are encoded here with Python's struct module, independently of the agent's decoder.
 Every request is printed on stdout as `REQ <function> <address> <count>`; `READY <port>` once serving.
@@ -18,7 +21,8 @@ import struct
 import sys
 
 from pymodbus.datastore import ModbusServerContext, ModbusSlaveContext, ModbusSparseDataBlock
-from pymodbus.server import StartAsyncTcpServer
+from pymodbus import FramerType
+from pymodbus.server import StartAsyncSerialServer, StartAsyncTcpServer
 
 FORMATS = {"u16": ">H", "i16": ">h", "u32": ">I", "i32": ">i", "u64": ">Q", "i64": ">q", "f32": ">f", "f64": ">d"}
 
@@ -56,10 +60,8 @@ class LoggingContext(ModbusSlaveContext):
         return super().getValues(fc_as_hex, address, count)
 
 
-async def main():
-    port = int(sys.argv[1])
-    with open(sys.argv[2]) as f:
-        spec = json.load(f)
+def build_slave(spec):
+    """One unit's data tables, and its counter task (if any)."""
     tables = {"holding": {}, "input": {}, "coil": {}, "discrete_input": {}}
     for v in spec.get("values", []):
         if v["table"] in ("coil", "discrete_input"):
@@ -79,7 +81,6 @@ async def main():
             tables["holding"][counter["address"] + 1 + i] = 0
     blocks = {k: ModbusSparseDataBlock(v) if v else ModbusSparseDataBlock({65535: 0}) for k, v in tables.items()}
     slave = LoggingContext(hr=blocks["holding"], ir=blocks["input"], co=blocks["coil"], di=blocks["discrete_input"])
-    context = ModbusServerContext(slaves=slave, single=True)
 
     async def count_up():
         n = 0
@@ -90,8 +91,34 @@ async def main():
 
     if counter:
         asyncio.get_running_loop().create_task(count_up())
-    asyncio.get_running_loop().call_later(0.3, lambda: print(f"READY {port}", flush=True))
-    await StartAsyncTcpServer(context=context, address=("127.0.0.1", port))
+    return slave
+
+
+async def main():
+    where = sys.argv[1]
+    with open(sys.argv[2]) as f:
+        spec = json.load(f)
+    if "units" in spec:
+        slaves = {int(u): build_slave(s) for u, s in spec["units"].items()}
+        context = ModbusServerContext(slaves=slaves, single=False)
+    else:
+        context = ModbusServerContext(slaves=build_slave(spec), single=True)
+    asyncio.get_running_loop().call_later(0.3, lambda: print(f"READY {where}", flush=True))
+    if where.startswith("/"):
+        await StartAsyncSerialServer(
+            context=context,
+            framer=FramerType.RTU,
+            port=where,
+            baudrate=19200,
+            bytesize=8,
+            # Linux ptys refuse parity settings (EINVAL); the Modbus serial line spec allows
+            # no parity with two stop bits instead.
+            parity="N",
+            stopbits=2,
+            ignore_missing_slaves=True,
+        )
+    else:
+        await StartAsyncTcpServer(context=context, address=("127.0.0.1", int(where)))
 
 
 if __name__ == "__main__":

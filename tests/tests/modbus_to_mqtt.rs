@@ -1,4 +1,4 @@
-//! Modbus TCP (pymodbus) -> plantmesh -> Mosquitto, with the real binary.
+//! Modbus TCP and RTU (pymodbus) -> plantmesh -> Mosquitto, with the real binary.
 
 mod common;
 
@@ -194,6 +194,17 @@ fn cases() -> Vec<TagCase> {
 
 #[test]
 fn every_type_and_byte_order_arrives_exactly_with_ideal_coalescing() {
+    all_types(false);
+}
+
+/// The same over Modbus RTU on a serial line, with a second unit on the bus and a third that never
+/// answers: the silent unit costs its own tags a timeout and does not hold up the others.
+#[test]
+fn every_type_arrives_over_rtu_and_a_silent_unit_does_not_block_the_others() {
+    all_types(true);
+}
+
+fn all_types(rtu: bool) {
     let cases = cases();
     let spec_values: Vec<Value> = cases
         .iter()
@@ -213,14 +224,31 @@ fn every_type_and_byte_order_arrives_exactly_with_ideal_coalescing() {
     let spacer_at = cases.iter().find(|c| c.name == "bit3").unwrap().address - 5;
     let mut spec_values = spec_values;
     spec_values.push(json!({"table": "holding", "address": spacer_at, "type": "raw", "value": [0, 0, 0, 0, 0]}));
-    let modbus = PyModbus::start(&json!({"values": spec_values}));
+    let modbus = if rtu {
+        PyModbus::start_rtu(&json!({"units": {
+            "1": {"values": spec_values},
+            "2": {"values": [{"table": "input", "address": 500, "type": "u16", "value": 4242}]},
+        }}))
+    } else {
+        PyModbus::start(&json!({"values": spec_values}))
+    };
     let broker = Mosquitto::start(false, "");
     let sub = Subscriber::start(broker.port, "s1/#", "types-sub");
 
-    let mut devices = format!(
-        "[[devices]]\nid = \"plc\"\nprotocol = \"modbus_tcp\"\naddress = \"127.0.0.1:{}\"\npoll_interval = \"300ms\"\ntimeout = \"1s\"\n",
-        modbus.port
-    );
+    let mut devices = if rtu {
+        format!(
+            "[[devices]]\nid = \"plc\"\nprotocol = \"modbus_rtu\"\nport = \"{}\"\nbaud = 19200\nparity = \"none\"\n\
+             poll_interval = \"1s\"\ntimeout = \"300ms\"\n\
+             [[devices.tags]]\nname = \"unit2\"\ntable = \"input\"\naddress = 500\nunit_id = 2\n\
+             [[devices.tags]]\nname = \"silent\"\ntable = \"input\"\naddress = 500\nunit_id = 3\n",
+            modbus.serial_port().display()
+        )
+    } else {
+        format!(
+            "[[devices]]\nid = \"plc\"\nprotocol = \"modbus_tcp\"\naddress = \"127.0.0.1:{}\"\npoll_interval = \"300ms\"\ntimeout = \"1s\"\n",
+            modbus.port
+        )
+    };
     for c in &cases {
         let ty = match c.ty {
             "raw" => "bool",
@@ -234,10 +262,14 @@ fn every_type_and_byte_order_arrives_exactly_with_ideal_coalescing() {
             devices += &format!("byte_order = \"{o}\"\n");
         }
     }
-    let fields: Vec<(String, String)> = cases
+    let mut fields: Vec<(String, String)> = cases
         .iter()
         .map(|c| (c.name.clone(), format!("plc.{}", c.name)))
         .collect();
+    if rtu {
+        fields.push(("unit2".into(), "plc.unit2".into()));
+        fields.push(("silent".into(), "plc.silent".into()));
+    }
     let fields: Vec<(&str, &str)> = fields.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     let dir = tempfile::tempdir().unwrap();
     write_config(
@@ -268,6 +300,21 @@ fn every_type_and_byte_order_arrives_exactly_with_ideal_coalescing() {
         };
         assert_eq!(got, &want, "field {}", c.name);
     }
+    if rtu {
+        assert_eq!(record["fields"]["unit2"], 4242, "{record}");
+        assert_eq!(record["quality"]["silent"], "bad:timeout", "{record}");
+        // Every poll on time (1 s apart), the silent unit's timeout notwithstanding.
+        let ts: Vec<String> = sub
+            .product_messages()
+            .iter()
+            .map(|m| m["records"][0]["ts"].as_str().unwrap().to_string())
+            .collect();
+        let secs = |t: &str| t[17..23].parse::<f64>().unwrap();
+        for w in ts.windows(2) {
+            let d = (secs(&w[1]) - secs(&w[0]) + 60.0) % 60.0;
+            assert!((0.8..1.3).contains(&d), "polls {w:?}");
+        }
+    }
 
     // Coalescing at the ideal: per poll exactly one read per contiguous area.
     let holding_len = cases
@@ -279,6 +326,10 @@ fn every_type_and_byte_order_arrives_exactly_with_ideal_coalescing() {
     let mut ideal: BTreeMap<(u8, u16, u16), usize> = BTreeMap::new();
     for shape in [(3u8, 0u16, holding_len), (3, 300, 1), (4, 7, 1), (1, 0, 10), (2, 3, 1)] {
         ideal.insert(shape, 0);
+    }
+    if rtu {
+        // Unit 2's read (the silent unit 3 never reaches the server's tables).
+        ideal.insert((4, 500, 1), 0);
     }
     let reqs = modbus.requests();
     let mut seen: BTreeMap<(u8, u16, u16), usize> = BTreeMap::new();

@@ -237,6 +237,8 @@ pub struct PyModbus {
     pub port: u16,
     pub lines: Lines,
     _spec: tempfile::NamedTempFile,
+    /// RTU: the socat process joining the two ptys, and the agent's end of the line.
+    serial: Option<(Child, tempfile::TempDir)>,
 }
 
 impl PyModbus {
@@ -292,7 +294,53 @@ impl PyModbus {
             port,
             lines,
             _spec: spec_file,
+            serial: None,
         }
+    }
+
+    /// The same server speaking Modbus RTU (19200 8N2) on one end of a pty pair joined by socat;
+    /// [`PyModbus::serial_port`] is the other end, for the agent.
+    pub fn start_rtu(spec: &serde_json::Value) -> PyModbus {
+        let spec_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(spec_file.path(), spec.to_string()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (server_end, agent_end) = (dir.path().join("server"), dir.path().join("agent"));
+        let socat = Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", server_end.display()))
+            .arg(format!("pty,raw,echo=0,link={}", agent_end.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat (apt install socat)");
+        wait_for("the socat pty pair", Duration::from_secs(10), || {
+            server_end.exists() && agent_end.exists()
+        });
+        let mut child = Command::new(python())
+            .arg(repo_root().join("tests/peers/modbus_server.py"))
+            .arg(&server_end)
+            .arg(spec_file.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = Lines::default();
+        lines.follow(child.stdout.take().unwrap());
+        let l = lines.clone();
+        wait_for("pymodbus RTU server", Duration::from_secs(20), || {
+            l.snapshot().iter().any(|x| x.starts_with("READY"))
+        });
+        PyModbus {
+            child,
+            port: 0,
+            lines,
+            _spec: spec_file,
+            serial: Some((socat, dir)),
+        }
+    }
+
+    /// The agent's end of an RTU server's line.
+    pub fn serial_port(&self) -> PathBuf {
+        self.serial.as_ref().expect("an RTU server").1.path().join("agent")
     }
 
     /// `(function, address, count)` of every request so far.
@@ -312,6 +360,10 @@ impl Drop for PyModbus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some((socat, _)) = self.serial.as_mut() {
+            let _ = socat.kill();
+            let _ = socat.wait();
+        }
     }
 }
 

@@ -1,10 +1,16 @@
-//! Modbus TCP source: one task per device, polling coalesced reads at the device's interval.
+//! Modbus source, TCP or RTU: one task per device (for RTU: per bus), polling coalesced reads at the
+//! device's interval, one request in flight at a time.
 //!
 //! In: a [`DevicePlan`] and the plan's tags. Out: one [`ReadingBatch`] per poll with a reading for
 //! every tag, good or bad. A timeout, transport error or garbage response marks the affected tags bad
 //! and reconnects with jittered backoff (a late answer on a reused connection could otherwise be taken
 //! for the next request's). Exceptions mark only the tags of the refused read bad, after the read has
 //! been split as far as it goes (see [`plan`]).
+//!
+//! On an RTU bus, several unit ids share the line. A unit that does not answer costs one timeout
+//! per poll: its tags go bad (`timeout`), the rest of that poll skips it, and the port is reopened
+//! so a late answer cannot be taken for the next unit's. The line is kept silent for the
+//! inter-frame time before every request.
 
 pub mod decode;
 pub mod plan;
@@ -88,6 +94,10 @@ impl ModbusSource {
     }
 
     async fn connect(&self) -> Result<Context, String> {
+        if let Some(serial) = &self.device.serial {
+            let port = super::sensor::open(serial)?;
+            return Ok(tokio_modbus::client::rtu::attach_slave(port, Slave(1)));
+        }
         // A literal address needs no resolver (which would run on tokio's blocking pool).
         let literal = self.device.address.parse::<SocketAddr>().ok();
         let addr: SocketAddr = match literal {
@@ -124,10 +134,16 @@ impl ModbusSource {
             let ts = now_millis();
             let mut readings = Vec::with_capacity(self.device.tags.len());
             let mut broken: Option<(BadReason, String)> = None;
+            let mut silent: Vec<u8> = Vec::new();
             let mut i = 0;
             while i < blocks.len() {
                 if let Some((reason, _)) = &broken {
                     push_bad(&mut readings, &blocks[i].tags, *reason);
+                    i += 1;
+                    continue;
+                }
+                if silent.contains(&blocks[i].unit_id) {
+                    push_bad(&mut readings, &blocks[i].tags, BadReason::Timeout);
                     i += 1;
                     continue;
                 }
@@ -154,6 +170,19 @@ impl ModbusSource {
                         debug!(device = %self.device.id, start = blocks[i].start, exception = code, "Modbus exception");
                         push_bad(&mut readings, &blocks[i].tags, BadReason::ModbusException(code));
                         i += 1;
+                    }
+                    ReadOutcome::Broken(BadReason::Timeout, _) if self.device.serial.is_some() => {
+                        // One silent unit on a shared bus: the others still get their turn.
+                        let unit = blocks[i].unit_id;
+                        debug!(device = %self.device.id, unit, "unit did not answer; skipped for the rest of this poll");
+                        push_bad(&mut readings, &blocks[i].tags, BadReason::Timeout);
+                        silent.push(unit);
+                        i += 1;
+                        let _ = ctx.disconnect().await;
+                        match self.connect().await {
+                            Ok(fresh) => ctx = fresh,
+                            Err(e) => broken = Some((BadReason::Disconnected, e)),
+                        }
                     }
                     ReadOutcome::Broken(reason, msg) => {
                         push_bad(&mut readings, &blocks[i].tags, reason);
@@ -183,6 +212,9 @@ impl ModbusSource {
     }
 
     async fn read(&self, ctx: &mut Context, b: &ReadBlock) -> ReadOutcome {
+        if let Some(serial) = &self.device.serial {
+            tokio::time::sleep(serial.inter_frame).await;
+        }
         ctx.set_slave(Slave(b.unit_id));
         DeviceStats::inc(&self.stats.requests);
         let call = async {
