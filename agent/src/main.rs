@@ -391,7 +391,7 @@ const DEMO_GATEWAY: &str = include_str!("../../configs/demo/agent.toml");
 #[cfg(feature = "simulators")]
 const DEMO_GOVERNANCE: &str = include_str!("../../configs/demo/governance.toml");
 #[cfg(feature = "simulators")]
-const DEMO_PRODUCTS: [(&str, &str); 4] = [
+const DEMO_PRODUCTS: [(&str, &str); 5] = [
     (
         "products/production/press-rate.toml",
         include_str!("../../configs/demo/products/production/press-rate.toml"),
@@ -407,6 +407,10 @@ const DEMO_PRODUCTS: [(&str, &str); 4] = [
     (
         "products/quality/press-temperatures.toml",
         include_str!("../../configs/demo/products/quality/press-temperatures.toml"),
+    ),
+    (
+        "products/utilities/pump-room.toml",
+        include_str!("../../configs/demo/products/utilities/pump-room.toml"),
     ),
 ];
 
@@ -500,7 +504,27 @@ async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, 
     let oven = plantmesh::sim::oven::start_oven(&data_dir.join("sim-pki"))
         .await
         .map_err(|e| anyhow::anyhow!("starting the simulated oven: {e}"))?;
+    // The sensor node: the firmware library on simulated parts, writing into a pty for the life of
+    // the process (its tank-level loop breaks for 3 s in every 30, to show a sensor fault).
+    let pty = plantmesh::sim::sensor::open_pty(None).context("opening a pty for the simulated sensor node")?;
+    let node_port = pty.path.display().to_string();
+    let master = pty.master.try_clone_native().context("cloning the pty")?;
+    std::thread::Builder::new()
+        .name("sim-sensor-node".into())
+        .spawn(move || {
+            let _pty = pty;
+            let opts = plantmesh::sim::sensor::SensorNodeOptions {
+                wire_breaks: 3,
+                ..Default::default()
+            };
+            plantmesh::sim::sensor::run_node(master, &opts, |_| {});
+        })?;
     for d in &mut plan.devices {
+        if let Some(serial) = d.serial.as_mut() {
+            serial.port = node_port.clone();
+            d.address = node_port.clone();
+            continue;
+        }
         match &mut d.opcua {
             Some(o) => {
                 o.endpoint = oven.endpoint.clone();
@@ -511,6 +535,7 @@ async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, 
     }
     tracing::info!(oven = %oven.endpoint, "demo plant: simulated curing oven on OPC UA");
     tracing::info!(plc = %plc, data_dir = %data_dir.display(), "demo plant: simulated press-line PLC on Modbus TCP");
+    tracing::info!(port = %node_port, "demo plant: simulated sensor node on a pty");
     Ok((plan, oven))
 }
 

@@ -1,5 +1,5 @@
-//! The README's main command: `plantmesh` with no config runs the demo plant. It must publish all
-//! three products (Modbus PLC, OPC UA oven) under its governance, to its embedded broker.
+//! The README's main command: `plantmesh` with no config runs the demo plant. It must publish its
+//! products (Modbus PLC, OPC UA oven, sensor node) under its governance, to its embedded broker.
 
 mod common;
 
@@ -33,14 +33,12 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         seen.dedup();
         seen
     };
-    wait_for("all three demo products", Duration::from_secs(60), || {
-        products(&sub).len() == 3
-    });
+    wait_for("the demo products", Duration::from_secs(60), || products(&sub).len() == 4);
     let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
     let status = demo.wait().unwrap();
     assert_eq!(
         products(&sub),
-        vec!["oven-profile", "press-output", "press-temperatures"]
+        vec!["oven-profile", "press-output", "press-temperatures", "pump-room"]
     );
     let press = sub
         .product_messages()
@@ -68,7 +66,15 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         .filter(|(t, _)| t.ends_with("/_descriptor"))
         .map(|(_, d)| d)
         .collect();
-    assert_eq!(descriptors.len(), 4, "one retained descriptor per product");
+    assert_eq!(descriptors.len(), 5, "one retained descriptor per product");
+    // The sensor node's product: the firmware library's readings, through a pty.
+    let pump = sub
+        .product_messages()
+        .into_iter()
+        .find(|m| m["product"] == "pump-room" && m["records"][0]["quality"]["line_pressure_bar"] == "good")
+        .unwrap();
+    let p = pump["records"][0]["fields"]["line_pressure_bar"].as_f64().unwrap();
+    assert!((5.0..=7.0).contains(&p), "{pump}");
     // The scrap rate is derived from the window's counters; the contract states its service levels.
     let rate = descriptors.iter().find(|d| d["id"] == "press-rate").unwrap();
     let scrap = rate["schema"][0]["properties"]
@@ -97,7 +103,8 @@ fn the_demo_plant_publishes_every_product_under_governance() {
             "oven-profile.v1.json",
             "press-output.v1.json",
             "press-rate.v1.json",
-            "press-temperatures.v1.json"
+            "press-temperatures.v1.json",
+            "pump-room.v1.json"
         ]
     );
     validate_json(&repo_root().join("docs/descriptor.schema.json"), &descriptors);
