@@ -55,6 +55,13 @@ for t in thumbv6m-none-eabi thumbv7em-none-eabihf; do
   echo "$t: protocol, firmware ok"
 done
 
+step "fuzz the sensor-link decoder briefly (cargo-fuzz, nightly)"
+if [ "${PLANTMESH_FUZZ_SECONDS:-20}" != 0 ]; then
+  rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+  command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked -q
+  (cd protocol && cargo +nightly fuzz run decode -- -max_total_time="${PLANTMESH_FUZZ_SECONDS:-20}" 2>&1 | tail -2)
+fi
+
 step "build"
 cargo build --workspace --bins
 
