@@ -54,6 +54,8 @@ for t in thumbv6m-none-eabi thumbv7em-none-eabihf; do
   cargo build -q -p plantmesh-firmware --target "$t"
   echo "$t: protocol, firmware ok"
 done
+step "sensor-node board image (Raspberry Pi Pico): link, UF2, size"
+scripts/build-firmware.sh
 
 step "fuzz the sensor-link decoder briefly (cargo-fuzz, nightly)"
 if [ "${PLANTMESH_FUZZ_SECONDS:-20}" != 0 ]; then
