@@ -124,7 +124,7 @@ enum Command {
         /// With --sensor-node: also make this symlink to the pty (a stable path for a config).
         #[arg(long, requires = "sensor_node")]
         link: Option<PathBuf>,
-        /// With --sensor-node: milliseconds between measurement cycles.
+        /// With --sensor-node: milliseconds between measurement cycles (0: back to back).
         #[arg(long, default_value_t = 1000, requires = "sensor_node")]
         interval_ms: u64,
         /// With --sensor-node: one piece of link garbage every this many cycles (prints `GARBAGE <kind>`).
@@ -137,6 +137,9 @@ enum Command {
         /// With --sensor-node: the tank-level loop is open (0 mA) this many cycles out of every 30.
         #[arg(long, default_value_t = 0, requires = "sensor_node")]
         wire_breaks: u32,
+        /// With --sensor-node: skip the sensors' conversion waits (for benchmarks).
+        #[arg(long, requires = "sensor_node")]
+        no_delays: bool,
     },
 }
 
@@ -184,8 +187,9 @@ fn main() -> ExitCode {
             garbage_every,
             cycles,
             wire_breaks,
+            no_delays,
             ..
-        }) => sensor_node(link, interval_ms, garbage_every, cycles, wire_breaks),
+        }) => sensor_node(link, interval_ms, garbage_every, cycles, wire_breaks, no_delays),
         Some(Command::Preview {
             config,
             input: Some(input),
@@ -416,7 +420,14 @@ const DEMO_PRODUCTS: [(&str, &str); 5] = [
 
 /// `plantmesh simulate --sensor-node`: the firmware library on simulated sensors, on a new pty.
 #[cfg(feature = "simulators")]
-fn sensor_node(link: Option<PathBuf>, interval_ms: u64, garbage_every: u32, cycles: u32, wire_breaks: u32) -> ExitCode {
+fn sensor_node(
+    link: Option<PathBuf>,
+    interval_ms: u64,
+    garbage_every: u32,
+    cycles: u32,
+    wire_breaks: u32,
+    no_delays: bool,
+) -> ExitCode {
     use plantmesh::sim::sensor;
     use std::io::Write;
     let pty = match sensor::open_pty(link.as_deref()) {
@@ -429,10 +440,11 @@ fn sensor_node(link: Option<PathBuf>, interval_ms: u64, garbage_every: u32, cycl
     println!("SIM-SENSOR {}", pty.path.display());
     let _ = std::io::stdout().flush();
     let opts = sensor::SensorNodeOptions {
-        interval: std::time::Duration::from_millis(interval_ms.max(1)),
+        interval: std::time::Duration::from_millis(interval_ms),
         garbage_every,
         cycles,
         wire_breaks,
+        no_delays,
     };
     let master = pty.master.try_clone_native().expect("the pty master clones");
     sensor::run_node(master, &opts, |kind| {
@@ -447,7 +459,7 @@ fn sensor_node(link: Option<PathBuf>, interval_ms: u64, garbage_every: u32, cycl
 }
 
 #[cfg(not(feature = "simulators"))]
-fn sensor_node(_: Option<PathBuf>, _: u64, _: u32, _: u32, _: u32) -> ExitCode {
+fn sensor_node(_: Option<PathBuf>, _: u64, _: u32, _: u32, _: u32, _: bool) -> ExitCode {
     eprintln!("plantmesh: this build has no simulators (feature `simulators`)");
     ExitCode::FAILURE
 }

@@ -33,7 +33,9 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         seen.dedup();
         seen
     };
-    wait_for("the demo products", Duration::from_secs(60), || products(&sub).len() == 4);
+    wait_for("the demo products", Duration::from_secs(60), || {
+        products(&sub).len() == 4
+    });
     let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
     let status = demo.wait().unwrap();
     assert_eq!(

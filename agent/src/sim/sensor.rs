@@ -19,6 +19,9 @@ pub struct SensorNodeOptions {
     pub cycles: u32,
     /// Channel 3 (`tank_level`) reads an open loop in this many cycles out of 30 (0: never).
     pub wire_breaks: u32,
+    /// Skip the sensors' conversion waits (the simulated parts are ready at once): frames as fast
+    /// as `interval` allows, for benchmarks.
+    pub no_delays: bool,
 }
 
 impl Default for SensorNodeOptions {
@@ -28,6 +31,7 @@ impl Default for SensorNodeOptions {
             garbage_every: 0,
             cycles: 0,
             wire_breaks: 0,
+            no_delays: false,
         }
     }
 }
@@ -62,12 +66,14 @@ impl<W: Write> embedded_hal_nb::serial::Write<u8> for IoSerial<W> {
     }
 }
 
-/// Sleeps on the host for the drivers' conversion waits.
-pub struct HostDelay;
+/// Sleeps on the host for the drivers' conversion waits (or not at all, when `false`).
+pub struct HostDelay(pub bool);
 
 impl embedded_hal::delay::DelayNs for HostDelay {
     fn delay_ns(&mut self, ns: u32) {
-        std::thread::sleep(Duration::from_nanos(u64::from(ns)));
+        if self.0 {
+            std::thread::sleep(Duration::from_nanos(u64::from(ns)));
+        }
     }
 }
 
@@ -129,7 +135,7 @@ pub fn run_node<W: Write>(out: W, opts: &SensorNodeOptions, mut report: impl FnM
         sht3x: Some(SimSht3x::new(firmware::sht3x::DEFAULT_ADDRESS)),
         ads1115: Some(SimAds1115::new(firmware::ads1115::DEFAULT_ADDRESS, 165_000)),
     };
-    let mut node = Node::new(bus, HostDelay, IoSerial(out), demo_config());
+    let mut node = Node::new(bus, HostDelay(!opts.no_delays), IoSerial(out), demo_config());
     let start = Instant::now();
     let mut next = start;
     let mut cycle: u32 = 0;
