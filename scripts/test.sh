@@ -18,6 +18,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(
 command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -70,3 +72,13 @@ cargo build --workspace --bins
 
 step "tests"
 cargo test --workspace -- --test-threads=2
+
+step "gateway binary for aarch64 (cross linker), run under qemu, library tests under emulation"
+scripts/build-gateway.sh aarch64-unknown-linux-gnu
+qemu-aarch64 -L /usr/aarch64-linux-gnu target/aarch64-unknown-linux-gnu/gateway/plantmesh --version
+# The governance property runs on fewer policies under emulation (the million records run natively above).
+PLANTMESH_GOVERN_CASES=8 cargo test --target aarch64-unknown-linux-gnu -p plantmesh-protocol -p plantmesh \
+  --no-default-features --lib -- --test-threads=2
+
+step "footprint budgets (README.md)"
+scripts/footprint.sh --check

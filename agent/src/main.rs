@@ -296,6 +296,14 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                     if view {
                         plantmesh::view::spawn(r)
                     }
+                    // Start-up (building every product's state, the first polls and commits) leaves
+                    // freed memory scattered behind; hand it back once things have settled.
+                    tokio::spawn(async {
+                        for wait in [5, 30] {
+                            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                            allocator::trim();
+                        }
+                    });
                 })
                 .await?;
                 Ok(())

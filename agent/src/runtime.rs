@@ -103,7 +103,7 @@ pub fn spawn_sources(
     out: mpsc::Sender<crate::model::ReadingBatch>,
     shutdown: &watch::Receiver<bool>,
 ) -> (Vec<tokio::task::JoinHandle<()>>, Vec<Arc<DeviceStats>>) {
-    let tags = Arc::new(plan.tags.clone());
+    let tags = plan.tags.clone();
     let mut device_stats = Vec::new();
     let mut sources = Vec::new();
     for (i, d) in plan.devices.iter().enumerate() {
@@ -236,11 +236,15 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         products: plan
             .products
             .iter()
-            .map(|p| Announced {
-                id: p.key.clone(),
-                qos: p.qos,
-                descriptor_topic: envelope::descriptor_topic(p),
-                descriptor: envelope::descriptor(&plan, p),
+            .enumerate()
+            .map(|(i, p)| {
+                let plan = plan.clone();
+                Announced {
+                    id: p.key.clone(),
+                    qos: p.qos,
+                    descriptor_topic: envelope::descriptor_topic(p),
+                    descriptor: Arc::new(move || envelope::descriptor(&plan, &plan.products[i])),
+                }
             })
             .collect(),
         agent_id: plan.agent.id.clone(),

@@ -29,7 +29,8 @@ pub struct Plan {
     pub buffer: BufferPlan,
     pub devices: Vec<DevicePlan>,
     /// Every tag of every device; devices and fields refer to tags by index into this table.
-    pub tags: Vec<TagPlan>,
+    /// Shared with the sources rather than copied.
+    pub tags: std::sync::Arc<[TagPlan]>,
     pub products: Vec<ProductPlan>,
     /// The platform's rules, as every product was checked against them.
     pub governance: GovernancePlan,
@@ -481,7 +482,8 @@ pub struct ProductPlan {
     pub publish: PublishMode,
     pub max_bytes: u64,
     pub full_policy: FullPolicy,
-    pub fields: Vec<FieldPlan>,
+    /// Shared: the mapper and the governor hold the same fields, not copies.
+    pub fields: std::sync::Arc<[FieldPlan]>,
     pub topic: String,
     /// MQTT QoS of product messages (1 or 2).
     pub qos: u8,
@@ -676,7 +678,7 @@ pub fn test_product(fields: Vec<FieldPlan>) -> ProductPlan {
         publish: PublishMode::EverySample,
         max_bytes: 1,
         full_policy: FullPolicy::DropOldest,
-        fields,
+        fields: fields.into(),
         topic: "t".into(),
         qos: 1,
         max_records_per_message: None,

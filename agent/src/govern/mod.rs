@@ -58,7 +58,7 @@ impl Counts {
 }
 
 pub struct Governor {
-    products: Vec<(Vec<FieldPlan>, OnViolation)>,
+    products: Vec<(std::sync::Arc<[FieldPlan]>, OnViolation)>,
     key: Option<Vec<u8>>,
 }
 
@@ -215,6 +215,15 @@ mod tests {
         }
     }
 
+    /// 250 policies (a million records); fewer with `PLANTMESH_GOVERN_CASES`, for runs under
+    /// emulation, where the same property is checked on fewer records.
+    fn policy_cases() -> u32 {
+        std::env::var("PLANTMESH_GOVERN_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(250)
+    }
+
     fn action() -> impl Strategy<Value = EdgeAction> {
         prop_oneof![
             Just(EdgeAction::Pass),
@@ -226,7 +235,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 250, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: policy_cases(), ..ProptestConfig::default() })]
         /// 250 policies x 4,000 records = 1,000,000 records: whatever the policy and the values, the
         /// encoded record never carries a `never` field (not even its key), never a pseudonymised or
         /// masked value in clear, and nothing the contract does not declare.

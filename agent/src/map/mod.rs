@@ -14,7 +14,7 @@ use std::time::Duration;
 type Cell = (Option<Value>, Quality);
 
 struct ProductState {
-    fields: Vec<FieldPlan>,
+    fields: std::sync::Arc<[FieldPlan]>,
     mode: PublishMode,
     current: Vec<Cell>,
     last_emitted: Option<Vec<Cell>>,

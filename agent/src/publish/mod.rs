@@ -32,14 +32,22 @@ use tracing::{error, info, warn};
 type Key = (String, MessageId);
 
 /// A product as the publisher announces it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Announced {
     /// The product's buffer key (`{id}.v{major}`).
     pub id: String,
     /// QoS of its messages (1 or 2).
     pub qos: u8,
     pub descriptor_topic: String,
-    pub descriptor: Vec<u8>,
+    /// Builds the descriptor when it is published (on each connect), instead of holding it: with
+    /// thousands of fields it is hundreds of KiB per product.
+    pub descriptor: std::sync::Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Announced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Announced").field("id", &self.id).field("qos", &self.qos).finish()
+    }
 }
 
 /// Counters shared with the status view, metrics and benchmarks.
@@ -327,7 +335,7 @@ impl Publisher {
                             Some(Sent::Descriptor(i)) => {
                                 // The contract consumers now rely on: later configs are checked against it.
                                 if let (Some(dir), Some(p)) = (&self.contracts_dir, self.products.get(i)) {
-                                    if let Err(e) = crate::contract::save(dir, &p.id, &p.descriptor) {
+                                    if let Err(e) = crate::contract::save(dir, &p.id, &(p.descriptor)()) {
                                         warn!(product = %p.id, error = %e, "cannot store the published descriptor");
                                     }
                                 }
@@ -384,7 +392,7 @@ impl Publisher {
         link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
         s.inflight.queued(Sent::Control);
         for (i, p) in self.products.iter().enumerate() {
-            link.publish(&p.descriptor_topic, true, p.descriptor.clone(), vec![])?;
+            link.publish(&p.descriptor_topic, true, (p.descriptor)(), vec![])?;
             s.inflight.queued(Sent::Descriptor(i));
         }
         let mut products: Vec<String> = self.products.iter().map(|p| p.id.clone()).collect();

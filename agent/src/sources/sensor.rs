@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 pub struct SensorSource {
     pub index: usize,
     pub device: DevicePlan,
-    pub tags: Arc<Vec<TagPlan>>,
+    pub tags: Arc<[TagPlan]>,
     pub stats: Arc<DeviceStats>,
     pub out: BatchSender,
     pub shutdown: tokio::sync::watch::Receiver<bool>,

@@ -41,7 +41,7 @@ enum ReadOutcome {
 pub struct ModbusSource {
     pub index: usize,
     pub device: DevicePlan,
-    pub tags: Arc<Vec<TagPlan>>,
+    pub tags: Arc<[TagPlan]>,
     pub stats: Arc<DeviceStats>,
     pub out: BatchSender,
     pub shutdown: tokio::sync::watch::Receiver<bool>,

@@ -40,7 +40,7 @@ use tracing::{error, info, warn};
 pub struct OpcUaSource {
     pub index: usize,
     pub device: DevicePlan,
-    pub tags: Arc<Vec<TagPlan>>,
+    pub tags: Arc<[TagPlan]>,
     pub stats: Arc<DeviceStats>,
     pub out: BatchSender,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
