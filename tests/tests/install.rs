@@ -63,7 +63,10 @@ fn a_throwaway_root_gets_a_verified_hardened_unit_and_comes_clean_off() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&verify.stderr).to_string() + &String::from_utf8_lossy(&verify.stdout);
-    assert!(verify.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    assert!(
+        verify.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
     // Exposure as systemd scores it (0 best, 10 worst): at most 2.0.
     let security = Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--threshold=20"])
@@ -73,13 +76,26 @@ fn a_throwaway_root_gets_a_verified_hardened_unit_and_comes_clean_off() {
         .unwrap();
     let report = String::from_utf8_lossy(&security.stdout).to_string();
     assert!(security.status.success(), "{report}");
-    assert!(report.contains("Overall exposure level for plantmesh.service"), "{report}");
+    assert!(
+        report.contains("Overall exposure level for plantmesh.service"),
+        "{report}"
+    );
 
     // The service user, in dialout for serial ports.
     let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
-    assert!(passwd.lines().any(|l| l.starts_with("plantmesh:") && l.ends_with(":/var/lib/plantmesh:/usr/sbin/nologin")), "{passwd}");
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with("plantmesh:") && l.ends_with(":/var/lib/plantmesh:/usr/sbin/nologin")),
+        "{passwd}"
+    );
     let group = std::fs::read_to_string(root.join("etc/group")).unwrap();
-    assert!(group.lines().any(|l| l.starts_with("dialout:") && l.ends_with("plantmesh")), "{group}");
+    assert!(
+        group
+            .lines()
+            .any(|l| l.starts_with("dialout:") && l.ends_with("plantmesh")),
+        "{group}"
+    );
     // Secrets root-only; config readable by the service's group only.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &str| std::fs::metadata(root.join(p)).unwrap().permissions().mode() & 0o777;
@@ -100,7 +116,10 @@ fn a_throwaway_root_gets_a_verified_hardened_unit_and_comes_clean_off() {
     // A second install keeps an edited config.
     std::fs::write(root.join("etc/plantmesh/agent.toml"), "# edited\n").unwrap();
     install(root, &["--binary", bin.to_str().unwrap()]);
-    assert_eq!(std::fs::read_to_string(root.join("etc/plantmesh/agent.toml")).unwrap(), "# edited\n");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/plantmesh/agent.toml")).unwrap(),
+        "# edited\n"
+    );
 
     // Uninstall keeps config and data; --purge removes them.
     std::fs::write(root.join("var/lib/plantmesh/buffer.redb"), b"data").unwrap();

@@ -46,7 +46,10 @@ pub struct Announced {
 
 impl std::fmt::Debug for Announced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Announced").field("id", &self.id).field("qos", &self.qos).finish()
+        f.debug_struct("Announced")
+            .field("id", &self.id)
+            .field("qos", &self.qos)
+            .finish()
     }
 }
 
