@@ -1484,15 +1484,8 @@ fn sensor_device(
     tags: &mut Vec<TagPlan>,
     declared: &mut HashSet<String>,
 ) -> Option<DevicePlan> {
-    let not_sensor: [(&str, Option<std::ops::Range<usize>>); 14] = [
-        ("address", d.address.as_ref().map(Spanned::span)),
-        ("unit_id", d.unit_id.as_ref().map(Spanned::span)),
-        ("max_gap", d.max_gap.as_ref().map(Spanned::span)),
-        (
-            "max_registers_per_read",
-            d.max_registers_per_read.as_ref().map(Spanned::span),
-        ),
-        ("max_bits_per_read", d.max_bits_per_read.as_ref().map(Spanned::span)),
+    not_for(cx, &modbus_keys(d), key, "sensor_node");
+    let not_sensor: [(&str, Option<std::ops::Range<usize>>); 9] = [
         ("parity", d.parity.as_ref().map(Spanned::span)),
         ("stop_bits", d.stop_bits.as_ref().map(Spanned::span)),
         ("data_bits", d.data_bits.as_ref().map(Spanned::span)),
@@ -1626,6 +1619,20 @@ fn sensor_tags_from_products(
     }
 }
 
+/// The Modbus-only device keys that were written, for the other protocols to refuse.
+fn modbus_keys(d: &raw::Device) -> [(&'static str, Option<std::ops::Range<usize>>); 5] {
+    [
+        ("address", d.address.as_ref().map(Spanned::span)),
+        ("unit_id", d.unit_id.as_ref().map(Spanned::span)),
+        ("max_gap", d.max_gap.as_ref().map(Spanned::span)),
+        (
+            "max_registers_per_read",
+            d.max_registers_per_read.as_ref().map(Spanned::span),
+        ),
+        ("max_bits_per_read", d.max_bits_per_read.as_ref().map(Spanned::span)),
+    ]
+}
+
 /// Reports keys that were written but do not apply to the device's protocol.
 fn not_for(cx: &mut Ctx, keys: &[(&str, Option<std::ops::Range<usize>>)], key: &str, protocol: &str) {
     for (name, span) in keys {
@@ -1678,17 +1685,7 @@ fn opcua_device(
     tags: &mut Vec<TagPlan>,
     declared: &mut HashSet<String>,
 ) -> Option<DevicePlan> {
-    let modbus_only: [(&str, Option<std::ops::Range<usize>>); 5] = [
-        ("address", d.address.as_ref().map(Spanned::span)),
-        ("unit_id", d.unit_id.as_ref().map(Spanned::span)),
-        ("max_gap", d.max_gap.as_ref().map(Spanned::span)),
-        (
-            "max_registers_per_read",
-            d.max_registers_per_read.as_ref().map(Spanned::span),
-        ),
-        ("max_bits_per_read", d.max_bits_per_read.as_ref().map(Spanned::span)),
-    ];
-    not_for(cx, &modbus_only, key, "opcua");
+    not_for(cx, &modbus_keys(d), key, "opcua");
     let Some(endpoint) = &d.endpoint else {
         cx.err(
             &d.protocol,

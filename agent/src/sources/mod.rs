@@ -54,3 +54,16 @@ pub fn all_bad(device: usize, tags: &[usize], reason: crate::model::BadReason) -
         readings,
     }
 }
+
+/// Sends [`all_bad`] for a device; false when the pipeline behind it is gone.
+pub async fn send_all_bad(out: &BatchSender, device: usize, tags: &[usize], reason: crate::model::BadReason) -> bool {
+    out.send(all_bad(device, tags, reason)).await.is_ok()
+}
+
+/// Sleeps for `d`; true when shutdown was requested meanwhile.
+pub async fn sleep_or_shutdown(shutdown: &mut tokio::sync::watch::Receiver<bool>, d: std::time::Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}

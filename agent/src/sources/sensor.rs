@@ -297,17 +297,11 @@ impl SensorSource {
     }
 
     async fn emit_all_bad(&self, reason: BadReason) -> bool {
-        self.out
-            .send(super::all_bad(self.index, &self.device.tags, reason))
-            .await
-            .is_ok()
+        super::send_all_bad(&self.out, self.index, &self.device.tags, reason).await
     }
 
     async fn sleep_or_shutdown(&mut self, d: Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(d) => *self.shutdown.borrow(),
-            _ = self.shutdown.changed() => true,
-        }
+        super::sleep_or_shutdown(&mut self.shutdown, d).await
     }
 }
 
