@@ -585,17 +585,21 @@ mod tests {
             h.ack("p".into(), m.id);
         }
         wait("unblock", || !h.blocked[0].load(Ordering::Relaxed));
-        wait("the blocked gap", || reader.gaps(10).unwrap().len() >= 2);
-        let gaps = reader.gaps(10).unwrap();
-        let blocked: u64 = gaps
-            .iter()
-            .filter(|(_, g)| g.reason == "buffer_full_blocked")
-            .map(|(_, g)| g.count)
-            .sum();
         // Every record offered is either pending or counted: the ones that hit the cap as messages
-        // (offers already queued when the flag flipped) and the 25 refused while blocked.
+        // (offers already queued when the flag flipped; many on a slow machine, as under emulation)
+        // and the 25 refused while blocked, counted into the next commit's gap event.
         let refused = offered - pending.len() as u64 + 25;
-        assert_eq!(blocked, refused, "{gaps:?}");
+        let blocked = || -> u64 {
+            reader
+                .gaps(usize::MAX)
+                .unwrap()
+                .iter()
+                .filter(|(_, g)| g.reason == "buffer_full_blocked")
+                .map(|(_, g)| g.count)
+                .sum()
+        };
+        wait("every refusal in a gap event", || blocked() == refused);
+        let gaps = reader.gaps(usize::MAX).unwrap();
         let total_dropped: u64 = reader.drops().unwrap().iter().map(|d| d.2).sum();
         assert_eq!(total_dropped, refused);
         // Seqs stay explained: the refused ones hold their own seq numbers.
