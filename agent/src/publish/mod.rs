@@ -215,8 +215,12 @@ pub struct Egress {
 
 impl Egress {
     pub fn allows(&self, product: &str, topic: &str) -> bool {
-        self.products.contains(product)
-            && (self.topic_prefixes.is_empty() || self.topic_prefixes.iter().any(|p| topic.starts_with(p.as_str())))
+        let valid = self.products.contains(product)
+            // Messages buffered before products were keyed by major (`{id}`, no `.v`): still the
+            // product's, on the topic they were stored with.
+            || (crate::config::split_product_key(product).1.is_none()
+                && self.products.iter().any(|k| crate::config::split_product_key(k).0 == product));
+        valid && (self.topic_prefixes.is_empty() || self.topic_prefixes.iter().any(|p| topic.starts_with(p.as_str())))
     }
 }
 
@@ -552,7 +556,20 @@ impl Publisher {
 
 #[cfg(test)]
 mod tests {
-    use super::Histogram;
+    use super::{Egress, Histogram};
+
+    #[test]
+    fn egress_allows_configured_products_and_their_pre_major_keys_only() {
+        let e = Egress {
+            topic_prefixes: vec!["plant/".into()],
+            products: ["press.v1".to_string()].into_iter().collect(),
+        };
+        assert!(e.allows("press.v1", "plant/press/v1"));
+        assert!(e.allows("press", "plant/press/v1"), "buffered before keys had majors");
+        assert!(!e.allows("press.v2", "plant/press/v2"), "a major not configured");
+        assert!(!e.allows("other", "plant/other/v1"));
+        assert!(!e.allows("press.v1", "elsewhere/press/v1"), "outside the allow-list");
+    }
 
     #[test]
     fn latency_histogram_quantiles_stay_within_their_bucket() {
