@@ -246,21 +246,11 @@ impl PyModbus {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mut child = Command::new(python())
-            .arg(repo_root().join("tests/peers/modbus_server.py"))
-            .arg(self.port.to_string())
-            .arg(self._spec.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.lines = Lines::default();
-        self.lines.follow(child.stdout.take().unwrap());
+        let (child, lines) = serve(self.port.to_string().as_ref(), self._spec.path());
         self.child = child;
-        let (l, port) = (self.lines.clone(), self.port);
-        wait_for("pymodbus server", Duration::from_secs(20), || {
-            l.snapshot().iter().any(|x| x.starts_with("READY")) && port_open(port)
-        });
+        self.lines = lines;
+        let port = self.port;
+        wait_for("pymodbus server port", Duration::from_secs(20), || port_open(port));
     }
 
     /// SIGKILL: the device is gone.
@@ -272,23 +262,10 @@ impl PyModbus {
 
 impl PyModbus {
     pub fn start(spec: &serde_json::Value) -> PyModbus {
-        let spec_file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(spec_file.path(), spec.to_string()).unwrap();
+        let spec_file = spec_file(spec);
         let port = free_port();
-        let mut child = Command::new(python())
-            .arg(repo_root().join("tests/peers/modbus_server.py"))
-            .arg(port.to_string())
-            .arg(spec_file.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let lines = Lines::default();
-        lines.follow(child.stdout.take().unwrap());
-        let l = lines.clone();
-        wait_for("pymodbus server", Duration::from_secs(20), || {
-            l.snapshot().iter().any(|x| x.starts_with("READY")) && port_open(port)
-        });
+        let (child, lines) = serve(port.to_string().as_ref(), spec_file.path());
+        wait_for("pymodbus server port", Duration::from_secs(20), || port_open(port));
         PyModbus {
             child,
             port,
@@ -301,8 +278,7 @@ impl PyModbus {
     /// The same server speaking Modbus RTU (19200 8N2) on one end of a pty pair joined by socat;
     /// [`PyModbus::serial_port`] is the other end, for the agent.
     pub fn start_rtu(spec: &serde_json::Value) -> PyModbus {
-        let spec_file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(spec_file.path(), spec.to_string()).unwrap();
+        let spec_file = spec_file(spec);
         let dir = tempfile::tempdir().unwrap();
         let (server_end, agent_end) = (dir.path().join("server"), dir.path().join("agent"));
         let socat = Command::new("socat")
@@ -315,20 +291,7 @@ impl PyModbus {
         wait_for("the socat pty pair", Duration::from_secs(10), || {
             server_end.exists() && agent_end.exists()
         });
-        let mut child = Command::new(python())
-            .arg(repo_root().join("tests/peers/modbus_server.py"))
-            .arg(&server_end)
-            .arg(spec_file.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let lines = Lines::default();
-        lines.follow(child.stdout.take().unwrap());
-        let l = lines.clone();
-        wait_for("pymodbus RTU server", Duration::from_secs(20), || {
-            l.snapshot().iter().any(|x| x.starts_with("READY"))
-        });
+        let (child, lines) = serve(server_end.as_os_str(), spec_file.path());
         PyModbus {
             child,
             port: 0,
@@ -354,6 +317,31 @@ impl PyModbus {
             })
             .collect()
     }
+}
+
+fn spec_file(spec: &serde_json::Value) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), spec.to_string()).unwrap();
+    f
+}
+
+/// tests/peers/modbus_server.py on a TCP port or a serial port, once it says it is ready.
+fn serve(at: &std::ffi::OsStr, spec: &Path) -> (Child, Lines) {
+    let mut child = Command::new(python())
+        .arg(repo_root().join("tests/peers/modbus_server.py"))
+        .arg(at)
+        .arg(spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = Lines::default();
+    lines.follow(child.stdout.take().unwrap());
+    let l = lines.clone();
+    wait_for("pymodbus server", Duration::from_secs(20), || {
+        l.snapshot().iter().any(|x| x.starts_with("READY"))
+    });
+    (child, lines)
 }
 
 impl Drop for PyModbus {
