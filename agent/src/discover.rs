@@ -66,6 +66,7 @@ pub async fn discover(o: &Options) -> Result<String, String> {
         tags: Vec::new(),
         serial: None,
         sensor: None,
+        mqtt: None,
         opcua: Some(plan.clone()),
     };
     let mut client = build_client(&device, &plan, &o.pki_dir, &o.application_uri)?;

@@ -20,5 +20,6 @@ pub mod publish;
 pub mod runtime;
 pub mod sim;
 pub mod sources;
+pub mod sparkplug;
 pub mod telemetry;
 pub mod view;

@@ -121,6 +121,18 @@ pub fn spawn_sources(
             sources.push(tokio::spawn(src.run()));
             continue;
         }
+        if d.mqtt.is_some() {
+            let src = crate::sources::mqtt::MqttSource {
+                index: i,
+                device: d.clone(),
+                tags: tags.clone(),
+                stats,
+                out: out.clone(),
+                shutdown: shutdown.clone(),
+            };
+            sources.push(tokio::spawn(src.run()));
+            continue;
+        }
         if d.opcua.is_some() {
             let src = OpcUaSource {
                 index: i,

@@ -51,6 +51,8 @@ pub enum BadReason {
     Sensor(link::FaultCode),
     /// A sensor node's frames stopped arriving, or some were lost.
     LinkLost,
+    /// A retained MQTT message, delivered on subscribing: a last known value, not a fresh reading.
+    Retained,
 }
 
 impl Quality {
@@ -92,6 +94,7 @@ impl fmt::Display for BadReason {
             BadReason::RequiredMissing => f.write_str("required_missing"),
             BadReason::Sensor(code) => write!(f, "sensor_{}", code.name()),
             BadReason::LinkLost => f.write_str("link_lost"),
+            BadReason::Retained => f.write_str("retained"),
         }
     }
 }

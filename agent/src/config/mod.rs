@@ -121,6 +121,40 @@ pub struct DevicePlan {
     pub serial: Option<SerialPlan>,
     /// Set for sensor nodes.
     pub sensor: Option<SensorDevicePlan>,
+    /// Set for MQTT devices (then `address` holds `host:port` of the device-side broker).
+    pub mqtt: Option<MqttDevicePlan>,
+}
+
+/// A device-side MQTT broker: how to connect (the same settings as upstream; always MQTT 3.1.1,
+/// which every broker speaks, with a clean session: a replayed backlog would only be stale data).
+#[derive(Debug, Clone)]
+pub struct MqttDevicePlan {
+    pub broker: UpstreamPlan,
+}
+
+/// How an MQTT tag finds its value in a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MqttPayload {
+    /// A JSON document: the value at `pointer`, the time at `timestamp` (else the arrival time).
+    Json { pointer: String, timestamp: Option<String> },
+    /// The payload is the value, as text (`21.5`, `true`, `RUNNING`).
+    Plain,
+    /// A Sparkplug B metric of an edge node or device.
+    Sparkplug {
+        group: String,
+        node: String,
+        device: Option<String>,
+        metric: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttTagPlan {
+    /// The topic messages for this tag arrive on (JSON, plain), with every capture filled in.
+    pub topic: String,
+    /// The filter the device subscribes to for it (captures as `+`).
+    pub filter: String,
+    pub payload: MqttPayload,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +185,9 @@ pub struct SensorDevicePlan {
 impl DevicePlan {
     /// The protocol name as config files and lineage write it.
     pub fn protocol(&self) -> &'static str {
+        if self.mqtt.is_some() {
+            return "mqtt";
+        }
         match (&self.opcua, &self.serial, &self.sensor) {
             (Some(_), _, _) => "opcua",
             (_, _, Some(_)) => "sensor_node",
@@ -289,6 +326,8 @@ pub struct TagPlan {
     /// Set for sensor-node channels (then the Modbus fields are unused): the channel index, or
     /// `None` to find the channel by the tag's name in the node's hello.
     pub sensor_channel: Option<Option<u8>>,
+    /// Set for MQTT tags (then the Modbus fields are unused).
+    pub mqtt: Option<MqttTagPlan>,
 }
 
 impl TagPlan {

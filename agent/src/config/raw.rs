@@ -89,8 +89,14 @@ pub struct Buffer {
 pub struct Device {
     /// Device id, unique in the gateway file; tags are referenced as `<device>.<tag>`.
     pub id: Spanned<String>,
-    /// `modbus_tcp`, `modbus_rtu`, `opcua` or `sensor_node`.
+    /// `modbus_tcp`, `modbus_rtu`, `opcua`, `sensor_node` or `mqtt`.
     pub protocol: Spanned<String>,
+    /// MQTT: the device-side broker, `mqtt://host:port` or `mqtts://host:port` (TLS).
+    pub url: Option<Spanned<String>>,
+    /// MQTT: client id; default `plantmesh-{agent.id}-{device id}`.
+    pub client_id: Option<String>,
+    /// MQTT over TLS: CA certificate(s) (PEM) to verify the broker.
+    pub ca_file: Option<String>,
     /// Modbus TCP: `host:port` of the Modbus TCP server.
     pub address: Option<Spanned<String>>,
     /// Modbus RTU and sensor nodes: the serial port, e.g. `/dev/ttyUSB0`.
@@ -187,6 +193,20 @@ pub struct Tag {
     pub offset: Option<f64>,
     /// Sensor nodes: the channel index; default: the channel of this name in the node's hello.
     pub channel: Option<Spanned<u32>>,
+    /// MQTT: the topic, or a filter whose `+name` segments are captured into `{name}` in the tag
+    /// name (`name = "{line}_temp"`, `topic = "plant/+line/temp"`).
+    pub topic: Option<Spanned<String>>,
+    /// MQTT: `json` (default with `pointer`), `plain` (the payload is the value) or `sparkplug`.
+    pub payload: Option<Spanned<String>>,
+    /// MQTT JSON: RFC 6901 pointer to the value, e.g. `/temperature` or `/axes/0/load`.
+    pub pointer: Option<Spanned<String>>,
+    /// MQTT JSON: pointer to the reading's time (epoch milliseconds, or RFC 3339 text); default:
+    /// the time the message arrived.
+    pub timestamp_pointer: Option<Spanned<String>>,
+    /// MQTT Sparkplug B: `group/edge_node` or `group/edge_node/device`; segments may be `+name`.
+    pub sparkplug: Option<Spanned<String>>,
+    /// MQTT Sparkplug B: the metric name as its birth certificate announces it.
+    pub metric: Option<Spanned<String>>,
 }
 
 /// A product file, owned by a domain team.

@@ -7,6 +7,8 @@ use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use toml::Spanned;
 
+mod mqtt;
+
 /// Parses one file into its raw type; a syntax or type error becomes one located diagnostic.
 pub(super) fn parse<T: DeserializeOwned>(src: &Source) -> Result<T, Diagnostic> {
     let de = toml::Deserializer::parse(src.text).map_err(|e| toml_error(src, &e, String::new()))?;
@@ -162,15 +164,15 @@ pub(super) fn validate(
         problems: &mut problems,
     };
     let mut built = gw.map(|gw| gateway_plan(&mut cx, gw));
-    if let Some((_, _, _, devices, tags, declared)) = built.as_mut() {
-        sensor_tags_from_products(products, devices, tags, declared);
+    if let Some((_, _, _, devices, tags, declared, templates)) = built.as_mut() {
+        tags_from_products(products, devices, tags, declared, templates);
     }
     if let (Some(dir), Some(parts)) = (data_dir, built.as_mut()) {
         parts.0.data_dir = dir.to_path_buf();
     }
 
     let mut plan_products = Vec::new();
-    if let Some((agent, _, buffer, devices, tags, declared)) = &built {
+    if let Some((agent, _, buffer, devices, tags, declared, _)) = &built {
         let by_ref: HashMap<String, usize> = tags
             .iter()
             .enumerate()
@@ -235,7 +237,7 @@ pub(super) fn validate(
     if !problems.is_empty() {
         return Err(Diagnostics(problems));
     }
-    let (agent, upstream, buffer, devices, tags, _) = built.expect("no problems means the gateway parsed");
+    let (agent, upstream, buffer, devices, tags, _, _) = built.expect("no problems means the gateway parsed");
     for p in &mut plan_products {
         if p.service_levels.expected_interval.is_zero() {
             // Every sample or on change: at best one record per poll of the fastest device.
@@ -315,6 +317,7 @@ type GatewayParts = (
     Vec<DevicePlan>,
     Vec<TagPlan>,
     HashSet<String>,
+    Vec<mqtt::Template>,
 );
 
 fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
@@ -353,7 +356,9 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
         sli_interval,
         metrics_listen,
     };
-    let upstream = gw.upstream.and_then(|u| upstream_plan(cx, u, &agent.id, &base));
+    let upstream = gw
+        .upstream
+        .and_then(|u| upstream_plan(cx, u, &agent.id, &base, "upstream"));
 
     let max_bytes = match &gw.buffer.max_bytes {
         Some(v) => {
@@ -379,6 +384,7 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
     let mut device_ids: HashMap<String, usize> = HashMap::new();
     // Every tag written, valid or not: a product pointing at an invalid tag is not a second error.
     let mut declared: HashSet<String> = HashSet::new();
+    let mut templates = Vec::new();
     for (di, d) in gw.devices.into_iter().enumerate() {
         let key = format!("devices[{di}]");
         cx.name(&d.id, &format!("{key}.id"), false);
@@ -394,10 +400,35 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
                 ("modbus_rtu", "modbus_rtu"),
                 ("opcua", "opcua"),
                 ("sensor_node", "sensor_node"),
+                ("mqtt", "mqtt"),
             ],
         ) else {
             continue;
         };
+        if protocol == "mqtt" {
+            let serial_only = [
+                ("port", d.port.as_ref().map(Spanned::span)),
+                ("baud", d.baud.as_ref().map(Spanned::span)),
+            ];
+            not_for(cx, &serial_only, &key, "mqtt");
+            let plan = mqtt::device(
+                cx,
+                &d,
+                &key,
+                di,
+                &base,
+                &agent.id,
+                &mut tags,
+                &mut declared,
+                &mut templates,
+            );
+            devices.extend(plan);
+            continue;
+        }
+        not_for(cx, &mqtt::device_keys(&d), &key, protocol);
+        for (ti, t) in d.tags.iter().enumerate() {
+            not_for(cx, &mqtt::tag_keys(t), &format!("{key}.tags[{ti}]"), protocol);
+        }
         let serial_only: [(&str, Option<std::ops::Range<usize>>); 6] = [
             ("port", d.port.as_ref().map(Spanned::span)),
             ("baud", d.baud.as_ref().map(Spanned::span)),
@@ -507,6 +538,7 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             opcua: None,
             serial,
             sensor: None,
+            mqtt: None,
         };
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut spans: Vec<(usize, std::ops::Range<usize>, String)> = Vec::new();
@@ -543,7 +575,7 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
         check_overlaps(cx, &tags, &spans);
         devices.push(plan);
     }
-    (agent, upstream, buffer, devices, tags, declared)
+    (agent, upstream, buffer, devices, tags, declared, templates)
 }
 
 fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, max_regs: u16) -> Option<TagPlan> {
@@ -684,6 +716,7 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
         offset: t.offset.unwrap_or(0.0),
         opcua: None,
         sensor_channel: None,
+        mqtt: None,
     };
     if u32::from(address) + u32::from(plan.width()) > 65_536 {
         cx.err(
@@ -743,14 +776,14 @@ fn check_overlaps(cx: &mut Ctx, tags: &[TagPlan], spans: &[(usize, std::ops::Ran
     }
 }
 
-fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path) -> Option<UpstreamPlan> {
+fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path, key: &str) -> Option<UpstreamPlan> {
     let url = u.url.get_ref().as_str();
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let tls = match scheme {
         "mqtt" | "tcp" => false,
         "mqtts" | "ssl" | "tls" => true,
         _ => {
-            cx.err(&u.url, "upstream.url", format!("`{url}` is not an MQTT URL"))
+            cx.err(&u.url, format!("{key}.url"), format!("`{url}` is not an MQTT URL"))
                 .help = Some("write mqtt://host:1883 or mqtts://host:8883".into());
             return None;
         }
@@ -760,7 +793,7 @@ fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path) ->
         Some((h, p)) => match p.parse::<u16>() {
             Ok(p) => (h.trim_matches(['[', ']']).to_string(), p),
             Err(_) => {
-                cx.err(&u.url, "upstream.url", format!("`{p}` is not a port number"));
+                cx.err(&u.url, format!("{key}.url"), format!("`{p}` is not a port number"));
                 return None;
             }
         },
@@ -770,21 +803,21 @@ fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path) ->
         None => MqttVersion::V5,
         Some(v) => cx.choice(
             v,
-            "upstream.protocol",
+            &format!("{key}.protocol"),
             &[("5", MqttVersion::V5), ("3.1.1", MqttVersion::V311)],
         )?,
     };
     if let Some(p) = &u.password {
         cx.err(
             p,
-            "upstream.password",
+            format!("{key}.password"),
             "inline secret: `password` is not allowed in config",
         )
         .help = Some("put the password in a file (password_file) or the environment (password_env)".into());
     }
     let password = match (&u.password_file, &u.password_env) {
         (Some(_), Some(_)) => {
-            cx.whole("upstream", "set one of password_file and password_env, not both");
+            cx.whole(key, "set one of password_file and password_env, not both");
             None
         }
         (Some(f), None) => Some(SecretRef::File(base.join(f))),
@@ -792,39 +825,43 @@ fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path) ->
         (None, None) => None,
     };
     if password.is_some() && u.username.is_none() {
-        cx.whole("upstream.username", "a password is configured but no username");
+        cx.whole(format!("{key}.username"), "a password is configured but no username");
     }
     let client_cert = match (&u.cert_file, &u.key_file) {
         (Some(c), Some(k)) => Some((base.join(c), base.join(k.get_ref()))),
         (None, None) => None,
         _ => {
-            cx.whole("upstream", "mutual TLS needs both cert_file and key_file");
+            cx.whole(key, "mutual TLS needs both cert_file and key_file");
             None
         }
     };
     if !tls && (u.ca_file.is_some() || client_cert.is_some()) {
-        cx.err(&u.url, "upstream.url", "TLS files are set but the URL is not mqtts://");
+        cx.err(
+            &u.url,
+            format!("{key}.url"),
+            "TLS files are set but the URL is not mqtts://",
+        );
     }
     let max_inflight = u
         .max_inflight
         .as_ref()
-        .and_then(|v| cx.range(v, "upstream.max_inflight", 1, 65_535))
+        .and_then(|v| cx.range(v, &format!("{key}.max_inflight"), 1, 65_535))
         .unwrap_or(32) as u16;
     let max_records = u
         .max_records_per_message
         .as_ref()
-        .and_then(|v| cx.range(v, "upstream.max_records_per_message", 1, 100_000))
+        .and_then(|v| cx.range(v, &format!("{key}.max_records_per_message"), 1, 100_000))
         .unwrap_or(100) as usize;
     let backlog_rate = u
         .backlog_rate
         .as_ref()
-        .and_then(|v| cx.range(v, "upstream.backlog_rate", 1, 1_000_000))
+        .and_then(|v| cx.range(v, &format!("{key}.backlog_rate"), 1, 1_000_000))
         .unwrap_or(100);
     let reconnect_min = u.reconnect_min.map_or(Duration::from_millis(500), |d| d.0);
     let reconnect_max = u.reconnect_max.map_or(Duration::from_secs(30), |d| d.0);
     if reconnect_min > reconnect_max || reconnect_min.is_zero() {
         cx.whole(
-            "upstream.reconnect_min",
+            format!("{key}.reconnect_min"),
             "reconnect_min must be non-zero and at most reconnect_max",
         );
     }
@@ -1518,6 +1555,7 @@ fn sensor_device(
         opcua: None,
         serial: Some(serial),
         sensor: Some(SensorDevicePlan { stale_after }),
+        mqtt: None,
     };
     let mut names = HashSet::new();
     for (ti, t) in d.tags.iter().enumerate() {
@@ -1578,17 +1616,20 @@ fn sensor_tag(device: usize, name: &str, channel: Option<u8>, scale: f64, offset
         offset,
         opcua: None,
         sensor_channel: Some(channel),
+        mqtt: None,
     }
 }
 
-/// Sensor-node channels need no tag of their own: a product field `<node>.<channel name>` adds one,
-/// matched by name against the node's hello at run time. Product files are only skimmed here; their
-/// real parse reports any problem with them.
-fn sensor_tags_from_products(
+/// Tags that product fields add: sensor-node channels need no tag of their own (a field
+/// `<node>.<channel name>` adds one, matched by name against the node's hello at run time), and a
+/// field naming an instance of an MQTT template tag adds that instance. Product files are only
+/// skimmed here; their real parse reports any problem with them.
+fn tags_from_products(
     products: &[(PathBuf, String)],
     devices: &mut [DevicePlan],
     tags: &mut Vec<TagPlan>,
     declared: &mut HashSet<String>,
+    templates: &[mqtt::Template],
 ) {
     for (_, text) in products {
         let Ok(doc) = toml::from_str::<toml::Table>(text) else {
@@ -1601,20 +1642,33 @@ fn sensor_tags_from_products(
             let Some((dev, name)) = src.split_once('.') else {
                 continue;
             };
-            let Some(di) = devices.iter().position(|d| d.id == dev && d.sensor.is_some()) else {
+            let Some(di) = devices.iter().position(|d| d.id == dev) else {
                 continue;
             };
-            let valid_name = !name.is_empty()
-                && name.len() <= 16
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-            if !valid_name || declared.contains(src) {
+            if declared.contains(src) {
                 continue;
             }
+            let tag = if devices[di].sensor.is_some() {
+                let valid_name = !name.is_empty()
+                    && name.len() <= 16
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if !valid_name {
+                    continue;
+                }
+                sensor_tag(di, name, None, 1.0, 0.0)
+            } else if devices[di].mqtt.is_some() {
+                match mqtt::instantiate(templates, di, name) {
+                    Some(tag) => tag,
+                    None => continue,
+                }
+            } else {
+                continue;
+            };
             declared.insert(src.to_string());
             devices[di].tags.push(tags.len());
-            tags.push(sensor_tag(di, name, None, 1.0, 0.0));
+            tags.push(tag);
         }
     }
 }
@@ -1832,6 +1886,7 @@ fn opcua_device(
         tags: Vec::new(),
         serial: None,
         sensor: None,
+        mqtt: None,
         opcua: Some(OpcUaDevicePlan {
             endpoint: url.clone(),
             security_policy: policy,
@@ -1953,6 +2008,7 @@ fn opcua_device(
             scale,
             offset: t.offset.unwrap_or(0.0),
             sensor_channel: None,
+            mqtt: None,
             opcua: Some(OpcUaTagPlan {
                 node_id: text.clone(),
                 namespace_uri: t.namespace_uri.clone(),

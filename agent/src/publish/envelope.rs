@@ -215,6 +215,38 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
             };
             let device = &plan.devices[t.device];
             let lineage = match &t.opcua {
+                None if t.mqtt.is_some() => {
+                    let m = t.mqtt.as_ref().expect("checked");
+                    let mut l = json!({
+                        "device": device.id,
+                        "tag": t.name,
+                        "protocol": "mqtt",
+                        "broker": device.address,
+                    });
+                    match &m.payload {
+                        crate::config::MqttPayload::Json { pointer, timestamp } => {
+                            l["topic"] = json!(m.topic);
+                            l["payload"] = json!("json");
+                            l["pointer"] = json!(pointer);
+                            l["timestamp_pointer"] = json!(timestamp);
+                        }
+                        crate::config::MqttPayload::Plain => {
+                            l["topic"] = json!(m.topic);
+                            l["payload"] = json!("plain");
+                        }
+                        crate::config::MqttPayload::Sparkplug {
+                            group,
+                            node,
+                            device,
+                            metric,
+                        } => {
+                            l["payload"] = json!("sparkplug");
+                            l["sparkplug"] =
+                                json!({"group": group, "edge_node": node, "device": device, "metric": metric});
+                        }
+                    }
+                    l
+                }
                 None if device.sensor.is_some() => json!({
                     "device": device.id,
                     "tag": t.name,

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod modbus;
+pub mod mqtt;
 pub mod opcua;
 pub mod sensor;
 

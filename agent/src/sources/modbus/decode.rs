@@ -87,6 +87,7 @@ mod tests {
             offset: 0.0,
             opcua: None,
             sensor_channel: None,
+            mqtt: None,
         }
     }
 

@@ -111,6 +111,7 @@ mod tests {
             offset: 0.0,
             opcua: None,
             sensor_channel: None,
+            mqtt: None,
         }
     }
 
@@ -128,6 +129,7 @@ mod tests {
             opcua: None,
             serial: None,
             sensor: None,
+            mqtt: None,
         }
     }
 
