@@ -139,14 +139,14 @@ fn metrics(r: &Running) -> String {
     family(
         &mut s,
         "plantmesh_device_polls_total",
-        "Polls (or notification batches) per device.",
+        "Polls (or notification batches; MQTT devices: messages) per device.",
         "counter",
         per_device(&|i| r.devices[i].polls.load(Relaxed)).into_iter(),
     );
     family(
         &mut s,
         "plantmesh_device_errors_total",
-        "Failed requests per device (sensor nodes: byte runs on the link that were not frames).",
+        "Failed requests per device (sensor nodes: byte runs on the link that were not frames; MQTT devices: unreadable messages).",
         "counter",
         per_device(&|i| r.devices[i].errors.load(Relaxed)).into_iter(),
     );
@@ -182,6 +182,30 @@ fn metrics(r: &Running) -> String {
         per_device(&|i| r.devices[i].reboots.load(Relaxed))
             .into_iter()
             .filter(sensor),
+    );
+    let mqtt = |i: &(String, String)| {
+        r.plan
+            .devices
+            .iter()
+            .any(|d| d.mqtt.is_some() && i.0 == format!("device=\"{}\"", d.id))
+    };
+    family(
+        &mut s,
+        "plantmesh_mqtt_sequence_lost_total",
+        "Sparkplug messages missing from edge nodes' sequences (MQTT devices).",
+        "counter",
+        per_device(&|i| r.devices[i].lost_frames.load(Relaxed))
+            .into_iter()
+            .filter(mqtt),
+    );
+    family(
+        &mut s,
+        "plantmesh_mqtt_rebirth_requests_total",
+        "Rebirth requests sent to Sparkplug edge nodes (MQTT devices).",
+        "counter",
+        per_device(&|i| r.devices[i].requests.load(Relaxed))
+            .into_iter()
+            .filter(mqtt),
     );
     if let Ok(slis) = r.slis.lock() {
         let products = &r.plan.products;

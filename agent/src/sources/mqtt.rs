@@ -295,10 +295,8 @@ impl Router {
                 return;
             }
             Kind::NBirth => {
-                *node = NodeState {
-                    last_rebirth_request: node.last_rebirth_request,
-                    ..NodeState::default()
-                };
+                // A birth answers any rebirth request: the next gap may ask again at once.
+                *node = NodeState::default();
                 node.bd_seq = p
                     .metrics
                     .iter()
@@ -322,7 +320,6 @@ impl Router {
                 if let (Some(e), Some(s)) = (expected, p.seq) {
                     if e != s {
                         out.lost += (s + 256 - e) % 256;
-                        out.errors.push(format!("sequence gap: expected seq {e}, got {s}"));
                         Self::ask_rebirth(node, &node_key, out);
                     }
                 }
@@ -640,6 +637,7 @@ impl MqttSource {
                     }
                     if outcome.lost > 0 {
                         self.stats.lost_frames.fetch_add(outcome.lost, Ordering::Relaxed);
+                        warn!(device = %self.device.id, topic = %topic, lost = outcome.lost, "Sparkplug sequence gap");
                     }
                     if let Some((t, payload)) = outcome.rebirth {
                         DeviceStats::inc(&self.stats.requests);

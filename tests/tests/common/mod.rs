@@ -618,3 +618,115 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// The Python Sparkplug B peer (tests/peers/sparkplug_peer.py): an edge node driven through its
+/// stdin, or a decoder printing what it receives.
+pub struct SparkplugPeer {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    pub lines: Lines,
+}
+
+impl SparkplugPeer {
+    fn spawn(args: &[String]) -> SparkplugPeer {
+        let mut child = Command::new(python())
+            .arg(repo_root().join("tests/peers/sparkplug_peer.py"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python sparkplug peer");
+        let lines = Lines::default();
+        lines.follow(child.stdout.take().unwrap());
+        let stdin = child.stdin.take();
+        SparkplugPeer { child, stdin, lines }
+    }
+
+    /// An edge node `group/node` with one device, not yet connected.
+    pub fn node(port: u16, group: &str, node: &str, device: &str) -> SparkplugPeer {
+        Self::spawn(&[
+            "node".into(),
+            "--port".into(),
+            port.to_string(),
+            "--group".into(),
+            group.into(),
+            "--node".into(),
+            node.into(),
+            "--device".into(),
+            device.into(),
+        ])
+    }
+
+    /// A decoder subscribed to `topic`, ready once the broker acknowledged the subscription.
+    pub fn decoder(port: u16, topic: &str, id: &str) -> SparkplugPeer {
+        let p = Self::spawn(&[
+            "decode".into(),
+            "--port".into(),
+            port.to_string(),
+            "--topic".into(),
+            topic.into(),
+            "--id".into(),
+            id.into(),
+        ]);
+        p.wait_line("SUBSCRIBED", Duration::from_secs(30));
+        p
+    }
+
+    /// Sends one command and waits until the peer prints `ack` once more than before.
+    pub fn command(&mut self, cmd: serde_json::Value, ack: &str) {
+        use std::io::Write;
+        let before = self.count(ack);
+        let stdin = self.stdin.as_mut().expect("a node peer");
+        writeln!(stdin, "{cmd}").unwrap();
+        stdin.flush().unwrap();
+        wait_for(
+            &format!("{ack} from the Sparkplug peer"),
+            Duration::from_secs(30),
+            || self.count(ack) > before,
+        );
+    }
+
+    pub fn count(&self, line: &str) -> usize {
+        self.lines.snapshot().iter().filter(|l| *l == line).count()
+    }
+
+    pub fn wait_line(&self, line: &str, timeout: Duration) {
+        wait_for(&format!("{line} from the Sparkplug peer"), timeout, || {
+            self.count(line) > 0
+        });
+    }
+
+    /// Decoded messages: `{"topic", "retain", "payload" | "error" | "text"}`.
+    pub fn messages(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .snapshot()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SparkplugPeer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Publishes one message with `mosquitto_pub` (`-r`: retained).
+pub fn mqtt_pub(port: u16, topic: &str, payload: &[u8], retain: bool) {
+    use std::io::Write;
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-s"])
+        .args(if retain { &["-r"][..] } else { &[][..] })
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    child.stdin.take().unwrap().write_all(payload).unwrap();
+    assert!(child.wait().unwrap().success(), "mosquitto_pub to {topic}");
+}
