@@ -94,6 +94,7 @@ pub fn local_upstream(port: u16, client_id: String) -> UpstreamPlan {
         backlog_rate: 100,
         reconnect_min: Duration::from_millis(500),
         reconnect_max: Duration::from_secs(30),
+        sparkplug: None,
     }
 }
 
@@ -241,7 +242,17 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     .map_err(RunError::Upstream)?;
     let publish_stats = Arc::new(PublishStats::new(plan.products.len()));
     let (retained_tx, retained_rx) = mpsc::unbounded_channel();
+    let sparkplug = upstream.sparkplug.as_ref().map(|sp| crate::publish::SparkplugOut {
+        encoder: crate::publish::sparkplug::Encoder::new(
+            &plan,
+            &sp.group_id,
+            &sp.edge_node_id,
+            sp.primary_host.clone(),
+        ),
+        bd_seq_file: crate::publish::sparkplug::bd_seq_path(&plan.agent.data_dir),
+    });
     let publisher = Publisher {
+        sparkplug,
         options,
         reader,
         buffer: handle.clone(),

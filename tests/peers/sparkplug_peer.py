@@ -5,6 +5,8 @@
             {"op": "data", "values": {...}, "ts": ms}  DDATA by alias, the next seq
             {"op": "skip", "n": 2}                 lose n messages (seq moves on, nothing is sent)
           prints READY after the births, and REBIRTH when an NCMD asks for them (then sends them again).
+  rebirth publishes an NCMD asking --group/--node for its births, as a host does.
+  state   publishes a primary host's retained STATE (--id, --online true|false).
   decode  subscribes to --topic and prints every message as one JSON line:
             {"topic": ..., "retain": bool, "payload": {...}}  (undecodable: "error")
           prints SUBSCRIBED once the broker has acknowledged the subscription.
@@ -102,7 +104,7 @@ def emit(line):
 
 
 def decode(args):
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=args.id, clean_session=True)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=args.id, clean_session=not args.persistent)
 
     def on_connect(client, userdata, flags, rc, props=None):
         client.subscribe(args.topic, qos=1)
@@ -228,9 +230,20 @@ class Node:
                 emit("SKIPPED")
 
 
+def publish_once(port, topic, payload, retain):
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"peer-{os.getpid()}", clean_session=True)
+    c.connect("127.0.0.1", port, keepalive=10)
+    c.loop_start()
+    c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+    c.disconnect()
+    c.loop_stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["node", "decode"])
+    ap.add_argument("mode", choices=["node", "decode", "rebirth", "state"])
+    ap.add_argument("--persistent", action="store_true", help="decode: keep the session across reconnects")
+    ap.add_argument("--online", choices=["true", "false"], default="true", help="state: the host's state")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--topic", default="spBv1.0/#")
     ap.add_argument("--id", default="sparkplug-decoder")
@@ -240,6 +253,17 @@ def main():
     args = ap.parse_args()
     if args.mode == "decode":
         decode(args)
+    elif args.mode == "rebirth":
+        # As a host would: NCMD with Node Control/Rebirth = true.
+        p = pb.Payload()
+        p.timestamp = int(time.time() * 1000)
+        m = p.metrics.add()
+        m.name, m.datatype, m.boolean_value = "Node Control/Rebirth", BOOLEAN, True
+        publish_once(args.port, f"spBv1.0/{args.group}/NCMD/{args.node}", p.SerializeToString(), retain=False)
+    elif args.mode == "state":
+        # A primary host's retained STATE (Sparkplug 3.0 JSON).
+        body = json.dumps({"online": args.online == "true", "timestamp": int(time.time() * 1000)})
+        publish_once(args.port, f"spBv1.0/STATE/{args.id}", body.encode(), retain=True)
     else:
         Node(args).run()
 

@@ -75,6 +75,15 @@ pub struct UpstreamPlan {
     pub backlog_rate: u32,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// `Some`: product data goes out as a Sparkplug B edge node instead of JSON envelopes.
+    pub sparkplug: Option<SparkplugPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparkplugPlan {
+    pub group_id: String,
+    pub edge_node_id: String,
+    pub primary_host: Option<String>,
 }
 
 /// Where a secret is read from at start; never the secret itself.

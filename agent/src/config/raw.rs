@@ -73,6 +73,21 @@ pub struct Upstream {
     /// Reconnect backoff bounds; defaults 500ms and 30s.
     pub reconnect_min: Option<ConfigDuration>,
     pub reconnect_max: Option<ConfigDuration>,
+    /// Product data as `json` envelopes (default) or as a Sparkplug B edge node (`sparkplug`).
+    pub encoding: Option<Spanned<String>>,
+    /// Sparkplug B identity, with `encoding = "sparkplug"`.
+    pub sparkplug: Option<Spanned<Sparkplug>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sparkplug {
+    /// Sparkplug group id; default: the agent's site.
+    pub group_id: Option<Spanned<String>>,
+    /// Sparkplug edge node id; default: the agent id.
+    pub edge_node_id: Option<Spanned<String>>,
+    /// Host application id of the primary host: births and data wait for its STATE to be online.
+    pub primary_host: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

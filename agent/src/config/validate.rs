@@ -234,6 +234,32 @@ pub(super) fn validate(
         }
     }
 
+    if let Some((_, Some(u), ..)) = &built {
+        if let Some(sp) = &u.sparkplug {
+            let topic =
+                crate::sparkplug::topic(&sp.group_id, crate::sparkplug::Kind::DData, &sp.edge_node_id, Some("x"));
+            let prefixes = &rules.plan.allow_topic_prefixes;
+            if !prefixes.is_empty() && !prefixes.iter().any(|p| topic.starts_with(p.as_str())) {
+                problems.push(Diagnostic {
+                    file: gateway.0.clone(),
+                    line: 0,
+                    column: 0,
+                    key: "upstream.encoding".into(),
+                    message: format!(
+                        "Sparkplug data goes to {}/{}/..., which the governance egress allow-list does not allow",
+                        crate::sparkplug::NAMESPACE,
+                        sp.group_id
+                    ),
+                    help: Some(format!(
+                        "add \"{}/{}/\" to allow_topic_prefixes in {}",
+                        crate::sparkplug::NAMESPACE,
+                        sp.group_id,
+                        rules.file
+                    )),
+                });
+            }
+        }
+    }
     if !problems.is_empty() {
         return Err(Diagnostics(problems));
     }
@@ -358,7 +384,7 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
     };
     let upstream = gw
         .upstream
-        .and_then(|u| upstream_plan(cx, u, &agent.id, &base, "upstream"));
+        .and_then(|u| upstream_plan(cx, u, &agent.id, &agent.site, &base, "upstream"));
 
     let max_bytes = match &gw.buffer.max_bytes {
         Some(v) => {
@@ -776,7 +802,14 @@ fn check_overlaps(cx: &mut Ctx, tags: &[TagPlan], spans: &[(usize, std::ops::Ran
     }
 }
 
-fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path, key: &str) -> Option<UpstreamPlan> {
+fn upstream_plan(
+    cx: &mut Ctx,
+    u: raw::Upstream,
+    agent_id: &str,
+    site: &str,
+    base: &Path,
+    key: &str,
+) -> Option<UpstreamPlan> {
     let url = u.url.get_ref().as_str();
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let tls = match scheme {
@@ -865,7 +898,41 @@ fn upstream_plan(cx: &mut Ctx, u: raw::Upstream, agent_id: &str, base: &Path, ke
             "reconnect_min must be non-zero and at most reconnect_max",
         );
     }
+    let sparkplug = match &u.encoding {
+        None => None,
+        Some(e) => match cx.choice(e, &format!("{key}.encoding"), &[("json", false), ("sparkplug", true)])? {
+            false => None,
+            true => {
+                let id = |cx: &mut Ctx, v: &Option<Spanned<String>>, k: &str, default: &str| match v {
+                    None => default.to_string(),
+                    Some(v) => {
+                        cx.name(v, &format!("{key}.sparkplug.{k}"), true);
+                        v.get_ref().clone()
+                    }
+                };
+                let sp = u.sparkplug.as_ref().map(Spanned::get_ref);
+                let group_id = id(cx, &sp.and_then(|s| s.group_id.clone()), "group_id", site);
+                let edge_node_id = id(cx, &sp.and_then(|s| s.edge_node_id.clone()), "edge_node_id", agent_id);
+                let primary_host = sp
+                    .and_then(|s| s.primary_host.clone())
+                    .map(|h| id(cx, &Some(h), "primary_host", ""));
+                Some(SparkplugPlan {
+                    group_id,
+                    edge_node_id,
+                    primary_host,
+                })
+            }
+        },
+    };
+    if let (Some(s), None) = (&u.sparkplug, &sparkplug) {
+        cx.err(
+            s,
+            format!("{key}.sparkplug"),
+            "a [sparkplug] table without encoding = \"sparkplug\"",
+        );
+    }
     Some(UpstreamPlan {
+        sparkplug,
         host,
         port,
         tls,

@@ -34,6 +34,13 @@ pub enum LinkEvent {
         pkid: u16,
         failure: Option<u8>,
     },
+    /// A message on a topic we subscribed to (Sparkplug commands and host STATE).
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// The broker acknowledged an UNSUBSCRIBE: everything written before it reached the broker.
+    UnsubAck,
     Other,
 }
 
@@ -49,6 +56,8 @@ pub struct LinkOptions {
     pub tls: Option<TlsConfiguration>,
     pub will_topic: String,
     pub will_payload: Vec<u8>,
+    /// The status will is retained; a Sparkplug NDEATH is not.
+    pub will_retain: bool,
 }
 
 impl LinkOptions {
@@ -84,6 +93,7 @@ impl LinkOptions {
             tls,
             will_topic,
             will_payload,
+            will_retain: true,
         })
     }
 }
@@ -127,7 +137,7 @@ impl Link {
                         &o.will_topic,
                         o.will_payload.clone(),
                         rumqttc::QoS::AtLeastOnce,
-                        true,
+                        o.will_retain,
                     ));
                 if let (Some(user), Some(pass)) = (&u.username, &o.password) {
                     opts.set_credentials(user, pass);
@@ -148,7 +158,7 @@ impl Link {
                         &o.will_topic,
                         o.will_payload.clone(),
                         rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                        true,
+                        o.will_retain,
                         None,
                     ));
                 if let Some(user) = &u.username {
@@ -174,6 +184,11 @@ impl Link {
                     failure: None,
                 }),
                 rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => Ok(LinkEvent::Message {
+                    topic: p.topic,
+                    payload: p.payload.to_vec(),
+                }),
+                rumqttc::Event::Incoming(rumqttc::Packet::UnsubAck(_)) => Ok(LinkEvent::UnsubAck),
                 _ => Ok(LinkEvent::Other),
             },
             Link::V5(_, e) => match e.poll().await.map_err(|e| e.to_string())? {
@@ -203,6 +218,15 @@ impl Link {
                     failure: None,
                 }),
                 rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(p)) => {
+                    Ok(LinkEvent::Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                    })
+                }
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::UnsubAck(_)) => {
+                    Ok(LinkEvent::UnsubAck)
+                }
                 _ => Ok(LinkEvent::Other),
             },
         }
@@ -261,6 +285,41 @@ impl Link {
                 )
                 .map_err(|e| e.to_string())
             }
+        }
+    }
+
+    /// Queues a QoS 0 publish (Sparkplug data and births), not retained.
+    pub fn publish_at_most_once(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Link::V4(c, _) => c
+                .try_publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+                .map_err(|e| e.to_string()),
+            Link::V5(c, _) => c
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    false,
+                    Bytes::from(payload),
+                )
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn subscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Link::V4(c, _) => c
+                .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .map_err(|e| e.to_string()),
+            Link::V5(c, _) => c
+                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Link::V4(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Link::V5(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
         }
     }
 

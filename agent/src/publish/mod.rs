@@ -18,6 +18,7 @@
 pub mod envelope;
 pub mod inflight;
 pub mod link;
+pub mod sparkplug;
 
 use crate::buffer::{BufferHandle, MessageId, Reader};
 use crate::sources::backoff::Backoff;
@@ -202,6 +203,14 @@ pub struct Publisher {
     /// Retained documents to publish when connected (SLIs): `(topic, payload)`; dropped while
     /// disconnected (the next interval's document replaces them).
     pub retained: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    /// Publish product data as a Sparkplug B edge node instead of JSON envelopes.
+    pub sparkplug: Option<SparkplugOut>,
+}
+
+/// The Sparkplug B encoding and where its `bdSeq` is kept.
+pub struct SparkplugOut {
+    pub encoder: sparkplug::Encoder,
+    pub bd_seq_file: std::path::PathBuf,
 }
 
 /// What may go upstream, as the governance file and the valid contracts say.
@@ -239,13 +248,150 @@ struct Session {
     cursors: HashMap<String, Cursor>,
     tokens: f64,
     last_refill: Instant,
+    sp: SpSession,
+}
+
+/// The Sparkplug side of a session: data goes out at QoS 0, so delivery is confirmed by a barrier.
+/// After a batch of DDATA the publisher sends an UNSUBSCRIBE (of a topic it never subscribed to);
+/// MQTT keeps a connection's packets in order, so its UNSUBACK proves the broker received every
+/// DDATA written before it on this very connection. Only then do their records leave the buffer.
+#[derive(Default)]
+struct SpSession {
+    /// Births sent (and the primary host, if any, is online).
+    born: bool,
+    host_online: bool,
+    bd_seq: u64,
+    /// The seq of the next message (0..=255; NBIRTH is 0).
+    seq: u64,
+    /// Written since the last barrier.
+    pending: Vec<Key>,
+    /// Sent barriers, oldest first, with the messages each confirms.
+    barriers: std::collections::VecDeque<Vec<Key>>,
+}
+
+impl Session {
+    /// Messages not yet confirmed: awaiting PUBACK, or (Sparkplug) a barrier.
+    fn busy(&self) -> usize {
+        self.inflight.len() + self.sp.unconfirmed()
+    }
+}
+
+impl SpSession {
+    fn next_seq(&mut self) -> u64 {
+        let s = self.seq;
+        self.seq = (self.seq + 1) % 256;
+        s
+    }
+
+    fn unconfirmed(&self) -> usize {
+        self.pending.len() + self.barriers.iter().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// The topic of the delivery barrier (never subscribed to; see [`SpSession`]).
+fn barrier_topic(e: &sparkplug::Encoder) -> String {
+    format!("{}/_barrier/{}", crate::sparkplug::NAMESPACE, e.node)
 }
 
 impl Publisher {
+    /// A new connection. In Sparkplug mode every connection has its own `bdSeq`, stored before the
+    /// CONNECT, and its NDEATH as the will.
+    fn new_link(&mut self) -> Result<(Link, u64), String> {
+        let Some(sp) = &self.sparkplug else {
+            return Ok((Link::new(&self.options), 0));
+        };
+        let bd_seq = sparkplug::next_bd_seq(&sp.bd_seq_file)
+            .map_err(|e| format!("cannot store the Sparkplug bdSeq in {}: {e}", sp.bd_seq_file.display()))?;
+        self.options.will_topic = sp.encoder.topic(crate::sparkplug::Kind::NDeath, None);
+        self.options.will_payload = sp.encoder.ndeath(bd_seq);
+        self.options.will_retain = false;
+        Ok((Link::new(&self.options), bd_seq))
+    }
+
+    /// NBIRTH, then a DBIRTH per product; the sequence starts again at 0.
+    fn births(&self, link: &Link, s: &mut Session) -> Result<(), String> {
+        let Some(sp) = &self.sparkplug else { return Ok(()) };
+        let e = &sp.encoder;
+        s.sp.seq = 0;
+        let seq = s.sp.next_seq();
+        debug_assert_eq!(seq, 0);
+        link.publish_at_most_once(&e.topic(crate::sparkplug::Kind::NBirth, None), e.nbirth(s.sp.bd_seq))?;
+        s.inflight.queued(Sent::Control);
+        for key in e.devices() {
+            let seq = s.sp.next_seq();
+            if let Some(payload) = e.dbirth(key, seq) {
+                link.publish_at_most_once(&e.topic(crate::sparkplug::Kind::DBirth, Some(key)), payload)?;
+                s.inflight.queued(Sent::Control);
+            }
+        }
+        s.sp.born = true;
+        info!(group = %e.group, edge_node = %e.node, bd_seq = s.sp.bd_seq, devices = e.devices().count(), "Sparkplug births published");
+        Ok(())
+    }
+
+    /// A command or host state on the Sparkplug session. `Ok(true)`: the host went offline, so the
+    /// session must end (NDEATH sent) and start again.
+    fn on_sparkplug_message(&self, link: &Link, s: &mut Session, topic: &str, payload: &[u8]) -> Result<bool, String> {
+        let Some(sp) = &self.sparkplug else { return Ok(false) };
+        let e = &sp.encoder;
+        if topic == e.topic(crate::sparkplug::Kind::NCmd, None) {
+            let rebirth = <crate::sparkplug::Payload as prost::Message>::decode(payload).is_ok_and(|p| {
+                p.metrics.iter().any(|m| {
+                    m.name.as_deref() == Some(crate::sparkplug::REBIRTH_METRIC)
+                        && m.value == Some(crate::sparkplug::MetricValue::Boolean(true))
+                })
+            });
+            if rebirth && (s.sp.born || e.primary_host.is_none()) {
+                info!("Sparkplug rebirth requested");
+                self.births(link, s)?;
+            }
+            return Ok(false);
+        }
+        if let Some(host) = &e.primary_host {
+            if topic == crate::sparkplug::state_topic(host) {
+                // Sparkplug 3.0: {"online": bool, "timestamp": ms}; earlier hosts wrote ONLINE/OFFLINE.
+                let online = serde_json::from_slice::<serde_json::Value>(payload)
+                    .ok()
+                    .and_then(|v| v["online"].as_bool())
+                    .unwrap_or(payload == b"ONLINE");
+                let was = s.sp.host_online;
+                s.sp.host_online = online;
+                if online && !s.sp.born {
+                    info!(host = %host, "primary host online");
+                    self.births(link, s)?;
+                } else if !online && was && s.sp.born {
+                    warn!(host = %host, "primary host offline: ending the Sparkplug session until it is back");
+                    link.publish(
+                        &e.topic(crate::sparkplug::Kind::NDeath, None),
+                        false,
+                        e.ndeath(s.sp.bd_seq),
+                        vec![],
+                    )?;
+                    s.inflight.queued(Sent::Control);
+                    s.sp.born = false;
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// A message the broker has: counted, timed and deleted from the buffer.
+    fn delivered(&self, key: &Key, records: u32, created: u64) {
+        self.stats.messages_acked.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .records_acked
+            .fetch_add(u64::from(records), Ordering::Relaxed);
+        let product = self.products.iter().position(|p| p.id == key.0);
+        self.stats
+            .record_latency(product, crate::model::now_millis().saturating_sub(created));
+        self.buffer.ack(key.0.clone(), key.1);
+    }
+
     pub async fn run(mut self) -> Result<(), String> {
         let u = self.options.upstream.clone();
         let mut backoff = Backoff::new(u.reconnect_min, u.reconnect_max);
-        let mut link = Link::new(&self.options);
+        let (mut link, mut bd_seq) = self.new_link()?;
         let mut connected = false;
         let mut session = self.new_session();
         // Acknowledged but maybe not yet deleted: skip them until two commits have passed.
@@ -263,8 +409,19 @@ impl Publisher {
                 self.fill(&link, &mut session, &mut acked, &acked_gaps)?;
             }
             if let Some(since) = stopping {
-                if session.inflight.is_empty() || since.elapsed() > Duration::from_secs(3) || !connected {
+                let settled = session.inflight.is_empty() && session.sp.unconfirmed() == 0;
+                if settled || since.elapsed() > Duration::from_secs(3) || !connected {
                     if connected {
+                        if let Some(sp) = &self.sparkplug {
+                            // A clean stop sends no will: the death certificate goes out by hand.
+                            let e = &sp.encoder;
+                            let _ = link.publish(
+                                &e.topic(crate::sparkplug::Kind::NDeath, None),
+                                false,
+                                e.ndeath(bd_seq),
+                                vec![],
+                            );
+                        }
                         let _ = link.publish(&self.status_topic, true, self.offline.clone(), vec![]);
                         link.disconnect();
                         // Let the event loop write the offline status and DISCONNECT.
@@ -297,15 +454,24 @@ impl Publisher {
                         self.stats.connected.store(1, Ordering::Relaxed);
                         self.stats.connects.fetch_add(1, Ordering::Relaxed);
                         session = self.new_session();
+                        session.sp.bd_seq = bd_seq;
                         dirty = true;
                         self.on_connect(&link, &mut session).map_err(|e| e.to_string())?;
+                        if let Some(sp) = &self.sparkplug {
+                            let e = &sp.encoder;
+                            link.subscribe(&e.topic(crate::sparkplug::Kind::NCmd, None))?;
+                            match &e.primary_host {
+                                Some(host) => link.subscribe(&crate::sparkplug::state_topic(host))?,
+                                None => self.births(&link, &mut session)?,
+                            }
+                        }
                         info!(broker = %format!("{}:{}", u.host, u.port), "connected upstream");
                     }
                     Ok(LinkEvent::Written(pkid)) => {
                         if let Err(e) = session.inflight.written(pkid) {
                             // Cannot happen while the invariants hold; recover by starting a clean session.
                             error!(error = ?e, "PUBACK correlation lost; reconnecting with a clean session");
-                            link = Link::new(&self.options);
+                            (link, bd_seq) = self.new_link()?;
                             connected = false;
                             self.stats.connected.store(0, Ordering::Relaxed);
                         }
@@ -317,14 +483,7 @@ impl Publisher {
                             Some(Sent::Message(key)) => {
                                 let (records, created) = session.sent.remove(&key).unwrap_or((0, 0));
                                 match failure {
-                                    None => {
-                                        self.stats.messages_acked.fetch_add(1, Ordering::Relaxed);
-                                        self.stats.records_acked.fetch_add(u64::from(records), Ordering::Relaxed);
-                                        let product = self.products.iter().position(|p| p.id == key.0);
-                                        self.stats
-                                            .record_latency(product, crate::model::now_millis().saturating_sub(created));
-                                        self.buffer.ack(key.0.clone(), key.1);
-                                    }
+                                    None => self.delivered(&key, records, created),
                                     Some(code) => {
                                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                                         error!(product = %key.0, epoch = key.1.epoch, seq = key.1.seq, reason = format!("0x{code:02x}"),
@@ -350,8 +509,25 @@ impl Publisher {
                             Some(Sent::Control) | None => {}
                         }
                     }
+                    Ok(LinkEvent::UnsubAck) => {
+                        // A Sparkplug barrier: everything written before it is with the broker.
+                        dirty = true;
+                        let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
+                        for key in session.sp.barriers.pop_front().unwrap_or_default() {
+                            let (records, created) = session.sent.remove(&key).unwrap_or((0, 0));
+                            self.delivered(&key, records, created);
+                            acked.insert(key, generation);
+                        }
+                    }
+                    Ok(LinkEvent::Message { topic, payload }) => {
+                        dirty = true;
+                        if self.on_sparkplug_message(&link, &mut session, &topic, &payload)? {
+                            link.disconnect();
+                        }
+                    }
                     Ok(LinkEvent::Other) => {}
                     Err(e) => {
+                        let session_ended = connected || self.stats.connected.load(Ordering::Relaxed) == 1;
                         let unacked = session.inflight.reset();
                         self.stats.resent.fetch_add(unacked.len() as u64, Ordering::Relaxed);
                         if connected {
@@ -367,6 +543,11 @@ impl Publisher {
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
                             _ = self.shutdown.changed() => { stopping = Some(Instant::now()); }
+                        }
+                        // A session that was up ends its bdSeq: the next CONNECT carries a new one
+                        // (a connect that failed keeps it, its will never reached the broker).
+                        if self.sparkplug.is_some() && stopping.is_none() && session_ended {
+                            (link, bd_seq) = self.new_link()?;
                         }
                     }
                 },
@@ -392,6 +573,7 @@ impl Publisher {
             cursors: HashMap::new(),
             tokens: 0.0,
             last_refill: Instant::now(),
+            sp: SpSession::default(),
         }
     }
 
@@ -435,7 +617,7 @@ impl Publisher {
         let rate = f64::from(self.options.upstream.backlog_rate);
         s.tokens = (s.tokens + now.duration_since(s.last_refill).as_secs_f64() * rate).min(rate.max(1.0));
         s.last_refill = now;
-        if s.inflight.len() >= window {
+        if s.busy() >= window {
             return Ok(());
         }
         let gaps = if self.buffer.stats.pending_gaps.load(Ordering::Relaxed) > 0 {
@@ -444,7 +626,7 @@ impl Publisher {
             Vec::new()
         };
         for (id, g) in gaps {
-            if s.inflight.len() >= window {
+            if s.busy() >= window {
                 return Ok(());
             }
             if s.gaps_sent.contains(&id) || acked_gaps.contains_key(&id) {
@@ -459,6 +641,10 @@ impl Publisher {
             }
             s.inflight.queued(Sent::Gap(id));
             s.gaps_sent.insert(id);
+        }
+        if self.sparkplug.is_some() && !s.sp.born {
+            // No data before the births (or while the primary host is offline): it stays buffered.
+            return Ok(());
         }
         let latest = self.buffer.stats.latest.lock().map(|l| l.clone()).unwrap_or_default();
         for historical in [false, true] {
@@ -479,11 +665,11 @@ impl Publisher {
                 continue;
             }
             let mut progress = true;
-            while progress && s.inflight.len() < window {
+            while progress && s.busy() < window {
                 progress = false;
-                let share = ((window - s.inflight.len()) / names.len().max(1)).max(1);
+                let share = ((window - s.busy()) / names.len().max(1)).max(1);
                 for name in &names {
-                    let free = window.saturating_sub(s.inflight.len()).min(share);
+                    let free = window.saturating_sub(s.busy()).min(share);
                     let budget = if historical { free.min(s.tokens as usize) } else { free };
                     if budget == 0 {
                         continue;
@@ -527,6 +713,38 @@ impl Publisher {
                             acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
                             continue;
                         }
+                        if let Some(sp) = &self.sparkplug {
+                            let e = &sp.encoder;
+                            let topic = e.topic(crate::sparkplug::Kind::DData, Some(&m.product));
+                            if !self.egress.allows(&m.product, &topic) {
+                                warn!(product = %m.product, topic = %topic, "egress denied just before publishing; dead-lettered locally");
+                                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                                self.buffer.dead_letter(key.0.clone(), key.1, "egress_denied".into());
+                                acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
+                                continue;
+                            }
+                            let seq = s.sp.next_seq();
+                            let payload = match e.ddata(&m.product, &m.body, seq, historical) {
+                                Ok(p) => p,
+                                Err(why) => {
+                                    error!(product = %m.product, epoch = m.id.epoch, seq = m.id.seq, error = %why, "cannot encode as Sparkplug; dead-lettered locally");
+                                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                                    self.buffer
+                                        .dead_letter(key.0.clone(), key.1, "sparkplug_encoding".into());
+                                    acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
+                                    continue;
+                                }
+                            };
+                            link.publish_at_most_once(&topic, payload)?;
+                            s.inflight.queued(Sent::Control);
+                            s.sp.pending.push(key.clone());
+                            s.sent.insert(key, (m.records, m.created));
+                            if historical {
+                                s.tokens -= 1.0;
+                            }
+                            progress = true;
+                            continue;
+                        }
                         let payload = envelope::encode_message(&m, &self.agent_id, historical);
                         let props = vec![
                             (
@@ -549,6 +767,17 @@ impl Publisher {
                     }
                 }
             }
+        }
+        self.barrier(link, s)?;
+        Ok(())
+    }
+
+    /// Sends a delivery barrier for the Sparkplug messages written since the last one.
+    fn barrier(&self, link: &Link, s: &mut Session) -> Result<(), String> {
+        if let (Some(sp), false) = (&self.sparkplug, s.sp.pending.is_empty()) {
+            link.unsubscribe(&barrier_topic(&sp.encoder))?;
+            let keys = std::mem::take(&mut s.sp.pending);
+            s.sp.barriers.push_back(keys);
         }
         Ok(())
     }

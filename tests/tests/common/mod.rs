@@ -660,7 +660,13 @@ impl SparkplugPeer {
 
     /// A decoder subscribed to `topic`, ready once the broker acknowledged the subscription.
     pub fn decoder(port: u16, topic: &str, id: &str) -> SparkplugPeer {
-        let p = Self::spawn(&[
+        Self::decoder_with(port, topic, id, &[])
+    }
+
+    /// With extra arguments (`--persistent`: a session kept across reconnects).
+    pub fn decoder_with(port: u16, topic: &str, id: &str, extra: &[&str]) -> SparkplugPeer {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.extend([
             "decode".into(),
             "--port".into(),
             port.to_string(),
@@ -669,6 +675,8 @@ impl SparkplugPeer {
             "--id".into(),
             id.into(),
         ]);
+        args.rotate_left(extra.len());
+        let p = Self::spawn(&args);
         p.wait_line("SUBSCRIBED", Duration::from_secs(30));
         p
     }
@@ -729,4 +737,14 @@ pub fn mqtt_pub(port: u16, topic: &str, payload: &[u8], retain: bool) {
         .expect("mosquitto_pub");
     child.stdin.take().unwrap().write_all(payload).unwrap();
     assert!(child.wait().unwrap().success(), "mosquitto_pub to {topic}");
+}
+
+/// Runs the Sparkplug peer once (`rebirth`, `state`) and waits for it.
+pub fn sparkplug_once(args: &[&str]) {
+    let status = Command::new(python())
+        .arg(repo_root().join("tests/peers/sparkplug_peer.py"))
+        .args(args)
+        .status()
+        .expect("python sparkplug peer");
+    assert!(status.success(), "sparkplug_peer.py {args:?}");
 }

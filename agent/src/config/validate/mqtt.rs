@@ -93,8 +93,10 @@ pub(super) fn device(
         backlog_rate: None,
         reconnect_min: None,
         reconnect_max: None,
+        encoding: None,
+        sparkplug: None,
     };
-    let mut broker = upstream_plan(cx, u, agent_id, base, key)?;
+    let mut broker = upstream_plan(cx, u, agent_id, "", base, key)?;
     broker.version = MqttVersion::V311;
     let mut plan = DevicePlan {
         id: id.clone(),
