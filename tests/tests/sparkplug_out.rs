@@ -13,7 +13,7 @@ use std::time::Duration;
 
 const T0: u64 = 1_795_255_200_000; // 2026-11-21T10:00:00Z
 
-fn config(dir: &std::path::Path, devices: u16, upstream: u16) {
+fn config(dir: &std::path::Path, devices: u16, upstream: u16, sparkplug_extra: &str) {
     let gateway = format!(
         r#"
 [agent]
@@ -31,6 +31,7 @@ reconnect_max = "500ms"
 [upstream.sparkplug]
 group_id = "plant-a"
 edge_node_id = "gw-sp"
+{sparkplug_extra}
 [buffer]
 commit_interval = "50ms"
 [[devices]]
@@ -128,7 +129,7 @@ fn the_agent_is_a_sparkplug_edge_node_that_keeps_its_delivery_promise() {
     let mut upstream = Mosquitto::start(true, "allow_anonymous true\nqueue_qos0_messages true");
     let host = SparkplugPeer::decoder_with(upstream.port, "spBv1.0/#", "host-app", &["--persistent"]);
     let cfg = dir.path().join("cfg");
-    config(&cfg, devices.port, upstream.port);
+    config(&cfg, devices.port, upstream.port, "");
     let mut agent = Agent::start(&cfg, &dir.path().join("data"));
     wait_for("the births", Duration::from_secs(30), || {
         !on(&host.messages(), DEVICE).is_empty()
@@ -275,5 +276,51 @@ fn the_agent_is_a_sparkplug_edge_node_that_keeps_its_delivery_promise() {
     });
     assert_eq!(metric(&on(&host.messages(), NODE)[3], "bdSeq")["value"], 2);
     assert!(host.messages().iter().all(|m| m.get("error").is_none()));
+    drop(agent);
+}
+
+#[test]
+fn births_and_data_wait_for_the_primary_host_to_be_online() {
+    let dir = tempfile::tempdir().unwrap();
+    let devices = Mosquitto::start(false, "");
+    let upstream = Mosquitto::start(false, "");
+    let host = SparkplugPeer::decoder(upstream.port, "spBv1.0/#", "watcher");
+    let cfg = dir.path().join("cfg");
+    config(&cfg, devices.port, upstream.port, "primary_host = \"scada\"");
+    let agent = Agent::start(&cfg, &dir.path().join("data"));
+    let addr = agent.metrics_addr();
+    wait_for("connected upstream", Duration::from_secs(20), || {
+        scrape(&addr, "/metrics").contains("plantmesh_upstream_connected 1")
+    });
+    send(devices.port, 0);
+    send(devices.port, 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(on(&host.messages(), NODE).is_empty(), "no birth before the host is online");
+    assert!(on(&host.messages(), DATA).is_empty(), "no data before the host is online");
+
+    let state = |online: &str| {
+        sparkplug_once(&["state", "--port", &upstream.port.to_string(), "--id", "scada", "--online", online]);
+    };
+    state("true");
+    wait_for("births and the waiting records", Duration::from_secs(20), || {
+        on(&host.messages(), DATA).iter().map(|p| p["metrics"].as_array().unwrap().len()).sum::<usize>() == 6
+    });
+    assert_eq!(metric(&on(&host.messages(), NODE)[0], "bdSeq")["value"], 0);
+
+    // The host goes offline: the node says it is dead, and holds its data.
+    state("false");
+    wait_for("an NDEATH", Duration::from_secs(20), || !on(&host.messages(), DEATH).is_empty());
+    assert_eq!(metric(&on(&host.messages(), DEATH)[0], "bdSeq")["value"], 0);
+    send(devices.port, 2);
+    std::thread::sleep(Duration::from_millis(1000));
+    let count = |m: &[Value]| on(m, DATA).iter().map(|p| p["metrics"].as_array().unwrap().len()).sum::<usize>();
+    assert_eq!(count(&host.messages()), 6, "nothing while the host is offline");
+
+    // Back online: a new session (the next bdSeq), births, and the held record.
+    state("true");
+    wait_for("births again and the held record", Duration::from_secs(20), || count(&host.messages()) == 9);
+    let births = on(&host.messages(), NODE);
+    assert_eq!(births.len(), 2);
+    assert_eq!(metric(&births[1], "bdSeq")["value"], 1);
     drop(agent);
 }
