@@ -403,7 +403,7 @@ const DEMO_GATEWAY: &str = include_str!("../../configs/demo/agent.toml");
 #[cfg(feature = "simulators")]
 const DEMO_GOVERNANCE: &str = include_str!("../../configs/demo/governance.toml");
 #[cfg(feature = "simulators")]
-const DEMO_PRODUCTS: [(&str, &str); 5] = [
+const DEMO_PRODUCTS: [(&str, &str); 6] = [
     (
         "products/production/press-rate.toml",
         include_str!("../../configs/demo/products/production/press-rate.toml"),
@@ -423,6 +423,10 @@ const DEMO_PRODUCTS: [(&str, &str); 5] = [
     (
         "products/utilities/pump-room.toml",
         include_str!("../../configs/demo/products/utilities/pump-room.toml"),
+    ),
+    (
+        "products/production/packing-output.toml",
+        include_str!("../../configs/demo/products/production/packing-output.toml"),
     ),
 ];
 
@@ -539,7 +543,32 @@ async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, 
             };
             plantmesh::sim::sensor::run_node(master, &opts, |_| {});
         })?;
+    // The packaging machine speaks MQTT to the demo's broker, the embedded one (started here rather
+    // than by the runtime, so the machine has it to publish to).
+    let broker = match &plan.upstream {
+        Some(u) => (u.host.clone(), u.port),
+        None => {
+            let addr = plantmesh::runtime::start_embedded_broker().map_err(|e| anyhow::anyhow!("{e}"))?;
+            plan.upstream = Some(plantmesh::runtime::local_upstream(
+                addr.port(),
+                format!("plantmesh-{}", plan.agent.id),
+            ));
+            (addr.ip().to_string(), addr.port())
+        }
+    };
+    tokio::spawn(plantmesh::sim::packer::run(
+        broker.0.clone(),
+        broker.1,
+        "machines/packaging".into(),
+        "wrapper-1".into(),
+    ));
     for d in &mut plan.devices {
+        if let Some(m) = d.mqtt.as_mut() {
+            m.broker.host = broker.0.clone();
+            m.broker.port = broker.1;
+            d.address = format!("{}:{}", broker.0, broker.1);
+            continue;
+        }
         if let Some(serial) = d.serial.as_mut() {
             serial.port = node_port.clone();
             d.address = node_port.clone();
@@ -556,6 +585,7 @@ async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, 
     tracing::info!(oven = %oven.endpoint, "demo plant: simulated curing oven on OPC UA");
     tracing::info!(plc = %plc, data_dir = %data_dir.display(), "demo plant: simulated press-line PLC on Modbus TCP");
     tracing::info!(port = %node_port, "demo plant: simulated sensor node on a pty");
+    tracing::info!(broker = %format!("{}:{}", broker.0, broker.1), "demo plant: simulated flow wrapper publishing JSON over MQTT");
     Ok((plan, oven))
 }
 

@@ -451,7 +451,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
 }
 
 #[cfg(feature = "embedded-broker")]
-fn start_embedded_broker() -> Result<std::net::SocketAddr, RunError> {
+pub fn start_embedded_broker() -> Result<std::net::SocketAddr, RunError> {
     let port = std::env::var("PLANTMESH_BROKER_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
@@ -462,7 +462,7 @@ fn start_embedded_broker() -> Result<std::net::SocketAddr, RunError> {
 }
 
 #[cfg(not(feature = "embedded-broker"))]
-fn start_embedded_broker() -> Result<std::net::SocketAddr, RunError> {
+pub fn start_embedded_broker() -> Result<std::net::SocketAddr, RunError> {
     Err(RunError::Broker(
         "no [upstream] configured and this build has no embedded broker (feature `embedded-broker`)".into(),
     ))

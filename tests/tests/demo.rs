@@ -34,7 +34,13 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         seen
     };
     // press-rate is per minute: it shows up only when the test spans a minute boundary.
-    let expected = ["oven-profile", "press-output", "press-temperatures", "pump-room"];
+    let expected = [
+        "oven-profile",
+        "packing-output",
+        "press-output",
+        "press-temperatures",
+        "pump-room",
+    ];
     let all_seen = |sub: &Subscriber| {
         let seen = products(sub);
         expected.iter().all(|p| seen.iter().any(|s| s == p))
@@ -71,7 +77,26 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         .filter(|(t, _)| t.ends_with("/_descriptor"))
         .map(|(_, d)| d)
         .collect();
-    assert_eq!(descriptors.len(), 5, "one retained descriptor per product");
+    assert_eq!(descriptors.len(), 6, "one retained descriptor per product");
+    // The flow wrapper publishes its own MQTT; its JSON becomes a product, stamped with its own time.
+    let packing = sub
+        .product_messages()
+        .into_iter()
+        .find(|m| m["product"] == "packing-output")
+        .unwrap();
+    let r = &packing["records"][0];
+    assert!(
+        ["RUNNING", "STOPPED"].contains(&r["fields"]["state"].as_str().unwrap()),
+        "{r}"
+    );
+    assert!(
+        r["fields"]["packs_total"].is_u64() && r["quality"]["film_temp_c"] == "good",
+        "{r}"
+    );
+    let wrapper = descriptors.iter().find(|d| d["id"] == "packing-output").unwrap();
+    let lineage = &wrapper["schema"][0]["properties"][0]["lineage"];
+    assert_eq!(lineage["protocol"], "mqtt", "{lineage}");
+    assert_eq!(lineage["topic"], "machines/packaging/wrapper-1/state", "{lineage}");
     // The sensor node's product: the firmware library's readings, through a pty.
     let pump = sub
         .product_messages()
@@ -106,6 +131,7 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         kept,
         [
             "oven-profile.v1.json",
+            "packing-output.v1.json",
             "press-output.v1.json",
             "press-rate.v1.json",
             "press-temperatures.v1.json",

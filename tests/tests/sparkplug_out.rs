@@ -295,30 +295,57 @@ fn births_and_data_wait_for_the_primary_host_to_be_online() {
     send(devices.port, 0);
     send(devices.port, 1);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(on(&host.messages(), NODE).is_empty(), "no birth before the host is online");
-    assert!(on(&host.messages(), DATA).is_empty(), "no data before the host is online");
+    assert!(
+        on(&host.messages(), NODE).is_empty(),
+        "no birth before the host is online"
+    );
+    assert!(
+        on(&host.messages(), DATA).is_empty(),
+        "no data before the host is online"
+    );
 
     let state = |online: &str| {
-        sparkplug_once(&["state", "--port", &upstream.port.to_string(), "--id", "scada", "--online", online]);
+        sparkplug_once(&[
+            "state",
+            "--port",
+            &upstream.port.to_string(),
+            "--id",
+            "scada",
+            "--online",
+            online,
+        ]);
     };
     state("true");
     wait_for("births and the waiting records", Duration::from_secs(20), || {
-        on(&host.messages(), DATA).iter().map(|p| p["metrics"].as_array().unwrap().len()).sum::<usize>() == 6
+        on(&host.messages(), DATA)
+            .iter()
+            .map(|p| p["metrics"].as_array().unwrap().len())
+            .sum::<usize>()
+            == 6
     });
     assert_eq!(metric(&on(&host.messages(), NODE)[0], "bdSeq")["value"], 0);
 
     // The host goes offline: the node says it is dead, and holds its data.
     state("false");
-    wait_for("an NDEATH", Duration::from_secs(20), || !on(&host.messages(), DEATH).is_empty());
+    wait_for("an NDEATH", Duration::from_secs(20), || {
+        !on(&host.messages(), DEATH).is_empty()
+    });
     assert_eq!(metric(&on(&host.messages(), DEATH)[0], "bdSeq")["value"], 0);
     send(devices.port, 2);
     std::thread::sleep(Duration::from_millis(1000));
-    let count = |m: &[Value]| on(m, DATA).iter().map(|p| p["metrics"].as_array().unwrap().len()).sum::<usize>();
+    let count = |m: &[Value]| {
+        on(m, DATA)
+            .iter()
+            .map(|p| p["metrics"].as_array().unwrap().len())
+            .sum::<usize>()
+    };
     assert_eq!(count(&host.messages()), 6, "nothing while the host is offline");
 
     // Back online: a new session (the next bdSeq), births, and the held record.
     state("true");
-    wait_for("births again and the held record", Duration::from_secs(20), || count(&host.messages()) == 9);
+    wait_for("births again and the held record", Duration::from_secs(20), || {
+        count(&host.messages()) == 9
+    });
     let births = on(&host.messages(), NODE);
     assert_eq!(births.len(), 2);
     assert_eq!(metric(&births[1], "bdSeq")["value"], 1);

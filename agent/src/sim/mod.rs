@@ -5,6 +5,8 @@ pub mod broker;
 #[cfg(feature = "simulators")]
 pub mod oven;
 #[cfg(feature = "simulators")]
+pub mod packer;
+#[cfg(feature = "simulators")]
 pub mod plc;
 #[cfg(feature = "simulators")]
 pub mod sensor;
