@@ -238,7 +238,6 @@ unit = "s"
             "plantmesh_device_connected{device=\"filler-node\"}",
         ) == Some(1.0)
     });
-    std::thread::sleep(Duration::from_millis(300));
     node.command(json!({"op": "data", "values": {"Fill/Count": 1}, "ts": T0}), "SENT");
     node.wait_line("REBIRTH", Duration::from_secs(10));
     wait_for("the births as a record", Duration::from_secs(20), || {
@@ -299,6 +298,35 @@ unit = "s"
     );
     wait_for("data after the gap", Duration::from_secs(10), || {
         records(&sub).iter().any(|r| r["fields"]["recipe"] == "after-gap")
+    });
+
+    // Garbage on the node's topics: counted, nothing else disturbed (the next data still reads).
+    let errors_before = metric(
+        &scrape(&addr, "/metrics"),
+        "plantmesh_device_errors_total{device=\"filler-node\"}",
+    )
+    .unwrap();
+    mqtt_pub(
+        broker.port,
+        "spBv1.0/G1/DDATA/edge-1/filler",
+        b"\x0a\xff\xff\xff",
+        false,
+    );
+    mqtt_pub(broker.port, "spBv1.0/G1/NDATA/edge-1", b"not protobuf at all", false);
+    wait_for("the garbage counted", Duration::from_secs(10), || {
+        metric(
+            &scrape(&addr, "/metrics"),
+            "plantmesh_device_errors_total{device=\"filler-node\"}",
+        ) == Some(errors_before + 2.0)
+    });
+    node.command(
+        json!({"op": "data", "values": {"Recipe": "after-garbage"}, "ts": T0 + 10_000}),
+        "SENT",
+    );
+    wait_for("data after the garbage", Duration::from_secs(10), || {
+        records(&sub)
+            .iter()
+            .any(|r| r["fields"]["recipe"] == "after-garbage" && r["quality"]["recipe"] == "good")
     });
 
     // The node dies (SIGKILL: the broker sends its NDEATH will): every tag is stale.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 const T0: u64 = 1_795_255_200_000; // 2026-11-21T10:00:00Z
 
-fn config(dir: &std::path::Path, devices: u16, upstream: u16, sparkplug_extra: &str) {
+fn config(dir: &std::path::Path, devices: u16, upstream: u16, protocol: &str, sparkplug_extra: &str) {
     let gateway = format!(
         r#"
 [agent]
@@ -24,7 +24,7 @@ line = "l1"
 metrics_listen = "127.0.0.1:0"
 [upstream]
 url = "mqtt://127.0.0.1:{upstream}"
-protocol = "3.1.1"
+protocol = "{protocol}"
 encoding = "sparkplug"
 reconnect_min = "100ms"
 reconnect_max = "500ms"
@@ -129,7 +129,7 @@ fn the_agent_is_a_sparkplug_edge_node_that_keeps_its_delivery_promise() {
     let mut upstream = Mosquitto::start(true, "allow_anonymous true\nqueue_qos0_messages true");
     let host = SparkplugPeer::decoder_with(upstream.port, "spBv1.0/#", "host-app", &["--persistent"]);
     let cfg = dir.path().join("cfg");
-    config(&cfg, devices.port, upstream.port, "");
+    config(&cfg, devices.port, upstream.port, "3.1.1", "");
     let mut agent = Agent::start(&cfg, &dir.path().join("data"));
     wait_for("the births", Duration::from_secs(30), || {
         !on(&host.messages(), DEVICE).is_empty()
@@ -286,7 +286,8 @@ fn births_and_data_wait_for_the_primary_host_to_be_online() {
     let upstream = Mosquitto::start(false, "");
     let host = SparkplugPeer::decoder(upstream.port, "spBv1.0/#", "watcher");
     let cfg = dir.path().join("cfg");
-    config(&cfg, devices.port, upstream.port, "primary_host = \"scada\"");
+    // MQTT 5 here (3.1.1 above): both carry the Sparkplug session.
+    config(&cfg, devices.port, upstream.port, "5", "primary_host = \"scada\"");
     let agent = Agent::start(&cfg, &dir.path().join("data"));
     let addr = agent.metrics_addr();
     wait_for("connected upstream", Duration::from_secs(20), || {

@@ -603,6 +603,7 @@ impl MqttSource {
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 64);
         let mut backoff = Backoff::new(b.reconnect_min, b.reconnect_max);
         let mut connected = false;
+        let mut unacked_subscriptions = 0;
         loop {
             let ev = tokio::select! {
                 ev = events.poll() => ev,
@@ -615,14 +616,21 @@ impl MqttSource {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                     connected = true;
                     backoff.reset();
-                    self.stats.connected.store(1, Ordering::Relaxed);
                     router.reset_nodes();
                     for f in &filters {
                         if let Err(e) = client.try_subscribe(f, rumqttc::QoS::AtLeastOnce) {
                             warn!(device = %self.device.id, filter = %f, error = %e, "cannot subscribe");
                         }
                     }
-                    info!(device = %self.device.id, broker = %self.device.address, filters = filters.len(), "connected to the device broker");
+                    unacked_subscriptions = filters.len();
+                }
+                // Connected, for this device, means subscribed: from here on nothing published is missed.
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) if unacked_subscriptions > 0 => {
+                    unacked_subscriptions -= 1;
+                    if unacked_subscriptions == 0 {
+                        self.stats.connected.store(1, Ordering::Relaxed);
+                        info!(device = %self.device.id, broker = %self.device.address, filters = filters.len(), "subscribed on the device broker");
+                    }
                 }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                     DeviceStats::inc(&self.stats.polls);
