@@ -110,53 +110,36 @@ pub fn spawn_sources(
     for (i, d) in plan.devices.iter().enumerate() {
         let stats = Arc::new(DeviceStats::default());
         device_stats.push(stats.clone());
-        if d.sensor.is_some() {
-            let src = crate::sources::sensor::SensorSource {
-                index: i,
-                device: d.clone(),
-                tags: tags.clone(),
-                stats,
-                out: out.clone(),
-                shutdown: shutdown.clone(),
+        // Every source takes the same six things, and some a few more.
+        macro_rules! spawn {
+            ($($source:ident)::+ { $($more:tt)* }) => {
+                tokio::spawn(
+                    $($source)::+ {
+                        index: i,
+                        device: d.clone(),
+                        tags: tags.clone(),
+                        stats,
+                        out: out.clone(),
+                        shutdown: shutdown.clone(),
+                        $($more)*
+                    }
+                    .run(),
+                )
             };
-            sources.push(tokio::spawn(src.run()));
-            continue;
         }
-        if d.mqtt.is_some() {
-            let src = crate::sources::mqtt::MqttSource {
-                index: i,
-                device: d.clone(),
-                tags: tags.clone(),
-                stats,
-                out: out.clone(),
-                shutdown: shutdown.clone(),
-            };
-            sources.push(tokio::spawn(src.run()));
-            continue;
-        }
-        if d.opcua.is_some() {
-            let src = OpcUaSource {
-                index: i,
-                device: d.clone(),
-                tags: tags.clone(),
-                stats,
-                out: out.clone(),
-                shutdown: shutdown.clone(),
+        let task = if d.sensor.is_some() {
+            spawn!(crate::sources::sensor::SensorSource {})
+        } else if d.mqtt.is_some() {
+            spawn!(crate::sources::mqtt::MqttSource {})
+        } else if d.opcua.is_some() {
+            spawn!(OpcUaSource {
                 pki_dir: plan.agent.data_dir.join("pki"),
                 application_uri: application_uri(plan),
-            };
-            sources.push(tokio::spawn(src.run()));
-            continue;
-        }
-        let src = ModbusSource {
-            index: i,
-            device: d.clone(),
-            tags: tags.clone(),
-            stats,
-            out: out.clone(),
-            shutdown: shutdown.clone(),
+            })
+        } else {
+            spawn!(ModbusSource {})
         };
-        sources.push(tokio::spawn(src.run()));
+        sources.push(task);
     }
     (sources, device_stats)
 }

@@ -451,18 +451,27 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             devices.extend(plan);
             continue;
         }
-        not_for(cx, &mqtt::device_keys(&d), &key, protocol);
+        not_for(cx, &pick(&device_spans(&d), &["url"]), &key, protocol);
         for (ti, t) in d.tags.iter().enumerate() {
-            not_for(cx, &mqtt::tag_keys(t), &format!("{key}.tags[{ti}]"), protocol);
+            let mqtt_only = [
+                "topic",
+                "payload",
+                "pointer",
+                "timestamp_pointer",
+                "sparkplug",
+                "metric",
+            ];
+            not_for(
+                cx,
+                &pick(&tag_spans(t), &mqtt_only),
+                &format!("{key}.tags[{ti}]"),
+                protocol,
+            );
         }
-        let serial_only: [(&str, Option<std::ops::Range<usize>>); 6] = [
-            ("port", d.port.as_ref().map(Spanned::span)),
-            ("baud", d.baud.as_ref().map(Spanned::span)),
-            ("parity", d.parity.as_ref().map(Spanned::span)),
-            ("stop_bits", d.stop_bits.as_ref().map(Spanned::span)),
-            ("data_bits", d.data_bits.as_ref().map(Spanned::span)),
-            ("inter_frame", d.inter_frame.as_ref().map(Spanned::span)),
-        ];
+        let serial_only = pick(
+            &device_spans(&d),
+            &["port", "baud", "parity", "stop_bits", "data_bits", "inter_frame"],
+        );
         if protocol == "opcua" {
             not_for(cx, &serial_only, &key, "opcua");
             if let Some(plan) = opcua_device(cx, &d, &key, di, &base, &mut tags, &mut declared) {
@@ -501,16 +510,19 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
             not_for(cx, &serial_only, &key, "modbus_tcp");
             None
         };
-        let opcua_only: [(&str, Option<std::ops::Range<usize>>); 8] = [
-            ("endpoint", d.endpoint.as_ref().map(Spanned::span)),
-            ("security_policy", d.security_policy.as_ref().map(Spanned::span)),
-            ("security_mode", d.security_mode.as_ref().map(Spanned::span)),
-            ("identity", d.identity.as_ref().map(Spanned::span)),
-            ("publishing_interval", d.publishing_interval.as_ref().map(Spanned::span)),
-            ("mode", d.mode.as_ref().map(Spanned::span)),
-            ("timestamps", d.timestamps.as_ref().map(Spanned::span)),
-            ("password", d.password.as_ref().map(Spanned::span)),
-        ];
+        let opcua_only = pick(
+            &device_spans(&d),
+            &[
+                "endpoint",
+                "security_policy",
+                "security_mode",
+                "identity",
+                "publishing_interval",
+                "mode",
+                "timestamps",
+                "password",
+            ],
+        );
         not_for(cx, &opcua_only, &key, protocol);
         let address = if let Some(s) = &serial {
             s.port.clone()
@@ -576,13 +588,16 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
                 let msg = format!("duplicate tag name `{}` in device `{}`", t.name.get_ref(), plan.id);
                 cx.err(&t.name, format!("{key}.name"), msg);
             }
-            let opcua_only: [(&str, Option<std::ops::Range<usize>>); 5] = [
-                ("node_id", t.node_id.as_ref().map(Spanned::span)),
-                ("sampling_interval", t.sampling_interval.as_ref().map(Spanned::span)),
-                ("queue_size", t.queue_size.as_ref().map(Spanned::span)),
-                ("deadband", t.deadband.as_ref().map(Spanned::span)),
-                ("deadband_type", t.deadband_type.as_ref().map(Spanned::span)),
-            ];
+            let opcua_only = pick(
+                &tag_spans(&t),
+                &[
+                    "node_id",
+                    "sampling_interval",
+                    "queue_size",
+                    "deadband",
+                    "deadband_type",
+                ],
+            );
             not_for(cx, &opcua_only, &key, protocol);
             if let Some(c) = &t.channel {
                 cx.err(
@@ -1589,17 +1604,20 @@ fn sensor_device(
     declared: &mut HashSet<String>,
 ) -> Option<DevicePlan> {
     not_for(cx, &modbus_keys(d), key, "sensor_node");
-    let not_sensor: [(&str, Option<std::ops::Range<usize>>); 9] = [
-        ("parity", d.parity.as_ref().map(Spanned::span)),
-        ("stop_bits", d.stop_bits.as_ref().map(Spanned::span)),
-        ("data_bits", d.data_bits.as_ref().map(Spanned::span)),
-        ("inter_frame", d.inter_frame.as_ref().map(Spanned::span)),
-        ("endpoint", d.endpoint.as_ref().map(Spanned::span)),
-        ("security_policy", d.security_policy.as_ref().map(Spanned::span)),
-        ("poll_interval", d.poll_interval.as_ref().map(Spanned::span)),
-        ("timeout", d.timeout.as_ref().map(Spanned::span)),
-        ("mode", d.mode.as_ref().map(Spanned::span)),
-    ];
+    let not_sensor = pick(
+        &device_spans(d),
+        &[
+            "parity",
+            "stop_bits",
+            "data_bits",
+            "inter_frame",
+            "endpoint",
+            "security_policy",
+            "poll_interval",
+            "timeout",
+            "mode",
+        ],
+    );
     not_for(cx, &not_sensor, key, "sensor_node");
     let mut serial = serial_line(cx, d, key, 115_200)?;
     // The link frames itself (COBS); 8N1 is what MCU UARTs and USB CDC default to.
@@ -1634,16 +1652,19 @@ fn sensor_device(
             cx.err(&t.name, format!("{key}.name"), msg);
             continue;
         }
-        let modbus_or_opcua: [(&str, Option<std::ops::Range<usize>>); 8] = [
-            ("table", t.table.as_ref().map(Spanned::span)),
-            ("address", t.address.as_ref().map(Spanned::span)),
-            ("type", t.data_type.as_ref().map(Spanned::span)),
-            ("byte_order", t.byte_order.as_ref().map(Spanned::span)),
-            ("bit", t.bit.as_ref().map(Spanned::span)),
-            ("length", t.length.as_ref().map(Spanned::span)),
-            ("unit_id", t.unit_id.as_ref().map(Spanned::span)),
-            ("node_id", t.node_id.as_ref().map(Spanned::span)),
-        ];
+        let modbus_or_opcua = pick(
+            &tag_spans(t),
+            &[
+                "table",
+                "address",
+                "type",
+                "byte_order",
+                "bit",
+                "length",
+                "unit_id",
+                "node_id",
+            ],
+        );
         not_for(cx, &modbus_or_opcua, &key, "sensor_node");
         let channel = match &t.channel {
             Some(c) => Some(cx.range(c, &format!("{key}.channel"), 0, protocol::link::MAX_CHANNELS as u32 - 1)? as u8),
@@ -1740,18 +1761,84 @@ fn tags_from_products(
     }
 }
 
-/// The Modbus-only device keys that were written, for the other protocols to refuse.
-fn modbus_keys(d: &raw::Device) -> [(&'static str, Option<std::ops::Range<usize>>); 5] {
-    [
+/// Where each protocol-specific device key was written (`None`: not written).
+fn device_spans(d: &raw::Device) -> Vec<(&'static str, Option<std::ops::Range<usize>>)> {
+    vec![
         ("address", d.address.as_ref().map(Spanned::span)),
+        ("port", d.port.as_ref().map(Spanned::span)),
+        ("baud", d.baud.as_ref().map(Spanned::span)),
+        ("parity", d.parity.as_ref().map(Spanned::span)),
+        ("stop_bits", d.stop_bits.as_ref().map(Spanned::span)),
+        ("data_bits", d.data_bits.as_ref().map(Spanned::span)),
+        ("inter_frame", d.inter_frame.as_ref().map(Spanned::span)),
+        ("stale_after", d.stale_after.as_ref().map(Spanned::span)),
+        ("endpoint", d.endpoint.as_ref().map(Spanned::span)),
+        ("security_policy", d.security_policy.as_ref().map(Spanned::span)),
+        ("security_mode", d.security_mode.as_ref().map(Spanned::span)),
+        ("identity", d.identity.as_ref().map(Spanned::span)),
+        ("password", d.password.as_ref().map(Spanned::span)),
+        ("publishing_interval", d.publishing_interval.as_ref().map(Spanned::span)),
+        ("mode", d.mode.as_ref().map(Spanned::span)),
+        ("timestamps", d.timestamps.as_ref().map(Spanned::span)),
         ("unit_id", d.unit_id.as_ref().map(Spanned::span)),
+        ("poll_interval", d.poll_interval.as_ref().map(Spanned::span)),
+        ("timeout", d.timeout.as_ref().map(Spanned::span)),
         ("max_gap", d.max_gap.as_ref().map(Spanned::span)),
         (
             "max_registers_per_read",
             d.max_registers_per_read.as_ref().map(Spanned::span),
         ),
         ("max_bits_per_read", d.max_bits_per_read.as_ref().map(Spanned::span)),
+        ("url", d.url.as_ref().map(Spanned::span)),
     ]
+}
+
+/// Where each protocol-specific tag key was written.
+fn tag_spans(t: &raw::Tag) -> Vec<(&'static str, Option<std::ops::Range<usize>>)> {
+    vec![
+        ("table", t.table.as_ref().map(Spanned::span)),
+        ("address", t.address.as_ref().map(Spanned::span)),
+        ("node_id", t.node_id.as_ref().map(Spanned::span)),
+        ("sampling_interval", t.sampling_interval.as_ref().map(Spanned::span)),
+        ("queue_size", t.queue_size.as_ref().map(Spanned::span)),
+        ("deadband", t.deadband.as_ref().map(Spanned::span)),
+        ("deadband_type", t.deadband_type.as_ref().map(Spanned::span)),
+        ("type", t.data_type.as_ref().map(Spanned::span)),
+        ("byte_order", t.byte_order.as_ref().map(Spanned::span)),
+        ("bit", t.bit.as_ref().map(Spanned::span)),
+        ("length", t.length.as_ref().map(Spanned::span)),
+        ("unit_id", t.unit_id.as_ref().map(Spanned::span)),
+        ("scale", t.scale.as_ref().map(Spanned::span)),
+        ("channel", t.channel.as_ref().map(Spanned::span)),
+        ("topic", t.topic.as_ref().map(Spanned::span)),
+        ("payload", t.payload.as_ref().map(Spanned::span)),
+        ("pointer", t.pointer.as_ref().map(Spanned::span)),
+        ("timestamp_pointer", t.timestamp_pointer.as_ref().map(Spanned::span)),
+        ("sparkplug", t.sparkplug.as_ref().map(Spanned::span)),
+        ("metric", t.metric.as_ref().map(Spanned::span)),
+    ]
+}
+
+/// The keys named, from a span table, for [`not_for`] to refuse where written.
+fn pick(
+    spans: &[(&'static str, Option<std::ops::Range<usize>>)],
+    names: &[&str],
+) -> Vec<(&'static str, Option<std::ops::Range<usize>>)> {
+    spans.iter().filter(|(n, _)| names.contains(n)).cloned().collect()
+}
+
+/// The Modbus-only device keys that were written, for the other protocols to refuse.
+fn modbus_keys(d: &raw::Device) -> Vec<(&'static str, Option<std::ops::Range<usize>>)> {
+    pick(
+        &device_spans(d),
+        &[
+            "address",
+            "unit_id",
+            "max_gap",
+            "max_registers_per_read",
+            "max_bits_per_read",
+        ],
+    )
 }
 
 /// Reports keys that were written but do not apply to the device's protocol.
@@ -1973,14 +2060,10 @@ fn opcua_device(
             let msg = format!("duplicate tag name `{}` in device `{}`", t.name.get_ref(), plan.id);
             cx.err(&t.name, format!("{key}.name"), msg);
         }
-        let modbus_only: [(&str, Option<std::ops::Range<usize>>); 6] = [
-            ("table", t.table.as_ref().map(Spanned::span)),
-            ("address", t.address.as_ref().map(Spanned::span)),
-            ("byte_order", t.byte_order.as_ref().map(Spanned::span)),
-            ("bit", t.bit.as_ref().map(Spanned::span)),
-            ("length", t.length.as_ref().map(Spanned::span)),
-            ("unit_id", t.unit_id.as_ref().map(Spanned::span)),
-        ];
+        let modbus_only = pick(
+            &tag_spans(t),
+            &["table", "address", "byte_order", "bit", "length", "unit_id"],
+        );
         not_for(cx, &modbus_only, &key, "opcua");
         let Some(node) = &t.node_id else {
             cx.err(

@@ -20,22 +20,6 @@ enum Piece {
     Cap(String),
 }
 
-/// Keys that only MQTT devices take, for the other protocols to refuse.
-pub(super) fn device_keys(d: &raw::Device) -> [(&'static str, Option<std::ops::Range<usize>>); 1] {
-    [("url", d.url.as_ref().map(Spanned::span))]
-}
-
-pub(super) fn tag_keys(t: &raw::Tag) -> [(&'static str, Option<std::ops::Range<usize>>); 6] {
-    [
-        ("topic", t.topic.as_ref().map(Spanned::span)),
-        ("payload", t.payload.as_ref().map(Spanned::span)),
-        ("pointer", t.pointer.as_ref().map(Spanned::span)),
-        ("timestamp_pointer", t.timestamp_pointer.as_ref().map(Spanned::span)),
-        ("sparkplug", t.sparkplug.as_ref().map(Spanned::span)),
-        ("metric", t.metric.as_ref().map(Spanned::span)),
-    ]
-}
-
 #[allow(clippy::too_many_arguments)]
 pub(super) fn device(
     cx: &mut Ctx,
@@ -49,18 +33,21 @@ pub(super) fn device(
     templates: &mut Vec<Template>,
 ) -> Option<DevicePlan> {
     not_for(cx, &modbus_keys(d), key, "mqtt");
-    let not_mqtt: [(&str, Option<std::ops::Range<usize>>); 10] = [
-        ("endpoint", d.endpoint.as_ref().map(Spanned::span)),
-        ("security_policy", d.security_policy.as_ref().map(Spanned::span)),
-        ("security_mode", d.security_mode.as_ref().map(Spanned::span)),
-        ("identity", d.identity.as_ref().map(Spanned::span)),
-        ("publishing_interval", d.publishing_interval.as_ref().map(Spanned::span)),
-        ("mode", d.mode.as_ref().map(Spanned::span)),
-        ("timestamps", d.timestamps.as_ref().map(Spanned::span)),
-        ("poll_interval", d.poll_interval.as_ref().map(Spanned::span)),
-        ("timeout", d.timeout.as_ref().map(Spanned::span)),
-        ("stale_after", d.stale_after.as_ref().map(Spanned::span)),
-    ];
+    let not_mqtt = pick(
+        &device_spans(d),
+        &[
+            "endpoint",
+            "security_policy",
+            "security_mode",
+            "identity",
+            "publishing_interval",
+            "mode",
+            "timestamps",
+            "poll_interval",
+            "timeout",
+            "stale_after",
+        ],
+    );
     not_for(cx, &not_mqtt, key, "mqtt");
     let Some(url) = &d.url else {
         cx.err(
@@ -142,19 +129,22 @@ pub(super) fn device(
 
 /// One tag: its plan (a template's still holds `+name` segments) and its name's pieces.
 fn tag(cx: &mut Ctx, t: &raw::Tag, key: &str, di: usize) -> Option<(TagPlan, Vec<Piece>)> {
-    let not_mqtt: [(&str, Option<std::ops::Range<usize>>); 11] = [
-        ("table", t.table.as_ref().map(Spanned::span)),
-        ("address", t.address.as_ref().map(Spanned::span)),
-        ("byte_order", t.byte_order.as_ref().map(Spanned::span)),
-        ("bit", t.bit.as_ref().map(Spanned::span)),
-        ("length", t.length.as_ref().map(Spanned::span)),
-        ("unit_id", t.unit_id.as_ref().map(Spanned::span)),
-        ("node_id", t.node_id.as_ref().map(Spanned::span)),
-        ("sampling_interval", t.sampling_interval.as_ref().map(Spanned::span)),
-        ("queue_size", t.queue_size.as_ref().map(Spanned::span)),
-        ("deadband", t.deadband.as_ref().map(Spanned::span)),
-        ("channel", t.channel.as_ref().map(Spanned::span)),
-    ];
+    let not_mqtt = pick(
+        &tag_spans(t),
+        &[
+            "table",
+            "address",
+            "byte_order",
+            "bit",
+            "length",
+            "unit_id",
+            "node_id",
+            "sampling_interval",
+            "queue_size",
+            "deadband",
+            "channel",
+        ],
+    );
     not_for(cx, &not_mqtt, key, "mqtt");
     let pieces = name_pieces(cx, &t.name, &format!("{key}.name"))?;
     let payload_kind = match (&t.payload, &t.sparkplug, &t.pointer) {
