@@ -3,8 +3,7 @@
 //! Run: `cargo bench -p plantmesh --bench mqtt_in`. End to end through Mosquitto: scripts/bench-mqtt.sh.
 
 use plantmesh::sources::mqtt::Router;
-use plantmesh::sparkplug::{datatype, Metric, MetricValue, Payload};
-use prost::Message;
+use plantmesh::sparkplug::{datatype, encode, metric, Metric, MetricValue};
 use std::hint::black_box;
 use std::path::Path;
 use std::time::Instant;
@@ -64,25 +63,8 @@ source = "m.temp"
 unit = "Cel"
 "#;
 
-fn metric(name: Option<&str>, alias: u64, dt: u32, v: MetricValue) -> Metric {
-    Metric {
-        name: name.map(str::to_string),
-        alias: Some(alias),
-        datatype: name.map(|_| dt),
-        timestamp: Some(1_795_255_200_000),
-        value: Some(v),
-        ..Default::default()
-    }
-}
-
 fn payload(seq: u64, metrics: Vec<Metric>) -> Vec<u8> {
-    Payload {
-        timestamp: Some(1_795_255_200_000),
-        seq: Some(seq),
-        metrics,
-        ..Default::default()
-    }
-    .encode_to_vec()
+    encode(seq, 1_795_255_200_000, metrics)
 }
 
 fn main() {

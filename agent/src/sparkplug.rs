@@ -280,6 +280,30 @@ pub fn state_topic(host_id: &str) -> String {
     format!("{NAMESPACE}/STATE/{host_id}")
 }
 
+/// A metric as an edge node writes it: named and typed on a birth (`name: Some`), by alias alone
+/// in data.
+pub fn metric(name: Option<&str>, alias: u64, datatype: u32, value: MetricValue) -> Metric {
+    Metric {
+        name: name.map(str::to_string),
+        alias: Some(alias),
+        datatype: name.map(|_| datatype),
+        value: Some(value),
+        ..Default::default()
+    }
+}
+
+/// An encoded payload: message `seq`, sent at `ts`.
+pub fn encode(seq: u64, ts: u64, metrics: Vec<Metric>) -> Vec<u8> {
+    use prost::Message;
+    Payload {
+        timestamp: Some(ts),
+        seq: Some(seq),
+        metrics,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
 /// The metric an NCMD carries to ask an edge node to publish its births again.
 pub const REBIRTH_METRIC: &str = "Node Control/Rebirth";
 

@@ -215,24 +215,10 @@ fn garbage_is_reported_and_marks_only_its_own_tags() {
 }
 
 fn payload(seq: u64, metrics: Vec<Metric>) -> Vec<u8> {
-    Payload {
-        timestamp: Some(1_000),
-        seq: Some(seq),
-        metrics,
-        ..Default::default()
-    }
-    .encode_to_vec()
+    sparkplug::encode(seq, 1_000, metrics)
 }
 
-fn metric(name: Option<&str>, alias: u64, dt: u32, v: MetricValue) -> Metric {
-    Metric {
-        name: name.map(str::to_string),
-        alias: Some(alias),
-        datatype: name.map(|_| dt),
-        value: Some(v),
-        ..Default::default()
-    }
-}
+use sparkplug::metric;
 
 #[test]
 fn sparkplug_births_teach_aliases_and_deaths_make_tags_stale() {
