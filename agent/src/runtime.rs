@@ -223,6 +223,8 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         envelope::status(&plan, "offline", epoch),
     )
     .map_err(RunError::Upstream)?;
+    let mut options = options;
+    options.burst = 2 * plan.products.len();
     let publish_stats = Arc::new(PublishStats::new(plan.products.len()));
     let (retained_tx, retained_rx) = mpsc::unbounded_channel();
     let sparkplug = upstream.sparkplug.as_ref().map(|sp| crate::publish::SparkplugOut {

@@ -58,6 +58,9 @@ pub struct LinkOptions {
     pub will_payload: Vec<u8>,
     /// The status will is retained; a Sparkplug NDEATH is not.
     pub will_retain: bool,
+    /// Requests queued at once on connect beyond the window: a descriptor (and, for Sparkplug, a
+    /// DBIRTH) per product.
+    pub burst: usize,
 }
 
 impl LinkOptions {
@@ -94,6 +97,7 @@ impl LinkOptions {
             will_topic,
             will_payload,
             will_retain: true,
+            burst: 0,
         })
     }
 }
@@ -119,8 +123,9 @@ fn check_private(path: &std::path::Path) -> Result<(), String> {
 impl Link {
     pub fn new(o: &LinkOptions) -> Link {
         let u = &o.upstream;
-        // Room for a full window plus control messages, so queuing never blocks the publisher.
-        let cap = usize::from(u.max_inflight) + 64;
+        // Room for a full window (and, for Sparkplug, a barrier per message at the most), the
+        // connect burst and control messages, so queuing never fails.
+        let cap = 2 * usize::from(u.max_inflight) + o.burst + 64;
         let transport = match &o.tls {
             Some(tls) => Transport::tls_with_config(tls.clone()),
             None => Transport::tcp(),
