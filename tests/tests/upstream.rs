@@ -324,3 +324,89 @@ fn password_from_a_file_authenticates() {
     agent.stop();
     assert!(!agent.log().contains("s3cret"), "the password must never be logged");
 }
+
+/// A gateway with many products queues a descriptor per product (and, for Sparkplug, a DBIRTH) at
+/// every connect, beyond the in-flight window: the connection takes them all and keeps running.
+#[test]
+fn a_gateway_with_hundreds_of_products_connects_and_announces_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(false, "");
+    let cfg = dir.path().join("cfg");
+    let products: Vec<(String, String)> = (0..150)
+        .map(|i| {
+            (
+                format!("m{i}"),
+                format!(
+                    "id = \"m{i}\"\nname = \"machine {i}\"\nversion = \"1.0.0\"\ndomain = \"bench\"\nowner = \"o\"\n\
+                     [[fields]]\nname = \"temp\"\nsource = \"machines.m{i}_temp\"\nunit = \"Cel\"\n"
+                ),
+            )
+        })
+        .collect();
+    for encoding in ["json", "sparkplug"] {
+        let expected = 150;
+        let gateway = format!(
+            r#"
+[agent]
+id = "gw-many-{encoding}"
+site = "s1"
+area = "a1"
+line = "l1"
+metrics_listen = "127.0.0.1:0"
+[upstream]
+url = "mqtt://127.0.0.1:{port}"
+max_inflight = 8
+encoding = "{encoding}"
+[[devices]]
+id = "machines"
+protocol = "mqtt"
+url = "mqtt://127.0.0.1:{port}"
+  [[devices.tags]]
+  name = "{{m}}_temp"
+  topic = "many/+m/state"
+  pointer = "/temp"
+"#,
+            port = broker.port
+        );
+        let _ = std::fs::remove_dir_all(&cfg);
+        let refs: Vec<(&str, &str)> = products.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+        write_config(&cfg, &gateway, &refs);
+        // Descriptors (JSON) or DBIRTHs (Sparkplug, read by the protobuf decoder), by topic.
+        let (sub, host) = if encoding == "json" {
+            let sub = Subscriber::start(broker.port, "s1/a1/l1/bench/+/v1/_descriptor", "many-json");
+            (Some(sub), None)
+        } else {
+            (
+                None,
+                Some(SparkplugPeer::decoder(broker.port, "spBv1.0/s1/DBIRTH/#", "many-sp")),
+            )
+        };
+        let mut agent = Agent::start(&cfg, &dir.path().join(format!("data-{encoding}")));
+        let announced = || {
+            let mut topics: Vec<String> = match (&sub, &host) {
+                (Some(s), _) => s.messages().into_iter().map(|(t, _)| t).collect(),
+                (_, Some(h)) => h
+                    .messages()
+                    .iter()
+                    .map(|m| m["topic"].as_str().unwrap().to_string())
+                    .collect(),
+                _ => unreachable!(),
+            };
+            topics.sort();
+            topics.dedup();
+            topics.len()
+        };
+        wait_for(
+            &format!("{expected} announcements ({encoding})"),
+            Duration::from_secs(30),
+            || announced() >= expected,
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            agent.is_running(),
+            "{encoding}: the agent survived its connect burst\n{}",
+            agent.log()
+        );
+        agent.stop();
+    }
+}
