@@ -3,8 +3,8 @@
 # tags polled at 1 s from simulated Modbus devices into a real Mosquitto, and idle CPU.
 #   scripts/footprint.sh            measure and print
 #   scripts/footprint.sh --check    also fail when a budget in README.md ("Footprint budgets") is exceeded
-# Uses what is built (scripts/build-gateway.sh <target>; `cargo build --profile gateway -p plantmesh
-# --no-default-features` for the host) and builds the host gateway binary if it is missing. RSS and
+# Uses the cross builds that exist (scripts/build-gateway.sh <target>) and builds the host gateway
+# binary (`cargo build --profile gateway -p plantmesh --no-default-features`; a no-op when up to date). RSS and
 # CPU are measured on the host's gateway build: under qemu-user they would be the emulator's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,8 @@ declare -A measured
 
 echo "== binary size (stripped)"
 printf '%-40s %-24s %10s\n' target features MiB
-[ -x target/gateway/plantmesh ] || cargo build -q --profile gateway -p plantmesh --no-default-features --bin plantmesh
+# Always through cargo: a no-op when up to date, and never a stale binary measured.
+cargo build -q --profile gateway -p plantmesh --no-default-features --bin plantmesh
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf; do
   b="target/$t/gateway/plantmesh"
   [ -f "$b" ] || continue

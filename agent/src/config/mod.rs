@@ -331,12 +331,12 @@ pub struct TagPlan {
     pub scale: f64,
     pub offset: f64,
     /// Set for OPC UA tags (then the Modbus fields are unused).
-    pub opcua: Option<OpcUaTagPlan>,
+    pub opcua: Option<Box<OpcUaTagPlan>>,
     /// Set for sensor-node channels (then the Modbus fields are unused): the channel index, or
     /// `None` to find the channel by the tag's name in the node's hello.
     pub sensor_channel: Option<Option<u8>>,
     /// Set for MQTT tags (then the Modbus fields are unused).
-    pub mqtt: Option<MqttTagPlan>,
+    pub mqtt: Option<Box<MqttTagPlan>>,
 }
 
 impl TagPlan {

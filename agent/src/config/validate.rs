@@ -2159,14 +2159,14 @@ fn opcua_device(
             offset: t.offset.unwrap_or(0.0),
             sensor_channel: None,
             mqtt: None,
-            opcua: Some(OpcUaTagPlan {
+            opcua: Some(Box::new(OpcUaTagPlan {
                 node_id: text.clone(),
                 namespace_uri: t.namespace_uri.clone(),
                 sampling_interval,
                 queue_size,
                 deadband,
                 type_name,
-            }),
+            })),
         });
     }
     Some(plan)

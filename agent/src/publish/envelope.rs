@@ -22,6 +22,8 @@ impl RecordEncoder {
             .map(|f| {
                 let mut k = serde_json::to_vec(&f.name).expect("a string serializes");
                 k.push(b':');
+                // serde_json starts with 128 bytes; at thousands of fields the slack adds up.
+                k.shrink_to_fit();
                 k
             })
             .collect();

@@ -326,11 +326,11 @@ fn tag(cx: &mut Ctx, t: &raw::Tag, key: &str, di: usize) -> Option<(TagPlan, Vec
         offset: t.offset.unwrap_or(0.0),
         opcua: None,
         sensor_channel: None,
-        mqtt: Some(MqttTagPlan {
+        mqtt: Some(Box::new(MqttTagPlan {
             topic: address,
             filter,
             payload,
-        }),
+        })),
     };
     Some((tag, pieces))
 }
