@@ -702,6 +702,10 @@ mod allocator {
         // SAFETY: mallopt only changes allocator parameters; called once, before any other thread exists.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
+            // Blocks of 32 KiB and more (a record of a thousand fields, its JSON) come from mmap
+            // and go back to the kernel when freed, instead of staying in an arena. Setting it also
+            // stops glibc from raising the threshold on its own.
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024);
         }
     }
 
