@@ -163,7 +163,7 @@ pub(super) fn validate(
         src,
         problems: &mut problems,
     };
-    let mut built = gw.map(|gw| gateway_plan(&mut cx, gw));
+    let mut built = gw.map(|gw| gateway_plan(&mut cx, gw, &rules));
     if let Some((_, _, _, devices, tags, declared, templates)) = built.as_mut() {
         tags_from_products(products, devices, tags, declared, templates);
     }
@@ -234,32 +234,6 @@ pub(super) fn validate(
         }
     }
 
-    if let Some((_, Some(u), ..)) = &built {
-        if let Some(sp) = &u.sparkplug {
-            let topic =
-                crate::sparkplug::topic(&sp.group_id, crate::sparkplug::Kind::DData, &sp.edge_node_id, Some("x"));
-            let prefixes = &rules.plan.allow_topic_prefixes;
-            if !prefixes.is_empty() && !prefixes.iter().any(|p| topic.starts_with(p.as_str())) {
-                problems.push(Diagnostic {
-                    file: gateway.0.clone(),
-                    line: 0,
-                    column: 0,
-                    key: "upstream.encoding".into(),
-                    message: format!(
-                        "Sparkplug data goes to {}/{}/..., which the governance egress allow-list does not allow",
-                        crate::sparkplug::NAMESPACE,
-                        sp.group_id
-                    ),
-                    help: Some(format!(
-                        "add \"{}/{}/\" to allow_topic_prefixes in {}",
-                        crate::sparkplug::NAMESPACE,
-                        sp.group_id,
-                        rules.file
-                    )),
-                });
-            }
-        }
-    }
     if !problems.is_empty() {
         return Err(Diagnostics(problems));
     }
@@ -346,7 +320,7 @@ type GatewayParts = (
     Vec<mqtt::Template>,
 );
 
-fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
+fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayParts {
     let a = &gw.agent;
     cx.name(&a.id, "agent.id", true);
     cx.name(&a.site, "agent.site", true);
@@ -382,9 +356,29 @@ fn gateway_plan(cx: &mut Ctx, gw: raw::Gateway) -> GatewayParts {
         sli_interval,
         metrics_listen,
     };
+    let encoding_at = gw.upstream.as_ref().and_then(|u| u.encoding.clone());
     let upstream = gw
         .upstream
         .and_then(|u| upstream_plan(cx, u, &agent.id, &agent.site, &base, "upstream"));
+    // Sparkplug data goes to its own topic namespace: the egress allow-list must admit it.
+    if let (Some(sp), Some(at)) = (upstream.as_ref().and_then(|u| u.sparkplug.as_ref()), &encoding_at) {
+        let topic = crate::sparkplug::topic(&sp.group_id, crate::sparkplug::Kind::DData, &sp.edge_node_id, Some("x"));
+        let prefixes = &rules.plan.allow_topic_prefixes;
+        if !prefixes.is_empty() && !prefixes.iter().any(|p| topic.starts_with(p.as_str())) {
+            let (ns, group) = (crate::sparkplug::NAMESPACE, &sp.group_id);
+            cx.err(
+                at,
+                "upstream.encoding",
+                format!(
+                    "Sparkplug data goes to {ns}/{group}/..., which the governance egress allow-list does not allow"
+                ),
+            )
+            .help = Some(format!(
+                "add \"{ns}/{group}/\" to allow_topic_prefixes in {}",
+                rules.file
+            ));
+        }
+    }
 
     let max_bytes = match &gw.buffer.max_bytes {
         Some(v) => {
