@@ -11,6 +11,7 @@ export PATH="$PATH:/usr/sbin"
 command -v mosquitto >/dev/null || { echo "needs mosquitto (scripts/test.sh installs it)"; exit 1; }
 cargo build -q --release -p plantmesh --bins
 bin="$root/target/release/plantmesh"
+# BENCH_AGENT=<binary>: measure another build of the agent (e.g. a gateway build); simulators stay.
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -55,7 +56,7 @@ run() {
     } > "$dir/cfg/products/p$i.toml"
   done
   "$bin" check "$dir/cfg" > /dev/null
-  PLANTMESH_LOG=info "$bin" run --config "$dir/cfg" --data-dir "$dir/data" 2> "$dir/agent.log" & local agent=$!; pids+=($agent)
+  PLANTMESH_LOG=info "${BENCH_AGENT:-$bin}" run --config "$dir/cfg" --data-dir "$dir/data" 2> "$dir/agent.log" & local agent=$!; pids+=($agent)
   sleep 5   # warm-up: connections, first polls
   local t0 c0; t0=$(date +%s.%N); c0=$(cpu_ticks "$agent")
   sleep "$seconds"

@@ -18,6 +18,7 @@ py="${PLANTMESH_PYTHON:-$root/.venv/bin/python}"
 [ -x "$py" ] || { echo "needs the test peers' Python at $py (scripts/test.sh creates it)"; exit 1; }
 cargo build -q --release -p plantmesh --bins
 bin="$root/target/release/plantmesh"
+# BENCH_AGENT=<binary>: measure another build of the agent (e.g. a gateway build); simulators stay.
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -109,7 +110,7 @@ name = "state"
 source = "machines.m${i}_state"
 CONF
   done
-  PLANTMESH_LOG=warn "$bin" run --config "$work/cfg" --data-dir "$work/data" 2> "$work/agent-$mode.log" & agent=$!; pids+=($agent)
+  PLANTMESH_LOG=warn "${BENCH_AGENT:-$bin}" run --config "$work/cfg" --data-dir "$work/data" 2> "$work/agent-$mode.log" & agent=$!; pids+=($agent)
   sleep 2
   t0=$(date +%s.%N); c0=$(cpu_ticks "$agent"); m0=$(polls "127.0.0.1:$mport"); a0=$(acked "127.0.0.1:$mport")
   (cd tests/peers && "$py" mqtt_flood.py --port "$port" --mode "$mode" --rate "$rate" --seconds "$seconds" --machines "$machines") > "$work/flood.out"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the plantmesh gateway binary for an ARM/Linux gateway.
+# Builds the plantmesh gateway binary for a Linux gateway (ARM, or an x86_64 industrial PC).
 #   scripts/build-gateway.sh aarch64-unknown-linux-gnu        (also: armv7-unknown-linux-gnueabihf,
 #                                                              aarch64-unknown-linux-musl,
-#                                                              armv7-unknown-linux-musleabihf)
+#                                                              armv7-unknown-linux-musleabihf,
+#                                                              x86_64-unknown-linux-gnu and -musl)
 #   FEATURES=simulators scripts/build-gateway.sh <target>     (extra cargo features; default none)
 #   PROFILE=release scripts/build-gateway.sh <target>         (default: gateway, see Cargo.toml)
 # The gateway feature set has no embedded broker and no simulators. With `cross` and a working
@@ -16,9 +17,14 @@ profile=${PROFILE:-gateway}
 features=${FEATURES:-}
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
+# Debian packages of the C cross compiler and libc, the compiler's name prefix, and the emulator.
 case "$target" in
-  aarch64-unknown-linux-gnu|aarch64-unknown-linux-musl) gcc_pkg=gcc-aarch64-linux-gnu; libc_pkg=libc6-dev-arm64-cross; qemu=qemu-aarch64 ;;
-  armv7-unknown-linux-gnueabihf|armv7-unknown-linux-musleabihf) gcc_pkg=gcc-arm-linux-gnueabihf; libc_pkg=libc6-dev-armhf-cross; qemu=qemu-arm ;;
+  aarch64-unknown-linux-gnu|aarch64-unknown-linux-musl) gcc_pkg=gcc-aarch64-linux-gnu; libc_pkg=libc6-dev-arm64-cross; prefix=aarch64-linux-gnu-; qemu=qemu-aarch64 ;;
+  armv7-unknown-linux-gnueabihf|armv7-unknown-linux-musleabihf) gcc_pkg=gcc-arm-linux-gnueabihf; libc_pkg=libc6-dev-armhf-cross; prefix=arm-linux-gnueabihf-; qemu=qemu-arm ;;
+  # x86_64 industrial PCs, and the static build footprint.sh measures on an x86_64 host.
+  x86_64-unknown-linux-gnu|x86_64-unknown-linux-musl)
+    [ "$(uname -m)" = x86_64 ] || { echo "$target: build it on an x86_64 host or with cross" >&2; exit 2; }
+    gcc_pkg=gcc; libc_pkg=libc6-dev; prefix=; qemu=true ;;
   *) echo "unsupported target $target" >&2; exit 2 ;;
 esac
 args=(--profile "$profile" --target "$target" -p plantmesh --bin plantmesh --no-default-features)
@@ -41,9 +47,8 @@ else
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
   # C code in dependencies (ring) is compiled with the same cross gcc.
-  cc=${gcc_pkg#gcc-}-gcc
   env_target=${target//-/_}
-  export "CC_${env_target}=$cc" "AR_${env_target}=${gcc_pkg#gcc-}-ar"
+  export "CC_${env_target}=${prefix}gcc" "AR_${env_target}=${prefix}ar"
   cargo build "${args[@]}"
 fi
 bin="target/$target/$profile/plantmesh"

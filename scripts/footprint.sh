@@ -28,6 +28,11 @@ for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown
   [ "$t" = aarch64-unknown-linux-gnu ] && measured[aarch64_binary_mib]=$(mib "$(stat -c %s "$b")")
 done
 printf '%-40s %-24s %10s\n' "host ($(uname -m))" "gateway (no broker, sims)" "$(mib "$(stat -c %s target/gateway/plantmesh)")"
+# The static build of the host, for RSS: the same code as the static ARM builds.
+static_target="$(uname -m)-unknown-linux-musl"
+if ! out=$(scripts/build-gateway.sh "$static_target" 2>&1); then echo "$out"; exit 1; fi
+static="target/$static_target/gateway/plantmesh"
+printf '%-40s %-24s %10s\n' "host $static_target" "gateway (no broker, sims)" "$(mib "$(stat -c %s "$static")")"
 [ -f target/release/plantmesh ] && printf '%-40s %-24s %10s\n' "host ($(uname -m))" "default (broker, sims)" "$(mib "$(stat -c %s target/release/plantmesh)")"
 
 # The simulated devices come from a build with simulators (any profile).
@@ -82,19 +87,32 @@ for i in $(seq 0 9); do
     for r in $(seq 0 999); do printf '[[fields]]\nname = "r%s"\nsource = "d%s.r%s"\nunit = "1"\n' "$r" "$i" "$r"; done
   } > "$work/load/products/p$i.toml"
 done
-PLANTMESH_LOG=warn ${FOOTPRINT_WRAP:-} ${FOOTPRINT_AGENT:-target/gateway/plantmesh} run --config "$work/load" --data-dir "$work/load-data" 2> "$work/load.log" & agent=$!; pids+=($agent)
-sleep 15
-c0=$(cpu_ticks "$agent"); peak=0
-for _ in $(seq "$seconds"); do
-  r=$(rss_kib "$agent"); [ "$r" -gt "$peak" ] && peak=$r
-  sleep 1
-done
-c1=$(cpu_ticks "$agent")
-rss=$(awk -v k="$peak" 'BEGIN { printf "%.1f", k / 1024 }')
-cpu=$(awk -v d=$((c1 - c0)) -v clk="$clk" -v s="$seconds" 'BEGIN { printf "%.1f", d / clk / s * 100 }')
-echo "RSS (peak of 1 s samples): ${rss} MiB; CPU ${cpu} % of one core"
-grep -E "ERROR" "$work/load.log" | head -3 || true
-measured[rss_10k_tags_mib]=$rss
+# RSS and CPU of one build at 10,000 tags; it must also be delivering live product data upstream.
+load_run() {
+  local bin=$1 key=$2 label=$3
+  rm -rf "$work/load-data"
+  PLANTMESH_LOG=warn ${FOOTPRINT_WRAP:-} "$bin" run --config "$work/load" --data-dir "$work/load-data" 2> "$work/load.log" & agent=$!; pids+=($agent)
+  sleep 15
+  c0=$(cpu_ticks "$agent"); peak=0
+  for _ in $(seq "$seconds"); do
+    r=$(rss_kib "$agent"); [ "$r" -gt "$peak" ] && peak=$r
+    sleep 1
+  done
+  c1=$(cpu_ticks "$agent")
+  # Live (not retained) messages on the product topics: the agent measured is doing its work.
+  if ! mosquitto_sub -p "$port" -t 'fp/a/l/#' -R -C 10 -W 10 > /dev/null; then
+    echo "$label: no product messages reached the broker"; cat "$work/load.log"; exit 1
+  fi
+  kill "$agent"; wait "$agent" 2>/dev/null || true
+  rss=$(awk -v k="$peak" 'BEGIN { printf "%.1f", k / 1024 }')
+  cpu=$(awk -v d=$((c1 - c0)) -v clk="$clk" -v s="$seconds" 'BEGIN { printf "%.1f", d / clk / s * 100 }')
+  echo "$label: RSS (peak of 1 s samples) ${rss} MiB; CPU ${cpu} % of one core"
+  grep -E "ERROR" "$work/load.log" | head -3 || true
+  measured[$key]=$rss
+}
+load_run "${FOOTPRINT_AGENT:-target/gateway/plantmesh}" rss_10k_tags_mib "glibc build ($(uname -m))"
+# The static musl build: no libc mapped beside it, and musl's allocator hands freed memory back.
+[ -z "${FOOTPRINT_AGENT:-}" ] && load_run "$static" rss_10k_tags_static_mib "static musl build ($(uname -m))"
 
 if [ $check = 1 ]; then
   echo "== budgets (README.md, Footprint budgets)"

@@ -287,7 +287,7 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             None => demo(None).await,
             Some(Command::Demo { data_dir }) => demo(data_dir).await,
             Some(Command::Run { config, data_dir, view }) if !config.is_empty() => {
-                let plan = config::load_with(&config, data_dir.as_deref())
+                let plan = config::load_packed(&config, data_dir.as_deref())
                     .map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
                 // Parsing a large config leaves freed memory behind; hand it back before running.
                 allocator::trim();

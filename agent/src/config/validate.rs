@@ -1713,14 +1713,24 @@ fn tags_from_products(
     declared: &mut HashSet<String>,
     templates: &[mqtt::Template],
 ) {
+    /// Only what the skim needs; serde skips everything else without building a table of it.
+    #[derive(serde::Deserialize)]
+    struct Skim {
+        #[serde(default)]
+        fields: Vec<SkimField>,
+    }
+    #[derive(serde::Deserialize)]
+    struct SkimField {
+        source: Option<String>,
+    }
+    if !devices.iter().any(|d| d.sensor.is_some() || d.mqtt.is_some()) {
+        return;
+    }
     for (_, text) in products {
-        let Ok(doc) = toml::from_str::<toml::Table>(text) else {
+        let Ok(doc) = toml::from_str::<Skim>(text) else {
             continue;
         };
-        let Some(fields) = doc.get("fields").and_then(toml::Value::as_array) else {
-            continue;
-        };
-        for src in fields.iter().filter_map(|f| f.get("source")?.as_str()) {
+        for src in doc.fields.iter().filter_map(|f| f.source.as_deref()) {
             let Some((dev, name)) = src.split_once('.') else {
                 continue;
             };

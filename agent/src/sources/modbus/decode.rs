@@ -3,22 +3,15 @@
 use crate::config::{ByteOrder, DataType, TagPlan};
 use crate::model::{BadReason, Quality, Value};
 
-/// Bytes of `regs` in most-significant-first order after undoing the device's byte and word order.
-fn ordered_bytes(regs: &[u16], order: ByteOrder) -> Vec<u8> {
-    let mut words: Vec<u16> = regs.to_vec();
-    if order.swaps_words() {
-        words.reverse();
-    }
-    let mut bytes = Vec::with_capacity(words.len() * 2);
-    for w in words {
+/// Writes the bytes of `regs` into `out` (two per register) in most-significant-first order, after
+/// undoing the device's byte and word order.
+fn ordered_bytes(regs: &[u16], order: ByteOrder, out: &mut [u8]) {
+    let n = regs.len();
+    for (i, w) in regs.iter().enumerate() {
+        let at = 2 * if order.swaps_words() { n - 1 - i } else { i };
         let [hi, lo] = w.to_be_bytes();
-        if order.swaps_bytes() {
-            bytes.extend([lo, hi]);
-        } else {
-            bytes.extend([hi, lo]);
-        }
+        out[at..at + 2].copy_from_slice(&if order.swaps_bytes() { [lo, hi] } else { [hi, lo] });
     }
-    bytes
 }
 
 /// Decodes one tag from the registers it occupies (`regs.len() == tag.width()`).
@@ -29,7 +22,18 @@ pub fn decode_registers(tag: &TagPlan, regs: &[u16]) -> (Option<Value>, Quality)
     if let Some(bit) = tag.bit {
         return (Some(Value::Bool(regs[0] >> bit & 1 == 1)), Quality::Good);
     }
-    let b = ordered_bytes(regs, tag.byte_order);
+    // Numbers span at most 4 registers: their bytes stay on the stack (this runs for every register
+    // of every poll); only text may be longer.
+    let mut small = [0u8; 8];
+    let mut long = Vec::new();
+    let b: &mut [u8] = if regs.len() <= 4 {
+        &mut small[..2 * regs.len()]
+    } else {
+        long.resize(2 * regs.len(), 0);
+        &mut long
+    };
+    ordered_bytes(regs, tag.byte_order, b);
+    let b = &*b;
     let raw = match tag.data_type {
         DataType::Array => return (None, Quality::Bad(BadReason::Decode)),
         DataType::Bool => Value::Bool(regs[0] != 0),
