@@ -57,11 +57,20 @@ impl fmt::Display for Value {
 /// The wire form of a quality (`good`, `stale`, `bad:<reason>`, `uncertain:<reason>`), with OPC UA
 /// status codes by name (`bad:opcua_BadNodeIdUnknown`).
 pub fn quality_text(q: Quality) -> String {
-    let name = |code: u32| opcua::types::StatusCode::from(code).sub_code().name();
-    match q {
-        Quality::Bad(BadReason::OpcUa(code)) => format!("bad:opcua_{}", name(code)),
-        Quality::Uncertain(BadReason::OpcUa(code)) => format!("uncertain:opcua_{}", name(code)),
-        q => q.to_string(),
+    QualityText(q).to_string()
+}
+
+/// [`quality_text`] written straight into a formatter (record encoding writes one per bad value).
+pub struct QualityText(pub Quality);
+
+impl std::fmt::Display for QualityText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = |code: u32| opcua::types::StatusCode::from(code).sub_code().name();
+        match self.0 {
+            Quality::Bad(BadReason::OpcUa(code)) => write!(f, "bad:opcua_{}", name(code)),
+            Quality::Uncertain(BadReason::OpcUa(code)) => write!(f, "uncertain:opcua_{}", name(code)),
+            q => write!(f, "{q}"),
+        }
     }
 }
 

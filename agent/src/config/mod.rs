@@ -888,40 +888,6 @@ pub fn load_with(paths: &[PathBuf], data_dir: Option<&Path>) -> Result<Plan, Dia
     validate::validate(&gateway, governance.as_ref(), &texts, data_dir)
 }
 
-/// [`load_with`] for the long-running agent. Parsing a large config builds and frees documents many
-/// times the size of the plan (27 MB of TOML tables for 10,000 tags), and the plan's own small
-/// allocations end up scattered among them: freed, that memory still cannot go back to the kernel,
-/// because each page keeps a few live bytes. So the files are parsed on a short-lived thread, in
-/// the allocator's other arena, and the plan is copied out into the calling thread's arena, where
-/// it lies packed; the parse's arena is then all free and is handed back whole.
-pub fn load_packed(paths: &[PathBuf], data_dir: Option<&Path>) -> Result<Plan, Diagnostics> {
-    let parsed = std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("config".into())
-            .spawn_scoped(s, || load_with(paths, data_dir))
-            .map(|t| t.join())
-    });
-    match parsed {
-        Ok(Ok(plan)) => Ok(plan?.deep_copy()),
-        // A panic in the parser is a bug; report it as one rather than lose the config errors.
-        Ok(Err(panic)) => std::panic::resume_unwind(panic),
-        // No thread to be had (a limit on tasks): parse here.
-        Err(_) => load_with(paths, data_dir),
-    }
-}
-
-impl Plan {
-    /// A copy that shares no allocation with `self`: the tag and field tables are copied too.
-    pub fn deep_copy(&self) -> Plan {
-        let mut plan = self.clone();
-        plan.tags = self.tags.iter().cloned().collect();
-        for p in &mut plan.products {
-            p.fields = p.fields.iter().cloned().collect();
-        }
-        plan
-    }
-}
-
 /// Loads config from in-memory texts (the embedded demo plant). Paths are only used in messages.
 pub fn load_texts(
     gateway: (&Path, &str),
@@ -947,45 +913,4 @@ pub fn fnv1a64(chunks: &[&[u8]]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
-}
-
-#[cfg(test)]
-mod load_tests {
-    use super::*;
-    use std::sync::Arc;
-
-    fn example() -> Vec<PathBuf> {
-        vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/example")]
-    }
-
-    #[test]
-    fn the_packed_load_gives_the_same_plan_in_memory_of_its_own() {
-        let data = tempfile::tempdir().unwrap();
-        let direct = load_with(&example(), Some(data.path())).unwrap();
-        let packed = load_packed(&example(), Some(data.path())).unwrap();
-        assert_eq!(format!("{direct:?}"), format!("{packed:?}"));
-
-        let copy = packed.deep_copy();
-        assert_eq!(format!("{copy:?}"), format!("{packed:?}"));
-        assert!(!Arc::ptr_eq(&copy.tags, &packed.tags), "the tag table is copied");
-        assert!(!packed.products.is_empty());
-        for (c, p) in copy.products.iter().zip(&packed.products) {
-            assert!(!Arc::ptr_eq(&c.fields, &p.fields), "the field table of {} is copied", p.key);
-        }
-    }
-
-    #[test]
-    fn the_packed_load_reports_problems_as_the_direct_one_does() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("agent.toml"),
-            "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\npol_interval = 3\n",
-        )
-        .unwrap();
-        let paths = vec![dir.path().to_path_buf()];
-        let direct = load_with(&paths, Some(dir.path())).unwrap_err().to_string();
-        let packed = load_packed(&paths, Some(dir.path())).unwrap_err().to_string();
-        assert_eq!(direct, packed);
-        assert!(packed.contains("agent.toml:6"), "{packed}");
-    }
 }

@@ -63,7 +63,7 @@ impl RecordEncoder {
             if q.is_good() {
                 out.extend_from_slice(b"\"good\"");
             } else {
-                write!(out, "\"{}\"", crate::model::quality_text(*q)).expect("write to Vec");
+                write!(out, "\"{}\"", crate::model::QualityText(*q)).expect("write to Vec");
             }
         }
         out.extend_from_slice(b"}}");
