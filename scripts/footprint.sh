@@ -3,9 +3,10 @@
 # tags polled at 1 s from simulated Modbus devices into a real Mosquitto, and idle CPU.
 #   scripts/footprint.sh            measure and print
 #   scripts/footprint.sh --check    also fail when a budget in README.md ("Footprint budgets") is exceeded
-# Uses the cross builds that exist (scripts/build-gateway.sh <target>) and builds the host gateway
-# binary (`cargo build --profile gateway -p plantmesh --no-default-features`; a no-op when up to date). RSS and
-# CPU are measured on the host's gateway build: under qemu-user they would be the emulator's.
+# Uses the cross builds that exist (scripts/build-gateway.sh <target>) and builds the host's gateway
+# binaries, glibc and static musl (no-ops when up to date). RSS and CPU are measured on those, each
+# while it is seen delivering live product messages: under qemu-user they would be the emulator's.
+#   FOOTPRINT_AGENT=<binary>        measure that binary only (FOOTPRINT_WRAP=<cmd> runs it under cmd)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
