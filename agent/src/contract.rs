@@ -36,7 +36,7 @@ pub fn published_fields(p: &ProductPlan) -> Vec<PublishedField> {
         .map(|f| PublishedField {
             name: f.name.clone(),
             logical_type: published_type(f).to_string(),
-            unit: f.unit.clone(),
+            unit: f.unit.to_string(),
         })
         .collect()
 }

@@ -557,12 +557,14 @@ pub struct FieldPlan {
     /// Where the value comes from.
     pub source: FieldSource,
     pub logical_type: LogicalType,
-    pub unit: String,
+    /// Shared by the fields of a product that have the same unit.
+    pub unit: std::sync::Arc<str>,
     pub scale: f64,
     pub offset: f64,
     pub deadband: f64,
     pub description: String,
-    pub classification: String,
+    /// Shared by the fields of a product that have the same class.
+    pub classification: std::sync::Arc<str>,
     /// The action that applies: the class's, or a stricter one the product chose (or `never` when
     /// the class may not go upstream at all).
     pub action: EdgeAction,
@@ -696,7 +698,7 @@ pub fn test_field(name: &str, logical_type: LogicalType) -> FieldPlan {
         name: name.into(),
         source: FieldSource::Tag(0),
         logical_type,
-        unit: String::new(),
+        unit: "".into(),
         scale: 1.0,
         offset: 0.0,
         deadband: 0.0,
@@ -913,4 +915,34 @@ pub fn fnv1a64(chunks: &[&[u8]]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod shared_tests {
+    use super::*;
+
+    #[test]
+    fn fields_with_the_same_unit_or_class_share_one_copy() {
+        let gateway = "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n\
+            [[devices]]\nid = \"plc\"\nprotocol = \"modbus_tcp\"\naddress = \"127.0.0.1:502\"\n\
+            [[devices.tags]]\nname = \"a\"\ntable = \"holding\"\naddress = 0\n\
+            [[devices.tags]]\nname = \"b\"\ntable = \"holding\"\naddress = 1\n\
+            [[devices.tags]]\nname = \"c\"\ntable = \"holding\"\naddress = 2\n";
+        let product = "id = \"p\"\nname = \"P\"\nversion = \"1.0.0\"\ndomain = \"d\"\nowner = \"o\"\n\
+            [[fields]]\nname = \"a\"\nsource = \"plc.a\"\nunit = \"Cel\"\n\
+            [[fields]]\nname = \"b\"\nsource = \"plc.b\"\nunit = \"Cel\"\n\
+            [[fields]]\nname = \"c\"\nsource = \"plc.c\"\nunit = \"bar\"\n";
+        let plan = load_texts(
+            (Path::new("agent.toml"), gateway),
+            None,
+            &[(Path::new("p.toml"), product)],
+            Path::new("/tmp"),
+        )
+        .unwrap();
+        let f = &plan.products[0].fields;
+        assert_eq!((&*f[0].unit, &*f[1].unit, &*f[2].unit), ("Cel", "Cel", "bar"));
+        assert!(std::sync::Arc::ptr_eq(&f[0].unit, &f[1].unit));
+        assert!(!std::sync::Arc::ptr_eq(&f[1].unit, &f[2].unit));
+        assert!(f.iter().all(|x| std::sync::Arc::ptr_eq(&x.classification, &f[0].classification)));
+    }
 }

@@ -269,6 +269,22 @@ pub(super) fn validate(
     })
 }
 
+/// One shared copy of each distinct string (a product's units and classes): thousands of fields
+/// then hold a pointer each rather than an allocation each.
+#[derive(Default)]
+struct Shared(HashMap<String, std::sync::Arc<str>>);
+
+impl Shared {
+    fn get(&mut self, s: &str) -> std::sync::Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return a.clone();
+        }
+        let a: std::sync::Arc<str> = s.into();
+        self.0.insert(s.to_string(), a.clone());
+        a
+    }
+}
+
 fn check_template(cx: &mut Ctx, t: &Spanned<String>) -> bool {
     const KNOWN: [&str; 6] = ["site", "area", "line", "domain", "product", "major"];
     let mut ok = true;
@@ -1059,6 +1075,8 @@ fn product_plan(
     if p.fields.is_empty() {
         cx.err(&p.id, "fields", "a product needs at least one field");
     }
+    // Units and classes repeat across fields: one shared copy of each.
+    let mut shared = Shared::default();
     let mut fields = Vec::new();
     let mut names = HashMap::new();
     for (fi, f) in p.fields.iter().enumerate() {
@@ -1216,12 +1234,12 @@ fn product_plan(
             name: f.name.get_ref().clone(),
             source,
             logical_type,
-            unit: f.unit().to_string(),
+            unit: shared.get(f.unit()),
             scale,
             offset,
             deadband,
             description: f.description.clone(),
-            classification,
+            classification: shared.get(&classification),
             action,
             required: f.required,
             range,

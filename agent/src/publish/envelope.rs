@@ -10,31 +10,35 @@ use serde_json::{json, Value as Json};
 /// Keys are escaped once per product; this runs for every record, so it writes straight into the
 /// output with no intermediate JSON tree.
 pub struct RecordEncoder {
-    /// `"name":` per field, JSON-escaped.
-    keys: Vec<Vec<u8>>,
+    /// `"name":` of every field, JSON-escaped, one after another: one allocation rather than one per
+    /// field (at thousands of fields the per-allocation overhead outweighed the keys).
+    keys: Vec<u8>,
+    /// Where each field's key ends in `keys`.
+    ends: Vec<u32>,
 }
 
 impl RecordEncoder {
     pub fn new(product: &ProductPlan) -> Self {
-        let keys = product
-            .fields
-            .iter()
-            .map(|f| {
-                let mut k = serde_json::to_vec(&f.name).expect("a string serializes");
-                k.push(b':');
-                // serde_json starts with 128 bytes; at thousands of fields the slack adds up.
-                k.shrink_to_fit();
-                k
-            })
-            .collect();
-        RecordEncoder { keys }
+        let mut keys = Vec::new();
+        let mut ends = Vec::with_capacity(product.fields.len());
+        for f in product.fields.iter() {
+            serde_json::to_writer(&mut keys, &f.name).expect("a string serializes");
+            keys.push(b':');
+            ends.push(u32::try_from(keys.len()).expect("field names fit in 4 GiB"));
+        }
+        keys.shrink_to_fit();
+        RecordEncoder { keys, ends }
+    }
+
+    fn key(&self, field: usize) -> &[u8] {
+        let start = if field == 0 { 0 } else { self.ends[field - 1] as usize };
+        &self.keys[start..self.ends[field] as usize]
     }
 
     /// Encodes what governance lets leave: only the fields in `record`, nothing else.
     pub fn encode(&self, record: &Governed) -> Vec<u8> {
         use std::io::Write;
-        let key_bytes: usize = self.keys.iter().map(Vec::len).sum();
-        let mut out = Vec::with_capacity(64 + 2 * key_bytes + self.keys.len() * 16);
+        let mut out = Vec::with_capacity(64 + 2 * self.keys.len() + self.ends.len() * 16);
         out.extend_from_slice(b"{\"ts\":\"");
         out.extend_from_slice(format_rfc3339_millis(record.ts).as_bytes());
         out.extend_from_slice(b"\",\"fields\":{");
@@ -42,7 +46,7 @@ impl RecordEncoder {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(&self.keys[*field]);
+            out.extend_from_slice(self.key(*field));
             match v {
                 None => out.extend_from_slice(b"null"),
                 Some(Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
@@ -59,7 +63,7 @@ impl RecordEncoder {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(&self.keys[*field]);
+            out.extend_from_slice(self.key(*field));
             if q.is_good() {
                 out.extend_from_slice(b"\"good\"");
             } else {
@@ -173,10 +177,10 @@ fn property(p: &ProductPlan, f: &crate::config::FieldPlan, lineage: Json) -> Jso
     json!({
         "name": f.name,
         "logicalType": crate::contract::published_type(f),
-        "unit": f.unit,
+        "unit": &*f.unit,
         "description": f.description,
         "required": f.required,
-        "classification": f.classification,
+        "classification": &*f.classification,
         "edgeAction": f.action.name(),
         "range": f.range.map(|(lo, hi)| json!({"min": lo, "max": hi})),
         "aggregate": (matches!(p.publish, crate::config::PublishMode::Window(_)) && f.source.tag().is_some())
@@ -343,6 +347,38 @@ mod tests {
         assert_eq!(v["fields"]["t\"q"], "a \"quoted\"\n text");
         assert_eq!(v["fields"]["none"], Json::Null);
         assert_eq!(v["quality"]["none"], "bad:timeout");
+    }
+
+    #[test]
+    fn only_the_fields_governance_lets_leave_are_written_under_their_own_names() {
+        let p = crate::config::test_product(
+            ["first", "masked", "third", "ünits", "fifth"]
+                .iter()
+                .map(|n| crate::config::test_field(n, LogicalType::Number))
+                .collect(),
+        );
+        let governed = Governed {
+            ts: 0,
+            fields: vec![
+                (0, Some(Value::Int(1)), Quality::Good),
+                (
+                    3,
+                    Some(Value::Float(2.5)),
+                    Quality::Uncertain(BadReason::OpcUa(0x4093_0000)),
+                ),
+                (4, None, Quality::Bad(BadReason::Timeout)),
+            ],
+        };
+        let v: Json = serde_json::from_slice(&RecordEncoder::new(&p).encode(&governed)).unwrap();
+        let names = |k: &str| v[k].as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(names("fields"), ["fifth", "first", "ünits"]);
+        assert_eq!(names("quality"), ["fifth", "first", "ünits"]);
+        assert_eq!(
+            (v["fields"]["first"].as_i64(), v["fields"]["ünits"].as_f64()),
+            (Some(1), Some(2.5))
+        );
+        assert_eq!(v["quality"]["ünits"], "uncertain:opcua_UncertainSensorNotAccurate");
+        assert_eq!(v["quality"]["fifth"], "bad:timeout");
     }
 
     #[test]

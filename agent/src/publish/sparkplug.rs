@@ -80,8 +80,8 @@ impl Encoder {
                             (_, LogicalType::Boolean) => datatype::BOOLEAN,
                             (_, LogicalType::String | LogicalType::Array) => datatype::STRING,
                         },
-                        unit: f.unit.clone(),
-                        classification: f.classification.clone(),
+                        unit: f.unit.to_string(),
+                        classification: f.classification.to_string(),
                     })
                     .collect();
                 let by_name = fields.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
@@ -91,7 +91,10 @@ impl Encoder {
                     .iter()
                     .filter(|f| f.action != EdgeAction::Never)
                     .max_by_key(|f| f.action.rank())
-                    .map_or_else(|| plan.governance.default_class.clone(), |f| f.classification.clone());
+                    .map_or_else(
+                        || plan.governance.default_class.clone(),
+                        |f| f.classification.to_string(),
+                    );
                 let s = |v: &str| PropertyValueKind::String(v.to_string());
                 Device {
                     key: p.key.clone(),
