@@ -943,6 +943,8 @@ mod shared_tests {
         assert_eq!((&*f[0].unit, &*f[1].unit, &*f[2].unit), ("Cel", "Cel", "bar"));
         assert!(std::sync::Arc::ptr_eq(&f[0].unit, &f[1].unit));
         assert!(!std::sync::Arc::ptr_eq(&f[1].unit, &f[2].unit));
-        assert!(f.iter().all(|x| std::sync::Arc::ptr_eq(&x.classification, &f[0].classification)));
+        assert!(f
+            .iter()
+            .all(|x| std::sync::Arc::ptr_eq(&x.classification, &f[0].classification)));
     }
 }
