@@ -20,6 +20,7 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v objdump >/dev/null 2>&1 || missing+=(binutils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -76,6 +77,13 @@ cargo test --workspace -- --test-threads=2
 step "gateway binary for aarch64 (cross linker), run under qemu, library tests under emulation"
 scripts/build-gateway.sh aarch64-unknown-linux-gnu
 qemu-aarch64 -L /usr/aarch64-linux-gnu target/aarch64-unknown-linux-gnu/gateway/plantmesh --version
+# The .deb must declare at least the newest glibc symbol version the binary links against.
+need=$(objdump -T target/aarch64-unknown-linux-gnu/gateway/plantmesh | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
+declared=$(sed -n 's/^depends = "libc6 (>= \([0-9.]*\))"$/\1/p' agent/Cargo.toml)
+if [ -z "$declared" ] || [ "$(printf '%s\n%s\n' "$need" "$declared" | sort -V | tail -1)" != "$declared" ]; then
+  echo "the package declares libc6 >= '${declared}' but the binary needs GLIBC_${need} (agent/Cargo.toml)"; exit 1
+fi
+echo "glibc: binary needs $need, package declares >= $declared"
 # The governance property runs on fewer policies under emulation (the million records run natively above).
 PLANTMESH_GOVERN_CASES=8 cargo test --target aarch64-unknown-linux-gnu -p plantmesh-protocol -p plantmesh \
   --no-default-features --lib -- --test-threads=2
