@@ -37,6 +37,10 @@ fi
 .venv/bin/python -c 'import pymodbus, asyncua; print("pymodbus", pymodbus.__version__, "asyncua", asyncua.__version__)'
 export PLANTMESH_PYTHON="$root/.venv/bin/python"
 
+# One clean build per run: incremental state would add gigabytes to target/ and buy nothing.
+export CARGO_INCREMENTAL=0
+disk() { printf 'disk: target/ %s, %s free\n' "$(du -sh target 2>/dev/null | cut -f1)" "$(df -h --output=avail . | tail -1 | tr -d ' ')"; }
+
 step "rust components"
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 cargo --version
@@ -73,6 +77,7 @@ cargo build --workspace --bins
 
 step "tests"
 cargo test --workspace -- --test-threads=2
+disk
 
 step "gateway binary for aarch64 (cross linker), run under qemu, library tests under emulation"
 scripts/build-gateway.sh aarch64-unknown-linux-gnu
@@ -88,5 +93,10 @@ echo "glibc: binary needs $need, package declares >= $declared"
 PLANTMESH_GOVERN_CASES=8 cargo test --target aarch64-unknown-linux-gnu -p plantmesh-protocol -p plantmesh \
   --no-default-features --lib -- --test-threads=2
 
+disk
+# The emulated test build is not needed again; the footprint step builds two more gateway binaries.
+rm -rf target/aarch64-unknown-linux-gnu/debug
+
 step "footprint budgets (README.md)"
 scripts/footprint.sh --check
+disk
