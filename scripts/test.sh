@@ -9,7 +9,7 @@ root=$(pwd)
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> %s  [%dm%02ds]\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 step "system packages"
