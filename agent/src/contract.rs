@@ -34,7 +34,7 @@ pub fn published_fields(p: &ProductPlan) -> Vec<PublishedField> {
         .iter()
         .filter(|f| f.action != EdgeAction::Never)
         .map(|f| PublishedField {
-            name: f.name.clone(),
+            name: f.name.to_string(),
             logical_type: published_type(f).to_string(),
             unit: f.unit.to_string(),
         })

@@ -272,14 +272,14 @@ pub(super) fn validate(
 /// One shared copy of each distinct string (a product's units and classes): thousands of fields
 /// then hold a pointer each rather than an allocation each.
 #[derive(Default)]
-struct Shared(HashMap<String, std::sync::Arc<str>>);
+struct Shared(HashMap<String, SharedStr>);
 
 impl Shared {
-    fn get(&mut self, s: &str) -> std::sync::Arc<str> {
+    fn get(&mut self, s: &str) -> SharedStr {
         if let Some(a) = self.0.get(s) {
             return a.clone();
         }
-        let a: std::sync::Arc<str> = s.into();
+        let a = SharedStr::new(s.to_string());
         self.0.insert(s.to_string(), a.clone());
         a
     }
@@ -756,7 +756,7 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
         .map(|u| cx.range(u, &format!("{key}.unit_id"), 0, 255).unwrap_or(0) as u8);
     let plan = TagPlan {
         device,
-        name: t.name.get_ref().clone(),
+        name: t.name.get_ref().into(),
         unit_id: tag_unit.unwrap_or(unit_id),
         table,
         address,
@@ -1219,7 +1219,7 @@ fn product_plan(
                 cx.err(r, format!("{key}.range"), "a range is [min, max] with min < max");
                 None
             }
-            Some(r) => Some((r.get_ref()[0], r.get_ref()[1])),
+            Some(r) => Some(Box::new((r.get_ref()[0], r.get_ref()[1]))),
             None => None,
         };
         if rules.required.iter().any(|r| r == "unit") && numeric && f.unit().is_empty() {
@@ -1231,14 +1231,14 @@ fn product_plan(
             cx.err(&f.name, format!("{key}.unit"), msg);
         }
         fields.push(FieldPlan {
-            name: f.name.get_ref().clone(),
+            name: f.name.get_ref().into(),
             source,
             logical_type,
             unit: shared.get(f.unit()),
             scale,
             offset,
             deadband,
-            description: f.description.clone(),
+            description: f.description.as_str().into(),
             classification: shared.get(&classification),
             action,
             required: f.required,
@@ -1442,7 +1442,7 @@ fn field_source(
             }
             let mut idx = Vec::new();
             for name in inputs.get_ref() {
-                match built.iter().position(|b| &b.name == name) {
+                match built.iter().position(|b| *b.name == **name) {
                     Some(i) if matches!(built[i].logical_type, LogicalType::Number | LogicalType::Integer) => {
                         idx.push(i)
                     }
@@ -1479,7 +1479,7 @@ fn field_source(
             (idx.len() == n).then(|| {
                 let from = format!("`derive = \"{}\"`", op.name());
                 (
-                    FieldSource::Derived(Derivation { op, inputs: idx }),
+                    FieldSource::Derived(Box::new(Derivation { op, inputs: idx })),
                     LogicalType::Number,
                     None,
                     from,
@@ -1705,7 +1705,7 @@ fn sensor_device(
 fn sensor_tag(device: usize, name: &str, channel: Option<u8>, scale: f64, offset: f64) -> TagPlan {
     TagPlan {
         device,
-        name: name.to_string(),
+        name: name.into(),
         unit_id: 0,
         table: Table::Holding,
         address: 0,
@@ -2170,7 +2170,7 @@ fn opcua_device(
         plan.tags.push(tags.len());
         tags.push(TagPlan {
             device: di,
-            name: t.name.get_ref().clone(),
+            name: t.name.get_ref().into(),
             unit_id: 0,
             table: Table::Holding,
             address: 0,

@@ -76,7 +76,7 @@ impl Governor {
                 if key.is_none() {
                     return Err(GovernError::NoKey {
                         product: p.id.clone(),
-                        field: f.name.clone(),
+                        field: f.name.to_string(),
                     });
                 }
             }
@@ -97,7 +97,7 @@ impl Governor {
         let mut violated = false;
         for (i, (f, (value, mut quality))) in fields.iter().zip(record.fields).enumerate() {
             // Contract checks.
-            if let (Some((lo, hi)), Some(x)) = (f.range, value.as_ref().and_then(Value::as_f64)) {
+            if let (Some(&(lo, hi)), Some(x)) = (f.range.as_deref(), value.as_ref().and_then(Value::as_f64)) {
                 if quality.is_good() && !(lo..=hi).contains(&x) {
                     quality = Quality::Bad(BadReason::OutOfRange);
                     counts.add(product, "contract_range", 1);
@@ -198,7 +198,7 @@ mod tests {
 
     fn field(i: usize, action: EdgeAction, logical: LogicalType) -> FieldPlan {
         FieldPlan {
-            classification: "c".into(),
+            classification: crate::config::SharedStr::new("c".into()),
             action,
             ..crate::config::test_field(&format!("f{i}"), logical)
         }
@@ -269,7 +269,7 @@ mod tests {
                 let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
                 let keys: Vec<&String> = parsed["fields"].as_object().unwrap().keys().collect();
                 for (i, f) in p.fields.iter().enumerate() {
-                    let present = keys.iter().any(|k| **k == f.name);
+                    let present = keys.iter().any(|k| k.as_str() == &*f.name);
                     let clear_text = match &clear[i] {
                         Value::Text(s) => s.clone(),
                         v => v.to_json().to_string(),
@@ -281,17 +281,17 @@ mod tests {
                         }
                         EdgeAction::Pseudonymise => {
                             prop_assert!(present);
-                            let v = parsed["fields"][&f.name].as_str().unwrap();
+                            let v = parsed["fields"][&*f.name].as_str().unwrap();
                             prop_assert!(v.starts_with("h:") && v.len() == 34, "{v}");
                             prop_assert!(!json.contains(&clear_text), "clear value of a pseudonymised field leaked");
                         }
                         EdgeAction::Mask => {
                             prop_assert!(present);
-                            prop_assert!(parsed["fields"][&f.name].is_null());
+                            prop_assert!(parsed["fields"][&*f.name].is_null());
                             prop_assert!(!json.contains(&clear_text));
                         }
                         EdgeAction::Coarsen(step) => {
-                            let v = parsed["fields"][&f.name].as_f64().unwrap();
+                            let v = parsed["fields"][&*f.name].as_f64().unwrap();
                             let k = (v / step).round();
                             prop_assert!((v - k * step).abs() <= 1e-6 * v.abs().max(1.0), "{v} is not a multiple of {step}");
                         }
@@ -299,7 +299,7 @@ mod tests {
                     }
                 }
                 // Only declared fields.
-                prop_assert!(keys.iter().all(|k| p.fields.iter().any(|f| &f.name == *k)));
+                prop_assert!(keys.iter().all(|k| p.fields.iter().any(|f| &*f.name == k.as_str())));
             }
         }
     }
@@ -329,7 +329,7 @@ mod tests {
     #[test]
     fn contract_violations_are_flagged_or_dropped_and_counted() {
         let mut f = field(0, EdgeAction::Pass, LogicalType::Number);
-        f.range = Some((0.0, 100.0));
+        f.range = Some(Box::new((0.0, 100.0)));
         let mut r = field(1, EdgeAction::Pass, LogicalType::Number);
         r.required = true;
         let mut p = product(vec![f, r]);

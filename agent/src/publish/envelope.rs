@@ -182,7 +182,7 @@ fn property(p: &ProductPlan, f: &crate::config::FieldPlan, lineage: Json) -> Jso
         "required": f.required,
         "classification": &*f.classification,
         "edgeAction": f.action.name(),
-        "range": f.range.map(|(lo, hi)| json!({"min": lo, "max": hi})),
+        "range": f.range.as_deref().map(|(lo, hi)| json!({"min": lo, "max": hi})),
         "aggregate": (matches!(p.publish, crate::config::PublishMode::Window(_)) && f.source.tag().is_some())
             .then(|| f.aggregate.name()),
         "lineage": lineage,
@@ -206,7 +206,7 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                         f,
                         json!({
                             "derived": d.op.name(),
-                            "inputs": d.inputs.iter().map(|&i| p.fields[i].name.as_str()).collect::<Vec<_>>(),
+                            "inputs": d.inputs.iter().map(|&i| &*p.fields[i].name).collect::<Vec<_>>(),
                             "scale": f.scale,
                             "offset": f.offset,
                         }),

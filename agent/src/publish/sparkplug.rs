@@ -70,7 +70,7 @@ impl Encoder {
                     .enumerate()
                     .filter(|(_, f)| f.action != EdgeAction::Never)
                     .map(|(fi, f)| Field {
-                        name: f.name.clone(),
+                        name: f.name.to_string(),
                         // Unique over the node: product in the high bits, field in the low.
                         alias: ((pi as u64 + 1) << 16) | fi as u64,
                         datatype: match (f.action, f.logical_type) {

@@ -153,7 +153,7 @@ impl NodeState {
             .tags
             .iter()
             .filter(|ti| !self.mapping.contains_key(ti))
-            .map(|&ti| tags[ti].name.clone())
+            .map(|&ti| tags[ti].name.to_string())
             .collect()
     }
 }

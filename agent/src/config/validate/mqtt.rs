@@ -315,7 +315,7 @@ fn tag(cx: &mut Ctx, t: &raw::Tag, key: &str, di: usize) -> Option<(TagPlan, Vec
     };
     let tag = TagPlan {
         device: di,
-        name: t.name.get_ref().clone(),
+        name: t.name.get_ref().into(),
         unit_id: 0,
         table: Table::Holding,
         address: 0,
@@ -465,7 +465,7 @@ pub(super) fn instantiate(templates: &[Template], device: usize, name: &str) -> 
             return None;
         }
         let mut tag = t.proto.clone();
-        tag.name = name.to_string();
+        tag.name = name.into();
         let m = tag.mqtt.as_mut().expect("templates are mqtt tags");
         m.topic = fill(&m.topic, &caps);
         if let MqttPayload::Sparkplug {

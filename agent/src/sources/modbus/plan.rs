@@ -100,7 +100,7 @@ mod tests {
     fn t(table: Table, address: u16, data_type: DataType) -> TagPlan {
         TagPlan {
             device: 0,
-            name: format!("t{address}"),
+            name: format!("t{address}").into(),
             unit_id: 1,
             table,
             address,
