@@ -923,7 +923,7 @@ pub fn fnv1a64(chunks: &[&[u8]]) -> u64 {
 }
 
 #[cfg(test)]
-mod shared_tests {
+mod plan_memory_tests {
     use super::*;
 
     #[test]
@@ -955,10 +955,6 @@ mod shared_tests {
             .iter()
             .all(|x| std::sync::Arc::ptr_eq(&x.classification, &f[0].classification)));
     }
-}
-#[cfg(test)]
-mod size_tests {
-    use super::*;
 
     /// A plan holds one `FieldPlan` per field of every product and one `TagPlan` per tag, for the
     /// life of the agent: at 10,000 tags every 8 bytes here is 80 KB of RSS (scripts/footprint.sh).
