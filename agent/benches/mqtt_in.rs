@@ -76,7 +76,7 @@ fn main() {
         dir.path(),
     )
     .unwrap_or_else(|d| panic!("{d}"));
-    let mut r = Router::new(0, &plan.devices[0], plan.tags.clone());
+    let mut r = Router::new(0, &plan.devices[0].tags, plan.tags.clone());
     let n = 200_000u64;
 
     let json = br#"{"ts": 1795255200000, "temp": 21.5, "count": 12345, "state": "RUNNING", "extra": {"a": [1, 2, 3]}}"#;

@@ -52,24 +52,11 @@ pub async fn discover(o: &Options) -> Result<String, String> {
         identity: o.identity.clone(),
         publishing_interval: Duration::from_secs(1),
         polling: false,
-        server_timestamp: false,
-    };
-    let device = crate::config::DevicePlan {
-        id: o.device_id.clone(),
-        address: o.endpoint.clone(),
         poll_interval: Duration::from_secs(1),
         timeout: Duration::from_secs(30),
-        max_gap_registers: 0,
-        max_gap_bits: 0,
-        max_registers_per_read: 0,
-        max_bits_per_read: 0,
-        tags: Vec::new(),
-        serial: None,
-        sensor: None,
-        mqtt: None,
-        opcua: Some(plan.clone()),
+        server_timestamp: false,
     };
-    let mut client = build_client(&device, &plan, &o.pki_dir, &o.application_uri)?;
+    let mut client = build_client(&o.device_id, &plan, &o.pki_dir, &o.application_uri)?;
     let policy = security_policy(&o.security_policy)
         .ok_or_else(|| format!("unsupported security policy {}", o.security_policy))?;
     let mode = match o.security_mode {

@@ -10,7 +10,6 @@ pub mod audit;
 pub mod buffer;
 pub mod catalog;
 pub mod config;
-pub mod contract;
 pub mod discover;
 pub mod govern;
 pub mod map;

@@ -495,6 +495,7 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
 /// simulators run while the returned guard lives.
 #[cfg(feature = "simulators")]
 async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, plantmesh::sim::oven::SimServer)> {
+    use plantmesh::config::DeviceKind;
     use std::path::Path;
     let data_dir = data_dir.to_path_buf();
     let products: Vec<(&Path, &str)> = DEMO_PRODUCTS.iter().map(|(p, t)| (Path::new(*p), *t)).collect();
@@ -563,23 +564,15 @@ async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, 
         "wrapper-1".into(),
     ));
     for d in &mut plan.devices {
-        if let Some(m) = d.mqtt.as_mut() {
-            m.broker.host = broker.0.clone();
-            m.broker.port = broker.1;
-            d.address = format!("{}:{}", broker.0, broker.1);
-            continue;
-        }
-        if let Some(serial) = d.serial.as_mut() {
-            serial.port = node_port.clone();
-            d.address = node_port.clone();
-            continue;
-        }
-        match &mut d.opcua {
-            Some(o) => {
-                o.endpoint = oven.endpoint.clone();
-                d.address = oven.endpoint.clone();
+        match &mut d.kind {
+            DeviceKind::Mqtt(m) => {
+                m.broker.host = broker.0.clone();
+                m.broker.port = broker.1;
             }
-            None => d.address = plc.to_string(),
+            DeviceKind::Sensor(s) => s.serial.port = node_port.clone(),
+            DeviceKind::ModbusRtu(r) => r.serial.port = node_port.clone(),
+            DeviceKind::OpcUa(o) => o.endpoint = oven.endpoint.clone(),
+            DeviceKind::ModbusTcp(t) => t.address = plc.to_string(),
         }
     }
     tracing::info!(oven = %oven.endpoint, "demo plant: simulated curing oven on OPC UA");

@@ -10,7 +10,7 @@ use crate::config::{MqttVersion, Plan, UpstreamPlan};
 use crate::map::Mapper;
 use crate::model::now_millis;
 use crate::publish::{envelope, link::LinkOptions, Announced, PublishStats, Publisher};
-use crate::sources::{modbus::ModbusSource, opcua::OpcUaSource, DeviceStats};
+use crate::sources::{DeviceStats, OpcUaIdentityFiles, SourceCtx};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -104,42 +104,25 @@ pub fn spawn_sources(
     out: mpsc::Sender<crate::model::ReadingBatch>,
     shutdown: &watch::Receiver<bool>,
 ) -> (Vec<tokio::task::JoinHandle<()>>, Vec<Arc<DeviceStats>>) {
-    let tags = plan.tags.clone();
+    let opcua = OpcUaIdentityFiles {
+        pki_dir: plan.agent.data_dir.join("pki"),
+        application_uri: application_uri(plan),
+    };
     let mut device_stats = Vec::new();
     let mut sources = Vec::new();
-    for (i, d) in plan.devices.iter().enumerate() {
+    for (index, d) in plan.devices.iter().enumerate() {
         let stats = Arc::new(DeviceStats::default());
         device_stats.push(stats.clone());
-        // Every source takes the same six things, and some a few more.
-        macro_rules! spawn {
-            ($($source:ident)::+ { $($more:tt)* }) => {
-                tokio::spawn(
-                    $($source)::+ {
-                        index: i,
-                        device: d.clone(),
-                        tags: tags.clone(),
-                        stats,
-                        out: out.clone(),
-                        shutdown: shutdown.clone(),
-                        $($more)*
-                    }
-                    .run(),
-                )
-            };
-        }
-        let task = if d.sensor.is_some() {
-            spawn!(crate::sources::sensor::SensorSource {})
-        } else if d.mqtt.is_some() {
-            spawn!(crate::sources::mqtt::MqttSource {})
-        } else if d.opcua.is_some() {
-            spawn!(OpcUaSource {
-                pki_dir: plan.agent.data_dir.join("pki"),
-                application_uri: application_uri(plan),
-            })
-        } else {
-            spawn!(ModbusSource {})
+        let ctx = SourceCtx {
+            index,
+            id: d.id.clone(),
+            device_tags: d.tags.clone(),
+            tags: plan.tags.clone(),
+            stats,
+            out: out.clone(),
+            shutdown: shutdown.clone(),
         };
-        sources.push(task);
+        sources.push(crate::sources::spawn(d, ctx, &opcua));
     }
     (sources, device_stats)
 }
@@ -262,7 +245,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         stats: publish_stats.clone(),
         shutdown: shutdown.clone(),
         retained: retained_rx,
-        contracts_dir: Some(crate::contract::dir(&plan.agent.data_dir)),
+        contracts_dir: Some(crate::config::contract::dir(&plan.agent.data_dir)),
         egress: crate::publish::Egress {
             topic_prefixes: plan.governance.allow_topic_prefixes.clone(),
             products: plan.products.iter().map(|p| p.key.clone()).collect(),

@@ -3,6 +3,7 @@
 //! A deliberately small HTTP/1.1 responder: one request per connection, GET only. `/health` is 200
 //! `ok` while the buffer writer runs and 503 once it has stopped (the agent is about to exit).
 
+use crate::config::DeviceKind;
 use crate::runtime::Running;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
@@ -154,7 +155,7 @@ fn metrics(r: &Running) -> String {
         r.plan
             .devices
             .iter()
-            .any(|d| d.sensor.is_some() && i.0 == format!("device=\"{}\"", d.id))
+            .any(|d| matches!(d.kind, DeviceKind::Sensor(_)) && i.0 == format!("device=\"{}\"", d.id))
     };
     family(
         &mut s,
@@ -187,7 +188,7 @@ fn metrics(r: &Running) -> String {
         r.plan
             .devices
             .iter()
-            .any(|d| d.mqtt.is_some() && i.0 == format!("device=\"{}\"", d.id))
+            .any(|d| matches!(d.kind, DeviceKind::Mqtt(_)) && i.0 == format!("device=\"{}\"", d.id))
     };
     family(
         &mut s,

@@ -63,7 +63,7 @@ pub fn spawn(r: Running) {
                         s,
                         "device {:<14} {:<22} {} polls {} requests {} errors {}",
                         d.id,
-                        d.address,
+                        d.kind.address(),
                         if st.connected.load(Relaxed) == 1 {
                             "up  "
                         } else {

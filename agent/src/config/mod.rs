@@ -1,17 +1,26 @@
 //! Configuration: three kinds of file, parsed into raw serde types and validated into one typed [`Plan`].
+//! Device kinds validate their own keys in their rooms under `sources/`; this module holds what is
+//! shared (agent, buffer, upstream, products, governance) and puts the plan together.
 //!
 //! In: a config directory (`agent.toml`, `products/**/*.toml`, optional `governance.toml`) or a list of
 //! files. Out: a [`Plan`] the runtime builds from, or [`Diagnostics`] naming every problem at
 //! `file:line:column` with its key path and, where one exists, a suggestion. Validation never stops at
 //! the first problem: an engineer fixing a file sees all of them at once.
 
+pub mod contract;
 pub mod diag;
 pub mod raw;
 mod ucum;
 pub mod units;
-mod validate;
+pub(crate) mod validate;
 
 pub use diag::{Diagnostic, Diagnostics};
+// The device side of a plan lives with the sources, each kind in its room.
+pub use crate::sources::modbus::config::{ByteOrder, Table};
+pub use crate::sources::mqtt::config::{MqttDevicePlan, MqttPayload, MqttTagPlan};
+pub use crate::sources::opcua::config::{Deadband, OpcUaDevicePlan, OpcUaIdentity, OpcUaSecurityMode, OpcUaTagPlan};
+pub use crate::sources::serial::{Parity, SerialPlan};
+pub use crate::sources::{DeviceKind, DevicePlan, Protocol, TagKind, TagPlan};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -112,161 +121,6 @@ pub struct BufferPlan {
     pub commit_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
-pub struct DevicePlan {
-    pub id: String,
-    pub address: String,
-    pub poll_interval: Duration,
-    pub timeout: Duration,
-    pub max_gap_registers: u16,
-    pub max_gap_bits: u16,
-    pub max_registers_per_read: u16,
-    pub max_bits_per_read: u16,
-    /// Indexes into [`Plan::tags`].
-    pub tags: Vec<usize>,
-    /// Set for OPC UA devices (then `address` holds the endpoint URL and the Modbus fields are unused).
-    pub opcua: Option<OpcUaDevicePlan>,
-    /// Set for Modbus RTU devices and sensor nodes (then `address` holds the port).
-    pub serial: Option<SerialPlan>,
-    /// Set for sensor nodes.
-    pub sensor: Option<SensorDevicePlan>,
-    /// Set for MQTT devices (then `address` holds `host:port` of the device-side broker).
-    pub mqtt: Option<MqttDevicePlan>,
-}
-
-/// A device-side MQTT broker: how to connect (the same settings as upstream; always MQTT 3.1.1,
-/// which every broker speaks, with a clean session: a replayed backlog would only be stale data).
-#[derive(Debug, Clone)]
-pub struct MqttDevicePlan {
-    pub broker: UpstreamPlan,
-}
-
-/// How an MQTT tag finds its value in a message.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MqttPayload {
-    /// A JSON document: the value at `pointer`, the time at `timestamp` (else the arrival time).
-    Json { pointer: String, timestamp: Option<String> },
-    /// The payload is the value, as text (`21.5`, `true`, `RUNNING`).
-    Plain,
-    /// A Sparkplug B metric of an edge node or device.
-    Sparkplug {
-        group: String,
-        node: String,
-        device: Option<String>,
-        metric: String,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct MqttTagPlan {
-    /// The topic messages for this tag arrive on (JSON, plain), with every capture filled in.
-    pub topic: String,
-    /// The filter the device subscribes to for it (captures as `+`).
-    pub filter: String,
-    pub payload: MqttPayload,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parity {
-    None,
-    Even,
-    Odd,
-}
-
-/// A serial line.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SerialPlan {
-    pub port: String,
-    pub baud: u32,
-    pub parity: Parity,
-    pub stop_bits: u8,
-    pub data_bits: u8,
-    /// Modbus RTU: silence kept between frames.
-    pub inter_frame: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SensorDevicePlan {
-    /// No frame for this long: the node's channels go bad (`link_lost`).
-    pub stale_after: Duration,
-}
-
-impl DevicePlan {
-    /// The protocol name as config files and lineage write it.
-    pub fn protocol(&self) -> &'static str {
-        if self.mqtt.is_some() {
-            return "mqtt";
-        }
-        match (&self.opcua, &self.serial, &self.sensor) {
-            (Some(_), _, _) => "opcua",
-            (_, _, Some(_)) => "sensor_node",
-            (_, Some(_), None) => "modbus_rtu",
-            _ => "modbus_tcp",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpcUaSecurityMode {
-    None,
-    Sign,
-    SignAndEncrypt,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OpcUaIdentity {
-    Anonymous,
-    UserName { user: String, password: SecretRef },
-    X509 { cert: PathBuf, key: PathBuf },
-}
-
-#[derive(Debug, Clone)]
-pub struct OpcUaDevicePlan {
-    pub endpoint: String,
-    /// OPC UA security policy name as in the spec, e.g. `Aes256_Sha256_RsaPss`, `None`.
-    pub security_policy: String,
-    pub security_mode: OpcUaSecurityMode,
-    pub identity: OpcUaIdentity,
-    pub publishing_interval: Duration,
-    /// Read service every `poll_interval` instead of a subscription.
-    pub polling: bool,
-    /// Record time from the server timestamp instead of the source timestamp.
-    pub server_timestamp: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Deadband {
-    Absolute(f64),
-    Percent(f64),
-}
-
-#[derive(Debug, Clone)]
-pub struct OpcUaTagPlan {
-    /// The NodeId as written (with `ns=` unless `namespace_uri` is set).
-    pub node_id: String,
-    pub namespace_uri: Option<String>,
-    pub sampling_interval: Duration,
-    pub queue_size: u32,
-    pub deadband: Option<Deadband>,
-    /// The OPC UA built-in type name the tag is declared with.
-    pub type_name: String,
-}
-
-/// The four Modbus data tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Table {
-    Coil,
-    DiscreteInput,
-    Holding,
-    Input,
-}
-
-impl Table {
-    pub fn is_bits(self) -> bool {
-        matches!(self, Table::Coil | Table::DiscreteInput)
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataType {
     Bool,
@@ -293,59 +147,6 @@ impl DataType {
             DataType::U64 | DataType::I64 | DataType::F64 => 4,
             DataType::Text(n) => n,
             DataType::Array => 0,
-        }
-    }
-}
-
-/// Byte and word order of multi-register values, named by where bytes A (most significant) to D land.
-/// ABCD: big-endian words, most significant word first. CDAB: words swapped. BADC: bytes swapped in
-/// each word. DCBA: both (little endian). For 64-bit values "words swapped" reverses all four words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ByteOrder {
-    Abcd,
-    Cdab,
-    Badc,
-    Dcba,
-}
-
-impl ByteOrder {
-    pub fn swaps_words(self) -> bool {
-        matches!(self, ByteOrder::Cdab | ByteOrder::Dcba)
-    }
-    pub fn swaps_bytes(self) -> bool {
-        matches!(self, ByteOrder::Badc | ByteOrder::Dcba)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct TagPlan {
-    pub device: usize,
-    pub name: smol_str::SmolStr,
-    pub unit_id: u8,
-    pub table: Table,
-    pub address: u16,
-    pub data_type: DataType,
-    pub byte_order: ByteOrder,
-    /// For bool tags in register tables.
-    pub bit: Option<u8>,
-    pub scale: f64,
-    pub offset: f64,
-    /// Set for OPC UA tags (then the Modbus fields are unused).
-    pub opcua: Option<Box<OpcUaTagPlan>>,
-    /// Set for sensor-node channels (then the Modbus fields are unused): the channel index, or
-    /// `None` to find the channel by the tag's name in the node's hello.
-    pub sensor_channel: Option<Option<u8>>,
-    /// Set for MQTT tags (then the Modbus fields are unused).
-    pub mqtt: Option<Box<MqttTagPlan>>,
-}
-
-impl TagPlan {
-    /// Registers (or bits) this tag occupies starting at `address`.
-    pub fn width(&self) -> u16 {
-        if self.table.is_bits() {
-            1
-        } else {
-            self.data_type.registers()
         }
     }
 }

@@ -396,3 +396,69 @@ pub struct DomainRule {
     /// Topic prefixes this domain's products must publish under.
     pub topic_prefixes: Vec<Spanned<String>>,
 }
+
+impl Device {
+    /// Where each protocol-specific key was written (`None`: not written); each device kind reads
+    /// some of them and refuses the rest (`sources::Protocol::keys`).
+    pub fn written_keys(&self) -> Vec<(&'static str, Option<std::ops::Range<usize>>)> {
+        vec![
+            ("address", self.address.as_ref().map(Spanned::span)),
+            ("port", self.port.as_ref().map(Spanned::span)),
+            ("baud", self.baud.as_ref().map(Spanned::span)),
+            ("parity", self.parity.as_ref().map(Spanned::span)),
+            ("stop_bits", self.stop_bits.as_ref().map(Spanned::span)),
+            ("data_bits", self.data_bits.as_ref().map(Spanned::span)),
+            ("inter_frame", self.inter_frame.as_ref().map(Spanned::span)),
+            ("stale_after", self.stale_after.as_ref().map(Spanned::span)),
+            ("endpoint", self.endpoint.as_ref().map(Spanned::span)),
+            ("security_policy", self.security_policy.as_ref().map(Spanned::span)),
+            ("security_mode", self.security_mode.as_ref().map(Spanned::span)),
+            ("identity", self.identity.as_ref().map(Spanned::span)),
+            ("password", self.password.as_ref().map(Spanned::span)),
+            (
+                "publishing_interval",
+                self.publishing_interval.as_ref().map(Spanned::span),
+            ),
+            ("mode", self.mode.as_ref().map(Spanned::span)),
+            ("timestamps", self.timestamps.as_ref().map(Spanned::span)),
+            ("unit_id", self.unit_id.as_ref().map(Spanned::span)),
+            ("poll_interval", self.poll_interval.as_ref().map(Spanned::span)),
+            ("timeout", self.timeout.as_ref().map(Spanned::span)),
+            ("max_gap", self.max_gap.as_ref().map(Spanned::span)),
+            (
+                "max_registers_per_read",
+                self.max_registers_per_read.as_ref().map(Spanned::span),
+            ),
+            ("max_bits_per_read", self.max_bits_per_read.as_ref().map(Spanned::span)),
+            ("url", self.url.as_ref().map(Spanned::span)),
+        ]
+    }
+}
+
+impl Tag {
+    /// Where each protocol-specific key was written (`None`: not written).
+    pub fn written_keys(&self) -> Vec<(&'static str, Option<std::ops::Range<usize>>)> {
+        vec![
+            ("table", self.table.as_ref().map(Spanned::span)),
+            ("address", self.address.as_ref().map(Spanned::span)),
+            ("node_id", self.node_id.as_ref().map(Spanned::span)),
+            ("sampling_interval", self.sampling_interval.as_ref().map(Spanned::span)),
+            ("queue_size", self.queue_size.as_ref().map(Spanned::span)),
+            ("deadband", self.deadband.as_ref().map(Spanned::span)),
+            ("deadband_type", self.deadband_type.as_ref().map(Spanned::span)),
+            ("type", self.data_type.as_ref().map(Spanned::span)),
+            ("byte_order", self.byte_order.as_ref().map(Spanned::span)),
+            ("bit", self.bit.as_ref().map(Spanned::span)),
+            ("length", self.length.as_ref().map(Spanned::span)),
+            ("unit_id", self.unit_id.as_ref().map(Spanned::span)),
+            ("scale", self.scale.as_ref().map(Spanned::span)),
+            ("channel", self.channel.as_ref().map(Spanned::span)),
+            ("topic", self.topic.as_ref().map(Spanned::span)),
+            ("payload", self.payload.as_ref().map(Spanned::span)),
+            ("pointer", self.pointer.as_ref().map(Spanned::span)),
+            ("timestamp_pointer", self.timestamp_pointer.as_ref().map(Spanned::span)),
+            ("sparkplug", self.sparkplug.as_ref().map(Spanned::span)),
+            ("metric", self.metric.as_ref().map(Spanned::span)),
+        ]
+    }
+}

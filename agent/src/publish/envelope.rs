@@ -1,7 +1,7 @@
 //! The upstream wire format (docs/wire-format.md): records, product messages, descriptors, status.
 
 use crate::buffer::StoredMessage;
-use crate::config::{Plan, ProductPlan, Table};
+use crate::config::{Plan, ProductPlan, TagKind};
 use crate::govern::Governed;
 use crate::model::{format_rfc3339_millis, Record, Value};
 use serde_json::{json, Value as Json};
@@ -176,7 +176,7 @@ fn sla_properties(sl: &crate::config::ServiceLevelPlan) -> Vec<Json> {
 fn property(p: &ProductPlan, f: &crate::config::FieldPlan, lineage: Json) -> Json {
     json!({
         "name": f.name,
-        "logicalType": crate::contract::published_type(f),
+        "logicalType": crate::config::contract::published_type(f),
         "unit": &*f.unit,
         "description": f.description,
         "required": f.required,
@@ -213,21 +213,14 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                     )
                 }
             };
-            let table = match t.table {
-                Table::Coil => "coil",
-                Table::DiscreteInput => "discrete_input",
-                Table::Holding => "holding",
-                Table::Input => "input",
-            };
             let device = &plan.devices[t.device];
-            let lineage = match &t.opcua {
-                None if t.mqtt.is_some() => {
-                    let m = t.mqtt.as_ref().expect("checked");
+            let lineage = match &t.kind {
+                TagKind::Mqtt(m) => {
                     let mut l = json!({
                         "device": device.id,
                         "tag": t.name,
                         "protocol": "mqtt",
-                        "broker": device.address,
+                        "broker": device.kind.address(),
                     });
                     match &m.payload {
                         crate::config::MqttPayload::Json { pointer, timestamp } => {
@@ -253,30 +246,33 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                     }
                     l
                 }
-                None if device.sensor.is_some() => json!({
+                TagKind::Sensor(s) => json!({
                     "device": device.id,
                     "tag": t.name,
                     "protocol": "sensor_node",
-                    "port": device.address,
-                    "channel": t.sensor_channel.flatten(),
+                    "port": device.kind.address(),
+                    "channel": s.channel,
                 }),
-                Some(o) => json!({
-                    "device": plan.devices[t.device].id,
+                TagKind::OpcUa(o) => json!({
+                    "device": device.id,
                     "tag": t.name,
                     "protocol": "opcua",
-                    "endpoint": plan.devices[t.device].address,
+                    "endpoint": device.kind.address(),
                     "node_id": o.node_id,
                     "namespace_uri": o.namespace_uri,
                     "type": o.type_name,
                 }),
-                None => json!({
+                TagKind::Modbus(m) => json!({
                     "device": device.id,
                     "tag": t.name,
-                    "protocol": device.protocol(),
-                    "port": device.serial.as_ref().map(|s| &s.port),
-                    "unit_id": t.unit_id,
-                    "table": table,
-                    "address": t.address,
+                    "protocol": device.kind.protocol().as_str(),
+                    "port": match &device.kind {
+                        crate::config::DeviceKind::ModbusRtu(r) => Some(&r.serial.port),
+                        _ => None,
+                    },
+                    "unit_id": m.unit_id,
+                    "table": m.table.as_str(),
+                    "address": m.address,
                 }),
             };
             property(p, f, lineage)

@@ -198,7 +198,7 @@ pub struct Publisher {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Checked again just before every publish (fail closed).
     pub egress: Egress,
-    /// Where acknowledged descriptors are kept (see [`crate::contract`]); `None`: not kept.
+    /// Where acknowledged descriptors are kept (see [`crate::config::contract`]); `None`: not kept.
     pub contracts_dir: Option<std::path::PathBuf>,
     /// Retained documents to publish when connected (SLIs): `(topic, payload)`; dropped while
     /// disconnected (the next interval's document replaces them).
@@ -501,7 +501,7 @@ impl Publisher {
                             Some(Sent::Descriptor(i)) => {
                                 // The contract consumers now rely on: later configs are checked against it.
                                 if let (Some(dir), Some(p)) = (&self.contracts_dir, self.products.get(i)) {
-                                    if let Err(e) = crate::contract::save(dir, &p.id, &(p.descriptor)()) {
+                                    if let Err(e) = crate::config::contract::save(dir, &p.id, &(p.descriptor)()) {
                                         warn!(product = %p.id, error = %e, "cannot store the published descriptor");
                                     }
                                 }

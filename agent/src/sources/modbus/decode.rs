@@ -1,7 +1,9 @@
 //! Registers and bits -> values, for every data type and byte order.
 
-use crate::config::{ByteOrder, DataType, TagPlan};
+use super::config::{modbus, ByteOrder};
+use crate::config::DataType;
 use crate::model::{BadReason, Quality, Value};
+use crate::sources::TagPlan;
 
 /// Writes the bytes of `regs` into `out` (two per register) in most-significant-first order, after
 /// undoing the device's byte and word order.
@@ -16,10 +18,13 @@ fn ordered_bytes(regs: &[u16], order: ByteOrder, out: &mut [u8]) {
 
 /// Decodes one tag from the registers it occupies (`regs.len() == tag.width()`).
 pub fn decode_registers(tag: &TagPlan, regs: &[u16]) -> (Option<Value>, Quality) {
-    if regs.len() != usize::from(tag.width()) {
+    let Some(m) = modbus(tag) else {
+        return (None, Quality::Bad(BadReason::Decode));
+    };
+    if regs.len() != usize::from(m.width(tag.data_type)) {
         return (None, Quality::Bad(BadReason::Decode));
     }
-    if let Some(bit) = tag.bit {
+    if let Some(bit) = m.bit {
         return (Some(Value::Bool(regs[0] >> bit & 1 == 1)), Quality::Good);
     }
     // Numbers span at most 4 registers: their bytes stay on the stack (this runs for every register
@@ -32,7 +37,7 @@ pub fn decode_registers(tag: &TagPlan, regs: &[u16]) -> (Option<Value>, Quality)
         long.resize(2 * regs.len(), 0);
         &mut long
     };
-    ordered_bytes(regs, tag.byte_order, b);
+    ordered_bytes(regs, m.byte_order, b);
     let b = &*b;
     let raw = match tag.data_type {
         DataType::Array => return (None, Quality::Bad(BadReason::Decode)),
@@ -75,23 +80,29 @@ pub fn scale(tag: &TagPlan, raw: Value) -> (Option<Value>, Quality) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Table;
+    use crate::sources::modbus::config::{ModbusTagPlan, Table};
+    use crate::sources::TagKind;
 
     fn tag(data_type: DataType, byte_order: ByteOrder) -> TagPlan {
         TagPlan {
             device: 0,
             name: "t".into(),
-            unit_id: 1,
-            table: Table::Holding,
-            address: 0,
             data_type,
-            byte_order,
-            bit: None,
             scale: 1.0,
             offset: 0.0,
-            opcua: None,
-            sensor_channel: None,
-            mqtt: None,
+            kind: TagKind::Modbus(ModbusTagPlan {
+                unit_id: 1,
+                table: Table::Holding,
+                address: 0,
+                byte_order,
+                bit: None,
+            }),
+        }
+    }
+
+    fn set_bit(t: &mut TagPlan, bit: u8) {
+        if let TagKind::Modbus(m) = &mut t.kind {
+            m.bit = Some(bit);
         }
     }
 
@@ -182,7 +193,7 @@ mod tests {
     #[test]
     fn bits_scale_and_bad_values() {
         let mut t = tag(DataType::Bool, ByteOrder::Abcd);
-        t.bit = Some(3);
+        set_bit(&mut t, 3);
         assert_eq!(decode_registers(&t, &[0b1000]).0, Some(Value::Bool(true)));
         assert_eq!(decode_registers(&t, &[0b0111]).0, Some(Value::Bool(false)));
 

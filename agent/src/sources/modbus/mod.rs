@@ -1,7 +1,7 @@
 //! Modbus source, TCP or RTU: one task per device (for RTU: per bus), polling coalesced reads at the
 //! device's interval, one request in flight at a time.
 //!
-//! In: a [`DevicePlan`] and the plan's tags. Out: one [`ReadingBatch`] per poll with a reading for
+//! In: a Modbus device's plan ([`config::TcpPlan`] or [`config::RtuPlan`]) and the plan's tags. Out: one [`ReadingBatch`] per poll with a reading for
 //! every tag, good or bad. A timeout, transport error or garbage response marks the affected tags bad
 //! and reconnects with jittered backoff (a late answer on a reused connection could otherwise be taken
 //! for the next request's). Exceptions mark only the tags of the refused read bad, after the read has
@@ -12,16 +12,17 @@
 //! so a late answer cannot be taken for the next unit's. The line is kept silent for the
 //! inter-frame time before every request.
 
+pub mod config;
 pub mod decode;
 pub mod plan;
 
 use super::backoff::Backoff;
-use super::{BatchSender, DeviceStats};
-use crate::config::{DevicePlan, Table, TagPlan};
+use super::serial::SerialPlan;
+use super::{DeviceStats, SourceCtx, SourceError};
 use crate::model::{now_millis, BadReason, Quality, Reading, ReadingBatch};
+use config::{modbus, Polling, RtuPlan, Table, TcpPlan};
 use plan::ReadBlock;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tokio_modbus::client::{Client, Context, Reader};
@@ -38,26 +39,52 @@ enum ReadOutcome {
     Broken(BadReason, String),
 }
 
+/// How a Modbus device is reached.
+enum Link {
+    Tcp(String),
+    Rtu(SerialPlan),
+}
+
 pub struct ModbusSource {
-    pub index: usize,
-    pub device: DevicePlan,
-    pub tags: Arc<[TagPlan]>,
-    pub stats: Arc<DeviceStats>,
-    pub out: BatchSender,
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    ctx: SourceCtx,
+    link: Link,
+    polling: Polling,
 }
 
 impl ModbusSource {
+    pub fn tcp(ctx: SourceCtx, plan: TcpPlan) -> ModbusSource {
+        ModbusSource {
+            ctx,
+            link: Link::Tcp(plan.address),
+            polling: plan.polling,
+        }
+    }
+
+    pub fn rtu(ctx: SourceCtx, plan: RtuPlan) -> ModbusSource {
+        ModbusSource {
+            ctx,
+            link: Link::Rtu(plan.serial),
+            polling: plan.polling,
+        }
+    }
+
+    fn address(&self) -> &str {
+        match &self.link {
+            Link::Tcp(a) => a,
+            Link::Rtu(s) => &s.port,
+        }
+    }
+
     /// Runs until shutdown or until the pipeline behind it is gone.
     pub async fn run(mut self) {
-        let mut blocks = plan::coalesce(&self.device, &self.tags);
-        info!(device = %self.device.id, address = %self.device.address, reads = blocks.len(), tags = self.device.tags.len(), "Modbus device planned");
+        let mut blocks = plan::coalesce(&self.polling, &self.ctx.device_tags, &self.ctx.tags);
+        info!(device = %self.ctx.id, address = %self.address(), reads = blocks.len(), tags = self.ctx.device_tags.len(), "Modbus device planned");
         let mut backoff = Backoff::new(
             Duration::from_millis(200),
-            Duration::from_secs(30).max(self.device.poll_interval),
+            Duration::from_secs(30).max(self.polling.poll_interval),
         );
         loop {
-            if *self.shutdown.borrow() {
+            if *self.ctx.shutdown.borrow() {
                 return;
             }
             let ctx = match self.connect().await {
@@ -65,7 +92,7 @@ impl ModbusSource {
                 Err(e) => {
                     let wait = backoff.next_delay();
                     // One line per backoff step; every poll that could not happen still yields bad readings.
-                    warn!(device = %self.device.id, error = %e, retry_in = ?wait, attempt = backoff.attempt(), "Modbus connect failed");
+                    warn!(device = %self.ctx.id, error = %e, retry_in = ?wait, attempt = backoff.attempt(), "Modbus connect failed");
                     if !self.emit_all_bad(BadReason::Disconnected).await {
                         return;
                     }
@@ -76,15 +103,15 @@ impl ModbusSource {
                 }
             };
             backoff.reset();
-            self.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
+            self.ctx.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
             let reason = self.poll_connected(ctx, &mut blocks).await;
-            self.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
+            self.ctx.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
             match reason {
                 None => return,
                 Some(why) => {
-                    DeviceStats::inc(&self.stats.reconnects);
+                    DeviceStats::inc(&self.ctx.stats.reconnects);
                     let wait = backoff.next_delay();
-                    warn!(device = %self.device.id, reason = %why, retry_in = ?wait, "Modbus connection dropped");
+                    warn!(device = %self.ctx.id, reason = %why, retry_in = ?wait, "Modbus connection dropped");
                     if self.sleep_or_shutdown(wait).await {
                         return;
                     }
@@ -93,46 +120,45 @@ impl ModbusSource {
         }
     }
 
-    async fn connect(&self) -> Result<Context, String> {
-        if let Some(serial) = &self.device.serial {
-            let port = super::sensor::open(serial)?;
-            return Ok(tokio_modbus::client::rtu::attach_slave(port, Slave(1)));
-        }
-        // A literal address needs no resolver (which would run on tokio's blocking pool).
-        let literal = self.device.address.parse::<SocketAddr>().ok();
-        let addr: SocketAddr = match literal {
-            Some(a) => a,
-            None => match tokio::net::lookup_host(&self.device.address).await {
-                Ok(mut addrs) => addrs
-                    .next()
-                    .ok_or_else(|| format!("{} resolves to no address", self.device.address))?,
-                Err(e) => return Err(format!("cannot resolve {}: {e}", self.device.address)),
-            },
+    async fn connect(&self) -> Result<Context, SourceError> {
+        let address = match &self.link {
+            Link::Rtu(serial) => {
+                let port = super::serial::open(serial)?;
+                return Ok(tokio_modbus::client::rtu::attach_slave(port, Slave(1)));
+            }
+            Link::Tcp(address) => address,
         };
-        match timeout(
-            self.device.timeout,
-            tokio_modbus::client::tcp::connect_slave(addr, Slave(1)),
-        )
-        .await
-        {
+        // A literal address needs no resolver (which would run on tokio's blocking pool).
+        let addr: SocketAddr = match address.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => super::resolve(address).await?,
+        };
+        let timeout_after = self.polling.timeout;
+        match timeout(timeout_after, tokio_modbus::client::tcp::connect_slave(addr, Slave(1))).await {
             Ok(Ok(ctx)) => Ok(ctx),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no connection within {:?}", self.device.timeout)),
+            Ok(Err(source)) => Err(SourceError::Connect {
+                address: address.clone(),
+                source,
+            }),
+            Err(_) => Err(SourceError::ConnectTimeout {
+                address: address.clone(),
+                after: timeout_after,
+            }),
         }
     }
 
     /// Polls until the connection breaks (returns the reason) or shutdown (returns `None`).
     async fn poll_connected(&mut self, mut ctx: Context, blocks: &mut Vec<ReadBlock>) -> Option<String> {
-        let mut ticker = tokio::time::interval_at(Instant::now(), self.device.poll_interval);
+        let mut ticker = tokio::time::interval_at(Instant::now(), self.polling.poll_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = self.shutdown.changed() => return None,
+                _ = self.ctx.shutdown.changed() => return None,
             }
-            DeviceStats::inc(&self.stats.polls);
+            DeviceStats::inc(&self.ctx.stats.polls);
             let ts = now_millis();
-            let mut readings = Vec::with_capacity(self.device.tags.len());
+            let mut readings = Vec::with_capacity(self.ctx.device_tags.len());
             let mut broken: Option<(BadReason, String)> = None;
             let mut silent: Vec<u8> = Vec::new();
             let mut i = 0;
@@ -160,28 +186,28 @@ impl ModbusSource {
                         // Address and value exceptions on a merged read usually mean the read crosses a
                         // hole in the device's map or exceeds its length limit: split and retry now.
                         if matches!(code, 0x02 | 0x03) {
-                            if let Some((a, b)) = plan::split(&blocks[i], &self.tags) {
-                                info!(device = %self.device.id, start = blocks[i].start, count = blocks[i].count, exception = code,
+                            if let Some((a, b)) = plan::split(&blocks[i], &self.ctx.tags) {
+                                info!(device = %self.ctx.id, start = blocks[i].start, count = blocks[i].count, exception = code,
                                       "device refused a merged read; splitting it for good");
                                 blocks.splice(i..=i, [a, b]);
                                 continue;
                             }
                         }
-                        debug!(device = %self.device.id, start = blocks[i].start, exception = code, "Modbus exception");
+                        debug!(device = %self.ctx.id, start = blocks[i].start, exception = code, "Modbus exception");
                         push_bad(&mut readings, &blocks[i].tags, BadReason::ModbusException(code));
                         i += 1;
                     }
-                    ReadOutcome::Broken(BadReason::Timeout, _) if self.device.serial.is_some() => {
+                    ReadOutcome::Broken(BadReason::Timeout, _) if matches!(self.link, Link::Rtu(_)) => {
                         // One silent unit on a shared bus: the others still get their turn.
                         let unit = blocks[i].unit_id;
-                        debug!(device = %self.device.id, unit, "unit did not answer; skipped for the rest of this poll");
+                        debug!(device = %self.ctx.id, unit, "unit did not answer; skipped for the rest of this poll");
                         push_bad(&mut readings, &blocks[i].tags, BadReason::Timeout);
                         silent.push(unit);
                         i += 1;
                         let _ = ctx.disconnect().await;
                         match self.connect().await {
                             Ok(fresh) => ctx = fresh,
-                            Err(e) => broken = Some((BadReason::Disconnected, e)),
+                            Err(e) => broken = Some((BadReason::Disconnected, e.to_string())),
                         }
                     }
                     ReadOutcome::Broken(reason, msg) => {
@@ -193,9 +219,10 @@ impl ModbusSource {
             }
             readings.sort_by_key(|r| r.tag);
             if self
+                .ctx
                 .out
                 .send(ReadingBatch {
-                    device: self.index,
+                    device: self.ctx.index,
                     ts,
                     readings,
                 })
@@ -212,11 +239,11 @@ impl ModbusSource {
     }
 
     async fn read(&self, ctx: &mut Context, b: &ReadBlock) -> ReadOutcome {
-        if let Some(serial) = &self.device.serial {
+        if let Link::Rtu(serial) = &self.link {
             tokio::time::sleep(serial.inter_frame).await;
         }
         ctx.set_slave(Slave(b.unit_id));
-        DeviceStats::inc(&self.stats.requests);
+        DeviceStats::inc(&self.ctx.stats.requests);
         let call = async {
             match b.table {
                 Table::Holding => ctx
@@ -234,7 +261,7 @@ impl ModbusSource {
                     .map(|r| r.map(ReadOutcome::Bits)),
             }
         };
-        let outcome = match timeout(self.device.timeout, call).await {
+        let outcome = match timeout(self.polling.timeout, call).await {
             Ok(Ok(Ok(outcome))) => outcome,
             Ok(Ok(Err(exception))) => ReadOutcome::Exception(exception_code(exception)),
             Ok(Err(tokio_modbus::Error::Transport(e))) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -246,21 +273,24 @@ impl ModbusSource {
             }
             Err(_) => ReadOutcome::Broken(
                 BadReason::Timeout,
-                format!("no response within {:?}", self.device.timeout),
+                format!("no response within {:?}", self.polling.timeout),
             ),
         };
         if !matches!(outcome, ReadOutcome::Registers(_) | ReadOutcome::Bits(_)) {
-            DeviceStats::inc(&self.stats.errors);
+            DeviceStats::inc(&self.ctx.stats.errors);
         }
         outcome
     }
 
     fn decode_block(&self, b: &ReadBlock, regs: Option<&[u16]>, bits: Option<&[bool]>, out: &mut Vec<Reading>) {
         for &ti in &b.tags {
-            let t = &self.tags[ti];
-            let off = usize::from(t.address - b.start);
+            let t = &self.ctx.tags[ti];
+            let Some(m) = modbus(t) else {
+                continue;
+            };
+            let off = usize::from(m.address - b.start);
             let (value, quality) = match (regs, bits) {
-                (Some(regs), _) => match regs.get(off..off + usize::from(t.width())) {
+                (Some(regs), _) => match regs.get(off..off + usize::from(m.width(t.data_type))) {
                     Some(slice) => decode::decode_registers(t, slice),
                     None => (None, Quality::Bad(BadReason::Decode)),
                 },
@@ -279,11 +309,11 @@ impl ModbusSource {
     }
 
     async fn emit_all_bad(&self, reason: BadReason) -> bool {
-        super::send_all_bad(&self.out, self.index, &self.device.tags, reason).await
+        self.ctx.send_all_bad(reason).await
     }
 
     async fn sleep_or_shutdown(&mut self, d: Duration) -> bool {
-        super::sleep_or_shutdown(&mut self.shutdown, d).await
+        super::sleep_or_shutdown(&mut self.ctx.shutdown, d).await
     }
 }
 

@@ -5,7 +5,8 @@
 //! split at its widest gap and the split is kept for the life of the process: the device's limits are
 //! learned once, not rediscovered every poll.
 
-use crate::config::{DevicePlan, Table, TagPlan};
+use super::config::{modbus, ModbusTagPlan, Polling, Table};
+use crate::sources::TagPlan;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadBlock {
@@ -18,18 +19,21 @@ pub struct ReadBlock {
 }
 
 /// Merges a device's tags into reads.
-pub fn coalesce(device: &DevicePlan, tags: &[TagPlan]) -> Vec<ReadBlock> {
-    let mut sorted: Vec<usize> = device.tags.clone();
-    sorted.sort_by_key(|&i| (tags[i].unit_id, tags[i].table, tags[i].address, tags[i].width()));
+pub fn coalesce(device: &Polling, device_tags: &[usize], tags: &[TagPlan]) -> Vec<ReadBlock> {
+    // (tag, its Modbus part, its width), sorted by where it sits.
+    let mut sorted: Vec<(usize, &ModbusTagPlan, u16)> = device_tags
+        .iter()
+        .filter_map(|&i| modbus(&tags[i]).map(|m| (i, m, m.width(tags[i].data_type))))
+        .collect();
+    sorted.sort_by_key(|&(_, m, width)| (m.unit_id, m.table, m.address, width));
     let mut blocks: Vec<ReadBlock> = Vec::new();
-    for i in sorted {
-        let t = &tags[i];
+    for (i, t, width) in sorted {
         let (max_len, max_gap) = if t.table.is_bits() {
             (device.max_bits_per_read, device.max_gap_bits)
         } else {
             (device.max_registers_per_read, device.max_gap_registers)
         };
-        let end = u32::from(t.address) + u32::from(t.width());
+        let end = u32::from(t.address) + u32::from(width);
         if let Some(b) = blocks.last_mut() {
             let b_end = u32::from(b.start) + u32::from(b.count);
             let same_area = b.unit_id == t.unit_id && b.table == t.table;
@@ -45,7 +49,7 @@ pub fn coalesce(device: &DevicePlan, tags: &[TagPlan]) -> Vec<ReadBlock> {
             unit_id: t.unit_id,
             table: t.table,
             start: t.address,
-            count: t.width(),
+            count: width,
             tags: vec![i],
         });
     }
@@ -55,14 +59,16 @@ pub fn coalesce(device: &DevicePlan, tags: &[TagPlan]) -> Vec<ReadBlock> {
 /// Splits a refused block in two at its widest gap between tags; `None` for a block that cannot be
 /// split (all its tags start at one address).
 pub fn split(block: &ReadBlock, tags: &[TagPlan]) -> Option<(ReadBlock, ReadBlock)> {
-    let starts: Vec<u16> = block.tags.iter().map(|&i| tags[i].address).collect();
+    // (address, width) of each tag of the block.
+    let at = |i: usize| modbus(&tags[i]).map_or((0, 0), |m| (m.address, m.width(tags[i].data_type)));
+    let starts: Vec<u16> = block.tags.iter().map(|&i| at(i).0).collect();
     // Candidate cut points: between tag k-1 and tag k where the address changes.
     let mut best: Option<(usize, i64)> = None;
-    let mut reach = u32::from(starts[0]) + u32::from(tags[block.tags[0]].width());
+    let mut reach = u32::from(starts[0]) + u32::from(at(block.tags[0]).1);
     for k in 1..block.tags.len() {
-        let t = &tags[block.tags[k]];
-        if t.address != starts[k - 1] {
-            let gap = i64::from(t.address) - reach as i64;
+        let (address, width) = at(block.tags[k]);
+        if address != starts[k - 1] {
+            let gap = i64::from(address) - reach as i64;
             // Prefer the widest gap, then the most even split.
             let balance = -(k as i64 - block.tags.len() as i64 / 2).abs();
             let score = gap * 1000 + balance;
@@ -70,16 +76,16 @@ pub fn split(block: &ReadBlock, tags: &[TagPlan]) -> Option<(ReadBlock, ReadBloc
                 best = Some((k, score));
             }
         }
-        reach = reach.max(u32::from(t.address) + u32::from(t.width()));
+        reach = reach.max(u32::from(address) + u32::from(width));
     }
     let (k, _) = best?;
     let make = |ids: &[usize]| {
-        let start = ids.iter().map(|&i| tags[i].address).min().expect("non-empty");
+        let start = ids.iter().map(|&i| at(i).0).min().unwrap_or(0);
         let end = ids
             .iter()
-            .map(|&i| u32::from(tags[i].address) + u32::from(tags[i].width()))
+            .map(|&i| u32::from(at(i).0) + u32::from(at(i).1))
             .max()
-            .expect("non-empty");
+            .unwrap_or(0);
         ReadBlock {
             unit_id: block.unit_id,
             table: block.table,
@@ -95,42 +101,40 @@ pub fn split(block: &ReadBlock, tags: &[TagPlan]) -> Option<(ReadBlock, ReadBloc
 mod tests {
     use super::*;
     use crate::config::{ByteOrder, DataType};
+    use crate::sources::TagKind;
     use std::time::Duration;
 
     fn t(table: Table, address: u16, data_type: DataType) -> TagPlan {
         TagPlan {
             device: 0,
             name: format!("t{address}").into(),
-            unit_id: 1,
-            table,
-            address,
             data_type,
-            byte_order: ByteOrder::Abcd,
-            bit: None,
             scale: 1.0,
             offset: 0.0,
-            opcua: None,
-            sensor_channel: None,
-            mqtt: None,
+            kind: TagKind::Modbus(ModbusTagPlan {
+                unit_id: 1,
+                table,
+                address,
+                byte_order: ByteOrder::Abcd,
+                bit: None,
+            }),
         }
     }
 
-    fn device(n: usize, max_gap: u16, max_regs: u16) -> DevicePlan {
-        DevicePlan {
-            id: "d".into(),
-            address: "127.0.0.1:502".into(),
+    fn device(n: usize, max_gap: u16, max_regs: u16) -> (Polling, Vec<usize>) {
+        let polling = Polling {
             poll_interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             max_gap_registers: max_gap,
             max_gap_bits: max_gap * 8,
             max_registers_per_read: max_regs,
             max_bits_per_read: 2000,
-            tags: (0..n).collect(),
-            opcua: None,
-            serial: None,
-            sensor: None,
-            mqtt: None,
-        }
+        };
+        (polling, (0..n).collect())
+    }
+
+    fn coalesce(device: &(Polling, Vec<usize>), tags: &[TagPlan]) -> Vec<ReadBlock> {
+        super::coalesce(&device.0, &device.1, tags)
     }
 
     #[test]
@@ -160,7 +164,9 @@ mod tests {
     #[test]
     fn respects_max_length_and_unit_ids() {
         let mut tags: Vec<TagPlan> = (0..130).map(|a| t(Table::Holding, a, DataType::U16)).collect();
-        tags[129].unit_id = 2;
+        if let TagKind::Modbus(m) = &mut tags[129].kind {
+            m.unit_id = 2;
+        }
         let blocks = coalesce(&device(tags.len(), 0, 125), &tags);
         let shape: Vec<(u8, u16, u16)> = blocks.iter().map(|b| (b.unit_id, b.start, b.count)).collect();
         assert_eq!(shape, vec![(1, 0, 125), (1, 125, 4), (2, 129, 1)]);

@@ -94,7 +94,7 @@ fn router() -> (Router, crate::config::Plan) {
         dir.path(),
     )
     .unwrap_or_else(|d| panic!("{d}"));
-    (Router::new(0, &plan.devices[0], plan.tags.clone()), plan)
+    (Router::new(0, &plan.devices[0].tags, plan.tags.clone()), plan)
 }
 
 fn tag(plan: &crate::config::Plan, name: &str) -> usize {
@@ -119,9 +119,9 @@ fn readings(o: &Outcome) -> Vec<(Millis, usize, Option<Value>, Quality)> {
 fn templates_are_instantiated_by_the_fields_that_name_them() {
     let (r, plan) = router();
     let t = &plan.tags[tag(&plan, "line-1_m3_temp")];
-    assert_eq!(t.mqtt.as_ref().map(|m| m.topic.as_str()), Some("plant/line-1/m3/state"));
+    assert_eq!(config::mqtt(t).map(|m| m.topic.as_str()), Some("plant/line-1/m3/state"));
     let level = &plan.tags[tag(&plan, "tank-a_level")];
-    assert!(matches!(&level.mqtt.as_ref().expect("mqtt").payload,
+    assert!(matches!(&config::mqtt(level).expect("mqtt").payload,
         MqttPayload::Sparkplug { device: Some(d), .. } if d == "tank-a"));
     let mut f = r.filters();
     f.sort();

@@ -1,7 +1,7 @@
 //! OPC UA source: one session per endpoint; monitored items on one subscription (or the Read service
 //! at the poll interval, for servers with broken subscriptions).
 //!
-//! In: an OPC UA [`DevicePlan`] and its tags. Out: [`ReadingBatch`]es, one per distinct timestamp of
+//! In: an OPC UA device's plan ([`config::OpcUaDevicePlan`]) and its tags. Out: [`ReadingBatch`]es, one per distinct timestamp of
 //! the data changes received together; the record time is the source timestamp (or the server
 //! timestamp when configured). Qualities come from the StatusCode of each value, by name.
 //!
@@ -16,10 +16,12 @@
 //! `<data_dir>/pki` (one per agent) with the agent's ApplicationUri. Server certificates are never trusted
 //! automatically: an unknown one is stored in `rejected/` and the log gives the `mv` that trusts it.
 
+pub mod config;
+
 use super::backoff::Backoff;
-use super::{BatchSender, DeviceStats};
-use crate::config::{Deadband, DevicePlan, OpcUaDevicePlan, OpcUaIdentity, OpcUaSecurityMode, TagPlan};
+use super::{DeviceStats, SourceCtx, TagPlan};
 use crate::model::{now_millis, BadReason, Millis, Quality, Reading, ReadingBatch, Value};
+use config::{opcua, Deadband, OpcUaDevicePlan, OpcUaIdentity, OpcUaSecurityMode};
 use opcua::client::{
     Client, ClientBuilder, IdentityToken, MonitoredItemMap, OnSubscriptionNotificationCore, Password, Session,
     SessionPollResult,
@@ -38,12 +40,8 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 pub struct OpcUaSource {
-    pub index: usize,
-    pub device: DevicePlan,
-    pub tags: Arc<[TagPlan]>,
-    pub stats: Arc<DeviceStats>,
-    pub out: BatchSender,
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub ctx: SourceCtx,
+    pub plan: OpcUaDevicePlan,
     /// This device's PKI directory (own certificate, trusted/, rejected/).
     pub pki_dir: PathBuf,
     /// The ApplicationUri of this agent's certificate.
@@ -92,15 +90,15 @@ enum Ended {
 
 impl OpcUaSource {
     pub async fn run(mut self) {
-        let o = self.device.opcua.clone().expect("an OPC UA device has an OPC UA plan");
+        let o = self.plan.clone();
         if o.security_mode == OpcUaSecurityMode::None {
-            warn!(device = %self.device.id, endpoint = %o.endpoint,
+            warn!(device = %self.ctx.id, endpoint = %o.endpoint,
                   "OPC UA security is None: traffic to this server is neither signed nor encrypted");
         }
-        let mut client = match build_client(&self.device, &o, &self.pki_dir, &self.application_uri) {
+        let mut client = match build_client(&self.ctx.id, &o, &self.pki_dir, &self.application_uri) {
             Ok(c) => c,
             Err(e) => {
-                error!(device = %self.device.id, error = %e, "cannot set up the OPC UA client");
+                error!(device = %self.ctx.id, error = %e, "cannot set up the OPC UA client");
                 let _ = self.emit_all_bad(BadReason::Disconnected).await;
                 return;
             }
@@ -108,11 +106,11 @@ impl OpcUaSource {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut known_rejected = rejected_files(&self.pki_dir);
         loop {
-            if *self.shutdown.borrow() {
+            if *self.ctx.shutdown.borrow() {
                 return;
             }
             let ended = self.session(&mut client, &o, &mut backoff).await;
-            self.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
+            self.ctx.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
             let why = match ended {
                 Ended::Shutdown => return,
                 Ended::Lost(why) => why,
@@ -120,21 +118,21 @@ impl OpcUaSource {
             // A server certificate we do not trust lands in rejected/: say exactly how to trust it.
             for file in rejected_files(&self.pki_dir).difference(&known_rejected) {
                 let trusted = self.pki_dir.join("trusted");
-                error!(device = %self.device.id, endpoint = %o.endpoint, certificate = %file,
+                error!(device = %self.ctx.id, endpoint = %o.endpoint, certificate = %file,
                     "the server's certificate is not trusted; after checking it, trust it with: mv '{}' '{}/'",
                     self.pki_dir.join("rejected").join(file).display(), trusted.display());
             }
             known_rejected = rejected_files(&self.pki_dir);
-            DeviceStats::inc(&self.stats.reconnects);
+            DeviceStats::inc(&self.ctx.stats.reconnects);
             let wait = backoff.next_delay();
-            warn!(device = %self.device.id, endpoint = %o.endpoint, reason = %why, retry_in = ?wait, attempt = backoff.attempt(),
+            warn!(device = %self.ctx.id, endpoint = %o.endpoint, reason = %why, retry_in = ?wait, attempt = backoff.attempt(),
                   "OPC UA session ended");
             if !self.emit_all_bad(BadReason::Disconnected).await {
                 return;
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.shutdown.changed() => return,
+                _ = self.ctx.shutdown.changed() => return,
             }
         }
     }
@@ -154,7 +152,7 @@ impl OpcUaSource {
         };
         let endpoint = (o.endpoint.as_str(), policy.to_str(), mode, UserTokenPolicy::anonymous());
         let connect = client.connect_to_matching_endpoint(endpoint, identity);
-        let (session, event_loop) = match tokio::time::timeout(self.device.timeout * 2, connect).await {
+        let (session, event_loop) = match tokio::time::timeout(self.plan.timeout * 2, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return Ended::Lost(format!(
@@ -166,7 +164,7 @@ impl OpcUaSource {
                 return Ended::Lost(format!(
                     "no answer from {} within {:?}",
                     o.endpoint,
-                    self.device.timeout * 2
+                    self.plan.timeout * 2
                 ))
             }
         };
@@ -193,15 +191,15 @@ impl OpcUaSource {
         let connected = tokio::select! {
             ok = session.wait_for_connection() => ok,
             status = &mut handle => return Ended::Lost(format!("connection failed: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string()))),
-            _ = self.shutdown.changed() => { handle.abort(); return Ended::Shutdown; }
+            _ = self.ctx.shutdown.changed() => { handle.abort(); return Ended::Shutdown; }
         };
         if !connected {
             let status = handle.await.map_or_else(|e| e.to_string(), |s| s.to_string());
             return Ended::Lost(format!("connection failed: {status}"));
         }
         backoff.reset();
-        self.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
-        info!(device = %self.device.id, endpoint = %o.endpoint, policy = %o.security_policy, mode = ?o.security_mode, "OPC UA session active");
+        self.ctx.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
+        info!(device = %self.ctx.id, endpoint = %o.endpoint, policy = %o.security_policy, mode = ?o.security_mode, "OPC UA session active");
 
         let result = self.serve(&session, o, &mut handle, &mut events).await;
         // Close the session on the server (best effort) so nothing is left behind there.
@@ -267,14 +265,14 @@ impl OpcUaSource {
             subscriptions.push(subscription);
             let requests: Vec<MonitoredItemCreateRequest> = group
                 .iter()
-                .map(|(tag, node)| self.monitored_item(*tag, node))
+                .filter_map(|(tag, node)| self.monitored_item(*tag, node))
                 .collect();
             match session.create_monitored_items(subscription, ts, requests).await {
                 Ok(results) => {
                     for r in results {
                         let tag = r.requested_parameters.client_handle as usize - 1;
                         if r.result.status_code.is_bad() {
-                            warn!(device = %self.device.id, tag = %self.tags[tag].name, node = %r.item_to_monitor.node_id,
+                            warn!(device = %self.ctx.id, tag = %self.ctx.tags[tag].name, node = %r.item_to_monitor.node_id,
                                   status = %r.result.status_code, "monitored item refused; the tag is bad");
                             bad.push(Reading {
                                 tag,
@@ -290,7 +288,7 @@ impl OpcUaSource {
             }
         }
         drop(tx);
-        info!(device = %self.device.id, subscriptions = ?subscriptions, monitored_items = created, bad_tags = bad.len(), "OPC UA subscription created");
+        info!(device = %self.ctx.id, subscriptions = ?subscriptions, monitored_items = created, bad_tags = bad.len(), "OPC UA subscription created");
         if !self.send_bad(bad).await {
             return Ended::Shutdown;
         }
@@ -310,17 +308,17 @@ impl OpcUaSource {
                             _ => break,
                         }
                     }
-                    DeviceStats::inc(&self.stats.polls);
+                    DeviceStats::inc(&self.ctx.stats.polls);
                     let mut readings: Vec<(Millis, Reading)> = changes
                         .iter()
                         .filter_map(|(h, dv)| {
                             let tag = (*h as usize).checked_sub(1)?;
-                            self.tags.get(tag).map(|t| reading(tag, t, dv, o.server_timestamp))
+                            self.ctx.tags.get(tag).map(|t| reading(tag, t, dv, o.server_timestamp))
                         })
                         .collect();
                     // Stable: each tag's values keep their order.
                     readings.sort_by_key(|(ts, _)| *ts);
-                    for batch in group_by_time(self.index, readings) {
+                    for batch in group_by_time(self.ctx.index, readings) {
                         if !self.send(batch).await {
                             return Ended::Shutdown;
                         }
@@ -334,7 +332,7 @@ impl OpcUaSource {
                         return Ended::Shutdown;
                     }
                 }
-                _ = self.shutdown.changed() => return Ended::Shutdown,
+                _ = self.ctx.shutdown.changed() => return Ended::Shutdown,
             }
         }
     }
@@ -343,14 +341,14 @@ impl OpcUaSource {
     async fn on_session_event(&mut self, ev: SessionPollResult) -> bool {
         match ev {
             SessionPollResult::ConnectionLost(status) => {
-                warn!(device = %self.device.id, %status, "OPC UA connection lost; reconnecting");
-                self.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
-                DeviceStats::inc(&self.stats.reconnects);
+                warn!(device = %self.ctx.id, %status, "OPC UA connection lost; reconnecting");
+                self.ctx.stats.connected.store(0, std::sync::atomic::Ordering::Relaxed);
+                DeviceStats::inc(&self.ctx.stats.reconnects);
                 self.emit_all_bad(BadReason::Disconnected).await
             }
             SessionPollResult::Reconnected(mode) => {
-                info!(device = %self.device.id, ?mode, "OPC UA session recovered");
-                self.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
+                info!(device = %self.ctx.id, ?mode, "OPC UA session recovered");
+                self.ctx.stats.connected.store(1, std::sync::atomic::Ordering::Relaxed);
                 true
             }
             _ => true,
@@ -367,7 +365,7 @@ impl OpcUaSource {
         events: &mut mpsc::UnboundedReceiver<SessionPollResult>,
     ) -> Ended {
         let read_ids: Vec<ReadValueId> = monitored.iter().map(|(_, n)| ReadValueId::from(n.clone())).collect();
-        let mut ticker = tokio::time::interval(self.device.poll_interval);
+        let mut ticker = tokio::time::interval(self.plan.poll_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
@@ -381,23 +379,23 @@ impl OpcUaSource {
                     }
                     continue;
                 }
-                _ = self.shutdown.changed() => return Ended::Shutdown,
+                _ = self.ctx.shutdown.changed() => return Ended::Shutdown,
             }
-            DeviceStats::inc(&self.stats.polls);
+            DeviceStats::inc(&self.ctx.stats.polls);
             let mut readings = Vec::with_capacity(read_ids.len());
             for (chunk_ids, chunk_tags) in read_ids.chunks(1000).zip(monitored.chunks(1000)) {
-                DeviceStats::inc(&self.stats.requests);
-                match tokio::time::timeout(self.device.timeout, session.read(chunk_ids, ts, 0.0)).await {
+                DeviceStats::inc(&self.ctx.stats.requests);
+                match tokio::time::timeout(self.plan.timeout, session.read(chunk_ids, ts, 0.0)).await {
                     Ok(Ok(values)) => {
                         for ((tag, _), dv) in chunk_tags.iter().zip(values) {
-                            readings.push(reading(*tag, &self.tags[*tag], &dv, o.server_timestamp));
+                            readings.push(reading(*tag, &self.ctx.tags[*tag], &dv, o.server_timestamp));
                         }
                     }
                     Ok(Err(e)) => return Ended::Lost(format!("Read failed: {e}")),
-                    Err(_) => return Ended::Lost(format!("Read timed out after {:?}", self.device.timeout)),
+                    Err(_) => return Ended::Lost(format!("Read timed out after {:?}", self.plan.timeout)),
                 }
             }
-            for batch in group_by_time(self.index, readings) {
+            for batch in group_by_time(self.ctx.index, readings) {
                 if !self.send(batch).await {
                     return Ended::Shutdown;
                 }
@@ -408,10 +406,10 @@ impl OpcUaSource {
     /// Resolves every tag's NodeId, looking namespace URIs up in the server's NamespaceArray.
     async fn resolve(&self, session: &Arc<Session>) -> Result<Vec<(usize, Result<NodeId, StatusCode>)>, String> {
         let needs_uris = self
-            .device
-            .tags
+            .ctx
+            .device_tags
             .iter()
-            .any(|&t| self.tags[t].opcua.as_ref().is_some_and(|o| o.namespace_uri.is_some()));
+            .any(|&t| opcua(&self.ctx.tags[t]).is_some_and(|o| o.namespace_uri.is_some()));
         let namespaces: Vec<String> = if needs_uris {
             let id = ReadValueId::from(NodeId::from(VariableId::Server_NamespaceArray));
             let values = session
@@ -433,28 +431,28 @@ impl OpcUaSource {
             Vec::new()
         };
         Ok(self
-            .device
-            .tags
+            .ctx
+            .device_tags
             .iter()
-            .map(|&t| {
-                let o = self.tags[t].opcua.as_ref().expect("an OPC UA tag");
+            .filter_map(|&t| {
+                let o = opcua(&self.ctx.tags[t])?;
                 let text = match &o.namespace_uri {
                     None => Ok(o.node_id.clone()),
                     Some(uri) => match namespaces.iter().position(|n| n == uri) {
                         Some(i) => Ok(format!("ns={i};{}", o.node_id)),
                         None => {
-                            warn!(device = %self.device.id, tag = %self.tags[t].name, namespace_uri = %uri, "the server has no such namespace; the tag is bad");
+                            warn!(device = %self.ctx.id, tag = %self.ctx.tags[t].name, namespace_uri = %uri, "the server has no such namespace; the tag is bad");
                             Err(StatusCode::BadNodeIdUnknown)
                         }
                     },
                 };
-                (t, text.and_then(|s| s.parse::<NodeId>().map_err(|_| StatusCode::BadNodeIdInvalid)))
+                Some((t, text.and_then(|s| s.parse::<NodeId>().map_err(|_| StatusCode::BadNodeIdInvalid))))
             })
             .collect())
     }
 
-    fn monitored_item(&self, tag: usize, node: &NodeId) -> MonitoredItemCreateRequest {
-        let o = self.tags[tag].opcua.as_ref().expect("an OPC UA tag");
+    fn monitored_item(&self, tag: usize, node: &NodeId) -> Option<MonitoredItemCreateRequest> {
+        let o = opcua(&self.ctx.tags[tag])?;
         let filter = match o.deadband {
             None => ExtensionObject::null(),
             Some(d) => {
@@ -469,7 +467,7 @@ impl OpcUaSource {
                 })
             }
         };
-        MonitoredItemCreateRequest {
+        Some(MonitoredItemCreateRequest {
             item_to_monitor: ReadValueId::from(node.clone()),
             monitoring_mode: MonitoringMode::Reporting,
             requested_parameters: MonitoringParameters {
@@ -480,11 +478,11 @@ impl OpcUaSource {
                 queue_size: o.queue_size,
                 discard_oldest: true,
             },
-        }
+        })
     }
 
     async fn send(&self, batch: ReadingBatch) -> bool {
-        self.out.send(batch).await.is_ok()
+        self.ctx.out.send(batch).await.is_ok()
     }
 
     /// Reports the tags that could not be monitored or resolved (nothing to send: true).
@@ -492,7 +490,7 @@ impl OpcUaSource {
         readings.is_empty()
             || self
                 .send(ReadingBatch {
-                    device: self.index,
+                    device: self.ctx.index,
                     ts: now_millis(),
                     readings,
                 })
@@ -500,13 +498,14 @@ impl OpcUaSource {
     }
 
     async fn emit_all_bad(&self, reason: BadReason) -> bool {
-        self.send(super::all_bad(self.index, &self.device.tags, reason)).await
+        self.send(super::all_bad(self.ctx.index, &self.ctx.device_tags, reason))
+            .await
     }
 }
 
 /// The OPC UA client for one device: its own PKI directory, no automatic reconnects (see module docs).
 pub fn build_client(
-    device: &DevicePlan,
+    device_id: &str,
     o: &OpcUaDevicePlan,
     pki_dir: &std::path::Path,
     application_uri: &str,
@@ -526,14 +525,14 @@ pub fn build_client(
         .verify_server_certs(true)
         .session_retry_limit(0)
         .session_timeout(60_000)
-        .session_name(format!("plantmesh {}", device.id))
-        .request_timeout(device.timeout)
+        .session_name(format!("plantmesh {device_id}"))
+        .request_timeout(o.timeout)
         // A publish response carries up to queue_size notifications per monitored item of a
         // subscription: the default decoding limit (1,000 array elements) is far too small.
         .max_array_length(1_000_000)
         .max_message_size(256 << 20)
         .max_chunk_count(0)
-        .publish_timeout(o.publishing_interval * 4 + device.timeout)
+        .publish_timeout(o.publishing_interval * 4 + o.timeout)
         .client()
         .map_err(|e| e.join("; "))
 }

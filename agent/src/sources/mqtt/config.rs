@@ -3,11 +3,73 @@
 //! product fields name its instances (`{line}_temp` -> `line-1_temp`), and each instance reads the
 //! topic with the captures filled in.
 
-use super::*;
+use crate::config::raw;
+use crate::config::validate::{upstream_plan, Ctx, DeviceInput, TagTable};
+use crate::config::{DataType, MqttVersion, UpstreamPlan};
+use crate::sources::{DeviceKind, DevicePlan, TagKind, TagPlan};
+use std::collections::HashSet;
+use toml::Spanned;
+
+/// Device keys an MQTT device reads (beside `id`, `protocol`, `tags`, and the broker's `client_id`,
+/// `username`, `password_file`, `password_env`, `ca_file`, `cert_file`, `key_file`; `password` only
+/// to refuse it).
+pub const DEVICE_KEYS: &[&str] = &["url", "password"];
+
+/// Tag keys of MQTT tags (beside `name`, `offset`).
+pub const TAG_KEYS: &[&str] = &[
+    "topic",
+    "payload",
+    "pointer",
+    "timestamp_pointer",
+    "sparkplug",
+    "metric",
+    "type",
+    "scale",
+];
+
+/// A device-side MQTT broker: how to connect (the same settings as upstream; always MQTT 3.1.1,
+/// which every broker speaks, with a clean session: a replayed backlog would only be stale data).
+#[derive(Debug, Clone)]
+pub struct MqttDevicePlan {
+    pub broker: UpstreamPlan,
+}
+
+/// How an MQTT tag finds its value in a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MqttPayload {
+    /// A JSON document: the value at `pointer`, the time at `timestamp` (else the arrival time).
+    Json { pointer: String, timestamp: Option<String> },
+    /// The payload is the value, as text (`21.5`, `true`, `RUNNING`).
+    Plain,
+    /// A Sparkplug B metric of an edge node or device.
+    Sparkplug {
+        group: String,
+        node: String,
+        device: Option<String>,
+        metric: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttTagPlan {
+    /// The topic messages for this tag arrive on (JSON, plain), with every capture filled in.
+    pub topic: String,
+    /// The filter the device subscribes to for it (captures as `+`).
+    pub filter: String,
+    pub payload: MqttPayload,
+}
+
+/// The MQTT part of a tag; `None` for a tag of another kind (an MQTT device has none).
+pub fn mqtt(tag: &TagPlan) -> Option<&MqttTagPlan> {
+    match &tag.kind {
+        TagKind::Mqtt(m) => Some(m),
+        _ => None,
+    }
+}
 
 /// A tag with captures, instantiated by the product fields that name it.
 #[derive(Debug, Clone)]
-pub(super) struct Template {
+pub(crate) struct Template {
     device: usize,
     name: Vec<Piece>,
     /// The tag as written, its topic and Sparkplug address still holding `+name` segments.
@@ -20,35 +82,8 @@ enum Piece {
     Cap(String),
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn device(
-    cx: &mut Ctx,
-    d: &raw::Device,
-    key: &str,
-    di: usize,
-    base: &Path,
-    agent_id: &str,
-    tags: &mut Vec<TagPlan>,
-    declared: &mut HashSet<String>,
-    templates: &mut Vec<Template>,
-) -> Option<DevicePlan> {
-    not_for(cx, &modbus_keys(d), key, "mqtt");
-    let not_mqtt = pick(
-        &device_spans(d),
-        &[
-            "endpoint",
-            "security_policy",
-            "security_mode",
-            "identity",
-            "publishing_interval",
-            "mode",
-            "timestamps",
-            "poll_interval",
-            "timeout",
-            "stale_after",
-        ],
-    );
-    not_for(cx, &not_mqtt, key, "mqtt");
+pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) -> Option<DevicePlan> {
+    let (d, key, di, base, agent_id) = (input.raw, input.key, input.index, input.base, input.agent_id);
     let Some(url) = &d.url else {
         cx.err(
             &d.protocol,
@@ -85,21 +120,7 @@ pub(super) fn device(
     };
     let mut broker = upstream_plan(cx, u, agent_id, "", base, key)?;
     broker.version = MqttVersion::V311;
-    let mut plan = DevicePlan {
-        id: id.clone(),
-        address: format!("{}:{}", broker.host, broker.port),
-        poll_interval: Duration::from_secs(1),
-        timeout: Duration::from_secs(5),
-        max_gap_registers: 0,
-        max_gap_bits: 0,
-        max_registers_per_read: 0,
-        max_bits_per_read: 0,
-        tags: Vec::new(),
-        opcua: None,
-        serial: None,
-        sensor: None,
-        mqtt: Some(MqttDevicePlan { broker }),
-    };
+    let mut tags = Vec::new();
     let mut names = HashSet::new();
     for (ti, t) in d.tags.iter().enumerate() {
         let key = format!("{key}.tags[{ti}]");
@@ -109,43 +130,30 @@ pub(super) fn device(
             continue;
         }
         let Some((tag, pieces)) = tag(cx, t, &key, di) else {
-            declared.insert(format!("{id}.{}", t.name.get_ref()));
+            table.declared.insert(format!("{id}.{}", t.name.get_ref()));
             continue;
         };
         if pieces.iter().any(|p| matches!(p, Piece::Cap(_))) {
-            templates.push(Template {
+            table.templates.push(Template {
                 device: di,
                 name: pieces,
                 proto: tag,
             });
         } else {
-            declared.insert(format!("{id}.{}", t.name.get_ref()));
-            plan.tags.push(tags.len());
-            tags.push(tag);
+            table.declared.insert(format!("{id}.{}", t.name.get_ref()));
+            tags.push(table.tags.len());
+            table.tags.push(tag);
         }
     }
-    Some(plan)
+    Some(DevicePlan {
+        id,
+        tags,
+        kind: DeviceKind::Mqtt(MqttDevicePlan { broker }),
+    })
 }
 
 /// One tag: its plan (a template's still holds `+name` segments) and its name's pieces.
 fn tag(cx: &mut Ctx, t: &raw::Tag, key: &str, di: usize) -> Option<(TagPlan, Vec<Piece>)> {
-    let not_mqtt = pick(
-        &tag_spans(t),
-        &[
-            "table",
-            "address",
-            "byte_order",
-            "bit",
-            "length",
-            "unit_id",
-            "node_id",
-            "sampling_interval",
-            "queue_size",
-            "deadband",
-            "channel",
-        ],
-    );
-    not_for(cx, &not_mqtt, key, "mqtt");
     let pieces = name_pieces(cx, &t.name, &format!("{key}.name"))?;
     let payload_kind = match (&t.payload, &t.sparkplug, &t.pointer) {
         (Some(p), _, _) => cx.choice(
@@ -316,17 +324,10 @@ fn tag(cx: &mut Ctx, t: &raw::Tag, key: &str, di: usize) -> Option<(TagPlan, Vec
     let tag = TagPlan {
         device: di,
         name: t.name.get_ref().into(),
-        unit_id: 0,
-        table: Table::Holding,
-        address: 0,
         data_type,
-        byte_order: ByteOrder::Abcd,
-        bit: None,
         scale,
         offset: t.offset.unwrap_or(0.0),
-        opcua: None,
-        sensor_channel: None,
-        mqtt: Some(Box::new(MqttTagPlan {
+        kind: TagKind::Mqtt(Box::new(MqttTagPlan {
             topic: address,
             filter,
             payload,
@@ -458,7 +459,7 @@ fn fill(address: &str, caps: &[(String, String)]) -> String {
 }
 
 /// The tag a product field names, when it is an instance of a template of `device`.
-pub(super) fn instantiate(templates: &[Template], device: usize, name: &str) -> Option<TagPlan> {
+pub(crate) fn instantiate(templates: &[Template], device: usize, name: &str) -> Option<TagPlan> {
     templates.iter().filter(|t| t.device == device).find_map(|t| {
         let mut caps = Vec::new();
         if !match_name(&t.name, name, &mut caps) {
@@ -466,7 +467,9 @@ pub(super) fn instantiate(templates: &[Template], device: usize, name: &str) -> 
         }
         let mut tag = t.proto.clone();
         tag.name = name.into();
-        let m = tag.mqtt.as_mut().expect("templates are mqtt tags");
+        let TagKind::Mqtt(m) = &mut tag.kind else {
+            return None;
+        };
         m.topic = fill(&m.topic, &caps);
         if let MqttPayload::Sparkplug {
             group, node, device, ..
@@ -485,6 +488,8 @@ pub(super) fn instantiate(templates: &[Template], device: usize, name: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::diag::Source;
+    use std::path::PathBuf;
 
     fn pieces(s: &str) -> Vec<Piece> {
         let mut problems = Vec::new();

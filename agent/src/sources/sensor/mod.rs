@@ -1,6 +1,6 @@
 //! Sensor-node source: frames from a node's serial port (USB CDC or UART) become readings.
 //!
-//! In: a [`DevicePlan`] with a serial port. Out: one [`ReadingBatch`] per node cycle (each cycle
+//! In: a sensor node's plan ([`config::SensorDevicePlan`]: a serial port). Out: one [`ReadingBatch`] per node cycle (each cycle
 //! ends with a `Samples` frame; `Fault` frames before it mark their channels bad with the node's
 //! reason). Channels are mapped from the node's hello: a tag names its channel by index, or by name
 //! as the hello announces it; a channel's value is `raw * scale + offset` from the hello, then the
@@ -8,25 +8,22 @@
 //! and bytes that were not frames (bad CRC, bad COBS, oversized, truncated) are counted; the decoder
 //! resynchronises at the next 0x00. No frame for `stale_after` marks every channel `link_lost`.
 
+pub mod config;
+
 use super::backoff::Backoff;
-use super::{BatchSender, DeviceStats};
-use crate::config::{DevicePlan, Parity, TagPlan};
+use super::serial::open;
+use super::{DeviceStats, SourceCtx, TagKind, TagPlan};
 use crate::model::{now_millis, BadReason, Quality, Reading, ReadingBatch, Value};
 use protocol::link::{ChannelInfo, Decoder, Frame, FrameError, Message};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tracing::{debug, info, warn};
 
 pub struct SensorSource {
-    pub index: usize,
-    pub device: DevicePlan,
-    pub tags: Arc<[TagPlan]>,
-    pub stats: Arc<DeviceStats>,
-    pub out: BatchSender,
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub ctx: SourceCtx,
+    pub plan: config::SensorDevicePlan,
 }
 
 /// What the agent knows of a node, learned from its frames.
@@ -59,7 +56,7 @@ impl NodeState {
     /// Applies one frame; returns the readings of a finished cycle (a `Samples` frame), if any.
     pub fn on_frame(
         &mut self,
-        device: &DevicePlan,
+        device_tags: &[usize],
         tags: &[TagPlan],
         frame: Frame,
         effects: &mut FrameEffects,
@@ -85,11 +82,13 @@ impl NodeState {
                     .collect();
                 self.mapping.clear();
                 self.unmapped_reported = false;
-                for &ti in &device.tags {
+                for &ti in device_tags {
                     let t = &tags[ti];
-                    let found = match t.sensor_channel.flatten() {
-                        Some(index) => self.channels.iter().position(|c| c.index == index),
-                        None => self.channels.iter().position(|c| c.name.as_str() == t.name),
+                    let found = match &t.kind {
+                        TagKind::Sensor(config::SensorTagPlan { channel: Some(index) }) => {
+                            self.channels.iter().position(|c| c.index == *index)
+                        }
+                        _ => self.channels.iter().position(|c| c.name.as_str() == t.name),
                     };
                     if let Some(c) = found {
                         self.mapping.insert(ti, c);
@@ -108,8 +107,7 @@ impl NodeState {
                     effects.unmapped_samples = true;
                     return None;
                 }
-                let readings = device
-                    .tags
+                let readings = device_tags
                     .iter()
                     .map(|&ti| {
                         let t = &tags[ti];
@@ -144,13 +142,12 @@ impl NodeState {
     }
 
     /// Tags whose channel the last hello did not announce, once per hello.
-    fn take_unmapped(&mut self, device: &DevicePlan, tags: &[TagPlan]) -> Vec<String> {
+    fn take_unmapped(&mut self, device_tags: &[usize], tags: &[TagPlan]) -> Vec<String> {
         if self.node_id.is_none() || self.unmapped_reported {
             return Vec::new();
         }
         self.unmapped_reported = true;
-        device
-            .tags
+        device_tags
             .iter()
             .filter(|ti| !self.mapping.contains_key(ti))
             .map(|&ti| tags[ti].name.to_string())
@@ -160,23 +157,19 @@ impl NodeState {
 
 impl SensorSource {
     pub async fn run(mut self) {
-        let serial = self.device.serial.clone().expect("a sensor node has a serial line");
-        let stale_after = self
-            .device
-            .sensor
-            .as_ref()
-            .map_or(Duration::from_secs(5), |s| s.stale_after);
+        let serial = self.plan.serial.clone();
+        let stale_after = self.plan.stale_after;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        info!(device = %self.device.id, port = %serial.port, baud = serial.baud, tags = self.device.tags.len(), "sensor node link");
+        info!(device = %self.ctx.id, port = %serial.port, baud = serial.baud, tags = self.ctx.device_tags.len(), "sensor node link");
         loop {
-            if *self.shutdown.borrow() {
+            if *self.ctx.shutdown.borrow() {
                 return;
             }
             let port = match open(&serial) {
                 Ok(p) => p,
                 Err(e) => {
                     let wait = backoff.next_delay();
-                    warn!(device = %self.device.id, port = %serial.port, error = %e, retry_in = ?wait, "cannot open the sensor node's port");
+                    warn!(device = %self.ctx.id, port = %serial.port, error = %e, retry_in = ?wait, "cannot open the sensor node's port");
                     if !self.emit_all_bad(BadReason::Disconnected).await || self.sleep_or_shutdown(wait).await {
                         return;
                     }
@@ -184,14 +177,14 @@ impl SensorSource {
                 }
             };
             backoff.reset();
-            self.stats.connected.store(1, Ordering::Relaxed);
+            self.ctx.stats.connected.store(1, Ordering::Relaxed);
             let why = self.read_frames(port, stale_after).await;
-            self.stats.connected.store(0, Ordering::Relaxed);
+            self.ctx.stats.connected.store(0, Ordering::Relaxed);
             match why {
                 None => return,
                 Some(e) => {
-                    DeviceStats::inc(&self.stats.reconnects);
-                    warn!(device = %self.device.id, error = %e, "sensor node port closed; reopening");
+                    DeviceStats::inc(&self.ctx.stats.reconnects);
+                    warn!(device = %self.ctx.id, error = %e, "sensor node port closed; reopening");
                     if !self.emit_all_bad(BadReason::Disconnected).await
                         || self.sleep_or_shutdown(backoff.next_delay()).await
                     {
@@ -220,7 +213,7 @@ impl SensorSource {
                 _ = tokio::time::sleep_until(deadline) => {
                     // Silence: the node is gone, or the cable is. Say so every stale_after.
                     if !stale_reported {
-                        warn!(device = %self.device.id, after = ?stale_after, "no frame from the sensor node");
+                        warn!(device = %self.ctx.id, after = ?stale_after, "no frame from the sensor node");
                         stale_reported = true;
                     }
                     if !self.emit_all_bad(BadReason::LinkLost).await {
@@ -229,7 +222,7 @@ impl SensorSource {
                     silent_since = tokio::time::Instant::now();
                     continue;
                 }
-                _ = self.shutdown.changed() => return None,
+                _ = self.ctx.shutdown.changed() => return None,
             };
             for &b in &buf[..n] {
                 let Some(result) = decoder.push(b) else {
@@ -239,17 +232,17 @@ impl SensorSource {
                     Ok(frame) => {
                         silent_since = tokio::time::Instant::now();
                         stale_reported = false;
-                        DeviceStats::inc(&self.stats.polls);
+                        DeviceStats::inc(&self.ctx.stats.polls);
                         if !self.on_frame(&mut state, frame).await {
                             return None;
                         }
                     }
                     Err(e) => {
-                        DeviceStats::inc(&self.stats.errors);
+                        DeviceStats::inc(&self.ctx.stats.errors);
                         if e == FrameError::Crc {
-                            DeviceStats::inc(&self.stats.crc_errors);
+                            DeviceStats::inc(&self.ctx.stats.crc_errors);
                         }
-                        debug!(device = %self.device.id, error = ?e, "bytes on the link that were not a frame");
+                        debug!(device = %self.ctx.id, error = ?e, "bytes on the link that were not a frame");
                     }
                 }
             }
@@ -261,32 +254,33 @@ impl SensorSource {
         let is_hello = matches!(frame.msg, Message::Hello(_));
         let seq = frame.seq;
         let mut effects = FrameEffects::default();
-        let readings = state.on_frame(&self.device, &self.tags, frame, &mut effects);
+        let readings = state.on_frame(&self.ctx.device_tags, &self.ctx.tags, frame, &mut effects);
         if effects.lost > 0 {
-            self.stats.lost_frames.fetch_add(effects.lost, Ordering::Relaxed);
-            debug!(device = %self.device.id, lost = effects.lost, seq, "frames lost on the link");
+            self.ctx.stats.lost_frames.fetch_add(effects.lost, Ordering::Relaxed);
+            debug!(device = %self.ctx.id, lost = effects.lost, seq, "frames lost on the link");
         }
         if effects.reboot {
-            DeviceStats::inc(&self.stats.reboots);
-            info!(device = %self.device.id, seq, "the sensor node restarted");
+            DeviceStats::inc(&self.ctx.stats.reboots);
+            info!(device = %self.ctx.id, seq, "the sensor node restarted");
         }
         if is_hello {
-            info!(device = %self.device.id, node_id = format!("{:08x}", state.node_id.unwrap_or(0)),
+            info!(device = %self.ctx.id, node_id = format!("{:08x}", state.node_id.unwrap_or(0)),
                   channels = ?state.channels.iter().map(|c| format!("{}:{} [{}]", c.index, c.name, c.unit)).collect::<Vec<_>>(),
                   "sensor node announced itself");
-            let unmapped = state.take_unmapped(&self.device, &self.tags);
+            let unmapped = state.take_unmapped(&self.ctx.device_tags, &self.ctx.tags);
             if !unmapped.is_empty() {
-                warn!(device = %self.device.id, tags = ?unmapped, "the node announces no channel for these tags");
+                warn!(device = %self.ctx.id, tags = ?unmapped, "the node announces no channel for these tags");
             }
         }
         if effects.unmapped_samples {
-            debug!(device = %self.device.id, "samples before the node's hello: skipped until it announces its channels");
+            debug!(device = %self.ctx.id, "samples before the node's hello: skipped until it announces its channels");
         }
         match readings {
             Some(readings) => self
+                .ctx
                 .out
                 .send(ReadingBatch {
-                    device: self.index,
+                    device: self.ctx.index,
                     ts: now_millis(),
                     readings,
                 })
@@ -297,40 +291,17 @@ impl SensorSource {
     }
 
     async fn emit_all_bad(&self, reason: BadReason) -> bool {
-        super::send_all_bad(&self.out, self.index, &self.device.tags, reason).await
+        self.ctx.send_all_bad(reason).await
     }
 
     async fn sleep_or_shutdown(&mut self, d: Duration) -> bool {
-        super::sleep_or_shutdown(&mut self.shutdown, d).await
+        super::sleep_or_shutdown(&mut self.ctx.shutdown, d).await
     }
 }
 
 /// An `f32` as the shortest decimal that reads back as it (what the sender wrote), in `f64`.
 fn decimal(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(f64::from(x))
-}
-
-/// Opens a serial line (also used by the Modbus RTU source).
-pub fn open(s: &crate::config::SerialPlan) -> Result<tokio_serial::SerialStream, String> {
-    use tokio_serial::SerialPortBuilderExt;
-    tokio_serial::new(&s.port, s.baud)
-        .data_bits(if s.data_bits == 7 {
-            tokio_serial::DataBits::Seven
-        } else {
-            tokio_serial::DataBits::Eight
-        })
-        .parity(match s.parity {
-            Parity::None => tokio_serial::Parity::None,
-            Parity::Even => tokio_serial::Parity::Even,
-            Parity::Odd => tokio_serial::Parity::Odd,
-        })
-        .stop_bits(if s.stop_bits == 2 {
-            tokio_serial::StopBits::Two
-        } else {
-            tokio_serial::StopBits::One
-        })
-        .open_native_async()
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -416,7 +387,7 @@ source = "node.vibration"
     #[test]
     fn channels_map_by_name_or_index_and_faults_carry_their_reason() {
         let plan = plan();
-        let d = &plan.devices[0];
+        let d = &plan.devices[0].tags;
         let mut st = NodeState::default();
         let mut fx = FrameEffects::default();
         // Before the hello nothing can be mapped.
@@ -465,7 +436,7 @@ source = "node.vibration"
     #[test]
     fn gaps_and_reboots_are_told_apart() {
         let plan = plan();
-        let d = &plan.devices[0];
+        let d = &plan.devices[0].tags;
         let mut st = NodeState::default();
         st.on_frame(d, &plan.tags, hello(10), &mut FrameEffects::default());
         let mut fx = FrameEffects::default();

@@ -1,6 +1,6 @@
 //! MQTT source: machines that publish their own MQTT, as JSON, plain values or Sparkplug B.
 //!
-//! In: a [`DevicePlan`] with a device-side broker, and its tags (each a topic with a JSON pointer or
+//! In: an MQTT device's plan ([`config::MqttDevicePlan`]: a device-side broker), and its tags (each a topic with a JSON pointer or
 //! a plain payload, or a Sparkplug metric of an edge node or device). Out: one [`ReadingBatch`] per
 //! message (per timestamp, for Sparkplug payloads that carry several).
 //!
@@ -16,11 +16,14 @@
 //! - A payload that cannot be read is counted (device errors), logged with its topic, and makes the
 //!   tags it was meant for `bad:decode`; nothing else is affected.
 
+pub mod config;
+
 use super::backoff::Backoff;
-use super::{BatchSender, DeviceStats};
-use crate::config::{DataType, DevicePlan, MqttPayload, TagPlan};
+use super::{DeviceStats, SourceCtx, SourceError, TagPlan};
+use crate::config::DataType;
 use crate::model::{now_millis, BadReason, Millis, Quality, Reading, ReadingBatch, Value};
 use crate::sparkplug::{self, Kind, Payload};
+use config::{mqtt, MqttPayload};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,12 +31,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 pub struct MqttSource {
-    pub index: usize,
-    pub device: DevicePlan,
-    pub tags: Arc<[TagPlan]>,
-    pub stats: Arc<DeviceStats>,
-    pub out: BatchSender,
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub ctx: SourceCtx,
+    pub plan: config::MqttDevicePlan,
 }
 
 /// A Sparkplug edge node or device: `(group, node, device)`.
@@ -78,7 +77,7 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(device: usize, plan: &DevicePlan, tags: Arc<[TagPlan]>) -> Router {
+    pub fn new(device: usize, device_tags: &[usize], tags: Arc<[TagPlan]>) -> Router {
         let mut r = Router {
             device,
             tags: tags.clone(),
@@ -87,8 +86,8 @@ impl Router {
             sparkplug: HashMap::new(),
             nodes: HashMap::new(),
         };
-        for &t in &plan.tags {
-            let Some(m) = &tags[t].mqtt else { continue };
+        for &t in device_tags {
+            let Some(m) = mqtt(&tags[t]) else { continue };
             match &m.payload {
                 MqttPayload::Sparkplug {
                     group,
@@ -115,7 +114,7 @@ impl Router {
             .flatten()
             .chain(&self.wild)
             .chain(self.sparkplug.values().flatten().map(|(_, t)| t))
-            .filter_map(|&t| self.tags[t].mqtt.as_ref().map(|m| m.filter.clone()))
+            .filter_map(|&t| mqtt(&self.tags[t]).map(|m| m.filter.clone()))
             .filter(|f| seen.insert(f.clone()))
             .collect()
     }
@@ -147,12 +146,11 @@ impl Router {
             return out;
         }
         let mut targets: Vec<usize> = self.exact.get(topic).cloned().unwrap_or_default();
-        targets.extend(self.wild.iter().filter(|&&t| {
-            self.tags[t]
-                .mqtt
-                .as_ref()
-                .is_some_and(|m| topic_matches(&m.topic, topic))
-        }));
+        targets.extend(
+            self.wild
+                .iter()
+                .filter(|&&t| mqtt(&self.tags[t]).is_some_and(|m| topic_matches(&m.topic, topic))),
+        );
         if targets.is_empty() {
             return out;
         }
@@ -170,7 +168,10 @@ impl Router {
         let mut by_ts: BTreeMap<Millis, Vec<Reading>> = BTreeMap::new();
         for t in targets {
             let tag = &self.tags[t];
-            let (ts, result) = match &tag.mqtt.as_ref().expect("routed tags are mqtt").payload {
+            let Some(m) = mqtt(tag) else {
+                continue;
+            };
+            let (ts, result) = match &m.payload {
                 MqttPayload::Json { pointer, timestamp } => match &doc {
                     None => (now, Err(())),
                     Some(d) => {
@@ -229,10 +230,7 @@ impl Router {
     }
 
     fn is_json(&self, t: usize) -> bool {
-        matches!(
-            self.tags[t].mqtt.as_ref().map(|m| &m.payload),
-            Some(MqttPayload::Json { .. })
-        )
+        matches!(mqtt(&self.tags[t]).map(|m| &m.payload), Some(MqttPayload::Json { .. }))
     }
 
     fn batches(&self, by_ts: BTreeMap<Millis, Vec<Reading>>) -> Vec<ReadingBatch> {
@@ -576,18 +574,18 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 
 impl MqttSource {
     pub async fn run(mut self) {
-        let m = self.device.mqtt.clone().expect("an mqtt device");
-        let b = m.broker;
+        let b = self.plan.broker.clone();
+        let address = format!("{}:{}", b.host, b.port);
         let resolved = match crate::publish::link::LinkOptions::resolve(&b, String::new(), Vec::new()) {
             Ok(r) => r,
             Err(e) => {
-                warn!(device = %self.device.id, error = %e, "cannot set up the device broker connection");
-                let tags = self.device.tags.clone();
-                super::send_all_bad(&self.out, self.index, &tags, BadReason::Disconnected).await;
+                let e = SourceError::Broker(e.to_string());
+                warn!(device = %self.ctx.id, error = %e, "cannot set up the device broker connection");
+                self.ctx.send_all_bad(BadReason::Disconnected).await;
                 return;
             }
         };
-        let mut router = Router::new(self.index, &self.device, self.tags.clone());
+        let mut router = Router::new(self.ctx.index, &self.ctx.device_tags, self.ctx.tags.clone());
         let filters = router.filters();
         let all = router.all_tags();
         let mut opts = rumqttc::MqttOptions::new(&b.client_id, &b.host, b.port);
@@ -607,7 +605,7 @@ impl MqttSource {
         loop {
             let ev = tokio::select! {
                 ev = events.poll() => ev,
-                _ = self.shutdown.changed() => {
+                _ = self.ctx.shutdown.changed() => {
                     let _ = client.try_disconnect();
                     return;
                 }
@@ -619,7 +617,7 @@ impl MqttSource {
                     router.reset_nodes();
                     for f in &filters {
                         if let Err(e) = client.try_subscribe(f, rumqttc::QoS::AtLeastOnce) {
-                            warn!(device = %self.device.id, filter = %f, error = %e, "cannot subscribe");
+                            warn!(device = %self.ctx.id, filter = %f, error = %e, "cannot subscribe");
                         }
                     }
                     unacked_subscriptions = filters.len();
@@ -628,50 +626,50 @@ impl MqttSource {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) if unacked_subscriptions > 0 => {
                     unacked_subscriptions -= 1;
                     if unacked_subscriptions == 0 {
-                        self.stats.connected.store(1, Ordering::Relaxed);
-                        info!(device = %self.device.id, broker = %self.device.address, filters = filters.len(), "subscribed on the device broker");
+                        self.ctx.stats.connected.store(1, Ordering::Relaxed);
+                        info!(device = %self.ctx.id, broker = %address, filters = filters.len(), "subscribed on the device broker");
                     }
                 }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    DeviceStats::inc(&self.stats.polls);
+                    DeviceStats::inc(&self.ctx.stats.polls);
                     let topic = p.topic.clone();
                     let outcome = router.on_message(&topic, &p.payload, p.retain, now_millis());
                     if !outcome.errors.is_empty() {
-                        let n = self.stats.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                        let n = self.ctx.stats.errors.fetch_add(1, Ordering::Relaxed) + 1;
                         // Every one is counted; the log names the topic without flooding.
                         if n <= 10 || n.is_power_of_two() {
-                            warn!(device = %self.device.id, topic = %topic, errors_total = n, problem = %outcome.errors.join("; "), "unreadable MQTT payload");
+                            warn!(device = %self.ctx.id, topic = %topic, errors_total = n, problem = %outcome.errors.join("; "), "unreadable MQTT payload");
                         }
                     }
                     if outcome.lost > 0 {
-                        self.stats.lost_frames.fetch_add(outcome.lost, Ordering::Relaxed);
-                        warn!(device = %self.device.id, topic = %topic, lost = outcome.lost, "Sparkplug sequence gap");
+                        self.ctx.stats.lost_frames.fetch_add(outcome.lost, Ordering::Relaxed);
+                        warn!(device = %self.ctx.id, topic = %topic, lost = outcome.lost, "Sparkplug sequence gap");
                     }
                     if let Some((t, payload)) = outcome.rebirth {
-                        DeviceStats::inc(&self.stats.requests);
-                        info!(device = %self.device.id, topic = %t, "asking a Sparkplug edge node for its births");
+                        DeviceStats::inc(&self.ctx.stats.requests);
+                        info!(device = %self.ctx.id, topic = %t, "asking a Sparkplug edge node for its births");
                         let _ = client.try_publish(t, rumqttc::QoS::AtMostOnce, false, payload);
                     }
                     for batch in outcome.batches {
-                        if self.out.send(batch).await.is_err() {
+                        if self.ctx.out.send(batch).await.is_err() {
                             return;
                         }
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    self.stats.connected.store(0, Ordering::Relaxed);
+                    self.ctx.stats.connected.store(0, Ordering::Relaxed);
                     if connected {
-                        warn!(device = %self.device.id, error = %e, "device broker connection lost");
-                        DeviceStats::inc(&self.stats.reconnects);
+                        warn!(device = %self.ctx.id, error = %e, "device broker connection lost");
+                        DeviceStats::inc(&self.ctx.stats.reconnects);
                         connected = false;
                     }
-                    if !super::send_all_bad(&self.out, self.index, &all, BadReason::Disconnected).await {
+                    if !super::send_all_bad(&self.ctx.out, self.ctx.index, &all, BadReason::Disconnected).await {
                         return;
                     }
                     let wait = backoff.next_delay();
-                    debug!(device = %self.device.id, error = %e, retry_in = ?wait, "device broker connect failed");
-                    if super::sleep_or_shutdown(&mut self.shutdown, wait).await {
+                    debug!(device = %self.ctx.id, error = %e, retry_in = ?wait, "device broker connect failed");
+                    if super::sleep_or_shutdown(&mut self.ctx.shutdown, wait).await {
                         return;
                     }
                 }

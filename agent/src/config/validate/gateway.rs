@@ -1,0 +1,182 @@
+//! The gateway file: agent identity, the buffer, the upstream broker, and the devices, each device
+//! validated in its kind's room (`sources/<kind>/config.rs`) after the keys of other kinds are refused.
+
+use super::ctx::refuse_foreign_keys;
+use super::*;
+use crate::sources::{modbus, mqtt, opcua, sensor, DevicePlan, Protocol};
+use toml::Spanned;
+
+/// The gateway file, validated.
+pub(super) struct GatewayParts {
+    pub agent: AgentPlan,
+    pub upstream: Option<UpstreamPlan>,
+    pub buffer: BufferPlan,
+    pub devices: Vec<DevicePlan>,
+    pub table: TagTable,
+}
+
+pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayParts {
+    let a = &gw.agent;
+    cx.name(&a.id, "agent.id", true);
+    cx.name(&a.site, "agent.site", true);
+    cx.name(&a.area, "agent.area", true);
+    cx.name(&a.line, "agent.line", true);
+    let base = cx.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let data_dir = a
+        .data_dir
+        .as_deref()
+        .map_or_else(|| PathBuf::from("/var/lib/plantmesh"), |d| base.join(d));
+    let sli_interval = a.sli_interval.as_ref().map_or(Duration::from_secs(10), |v| {
+        cx.range(&secs(v), "agent.sli_interval", 0.1, 3600.0);
+        v.get_ref().0
+    });
+    let metrics_listen = match &a.metrics_listen {
+        None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
+        Some(m) if m.get_ref() == "off" => None,
+        Some(m) => match m.get_ref().parse::<std::net::SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                cx.err(m, "agent.metrics_listen", format!("`{}` is not ip:port", m.get_ref()))
+                    .help = Some("e.g. \"127.0.0.1:9464\", or \"off\"".into());
+                None
+            }
+        },
+    };
+    let agent = AgentPlan {
+        id: a.id.get_ref().clone(),
+        site: a.site.get_ref().clone(),
+        area: a.area.get_ref().clone(),
+        line: a.line.get_ref().clone(),
+        data_dir,
+        sli_interval,
+        metrics_listen,
+    };
+    let encoding_at = gw.upstream.as_ref().and_then(|u| u.encoding.clone());
+    let upstream = gw
+        .upstream
+        .and_then(|u| upstream_plan(cx, u, &agent.id, &agent.site, &base, "upstream"));
+    // Sparkplug data goes to its own topic namespace: the egress allow-list must admit it.
+    if let (Some(sp), Some(at)) = (upstream.as_ref().and_then(|u| u.sparkplug.as_ref()), &encoding_at) {
+        let topic = crate::sparkplug::topic(&sp.group_id, crate::sparkplug::Kind::DData, &sp.edge_node_id, Some("x"));
+        let prefixes = &rules.plan.allow_topic_prefixes;
+        if !prefixes.is_empty() && !prefixes.iter().any(|p| topic.starts_with(p.as_str())) {
+            let (ns, group) = (crate::sparkplug::NAMESPACE, &sp.group_id);
+            cx.err(
+                at,
+                "upstream.encoding",
+                format!(
+                    "Sparkplug data goes to {ns}/{group}/..., which the governance egress allow-list does not allow"
+                ),
+            )
+            .help = Some(format!(
+                "add \"{ns}/{group}/\" to allow_topic_prefixes in {}",
+                rules.file
+            ));
+        }
+    }
+
+    let max_bytes = match &gw.buffer.max_bytes {
+        Some(v) => {
+            let mib = Spanned::new(v.span(), v.get_ref().0);
+            cx.range(&mib, "buffer.max_bytes", 1 << 20, 1 << 40).unwrap_or(1 << 20)
+        }
+        None => 256 << 20,
+    };
+    let commit_interval = match &gw.buffer.commit_interval {
+        Some(v) => {
+            cx.range(&secs(v), "buffer.commit_interval", 0.001, 10.0);
+            v.get_ref().0
+        }
+        None => Duration::from_millis(200),
+    };
+    let buffer = BufferPlan {
+        max_bytes,
+        commit_interval,
+    };
+
+    let mut devices = Vec::new();
+    let mut table = TagTable::default();
+    let mut device_ids: HashMap<String, usize> = HashMap::new();
+    for (di, d) in gw.devices.iter().enumerate() {
+        let key = format!("devices[{di}]");
+        cx.name(&d.id, &format!("{key}.id"), false);
+        if device_ids.insert(d.id.get_ref().clone(), di).is_some() {
+            let msg = format!("duplicate device id `{}`", d.id.get_ref());
+            cx.err(&d.id, format!("{key}.id"), msg);
+        }
+        let Some(protocol) = cx.choice(&d.protocol, &format!("{key}.protocol"), &Protocol::ALL) else {
+            continue;
+        };
+        refuse_foreign_keys(cx, d, &key, protocol);
+        let input = DeviceInput {
+            raw: d,
+            key: &key,
+            index: di,
+            base: &base,
+            agent_id: &agent.id,
+        };
+        let plan = match protocol {
+            Protocol::ModbusTcp => modbus::config::tcp_device(cx, &input, &mut table),
+            Protocol::ModbusRtu => modbus::config::rtu_device(cx, &input, &mut table),
+            Protocol::OpcUa => opcua::config::device(cx, &input, &mut table),
+            Protocol::SensorNode => sensor::config::device(cx, &input, &mut table),
+            Protocol::Mqtt => mqtt::config::device(cx, &input, &mut table),
+        };
+        devices.extend(plan);
+    }
+    GatewayParts {
+        agent,
+        upstream,
+        buffer,
+        devices,
+        table,
+    }
+}
+
+/// Tags that product fields add: sensor-node channels need no tag of their own (a field
+/// `<node>.<channel name>` adds one, matched by name against the node's hello at run time), and a
+/// field naming an instance of an MQTT template tag adds that instance. Product files are only
+/// skimmed here; their real parse reports any problem with them.
+pub(super) fn tags_from_products(products: &[(PathBuf, String)], devices: &mut [DevicePlan], table: &mut TagTable) {
+    /// Only what the skim needs; serde skips everything else without building a table of it.
+    #[derive(serde::Deserialize)]
+    struct Skim {
+        #[serde(default)]
+        fields: Vec<SkimField>,
+    }
+    #[derive(serde::Deserialize)]
+    struct SkimField {
+        source: Option<String>,
+    }
+    let adds_tags = |d: &DevicePlan| matches!(d.kind.protocol(), Protocol::SensorNode | Protocol::Mqtt);
+    if !devices.iter().any(adds_tags) {
+        return;
+    }
+    for (_, text) in products {
+        let Ok(doc) = toml::from_str::<Skim>(text) else {
+            continue;
+        };
+        for src in doc.fields.iter().filter_map(|f| f.source.as_deref()) {
+            let Some((dev, name)) = src.split_once('.') else {
+                continue;
+            };
+            let Some(di) = devices.iter().position(|d| d.id == dev) else {
+                continue;
+            };
+            if table.declared.contains(src) {
+                continue;
+            }
+            let tag = match devices[di].kind.protocol() {
+                Protocol::SensorNode => sensor::config::skimmed_tag(di, name),
+                Protocol::Mqtt => mqtt::config::instantiate(&table.templates, di, name),
+                _ => None,
+            };
+            let Some(tag) = tag else {
+                continue;
+            };
+            table.declared.insert(src.to_string());
+            devices[di].tags.push(table.tags.len());
+            table.tags.push(tag);
+        }
+    }
+}

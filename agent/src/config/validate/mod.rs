@@ -1,0 +1,188 @@
+//! Raw config -> [`Plan`]: every rule that serde cannot express, each with its location.
+//!
+//! By subject: [`ctx`] is the toolkit (located problems, parsing, refusing keys of another device
+//! kind); [`gateway`] the gateway file (agent, buffer, devices, each validated in its kind's room
+//! under `sources/`); [`upstream`] the broker connection; [`governance`] the platform's rules; and
+//! [`products`] the domain teams' product files, checked against the rules and the gateway's tags.
+//! Contract compatibility with what the broker acknowledged is [`super::contract`].
+
+mod ctx;
+mod gateway;
+mod governance;
+mod products;
+mod upstream;
+
+pub(crate) use ctx::{parse, secs, Ctx, DeviceInput, TagTable};
+pub(crate) use upstream::upstream_plan;
+
+use super::diag::{Diagnostics, Source};
+use super::*;
+use gateway::GatewayParts;
+use governance::Rules;
+use products::TagIndex;
+use std::collections::HashMap;
+
+pub(super) fn validate(
+    gateway: &(PathBuf, String),
+    governance: Option<&(PathBuf, String)>,
+    products: &[(PathBuf, String)],
+    data_dir: Option<&Path>,
+) -> Result<Plan, Diagnostics> {
+    let mut problems = Vec::new();
+    let mut files = vec![gateway.0.clone()];
+    let mut hash_input: Vec<&[u8]> = vec![gateway.1.as_bytes()];
+
+    // Governance first: every product is checked against it.
+    let mut rules = Rules {
+        plan: GovernancePlan::default(),
+        template: DEFAULT_TOPIC_TEMPLATE.to_string(),
+        required: Vec::new(),
+        domains: Vec::new(),
+        file: "governance.toml (defaults)".into(),
+    };
+    if let Some((path, text)) = governance {
+        files.push(path.clone());
+        hash_input.push(text.as_bytes());
+        let src = Source { path, text };
+        match parse::<raw::Governance>(&src) {
+            Err(d) => problems.push(d),
+            Ok(g) => {
+                let mut cx = Ctx {
+                    src,
+                    problems: &mut problems,
+                };
+                rules = governance::rules(&mut cx, g);
+            }
+        }
+    }
+
+    let src = Source {
+        path: &gateway.0,
+        text: &gateway.1,
+    };
+    let gw = match parse::<raw::Gateway>(&src) {
+        Ok(gw) => Some(gw),
+        Err(d) => {
+            problems.push(d);
+            None
+        }
+    };
+    let mut cx = Ctx {
+        src,
+        problems: &mut problems,
+    };
+    let mut built = gw.map(|gw| gateway::plan(&mut cx, gw, &rules));
+    if let Some(parts) = built.as_mut() {
+        gateway::tags_from_products(products, &mut parts.devices, &mut parts.table);
+        if let Some(dir) = data_dir {
+            parts.agent.data_dir = dir.to_path_buf();
+        }
+    }
+
+    let mut plan_products = Vec::new();
+    if let Some(GatewayParts {
+        agent,
+        buffer,
+        devices,
+        table,
+        ..
+    }) = &built
+    {
+        let tags = &table.tags;
+        let declared = &table.declared;
+        let by_ref: HashMap<String, usize> = tags
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("{}.{}", devices[t.device].id, t.name), i))
+            .collect();
+        let mut seen_ids: HashMap<(String, String), PathBuf> = HashMap::new();
+        let published = super::contract::load(&super::contract::dir(&agent.data_dir));
+        for (path, text) in products {
+            files.push(path.clone());
+            hash_input.push(text.as_bytes());
+            let src = Source { path, text };
+            let raw = match parse::<raw::Product>(&src) {
+                Ok(p) => p,
+                Err(d) => {
+                    problems.push(d);
+                    continue;
+                }
+            };
+            let mut cx = Ctx {
+                src,
+                problems: &mut problems,
+            };
+            // One product may be defined twice only with different major versions (a migration
+            // window: the old major keeps publishing on its own topic beside the new one).
+            let major = raw.version.get_ref().split('.').next().unwrap_or("").to_string();
+            let seen = (raw.id.get_ref().clone(), major.clone());
+            if let Some(first) = seen_ids.get(&seen) {
+                let msg = format!(
+                    "duplicate product `{}` major version {major}: also defined in {}",
+                    raw.id.get_ref(),
+                    first.display()
+                );
+                cx.err(&raw.id, "id", msg).help =
+                    Some("two files may define one product only with different major versions".into());
+                continue;
+            }
+            seen_ids.insert(seen, path.clone());
+            let version_at = raw.version.clone();
+            if let Some(p) = products::plan(
+                &mut cx,
+                raw,
+                agent,
+                buffer,
+                &TagIndex {
+                    tags,
+                    by_ref: &by_ref,
+                    declared,
+                },
+                &rules,
+            ) {
+                if let Some(stored) = published.get(&p.key) {
+                    if let Some((message, help)) = super::contract::check(&p, stored) {
+                        cx.err(&version_at, "version", message).help = Some(help);
+                        continue;
+                    }
+                }
+                plan_products.push(p);
+            }
+        }
+    }
+
+    let Some(GatewayParts {
+        agent,
+        upstream,
+        buffer,
+        devices,
+        table,
+    }) = built.filter(|_| problems.is_empty())
+    else {
+        return Err(Diagnostics(problems));
+    };
+    let tags = table.tags;
+    for p in &mut plan_products {
+        if p.service_levels.expected_interval.is_zero() {
+            // Every sample or on change: at best one record per poll of the fastest device.
+            p.service_levels.expected_interval = p
+                .fields
+                .iter()
+                .filter_map(|f| f.source.tag())
+                .map(|tag| devices[tags[tag].device].kind.sample_interval())
+                .min()
+                .unwrap_or(Duration::from_secs(1));
+        }
+    }
+    Ok(Plan {
+        agent,
+        upstream,
+        buffer,
+        devices,
+        tags: tags.into(),
+        products: plan_products,
+        governance: rules.plan,
+        config_hash: format!("{:016x}", fnv1a64(&hash_input)),
+        files,
+    })
+}
