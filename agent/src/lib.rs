@@ -15,6 +15,7 @@ pub mod govern;
 pub mod map;
 pub mod model;
 pub mod preview;
+pub mod produce;
 pub mod publish;
 pub mod runtime;
 pub mod sim;

@@ -7,9 +7,9 @@
 
 use crate::buffer::{self, BufferStats, ProductLimits, ProductSlot, Store};
 use crate::config::{MqttVersion, Plan, UpstreamPlan};
-use crate::map::Mapper;
-use crate::model::now_millis;
-use crate::publish::{envelope, link::LinkOptions, Announced, PublishStats, Publisher};
+use crate::govern::GovernError;
+use crate::produce::{self, Produce};
+use crate::publish::{envelope, link::LinkError, link::LinkOptions, Announced, PublishStats, Publisher};
 use crate::sources::{DeviceStats, OpcUaIdentityFiles, SourceCtx};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,13 +34,16 @@ pub struct Running {
     pub writer_alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Why the agent could not start, or stopped. Each says what to fix; `main` prints it and exits
+/// non-zero, so the service manager restarts the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{0}")]
     Buffer(#[from] buffer::BufferError),
+    /// The upstream connection cannot be set up (a secret, CA or key file).
     #[error("upstream: {0}")]
-    Upstream(String),
-    #[error("cannot create data directory {path}: {source}")]
+    Upstream(#[from] LinkError),
+    #[error("cannot create data directory {}: {source}", path.display())]
     DataDir {
         path: std::path::PathBuf,
         source: std::io::Error,
@@ -48,7 +51,9 @@ pub enum RunError {
     #[error("embedded broker: {0}")]
     Broker(String),
     #[error("governance: {0}")]
-    Governance(String),
+    Governance(#[from] GovernError),
+    #[error("the buffer writer stopped")]
+    WriterStopped,
 }
 
 impl Running {
@@ -129,7 +134,6 @@ pub fn spawn_sources(
 
 /// Runs the agent. `on_start` is called once everything is running (the demo's view hooks in here). `view`: keep the latest record per product for the status view (a copy per record).
 pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> Result<(), RunError> {
-    let want_last = view;
     std::fs::create_dir_all(&plan.agent.data_dir).map_err(|source| RunError::DataDir {
         path: plan.agent.data_dir.clone(),
         source,
@@ -149,15 +153,16 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     info!(path = %buffer_path.display(), epoch = report.epoch, pending_messages = report.pending_messages,
           pending_bytes = report.pending_bytes, "buffer opened");
 
-    let broker = match &plan.upstream {
-        Some(u) => format!("{}:{}", u.host, u.port),
+    let upstream = match &plan.upstream {
+        Some(u) => u.clone(),
         None => {
             let addr = start_embedded_broker()?;
-            plan.upstream = Some(local_upstream(addr.port(), format!("plantmesh-{}", plan.agent.id)));
-            addr.to_string()
+            let u = local_upstream(addr.port(), format!("plantmesh-{}", plan.agent.id));
+            plan.upstream = Some(u.clone());
+            u
         }
     };
-    let upstream = plan.upstream.clone().expect("set above");
+    let broker = format!("{}:{}", upstream.host, upstream.port);
     let plan = Arc::new(plan);
 
     let slots: Vec<ProductSlot> = plan
@@ -204,8 +209,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         &upstream,
         status_topic.clone(),
         envelope::status(&plan, "offline", epoch),
-    )
-    .map_err(RunError::Upstream)?;
+    )?;
     let mut options = options;
     options.burst = 2 * plan.products.len();
     let publish_stats = Arc::new(PublishStats::new(plan.products.len()));
@@ -224,20 +228,21 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         options,
         reader,
         buffer: handle.clone(),
-        products: plan
-            .products
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let plan = plan.clone();
-                Announced {
-                    id: p.key.clone(),
-                    qos: p.qos,
-                    descriptor_topic: envelope::descriptor_topic(p),
-                    descriptor: Arc::new(move || envelope::descriptor(&plan, &plan.products[i])),
-                }
-            })
-            .collect(),
+        products: crate::publish::Products::new(
+            plan.products
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let plan = plan.clone();
+                    Announced {
+                        id: p.key.clone(),
+                        qos: p.qos,
+                        descriptor_topic: envelope::descriptor_topic(p),
+                        descriptor: Arc::new(move || envelope::descriptor(&plan, &plan.products[i])),
+                    }
+                })
+                .collect(),
+        ),
         agent_id: plan.agent.id.clone(),
         status_topic,
         online: envelope::status(&plan, "online", epoch),
@@ -254,117 +259,40 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     let publisher = tokio::spawn(publisher.run());
 
     // Sources -> map.
-    let (batch_tx, mut batch_rx) = mpsc::channel(1024);
+    let (batch_tx, batch_rx) = mpsc::channel(1024);
     let (sources, device_stats) = spawn_sources(&plan, batch_tx, &shutdown);
 
     // Governance: the site secret is read now; a product that must pseudonymise cannot run without it.
     let key = match &plan.governance.key_file {
-        Some(path) => Some(crate::govern::read_key(path).map_err(RunError::Governance)?),
+        Some(path) => Some(crate::govern::read_key(path)?),
         None => None,
     };
-    let governor = crate::govern::Governor::new(&plan, key).map_err(|e| RunError::Governance(e.to_string()))?;
+    let governor = crate::govern::Governor::new(&plan, key)?;
     let last = Arc::new(std::sync::Mutex::new(vec![None; plan.products.len()]));
     let slis = Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len())));
     let produced: Arc<Vec<std::sync::atomic::AtomicU64>> =
         Arc::new(plan.products.iter().map(|_| Default::default()).collect());
-    let map_task = {
-        let plan = plan.clone();
-        let handle = handle.clone();
-        let last = last.clone();
-        let produced = produced.clone();
-        let slis = slis.clone();
-        tokio::spawn(async move {
-            let mut mapper = Mapper::new(&plan);
-            let encoders: Vec<envelope::RecordEncoder> =
-                plan.products.iter().map(envelope::RecordEncoder::new).collect();
-            let mut counts = crate::govern::Counts::default();
-            let mut out = Vec::new();
-            let tick = mapper.next_tick().unwrap_or(Duration::from_secs(3600));
-            let mut ticker = tokio::time::interval(tick);
-            loop {
-                tokio::select! {
-                    b = batch_rx.recv() => match b {
-                        Some(b) => mapper.on_batch(&b, &mut out),
-                        None => break,
-                    },
-                    _ = ticker.tick() => mapper.on_tick(now_millis(), &mut out),
-                }
-                for (pi, record) in out.drain(..) {
-                    let governed = match governor.apply(pi, record, &mut counts) {
-                        crate::govern::Decision::Publish(g) => g,
-                        crate::govern::Decision::Drop { .. } => {
-                            handle.refuse_contract(pi);
-                            continue;
-                        }
-                    };
-                    let ts = governed.ts;
-                    if let Ok(mut s) = slis.lock() {
-                        s.record(pi, &governed);
-                    }
-                    let json = encoders[pi].encode(&governed);
-                    if want_last {
-                        if let Ok(mut l) = last.lock() {
-                            l[pi] = Some(String::from_utf8_lossy(&json).into_owned());
-                        }
-                    }
-                    produced[pi].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    handle.offer(pi, ts, json);
-                }
-            }
-            let mut summary = serde_json::Map::new();
-            for ((pi, rule), n) in &counts.0 {
-                info!(product = %plan.products[*pi].id, rule, count = n, "governance decisions this run");
-                summary.insert(format!("{}:{rule}", plan.products[*pi].key), (*n).into());
-            }
-            let entry = serde_json::json!({"config_hash": plan.config_hash, "governance": summary});
-            if let Err(e) = crate::audit::append(&plan.agent.data_dir, "run_end", entry) {
-                tracing::warn!(error = %e, "cannot write the audit trail");
-            }
-        })
-    };
+    let produce = Produce::new(
+        plan.clone(),
+        governor,
+        produce::Outputs {
+            buffer: handle.clone(),
+            slis: slis.clone(),
+            produced: produced.clone(),
+            last: view.then(|| last.clone()),
+        },
+    );
+    let map_task = tokio::spawn(produce.run(batch_rx));
 
     // SLIs: one retained document per product per interval.
-    {
-        let plan = plan.clone();
-        let slis = slis.clone();
-        let stats = publish_stats.clone();
-        let reader = sli_reader;
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let every = plan.agent.sli_interval;
-            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = shutdown.changed() => return,
-                }
-                let now = now_millis();
-                let snapshots = match slis.lock() {
-                    Ok(mut s) => s.snapshot(now),
-                    Err(_) => return,
-                };
-                let drops = reader.drops().unwrap_or_default();
-                for (i, (p, s)) in plan.products.iter().zip(&snapshots).enumerate() {
-                    let latency = stats.take_product_latency(i);
-                    let mine: Vec<(String, u64)> = drops
-                        .iter()
-                        .filter(|d| d.0 == p.key)
-                        .map(|d| (d.1.clone(), d.2))
-                        .collect();
-                    let doc = crate::catalog::sli_document(
-                        p,
-                        &plan.agent.id,
-                        every.as_millis() as u64,
-                        s,
-                        latency,
-                        &mine,
-                        now,
-                    );
-                    let _ = retained_tx.send((format!("{}/_sli", p.topic), doc));
-                }
-            }
-        });
-    }
+    tokio::spawn(crate::catalog::publish_slis(
+        plan.clone(),
+        slis.clone(),
+        publish_stats.clone(),
+        sli_reader,
+        retained_tx,
+        shutdown.clone(),
+    ));
     let writer_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let running = Running {
         plan: plan.clone(),
@@ -399,7 +327,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         // The writer is gone: nothing more can be accepted. Exit without a graceful drain.
         let e = result.unwrap_or(Ok(())).err();
         error!(error = ?e, "buffer writer stopped; exiting so the service manager restarts the agent");
-        return Err(e.map_or_else(|| RunError::Upstream("buffer writer stopped".into()), RunError::Buffer));
+        return Err(e.map_or(RunError::WriterStopped, RunError::Buffer));
     }
     info!("stopping: draining sources, buffer and in-flight messages");
     let _ = shutdown_tx.send(true);

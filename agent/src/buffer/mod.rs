@@ -19,6 +19,8 @@
 
 pub mod store;
 
+mod gap;
+pub use gap::GapReason;
 pub use store::{Batch, BufferError, GapEvent, MessageId, NewMessage, ProductLimits, Reader, Store, StoredMessage};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,7 +47,7 @@ pub enum WriterMsg {
     DeadLetter {
         product: String,
         id: MessageId,
-        reason: String,
+        reason: GapReason,
     },
 }
 
@@ -125,7 +127,7 @@ impl BufferHandle {
         let _ = self.tx.send(WriterMsg::Ack { product, id });
     }
 
-    pub fn dead_letter(&self, product: String, id: MessageId, reason: String) {
+    pub fn dead_letter(&self, product: String, id: MessageId, reason: GapReason) {
         let _ = self.tx.send(WriterMsg::DeadLetter { product, id, reason });
     }
 
@@ -236,7 +238,7 @@ struct Pending {
     created: Vec<u64>,
     acks: Vec<(String, MessageId)>,
     gap_acks: Vec<u64>,
-    dead_letters: Vec<(String, MessageId, String)>,
+    dead_letters: Vec<(String, MessageId, GapReason)>,
     count: usize,
 }
 
@@ -390,15 +392,21 @@ impl Writer {
             }
             let lost = self.h.lost[i].swap(0, Ordering::Relaxed);
             if lost > 0 {
-                batch.refused.push((slot.id.clone(), lost, "buffer_full_blocked"));
+                batch
+                    .refused
+                    .push((slot.id.clone(), lost, GapReason::BufferFullBlocked));
             }
             let overloaded = self.h.overloaded[i].swap(0, Ordering::Relaxed);
             if overloaded > 0 {
-                batch.refused.push((slot.id.clone(), overloaded, "writer_overload"));
+                batch
+                    .refused
+                    .push((slot.id.clone(), overloaded, GapReason::WriterOverload));
             }
             let violations = self.h.violations[i].swap(0, Ordering::Relaxed);
             if violations > 0 {
-                batch.refused.push((slot.id.clone(), violations, "contract_violation"));
+                batch
+                    .refused
+                    .push((slot.id.clone(), violations, GapReason::ContractViolation));
             }
         }
         batch

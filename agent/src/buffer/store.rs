@@ -11,6 +11,7 @@
 //! transaction, so a consumer can prove completeness from seq continuity plus gap events.
 //! A commit returns only after redb's `Durability::Immediate` commit (fsync) has returned.
 
+use super::GapReason;
 use crate::config::FullPolicy;
 use crate::model::Millis;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -117,7 +118,7 @@ pub struct GapEvent {
     pub to_seq: u64,
     /// Records lost.
     pub count: u64,
-    pub reason: String,
+    pub reason: GapReason,
     /// When the agent recorded the gap (ms since the Unix epoch).
     pub ts: Millis,
     /// Topic the gap event goes to.
@@ -140,11 +141,11 @@ pub struct Batch {
     pub acks: Vec<(String, MessageId)>,
     pub gap_acks: Vec<u64>,
     /// Messages the broker refused (MQTT 5 reason code >= 0x80): moved to `dead_letters`.
-    pub dead_letters: Vec<(String, MessageId, String)>,
+    pub dead_letters: Vec<(String, MessageId, GapReason)>,
     /// Records refused before they reached a message: `(product, count, reason)`; reasons are
-    /// `buffer_full_blocked` (a `block` product while full) and `writer_overload` (the writer was
-    /// too far behind to queue more).
-    pub refused: Vec<(String, u64, &'static str)>,
+    /// `buffer_full_blocked` (a `block` product while full), `writer_overload` (the writer was
+    /// too far behind to queue more) and `contract_violation`.
+    pub refused: Vec<(String, u64, GapReason)>,
 }
 
 /// What a commit did.
@@ -387,11 +388,11 @@ impl Store {
                 let json = serde_json::to_vec(&ev).expect("gap events serialize");
                 gaps.insert(next_gap, json.as_slice()).map_err(storage(&path))?;
                 let prev = drops
-                    .get((ev.product.as_str(), ev.reason.as_str()))
+                    .get((ev.product.as_str(), &*ev.reason.as_str()))
                     .map_err(storage(&path))?
                     .map_or(0, |v| v.value());
                 drops
-                    .insert((ev.product.as_str(), ev.reason.as_str()), prev + ev.count)
+                    .insert((ev.product.as_str(), &*ev.reason.as_str()), prev + ev.count)
                     .map_err(storage(&path))?;
                 out.gaps.push((next_gap, ev));
                 next_gap += 1;
@@ -439,7 +440,7 @@ impl Store {
                 record_gap(
                     &mut gaps,
                     &mut drops,
-                    self.gap_event(product, self.epoch, (seq, seq), *count, reason.to_string(), now),
+                    self.gap_event(product, self.epoch, (seq, seq), *count, reason.clone(), now),
                 )?;
             }
 
@@ -522,7 +523,7 @@ impl Store {
                                     epoch,
                                     (from, to),
                                     count,
-                                    "buffer_full_drop_oldest".to_string(),
+                                    GapReason::BufferFullDropOldest,
                                     now,
                                 ),
                             )?;
@@ -542,10 +543,10 @@ impl Store {
                     out.appended.push((m.product.clone(), id, stored.records));
                 } else {
                     let reason = match limits.policy {
-                        FullPolicy::Block => "buffer_full_blocked",
-                        FullPolicy::RejectNew => "buffer_full_reject_new",
+                        FullPolicy::Block => GapReason::BufferFullBlocked,
+                        FullPolicy::RejectNew => GapReason::BufferFullRejectNew,
                         // The message alone exceeds what the product may hold, or other products fill the buffer.
-                        FullPolicy::DropOldest => "buffer_full",
+                        FullPolicy::DropOldest => GapReason::BufferFull,
                     };
                     if limits.policy == FullPolicy::Block && !out.now_blocked.contains(&m.product) {
                         out.now_blocked.push(m.product.clone());
@@ -558,7 +559,7 @@ impl Store {
                             id.epoch,
                             (id.seq, id.seq),
                             u64::from(m.records),
-                            reason.to_string(),
+                            reason,
                             now,
                         ),
                     )?;
@@ -590,7 +591,7 @@ impl Store {
         epoch: u64,
         seqs: (u64, u64),
         count: u64,
-        reason: String,
+        reason: GapReason,
         ts: Millis,
     ) -> GapEvent {
         let topic = self

@@ -2,7 +2,7 @@
 //!
 //! In: every governed record (from map, after governance), buffer and publish counters. Out: one SLI
 //! document per product per interval, published retained on `{topic}/_sli`, and the same figures
-//! as Prometheus metrics. Pure bookkeeping; the runtime decides when to emit.
+//! as Prometheus metrics. Bookkeeping, and [`publish_slis`], the task that emits the documents.
 //!
 //! - `freshness_ms`: age of the newest record with at least one good value (grows while a device is
 //!   down, even though records with bad qualities keep flowing).
@@ -101,6 +101,42 @@ impl Slis {
 fn met(target: Option<f64>, measured: Option<f64>, higher_is_better: bool) -> Option<bool> {
     let (t, m) = (target?, measured?);
     Some(if higher_is_better { m >= t } else { m <= t })
+}
+
+/// Every `sli_interval`, one retained SLI document per product to `retained` (the publisher),
+/// until `shutdown`.
+pub async fn publish_slis(
+    plan: std::sync::Arc<crate::config::Plan>,
+    slis: std::sync::Arc<std::sync::Mutex<Slis>>,
+    stats: std::sync::Arc<crate::publish::PublishStats>,
+    reader: crate::buffer::Reader,
+    retained: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let every = plan.agent.sli_interval;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = crate::model::now_millis();
+        let snapshots = match slis.lock() {
+            Ok(mut s) => s.snapshot(now),
+            Err(_) => return,
+        };
+        // Drops by product key, so each product takes its own without a scan over all of them.
+        let mut drops: std::collections::HashMap<String, Vec<(String, u64)>> = std::collections::HashMap::new();
+        for (key, reason, n) in reader.drops().unwrap_or_default() {
+            drops.entry(key).or_default().push((reason, n));
+        }
+        for (i, (p, s)) in plan.products.iter().zip(&snapshots).enumerate() {
+            let latency = stats.take_product_latency(i);
+            let mine = drops.get(&p.key).map_or(&[][..], Vec::as_slice);
+            let doc = sli_document(p, &plan.agent.id, every.as_millis() as u64, s, latency, mine, now);
+            let _ = retained.send((format!("{}/_sli", p.topic), doc));
+        }
+    }
 }
 
 /// The `_sli` document: measured figures beside the targets the contract promises.

@@ -305,6 +305,23 @@ impl Default for GovernancePlan {
     }
 }
 
+/// MQTT QoS of a product's messages. QoS 0 is not offered: it would give up at-least-once delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+impl Qos {
+    /// The QoS level on the wire (and in the descriptor's binding).
+    pub fn level(self) -> u8 {
+        match self {
+            Qos::AtLeastOnce => 1,
+            Qos::ExactlyOnce => 2,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnViolation {
     /// Publish, with the field's quality saying what is wrong.
@@ -334,8 +351,7 @@ pub struct ProductPlan {
     /// Shared: the mapper and the governor hold the same fields, not copies.
     pub fields: std::sync::Arc<[FieldPlan]>,
     pub topic: String,
-    /// MQTT QoS of product messages (1 or 2).
-    pub qos: u8,
+    pub qos: Qos,
     /// Most records per message, when the product sets fewer than the upstream default.
     pub max_records_per_message: Option<usize>,
     pub service_levels: ServiceLevelPlan,
@@ -536,7 +552,7 @@ pub fn test_product(fields: Vec<FieldPlan>) -> ProductPlan {
         full_policy: FullPolicy::DropOldest,
         fields: fields.into(),
         topic: "t".into(),
-        qos: 1,
+        qos: Qos::AtLeastOnce,
         max_records_per_message: None,
         service_levels: ServiceLevelPlan::default(),
         file: Default::default(),

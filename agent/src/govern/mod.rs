@@ -42,17 +42,66 @@ pub enum Decision {
     Publish(Governed),
     /// The record breaks its contract and the product drops such records.
     Drop {
-        rule: &'static str,
+        rule: Rule,
     },
 }
 
-/// Decisions counted per (product, rule); rules: `pseudonymise`, `mask`, `coarsen`, `never`,
-/// `contract_range`, `contract_required`, `contract_drop`.
+/// The rules a governance decision is counted (and audited) under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rule {
+    Pseudonymise,
+    Mask,
+    Coarsen,
+    Never,
+    /// A value outside the field's range (flagged).
+    ContractRange,
+    /// A required field without a good value (flagged).
+    ContractRequired,
+    /// A record dropped for breaking its contract (`on_violation = "drop"`).
+    ContractDrop,
+    /// Why such a record is dropped: its gap events carry this reason.
+    ContractViolation,
+}
+
+impl Rule {
+    /// The rule's name in logs, metrics and the audit trail.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::Pseudonymise => "pseudonymise",
+            Rule::Mask => "mask",
+            Rule::Coarsen => "coarsen",
+            Rule::Never => "never",
+            Rule::ContractRange => "contract_range",
+            Rule::ContractRequired => "contract_required",
+            Rule::ContractDrop => "contract_drop",
+            Rule::ContractViolation => "contract_violation",
+        }
+    }
+
+    /// The rule an edge action is counted under; `None` for `pass` (not counted).
+    pub fn of_action(action: EdgeAction) -> Option<Rule> {
+        match action {
+            EdgeAction::Pass => None,
+            EdgeAction::Coarsen(_) => Some(Rule::Coarsen),
+            EdgeAction::Pseudonymise => Some(Rule::Pseudonymise),
+            EdgeAction::Mask => Some(Rule::Mask),
+            EdgeAction::Never => Some(Rule::Never),
+        }
+    }
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Decisions counted per (product, rule).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Counts(pub BTreeMap<(usize, &'static str), u64>);
+pub struct Counts(pub BTreeMap<(usize, Rule), u64>);
 
 impl Counts {
-    fn add(&mut self, product: usize, rule: &'static str, n: u64) {
+    fn add(&mut self, product: usize, rule: Rule, n: u64) {
         *self.0.entry((product, rule)).or_default() += n;
     }
 }
@@ -66,6 +115,9 @@ pub struct Governor {
 pub enum GovernError {
     #[error("product `{product}` pseudonymises field `{field}` but no site secret was loaded (pseudonymise_key_file in the governance file)")]
     NoKey { product: String, field: String },
+    /// The site secret's file is missing, unreadable, too short or readable by others.
+    #[error("{0}")]
+    Key(String),
 }
 
 impl Governor {
@@ -100,7 +152,7 @@ impl Governor {
             if let (Some(&(lo, hi)), Some(x)) = (f.range.as_deref(), value.as_ref().and_then(Value::as_f64)) {
                 if quality.is_good() && !(lo..=hi).contains(&x) {
                     quality = Quality::Bad(BadReason::OutOfRange);
-                    counts.add(product, "contract_range", 1);
+                    counts.add(product, Rule::ContractRange, 1);
                     violated = true;
                 }
             }
@@ -111,7 +163,7 @@ impl Governor {
                 if quality.is_good() {
                     quality = Quality::Bad(BadReason::RequiredMissing);
                 }
-                counts.add(product, "contract_required", 1);
+                counts.add(product, Rule::ContractRequired, 1);
                 violated = true;
             }
             // Edge action.
@@ -125,17 +177,17 @@ impl Governor {
                 })),
                 EdgeAction::Pseudonymise => Some(value.map(|v| Value::Text(self.pseudonym(&v)))),
             };
-            if f.action != EdgeAction::Pass {
-                counts.add(product, f.action.name(), 1);
+            if let Some(rule) = Rule::of_action(f.action) {
+                counts.add(product, rule, 1);
             }
             if let Some(v) = leaving {
                 out.push((i, v, quality));
             }
         }
         if violated && *on_violation == OnViolation::Drop {
-            counts.add(product, "contract_drop", 1);
+            counts.add(product, Rule::ContractDrop, 1);
             return Decision::Drop {
-                rule: "contract_violation",
+                rule: Rule::ContractViolation,
             };
         }
         Decision::Publish(Governed {
@@ -163,28 +215,28 @@ impl Governor {
 }
 
 /// Reads the site secret: at least 32 bytes, readable by its owner only.
-pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
+pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, GovernError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let meta = std::fs::metadata(path)
-            .map_err(|e| format!("cannot read the pseudonymisation key {}: {e}", path.display()))?;
+            .map_err(|e| GovernError::Key(format!("cannot read the pseudonymisation key {}: {e}", path.display())))?;
         if meta.permissions().mode() & 0o077 != 0 {
-            return Err(format!(
+            return Err(GovernError::Key(format!(
                 "the pseudonymisation key {} is readable by group or others; run: chmod 600 {}",
                 path.display(),
                 path.display()
-            ));
+            )));
         }
     }
-    let key =
-        std::fs::read(path).map_err(|e| format!("cannot read the pseudonymisation key {}: {e}", path.display()))?;
+    let key = std::fs::read(path)
+        .map_err(|e| GovernError::Key(format!("cannot read the pseudonymisation key {}: {e}", path.display())))?;
     if key.len() < 32 {
-        return Err(format!(
+        return Err(GovernError::Key(format!(
             "the pseudonymisation key {} has {} bytes; it needs at least 32 (e.g. head -c 32 /dev/urandom > key)",
             path.display(),
             key.len()
-        ));
+        )));
     }
     Ok(key)
 }
@@ -354,16 +406,16 @@ mod tests {
             Quality::Bad(BadReason::Timeout),
             "the original reason is kept"
         );
-        assert_eq!(counts.0[&(0, "contract_range")], 1);
-        assert_eq!(counts.0[&(0, "contract_required")], 1);
+        assert_eq!(counts.0[&(0, Rule::ContractRange)], 1);
+        assert_eq!(counts.0[&(0, Rule::ContractRequired)], 1);
         p.on_violation = OnViolation::Drop;
         let g = governor(&p);
         assert_eq!(
             g.apply(0, rec, &mut counts),
             Decision::Drop {
-                rule: "contract_violation"
+                rule: Rule::ContractViolation
             }
         );
-        assert_eq!(counts.0[&(0, "contract_drop")], 1);
+        assert_eq!(counts.0[&(0, Rule::ContractDrop)], 1);
     }
 }

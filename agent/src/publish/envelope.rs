@@ -296,7 +296,7 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
             _ => None,
         },
         "slaProperties": sla_properties(&p.service_levels),
-        "binding": {"protocol": "mqtt", "topic": p.topic, "qos": p.qos, "encoding": "json",
+        "binding": {"protocol": "mqtt", "topic": p.topic, "qos": p.qos.level(), "encoding": "json",
                     "sli_topic": format!("{}/_sli", p.topic),
                     "gaps_topic": gaps_topic(p)},
         "contract_hash": format!("{:016x}", crate::config::fnv1a64(&[p.version.as_bytes(), &contract])),

@@ -2,7 +2,7 @@
 //! once. Sessions are always clean (see `inflight`): the buffer, not the broker session, is what makes
 //! delivery at-least-once.
 
-use crate::config::{MqttVersion, UpstreamPlan};
+use crate::config::{MqttVersion, Qos, UpstreamPlan};
 use bytes::Bytes;
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use std::time::Duration;
@@ -63,22 +63,60 @@ pub struct LinkOptions {
     pub burst: usize,
 }
 
+/// What went wrong on the broker connection, or setting it up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A secret reference (password file or variable) could not be read.
+    #[error("{0}")]
+    Secret(String),
+    #[error("mqtts:// needs ca_file (the CA that signed the broker's certificate)")]
+    NoCaFile,
+    #[error("cannot read {what} {}: {source}", path.display())]
+    ReadFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("client key {} is readable by group or others (mode {mode:o}); run: chmod 600 {}", path.display(), path.display())]
+    KeyReadable { path: std::path::PathBuf, mode: u32 },
+    /// The connection failed or dropped (rumqttc's event loop: MQTT 3.1.1 or 5); reconnect.
+    #[error("{0}")]
+    Connection(String),
+    /// A request could not be queued (the client's queue is full or its event loop gone).
+    #[error("{0}")]
+    Request(String),
+}
+
+fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, LinkError> {
+    std::fs::read(path).map_err(|source| LinkError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl LinkOptions {
     /// Reads secrets and TLS files; every problem names the file.
-    pub fn resolve(upstream: &UpstreamPlan, will_topic: String, will_payload: Vec<u8>) -> Result<LinkOptions, String> {
-        let password = upstream.password.as_ref().map(|s| s.read()).transpose()?;
+    pub fn resolve(
+        upstream: &UpstreamPlan,
+        will_topic: String,
+        will_payload: Vec<u8>,
+    ) -> Result<LinkOptions, LinkError> {
+        let password = upstream
+            .password
+            .as_ref()
+            .map(|s| s.read())
+            .transpose()
+            .map_err(LinkError::Secret)?;
         let tls = if upstream.tls {
             let ca = match &upstream.ca_file {
-                Some(f) => std::fs::read(f).map_err(|e| format!("cannot read CA file {}: {e}", f.display()))?,
-                None => return Err("mqtts:// needs ca_file (the CA that signed the broker's certificate)".into()),
+                Some(f) => read_file("CA file", f)?,
+                None => return Err(LinkError::NoCaFile),
             };
             let client_auth = match &upstream.client_cert {
                 Some((cert, key)) => {
                     check_private(key)?;
-                    let c = std::fs::read(cert)
-                        .map_err(|e| format!("cannot read client certificate {}: {e}", cert.display()))?;
-                    let k = std::fs::read(key).map_err(|e| format!("cannot read client key {}: {e}", key.display()))?;
-                    Some((c, k))
+                    Some((read_file("client certificate", cert)?, read_file("client key", key)?))
                 }
                 None => None,
             };
@@ -103,18 +141,20 @@ impl LinkOptions {
 }
 
 /// Refuses a key file that others can read.
-fn check_private(path: &std::path::Path) -> Result<(), String> {
+fn check_private(path: &std::path::Path) -> Result<(), LinkError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read client key {}: {e}", path.display()))?;
+        let meta = std::fs::metadata(path).map_err(|source| LinkError::ReadFile {
+            what: "client key",
+            path: path.to_path_buf(),
+            source,
+        })?;
         if meta.permissions().mode() & 0o077 != 0 {
-            return Err(format!(
-                "client key {} is readable by group or others (mode {:o}); run: chmod 600 {}",
-                path.display(),
-                meta.permissions().mode() & 0o777,
-                path.display()
-            ));
+            return Err(LinkError::KeyReadable {
+                path: path.to_path_buf(),
+                mode: meta.permissions().mode() & 0o777,
+            });
         }
     }
     Ok(())
@@ -175,9 +215,9 @@ impl Link {
         }
     }
 
-    pub async fn poll(&mut self) -> Result<LinkEvent, String> {
+    pub async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
         match self {
-            Link::V4(_, e) => match e.poll().await.map_err(|e| e.to_string())? {
+            Link::V4(_, e) => match e.poll().await.map_err(|e| LinkError::Connection(e.to_string()))? {
                 rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Ok(LinkEvent::Connected),
                 rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => Ok(LinkEvent::PubAck {
                     pkid: a.pkid,
@@ -196,7 +236,7 @@ impl Link {
                 rumqttc::Event::Incoming(rumqttc::Packet::UnsubAck(_)) => Ok(LinkEvent::UnsubAck),
                 _ => Ok(LinkEvent::Other),
             },
-            Link::V5(_, e) => match e.poll().await.map_err(|e| e.to_string())? {
+            Link::V5(_, e) => match e.poll().await.map_err(|e| LinkError::Connection(e.to_string()))? {
                 rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_)) => {
                     Ok(LinkEvent::Connected)
                 }
@@ -244,20 +284,20 @@ impl Link {
         retain: bool,
         payload: Vec<u8>,
         props: Vec<(String, String)>,
-    ) -> Result<(), String> {
-        self.publish_qos(topic, 1, retain, payload, props)
+    ) -> Result<(), LinkError> {
+        self.publish_qos(topic, Qos::AtLeastOnce, retain, payload, props)
     }
 
-    /// Queues a publish at QoS 1 or 2 (anything else is taken as 1).
+    /// Queues a publish at QoS 1 or 2.
     pub fn publish_qos(
         &self,
         topic: &str,
-        qos: u8,
+        qos: Qos,
         retain: bool,
         payload: Vec<u8>,
         props: Vec<(String, String)>,
-    ) -> Result<(), String> {
-        let exactly_once = qos == 2;
+    ) -> Result<(), LinkError> {
+        let exactly_once = qos == Qos::ExactlyOnce;
         match self {
             Link::V4(c, _) => c
                 .try_publish(
@@ -270,7 +310,7 @@ impl Link {
                     retain,
                     payload,
                 )
-                .map_err(|e| e.to_string()),
+                .map_err(|e| LinkError::Request(e.to_string())),
             Link::V5(c, _) => {
                 let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
                     user_properties: props,
@@ -288,17 +328,17 @@ impl Link {
                     Bytes::from(payload),
                     properties,
                 )
-                .map_err(|e| e.to_string())
+                .map_err(|e| LinkError::Request(e.to_string()))
             }
         }
     }
 
     /// Queues a QoS 0 publish (Sparkplug data and births), not retained.
-    pub fn publish_at_most_once(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+    pub fn publish_at_most_once(&self, topic: &str, payload: Vec<u8>) -> Result<(), LinkError> {
         match self {
             Link::V4(c, _) => c
                 .try_publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| LinkError::Request(e.to_string())),
             Link::V5(c, _) => c
                 .try_publish(
                     topic,
@@ -306,25 +346,25 @@ impl Link {
                     false,
                     Bytes::from(payload),
                 )
-                .map_err(|e| e.to_string()),
+                .map_err(|e| LinkError::Request(e.to_string())),
         }
     }
 
-    pub fn subscribe(&self, filter: &str) -> Result<(), String> {
+    pub fn subscribe(&self, filter: &str) -> Result<(), LinkError> {
         match self {
             Link::V4(c, _) => c
                 .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| LinkError::Request(e.to_string())),
             Link::V5(c, _) => c
                 .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| LinkError::Request(e.to_string())),
         }
     }
 
-    pub fn unsubscribe(&self, filter: &str) -> Result<(), String> {
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), LinkError> {
         match self {
-            Link::V4(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
-            Link::V5(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Link::V4(c, _) => c.try_unsubscribe(filter).map_err(|e| LinkError::Request(e.to_string())),
+            Link::V5(c, _) => c.try_unsubscribe(filter).map_err(|e| LinkError::Request(e.to_string())),
         }
     }
 

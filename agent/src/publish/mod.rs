@@ -20,10 +20,10 @@ pub mod inflight;
 pub mod link;
 pub mod sparkplug;
 
-use crate::buffer::{BufferHandle, MessageId, Reader};
+use crate::buffer::{BufferHandle, GapReason, MessageId, Reader};
 use crate::sources::backoff::Backoff;
 use inflight::{Inflight, Sent};
-use link::{Link, LinkEvent, LinkOptions};
+use link::{Link, LinkError, LinkEvent, LinkOptions};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,8 +37,8 @@ type Key = (String, MessageId);
 pub struct Announced {
     /// The product's buffer key (`{id}.v{major}`).
     pub id: String,
-    /// QoS of its messages (1 or 2).
-    pub qos: u8,
+    /// QoS of its messages.
+    pub qos: crate::config::Qos,
     pub descriptor_topic: String,
     /// Builds the descriptor when it is published (on each connect), instead of holding it: with
     /// thousands of fields it is hundreds of KiB per product.
@@ -51,6 +51,49 @@ impl std::fmt::Debug for Announced {
             .field("id", &self.id)
             .field("qos", &self.qos)
             .finish()
+    }
+}
+
+/// Why the publisher stopped. Connection failures are not among them: it reconnects by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// A request could not be queued on the broker connection.
+    #[error("upstream: {0}")]
+    Link(#[from] LinkError),
+    /// The buffer could not be read.
+    #[error(transparent)]
+    Buffer(#[from] crate::buffer::BufferError),
+    #[error("cannot store the Sparkplug bdSeq in {}: {source}", path.display())]
+    BdSeq {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The products announced, indexed by buffer key: every message and acknowledgement finds its
+/// product in one lookup, not a search.
+pub struct Products {
+    list: Vec<Announced>,
+    by_key: HashMap<String, usize>,
+}
+
+impl Products {
+    pub fn new(list: Vec<Announced>) -> Products {
+        let by_key = list.iter().enumerate().map(|(i, p)| (p.id.clone(), i)).collect();
+        Products { list, by_key }
+    }
+
+    /// The index of the product with this buffer key.
+    pub fn index(&self, key: &str) -> Option<usize> {
+        self.by_key.get(key).copied()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&Announced> {
+        self.list.get(i)
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Announced> {
+        self.list.iter()
     }
 }
 
@@ -189,7 +232,7 @@ pub struct Publisher {
     pub options: LinkOptions,
     pub reader: Reader,
     pub buffer: BufferHandle,
-    pub products: Vec<Announced>,
+    pub products: Products,
     pub agent_id: String,
     pub status_topic: String,
     pub online: Vec<u8>,
@@ -296,12 +339,14 @@ fn barrier_topic(e: &sparkplug::Encoder) -> String {
 impl Publisher {
     /// A new connection. In Sparkplug mode every connection has its own `bdSeq`, stored before the
     /// CONNECT, and its NDEATH as the will.
-    fn new_link(&mut self) -> Result<(Link, u64), String> {
+    fn new_link(&mut self) -> Result<(Link, u64), PublishError> {
         let Some(sp) = &self.sparkplug else {
             return Ok((Link::new(&self.options), 0));
         };
-        let bd_seq = sparkplug::next_bd_seq(&sp.bd_seq_file)
-            .map_err(|e| format!("cannot store the Sparkplug bdSeq in {}: {e}", sp.bd_seq_file.display()))?;
+        let bd_seq = sparkplug::next_bd_seq(&sp.bd_seq_file).map_err(|source| PublishError::BdSeq {
+            path: sp.bd_seq_file.clone(),
+            source,
+        })?;
         self.options.will_topic = sp.encoder.topic(crate::sparkplug::Kind::NDeath, None);
         self.options.will_payload = sp.encoder.ndeath(bd_seq);
         self.options.will_retain = false;
@@ -309,7 +354,7 @@ impl Publisher {
     }
 
     /// NBIRTH, then a DBIRTH per product; the sequence starts again at 0.
-    fn births(&self, link: &Link, s: &mut Session) -> Result<(), String> {
+    fn births(&self, link: &Link, s: &mut Session) -> Result<(), PublishError> {
         let Some(sp) = &self.sparkplug else { return Ok(()) };
         let e = &sp.encoder;
         s.sp.seq = 0;
@@ -331,7 +376,13 @@ impl Publisher {
 
     /// A command or host state on the Sparkplug session. `Ok(true)`: the host went offline, so the
     /// session must end (NDEATH sent) and start again.
-    fn on_sparkplug_message(&self, link: &Link, s: &mut Session, topic: &str, payload: &[u8]) -> Result<bool, String> {
+    fn on_sparkplug_message(
+        &self,
+        link: &Link,
+        s: &mut Session,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<bool, PublishError> {
         let Some(sp) = &self.sparkplug else { return Ok(false) };
         let e = &sp.encoder;
         if topic == e.topic(crate::sparkplug::Kind::NCmd, None) {
@@ -382,13 +433,13 @@ impl Publisher {
         self.stats
             .records_acked
             .fetch_add(u64::from(records), Ordering::Relaxed);
-        let product = self.products.iter().position(|p| p.id == key.0);
+        let product = self.products.index(&key.0);
         self.stats
             .record_latency(product, crate::model::now_millis().saturating_sub(created));
         self.buffer.ack(key.0.clone(), key.1);
     }
 
-    pub async fn run(mut self) -> Result<(), String> {
+    pub async fn run(mut self) -> Result<(), PublishError> {
         let u = self.options.upstream.clone();
         let mut backoff = Backoff::new(u.reconnect_min, u.reconnect_max);
         let (mut link, mut bd_seq) = self.new_link()?;
@@ -456,7 +507,7 @@ impl Publisher {
                         session = self.new_session();
                         session.sp.bd_seq = bd_seq;
                         dirty = true;
-                        self.on_connect(&link, &mut session).map_err(|e| e.to_string())?;
+                        self.on_connect(&link, &mut session)?;
                         if let Some(sp) = &self.sparkplug {
                             let e = &sp.encoder;
                             link.subscribe(&e.topic(crate::sparkplug::Kind::NCmd, None))?;
@@ -488,7 +539,7 @@ impl Publisher {
                                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                                         error!(product = %key.0, epoch = key.1.epoch, seq = key.1.seq, reason = format!("0x{code:02x}"),
                                                "broker refused the message; dead-lettered locally");
-                                        self.buffer.dead_letter(key.0.clone(), key.1, format!("broker_rejected_0x{code:02x}"));
+                                        self.buffer.dead_letter(key.0.clone(), key.1, GapReason::BrokerRejected(code));
                                     }
                                 }
                                 acked.insert(key, generation);
@@ -577,7 +628,7 @@ impl Publisher {
         }
     }
 
-    fn on_connect(&self, link: &Link, s: &mut Session) -> Result<(), String> {
+    fn on_connect(&self, link: &Link, s: &mut Session) -> Result<(), PublishError> {
         link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
         s.inflight.queued(Sent::Control);
         for (i, p) in self.products.iter().enumerate() {
@@ -585,13 +636,13 @@ impl Publisher {
             s.inflight.queued(Sent::Descriptor(i));
         }
         let mut products: Vec<String> = self.products.iter().map(|p| p.id.clone()).collect();
-        for p in self.reader.products().map_err(|e| e.to_string())? {
+        for p in self.reader.products()? {
             if !products.contains(&p) {
                 products.push(p);
             }
         }
         for p in products {
-            let end = self.reader.last_id(&p).map_err(|e| e.to_string())?;
+            let end = self.reader.last_id(&p)?;
             s.cursors.insert(
                 p,
                 Cursor {
@@ -611,7 +662,7 @@ impl Publisher {
         s: &mut Session,
         acked: &mut HashMap<Key, u64>,
         acked_gaps: &HashMap<u64, u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), PublishError> {
         let window = usize::from(self.options.upstream.max_inflight);
         let now = Instant::now();
         let rate = f64::from(self.options.upstream.backlog_rate);
@@ -621,7 +672,7 @@ impl Publisher {
             return Ok(());
         }
         let gaps = if self.buffer.stats.pending_gaps.load(Ordering::Relaxed) > 0 {
-            self.reader.gaps(window).map_err(|e| e.to_string())?
+            self.reader.gaps(window)?
         } else {
             Vec::new()
         };
@@ -683,7 +734,7 @@ impl Publisher {
                     if historical && end.is_none() {
                         continue;
                     }
-                    let msgs = self.reader.read_after(name, after, budget).map_err(|e| e.to_string())?;
+                    let msgs = self.reader.read_after(name, after, budget)?;
                     if historical && msgs.first().is_none_or(|m| Some(m.id) > end) {
                         // Backlog fully sent (what is left of it was acknowledged meanwhile).
                         s.cursors.get_mut(name).expect("cursor").backlog_end = None;
@@ -709,7 +760,7 @@ impl Publisher {
                             warn!(product = %m.product, topic = %m.topic, epoch = m.id.epoch, seq = m.id.seq,
                                   "egress denied just before publishing; dead-lettered locally");
                             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                            self.buffer.dead_letter(key.0.clone(), key.1, "egress_denied".into());
+                            self.buffer.dead_letter(key.0.clone(), key.1, GapReason::EgressDenied);
                             acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
                             continue;
                         }
@@ -719,7 +770,7 @@ impl Publisher {
                             if !self.egress.allows(&m.product, &topic) {
                                 warn!(product = %m.product, topic = %topic, "egress denied just before publishing; dead-lettered locally");
                                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                                self.buffer.dead_letter(key.0.clone(), key.1, "egress_denied".into());
+                                self.buffer.dead_letter(key.0.clone(), key.1, GapReason::EgressDenied);
                                 acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
                                 continue;
                             }
@@ -730,7 +781,7 @@ impl Publisher {
                                     error!(product = %m.product, epoch = m.id.epoch, seq = m.id.seq, error = %why, "cannot encode as Sparkplug; dead-lettered locally");
                                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                                     self.buffer
-                                        .dead_letter(key.0.clone(), key.1, "sparkplug_encoding".into());
+                                        .dead_letter(key.0.clone(), key.1, GapReason::SparkplugEncoding);
                                     acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
                                     continue;
                                 }
@@ -756,7 +807,11 @@ impl Publisher {
                             ("seq".to_string(), m.id.seq.to_string()),
                             ("historical".to_string(), historical.to_string()),
                         ];
-                        let qos = self.products.iter().find(|p| p.id == m.product).map_or(1, |p| p.qos);
+                        let qos = self
+                            .products
+                            .index(&m.product)
+                            .and_then(|i| self.products.get(i))
+                            .map_or(crate::config::Qos::AtLeastOnce, |p| p.qos);
                         link.publish_qos(&m.topic, qos, false, payload, props)?;
                         s.inflight.queued(Sent::Message(key.clone()));
                         s.sent.insert(key, (m.records, m.created));
@@ -773,7 +828,7 @@ impl Publisher {
     }
 
     /// Sends a delivery barrier for the Sparkplug messages written since the last one.
-    fn barrier(&self, link: &Link, s: &mut Session) -> Result<(), String> {
+    fn barrier(&self, link: &Link, s: &mut Session) -> Result<(), PublishError> {
         if let (Some(sp), false) = (&self.sparkplug, s.sp.pending.is_empty()) {
             link.unsubscribe(&barrier_topic(&sp.encoder))?;
             let keys = std::mem::take(&mut s.sp.pending);

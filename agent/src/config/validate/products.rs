@@ -377,8 +377,9 @@ pub(super) fn plan(
         }
     }
     let qos = match &p.publish.qos {
-        None => 1,
-        Some(q) if *q.get_ref() == 1 || *q.get_ref() == 2 => *q.get_ref() as u8,
+        None => Qos::AtLeastOnce,
+        Some(q) if *q.get_ref() == 1 => Qos::AtLeastOnce,
+        Some(q) if *q.get_ref() == 2 => Qos::ExactlyOnce,
         Some(q) => {
             cx.err(
                 q,
@@ -386,7 +387,7 @@ pub(super) fn plan(
                 format!("QoS {} is not offered: use 1 or 2", q.get_ref()),
             )
             .help = Some("QoS 0 would give up at-least-once delivery".into());
-            1
+            Qos::AtLeastOnce
         }
     };
     let max_records_per_message = p
