@@ -1,6 +1,11 @@
 //! Buffer throughput at the default group commit: records/s accepted and fsyncs (commits) per second.
 //! Run: `cargo bench -p plantmesh --bench buffer` (or scripts/bench-buffer.sh).
 //! The buffer file lives in $BENCH_DIR (default: the system temp dir): point it at the disk you care about.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark that fails stops with its location"
+)]
 
 use plantmesh::buffer::{self, ProductLimits, ProductSlot, Store};
 use plantmesh::config::FullPolicy;

@@ -1,6 +1,11 @@
 //! MQTT-in decoding alone, no broker: a JSON state message read at three pointers (with its time),
 //! and a Sparkplug B DDATA of three metrics read by alias. Prints ns per message.
 //! Run: `cargo bench -p plantmesh --bench mqtt_in`. End to end through Mosquitto: scripts/bench-mqtt.sh.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark that fails stops with its location"
+)]
 
 use plantmesh::sources::mqtt::Router;
 use plantmesh::sparkplug::{datatype, encode, metric, Metric, MetricValue};

@@ -458,7 +458,13 @@ fn sensor_node(
         wire_breaks,
         no_delays,
     };
-    let master = pty.master.try_clone_native().expect("the pty master clones");
+    let master = match pty.master.try_clone_native() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cannot clone the pty master: {e}");
+            return ExitCode::from(2);
+        }
+    };
     sensor::run_node(master, &opts, |kind| {
         println!("GARBAGE {kind}");
         let _ = std::io::stdout().flush();

@@ -54,6 +54,8 @@ pub enum RunError {
     Governance(#[from] GovernError),
     #[error("the buffer writer stopped")]
     WriterStopped,
+    #[error("cannot handle SIGTERM: {0}")]
+    Signal(std::io::Error),
 }
 
 impl Running {
@@ -316,7 +318,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     drop(handle);
 
     let mut sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signal)?;
     let fatal = tokio::select! {
         _ = tokio::signal::ctrl_c() => None,
         _ = sigterm.recv() => None,

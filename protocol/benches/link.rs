@@ -1,4 +1,9 @@
 //! Sensor-link codec cost on the host: encode and decode per frame (`cargo bench -p plantmesh-protocol`).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark that fails stops with its location"
+)]
 
 use plantmesh_protocol::link::{
     decode_raw, encode, ChannelInfo, ChannelKind, Frame, Hello, Message, Sample, MAX_FRAME,

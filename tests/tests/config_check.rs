@@ -1,6 +1,11 @@
 //! `plantmesh check` on every shipped config (must pass) and on a corpus of broken configs (each must
 //! fail with its exact message). Each case in tests/configs/broken/<case>/ holds a config directory
 //! and `expect.txt`: lines that must appear in the output (file paths are relative to the case).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

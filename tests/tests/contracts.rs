@@ -1,6 +1,11 @@
 //! Product contracts end to end, against pymodbus and Mosquitto: tumbling windows with a derived
 //! field and QoS 2; and versioning: the published contract is kept, a breaking change without a new
 //! major version is refused, and a new major runs beside the old one on its own topic.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

@@ -1,5 +1,10 @@
 //! The README's main command: `plantmesh` with no config runs the demo plant. It must publish its
 //! products (Modbus PLC, OPC UA oven, sensor node) under its governance, to its embedded broker.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

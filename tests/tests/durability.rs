@@ -1,6 +1,11 @@
 //! The delivery guarantee with the real binary: SIGKILL while the broker is down, broker restarts
 //! mid-stream, a broker that refuses the connection. A subscriber with a persistent QoS 1 session
 //! proves what arrived.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

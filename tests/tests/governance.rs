@@ -1,4 +1,9 @@
 //! Governance at the edge, end to end: pymodbus -> plantmesh -> Mosquitto.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

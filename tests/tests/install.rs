@@ -2,6 +2,11 @@
 //! `systemd-analyze verify` accepts, hardened as `systemd-analyze security` measures it, the service
 //! user exists and is in dialout, the installed binary checks the installed config (the unit's
 //! ExecStartPre), and the uninstall path removes what it should and keeps what it should.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

@@ -1,4 +1,9 @@
 //! Modbus TCP and RTU (pymodbus) -> plantmesh -> Mosquitto, with the real binary.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

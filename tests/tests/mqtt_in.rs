@@ -2,6 +2,11 @@
 //! Sparkplug B edge node (Python, Google's protobuf), become product records with the right values,
 //! types and timestamps; a node death makes its tags stale; a sequence gap asks for a rebirth; garbage
 //! is counted and touches nothing else.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

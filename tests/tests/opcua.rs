@@ -1,4 +1,9 @@
 //! OPC UA (python asyncua server) -> plantmesh -> Mosquitto, with the real binary.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

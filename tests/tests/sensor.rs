@@ -1,6 +1,11 @@
 //! Sensor nodes end to end: the firmware library, built for the host on simulated SHT3x and ADS1115
 //! parts, writes frames into a pty; the agent reads the other end as a serial port and publishes the
 //! node's product to Mosquitto. Link garbage is counted and never costs more than the frame it ran into.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

@@ -1,5 +1,10 @@
 //! Service levels, measured: an induced device outage shows in the `_sli` documents and in
 //! `/metrics`, and so does the recovery.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

@@ -3,6 +3,11 @@
 //! identity; DDATA with values, times and qualities; seq 0..255 over the session; a rebirth on
 //! command; backlog after an upstream outage marked `is_historical` with nothing lost; bdSeq carried
 //! by the NDEATH will and moved on across an agent restart.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

@@ -1,5 +1,10 @@
 //! The upstream side against a real Mosquitto: TLS and mutual TLS, key-file permissions, the status
 //! topic and its will, MQTT 5 user properties, and dead-lettering of messages the broker refuses.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failure fails the test"
+)]
 
 mod common;
 

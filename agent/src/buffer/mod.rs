@@ -193,6 +193,10 @@ fn start_with_queue_limit(
         violations: handle.violations.clone(),
         stats: handle.stats.clone(),
     };
+    #[allow(
+        clippy::expect_used,
+        reason = "at start only: an agent that cannot start its one writer thread cannot run, and says so"
+    )]
     let join = std::thread::Builder::new()
         .name("buffer-writer".into())
         .spawn(move || {

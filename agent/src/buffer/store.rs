@@ -385,6 +385,7 @@ impl Store {
                                   drops: &mut redb::Table<(&str, &str), u64>,
                                   ev: GapEvent|
              -> Result<(), BufferError> {
+                #[allow(clippy::expect_used, reason = "a struct of strings and integers serializes")]
                 let json = serde_json::to_vec(&ev).expect("gap events serialize");
                 gaps.insert(next_gap, json.as_slice()).map_err(storage(&path))?;
                 let prev = drops

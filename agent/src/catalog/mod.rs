@@ -154,6 +154,7 @@ pub fn sli_document(
     let sl = &product.service_levels;
     let ms = |d: std::time::Duration| d.as_millis() as f64;
     let expected_ms = ms(sl.expected_interval).max(1.0);
+    #[allow(clippy::expect_used, reason = "a JSON value serializes into a Vec")]
     serde_json::to_vec(&json!({
         "product": product.id,
         "version": product.version,

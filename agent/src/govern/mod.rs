@@ -198,7 +198,12 @@ impl Governor {
 
     /// `h:` + the first 16 bytes of HMAC-SHA-256(site secret, canonical value), hex.
     pub fn pseudonym(&self, v: &Value) -> String {
+        #[allow(
+            clippy::expect_used,
+            reason = "Governor::new refuses a plan that pseudonymises without a key"
+        )]
         let key = self.key.as_deref().expect("checked in Governor::new");
+        #[allow(clippy::expect_used, reason = "HMAC takes keys of any length")]
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
         match v {
             Value::Text(s) => mac.update(s.as_bytes()),

@@ -1,4 +1,8 @@
 //! The upstream wire format (docs/wire-format.md): records, product messages, descriptors, status.
+#![allow(
+    clippy::expect_used,
+    reason = "every expect here writes JSON of plain values into a Vec<u8>, which cannot fail"
+)]
 
 use crate::buffer::StoredMessage;
 use crate::config::{Plan, ProductPlan, TagKind};

@@ -737,7 +737,9 @@ impl Publisher {
                     let msgs = self.reader.read_after(name, after, budget)?;
                     if historical && msgs.first().is_none_or(|m| Some(m.id) > end) {
                         // Backlog fully sent (what is left of it was acknowledged meanwhile).
-                        s.cursors.get_mut(name).expect("cursor").backlog_end = None;
+                        if let Some(c) = s.cursors.get_mut(name) {
+                            c.backlog_end = None;
+                        }
                         continue;
                     }
                     for m in msgs {
@@ -745,11 +747,12 @@ impl Publisher {
                             break;
                         }
                         let key = (m.product.clone(), m.id);
-                        let cursor = s.cursors.get_mut(name).expect("cursor");
-                        if historical {
-                            cursor.backlog_after = Some(m.id);
-                        } else {
-                            cursor.live_after = Some(m.id);
+                        if let Some(cursor) = s.cursors.get_mut(name) {
+                            if historical {
+                                cursor.backlog_after = Some(m.id);
+                            } else {
+                                cursor.live_after = Some(m.id);
+                            }
                         }
                         if acked.contains_key(&key) || s.sent.contains_key(&key) {
                             continue;

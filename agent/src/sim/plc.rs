@@ -41,7 +41,7 @@ impl tokio_modbus::server::Service for PlcService {
     type Future = future::Ready<Result<Response, ExceptionCode>>;
 
     fn call(&self, req: Self::Request) -> Self::Future {
-        let m = self.0.lock().expect("plc memory");
+        let m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         future::ready(match req {
             Request::ReadHoldingRegisters(a, n) => slice(&m.holding, a, n).map(Response::ReadHoldingRegisters),
             Request::ReadInputRegisters(a, n) => slice(&m.input, a, n).map(Response::ReadInputRegisters),
@@ -90,7 +90,7 @@ pub async fn start(bind: SocketAddr) -> std::io::Result<SocketAddr> {
             }
             let die = 182.0 + 6.0 * (t / 40.0).sin() + fastrand::f32() * 0.4 - if running { 0.0 } else { 3.0 };
             let oil = 48.0 + 2.0 * (t / 90.0).sin() + fastrand::f32() * 0.1;
-            let mut m = sim.lock().expect("plc memory");
+            let mut m = sim.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             put_u32(&mut m.holding, 0, cycles);
             put_u32(&mut m.holding, 2, good);
             m.holding[4] = scrap;
@@ -126,7 +126,7 @@ pub async fn start_bank(bind: SocketAddr, registers: u16) -> std::io::Result<Soc
         loop {
             tick.tick().await;
             n = n.wrapping_add(1);
-            let mut m = sim.lock().expect("bank memory");
+            let mut m = sim.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (i, r) in m.holding.iter_mut().enumerate() {
                 *r = (i as u16).wrapping_add(n);
             }

@@ -1,5 +1,10 @@
 //! Real peers for the end-to-end tests: Mosquitto, a pymodbus server, the `plantmesh` binary.
 //! Ports are chosen free on loopback; every process is killed when its handle drops.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failure fails the test that called it"
+)]
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};

@@ -47,9 +47,9 @@ pub fn decode_registers(tag: &TagPlan, regs: &[u16]) -> (Option<Value>, Quality)
         DataType::U32 => Value::UInt(u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
         DataType::I32 => Value::Int(i64::from(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
         DataType::F32 => Value::Float(f64::from(f32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
-        DataType::U64 => Value::UInt(u64::from_be_bytes(b[..8].try_into().expect("4 registers"))),
-        DataType::I64 => Value::Int(i64::from_be_bytes(b[..8].try_into().expect("4 registers"))),
-        DataType::F64 => Value::Float(f64::from_be_bytes(b[..8].try_into().expect("4 registers"))),
+        DataType::U64 => Value::UInt(u64::from_be_bytes(eight(b))),
+        DataType::I64 => Value::Int(i64::from_be_bytes(eight(b))),
+        DataType::F64 => Value::Float(f64::from_be_bytes(eight(b))),
         DataType::Text(_) => {
             let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
             return match std::str::from_utf8(&b[..end]) {
@@ -59,6 +59,13 @@ pub fn decode_registers(tag: &TagPlan, regs: &[u16]) -> (Option<Value>, Quality)
         }
     };
     scale(tag, raw)
+}
+
+/// The first eight bytes of a 64-bit value (its width was checked: four registers).
+fn eight(b: &[u8]) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&b[..8]);
+    out
 }
 
 /// Applies the tag's scale and offset; a non-finite result (a NaN from the device) is a bad reading.

@@ -323,7 +323,7 @@ impl Router {
                 }
             }
         }
-        let node = self.nodes.get_mut(&node_key).expect("inserted above");
+        let node = self.nodes.entry(node_key.clone()).or_default();
         if t.kind == Kind::DDeath {
             node.aliases.retain(|_, (d, _, _)| *d != device);
             node.types.retain(|(d, _), _| *d != device);
