@@ -44,6 +44,14 @@ disk() { printf 'disk: target/ %s, %s free\n' "$(du -sh target 2>/dev/null | cut
 step "rust components"
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 cargo --version
+# The workspace's rust-version is the oldest toolchain it promises to build with: refuse an older one
+# here, with the fix, rather than deep inside a dependency's build.
+msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+have=$(rustc --version | cut -d' ' -f2)
+if [ "$(printf '%s\n%s\n' "$msrv" "$have" | sort -V | head -1)" != "$msrv" ]; then
+  echo "rustc $have is older than the workspace's rust-version $msrv: rustup update stable"; exit 1
+fi
+echo "rustc $have (rust-version $msrv)"
 
 if [ $quick = 0 ]; then
   step "cargo fmt --check"
@@ -52,6 +60,16 @@ if [ $quick = 0 ]; then
   cargo clippy --workspace --all-targets -- -D warnings
   step "cargo clippy, gateway feature set (no embedded broker, no simulators)"
   cargo clippy -p plantmesh --no-default-features --all-targets -- -D warnings
+  step "cargo deny: licences, duplicate versions, sources (deny.toml)"
+  command -v cargo-deny >/dev/null 2>&1 || cargo install cargo-deny --locked -q
+  cargo deny check licenses bans sources
+  # Advisories need the RustSec database, fetched from its git host; where that cannot be reached
+  # (package registries only), say so instead of failing on the network.
+  if timeout 60 cargo deny fetch db >/dev/null 2>&1; then
+    cargo deny check advisories
+  else
+    echo "advisories: the RustSec database cannot be fetched from here; not checked"
+  fi
 fi
 
 step "protocol and firmware build for MCU targets (protocol alone first: no std leak can hide)"

@@ -5,7 +5,7 @@
 )]
 
 use crate::buffer::StoredMessage;
-use crate::config::{Plan, ProductPlan, TagKind};
+use crate::config::{Plan, ProductPlan};
 use crate::govern::Governed;
 use crate::model::{format_rfc3339_millis, Record, Value};
 use serde_json::{json, Value as Json};
@@ -217,68 +217,7 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                     )
                 }
             };
-            let device = &plan.devices[t.device];
-            let lineage = match &t.kind {
-                TagKind::Mqtt(m) => {
-                    let mut l = json!({
-                        "device": device.id,
-                        "tag": t.name,
-                        "protocol": "mqtt",
-                        "broker": device.kind.address(),
-                    });
-                    match &m.payload {
-                        crate::config::MqttPayload::Json { pointer, timestamp } => {
-                            l["topic"] = json!(m.topic);
-                            l["payload"] = json!("json");
-                            l["pointer"] = json!(pointer);
-                            l["timestamp_pointer"] = json!(timestamp);
-                        }
-                        crate::config::MqttPayload::Plain => {
-                            l["topic"] = json!(m.topic);
-                            l["payload"] = json!("plain");
-                        }
-                        crate::config::MqttPayload::Sparkplug {
-                            group,
-                            node,
-                            device,
-                            metric,
-                        } => {
-                            l["payload"] = json!("sparkplug");
-                            l["sparkplug"] =
-                                json!({"group": group, "edge_node": node, "device": device, "metric": metric});
-                        }
-                    }
-                    l
-                }
-                TagKind::Sensor(s) => json!({
-                    "device": device.id,
-                    "tag": t.name,
-                    "protocol": "sensor_node",
-                    "port": device.kind.address(),
-                    "channel": s.channel,
-                }),
-                TagKind::OpcUa(o) => json!({
-                    "device": device.id,
-                    "tag": t.name,
-                    "protocol": "opcua",
-                    "endpoint": device.kind.address(),
-                    "node_id": o.node_id,
-                    "namespace_uri": o.namespace_uri,
-                    "type": o.type_name,
-                }),
-                TagKind::Modbus(m) => json!({
-                    "device": device.id,
-                    "tag": t.name,
-                    "protocol": device.kind.protocol().as_str(),
-                    "port": match &device.kind {
-                        crate::config::DeviceKind::ModbusRtu(r) => Some(&r.serial.port),
-                        _ => None,
-                    },
-                    "unit_id": m.unit_id,
-                    "table": m.table.as_str(),
-                    "address": m.address,
-                }),
-            };
+            let lineage = t.lineage(&plan.devices[t.device]);
             property(p, f, lineage)
         })
         .collect();

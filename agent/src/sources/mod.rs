@@ -19,6 +19,7 @@ pub mod opcua;
 pub mod sensor;
 pub mod serial;
 
+use crate::config::validate::{Ctx, DeviceInput, TagTable};
 use crate::config::DataType;
 use crate::model::ReadingBatch;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +55,18 @@ impl Protocol {
             Protocol::OpcUa => "opcua",
             Protocol::SensorNode => "sensor_node",
             Protocol::Mqtt => "mqtt",
+        }
+    }
+
+    /// Validates a device of this kind into its plan, its tags into `table`; `None` when it is
+    /// invalid (every problem reported in `cx`).
+    pub(crate) fn validate(self, cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) -> Option<DevicePlan> {
+        match self {
+            Protocol::ModbusTcp => modbus::config::tcp_device(cx, input, table),
+            Protocol::ModbusRtu => modbus::config::rtu_device(cx, input, table),
+            Protocol::OpcUa => opcua::config::device(cx, input, table),
+            Protocol::SensorNode => sensor::config::device(cx, input, table),
+            Protocol::Mqtt => mqtt::config::device(cx, input, table),
         }
     }
 
@@ -144,6 +157,21 @@ pub enum TagKind {
     OpcUa(Box<opcua::config::OpcUaTagPlan>),
     Sensor(sensor::config::SensorTagPlan),
     Mqtt(Box<mqtt::config::MqttTagPlan>),
+}
+
+impl TagPlan {
+    /// Where the tag's value comes from, for the descriptor's lineage (docs/wire-format.md).
+    pub fn lineage(&self, device: &DevicePlan) -> serde_json::Value {
+        let mut l = match &self.kind {
+            TagKind::Modbus(m) => modbus::config::lineage(m, &device.kind),
+            TagKind::OpcUa(o) => opcua::config::lineage(o, &device.kind),
+            TagKind::Sensor(s) => sensor::config::lineage(s, &device.kind),
+            TagKind::Mqtt(m) => mqtt::config::lineage(m, &device.kind),
+        };
+        l["device"] = serde_json::json!(device.id);
+        l["tag"] = serde_json::json!(self.name);
+        l
+    }
 }
 
 /// Counters of one device, shared with the status view and metrics.

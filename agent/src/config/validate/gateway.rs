@@ -3,7 +3,7 @@
 
 use super::ctx::refuse_foreign_keys;
 use super::*;
-use crate::sources::{modbus, mqtt, opcua, sensor, DevicePlan, Protocol};
+use crate::sources::{mqtt, sensor, DevicePlan, Protocol};
 use toml::Spanned;
 
 /// The gateway file, validated.
@@ -115,14 +115,7 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
             base: &base,
             agent_id: &agent.id,
         };
-        let plan = match protocol {
-            Protocol::ModbusTcp => modbus::config::tcp_device(cx, &input, &mut table),
-            Protocol::ModbusRtu => modbus::config::rtu_device(cx, &input, &mut table),
-            Protocol::OpcUa => opcua::config::device(cx, &input, &mut table),
-            Protocol::SensorNode => sensor::config::device(cx, &input, &mut table),
-            Protocol::Mqtt => mqtt::config::device(cx, &input, &mut table),
-        };
-        devices.extend(plan);
+        devices.extend(protocol.validate(cx, &input, &mut table));
     }
     GatewayParts {
         agent,
@@ -177,6 +170,118 @@ pub(super) fn tags_from_products(products: &[(PathBuf, String)], devices: &mut [
             table.declared.insert(src.to_string());
             devices[di].tags.push(table.tags.len());
             table.tags.push(tag);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{load_texts, Diagnostics};
+    use crate::sources::Protocol;
+    use std::path::Path;
+
+    /// A value of the right type for each protocol-specific key, so that only its kind can object.
+    fn value(key: &str, tag: bool) -> &'static str {
+        match key {
+            "address" if tag => "1",
+            "baud"
+            | "stop_bits"
+            | "data_bits"
+            | "unit_id"
+            | "max_gap"
+            | "max_registers_per_read"
+            | "max_bits_per_read"
+            | "queue_size"
+            | "bit"
+            | "length"
+            | "channel" => "1",
+            "scale" | "deadband" => "1.0",
+            "inter_frame"
+            | "stale_after"
+            | "publishing_interval"
+            | "poll_interval"
+            | "timeout"
+            | "sampling_interval" => "\"1s\"",
+            _ => "\"x\"",
+        }
+    }
+
+    fn minimal(protocol: Protocol) -> &'static str {
+        match protocol {
+            Protocol::ModbusTcp => "address = \"127.0.0.1:502\"",
+            Protocol::ModbusRtu => "port = \"/dev/ttyUSB0\"",
+            Protocol::OpcUa => "endpoint = \"opc.tcp://127.0.0.1:4840\"",
+            Protocol::SensorNode => "port = \"/dev/ttyACM0\"",
+            Protocol::Mqtt => "url = \"mqtt://127.0.0.1:1883\"",
+        }
+    }
+
+    fn check(gateway: &str) -> Vec<String> {
+        let err = load_texts((Path::new("agent.toml"), gateway), None, &[], Path::new("/tmp"))
+            .err()
+            .unwrap_or(Diagnostics(Vec::new()));
+        err.0.iter().map(|d| format!("{}: {}", d.key, d.message)).collect()
+    }
+
+    /// Every protocol-specific key that some kind reads is refused, where it is written, by every
+    /// kind that does not read it: a kind's key list is the whole truth about what it accepts.
+    #[test]
+    fn each_kind_refuses_the_keys_of_the_others() {
+        let all = |tag: bool| -> Vec<&'static str> {
+            let mut v: Vec<&str> = Protocol::ALL
+                .iter()
+                .flat_map(|(_, p)| if tag { p.keys().1 } else { p.keys().0 }.iter().copied())
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let head = "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n";
+        let mut refused = 0;
+        for (name, protocol) in Protocol::ALL {
+            let (device_keys, tag_keys) = protocol.keys();
+            for key in all(false).into_iter().filter(|k| !device_keys.contains(k)) {
+                let gw = format!(
+                    "{head}[[devices]]\nid = \"d\"\nprotocol = \"{name}\"\n{}\n{key} = {}\n",
+                    minimal(protocol),
+                    value(key, false)
+                );
+                let want = format!("devices[0].{key}: `{key}` does not apply to {name} devices");
+                assert!(check(&gw).contains(&want), "{name} took `{key}`: {:?}", check(&gw));
+                refused += 1;
+            }
+            for key in all(true).into_iter().filter(|k| !tag_keys.contains(k)) {
+                let gw = format!(
+                    "{head}[[devices]]\nid = \"d\"\nprotocol = \"{name}\"\n{}\n[[devices.tags]]\nname = \"t\"\n{key} = {}\n",
+                    minimal(protocol),
+                    value(key, true)
+                );
+                let want = format!("devices[0].tags[0].{key}: `{key}` does not apply to {name} devices");
+                assert!(check(&gw).contains(&want), "{name} tag took `{key}`: {:?}", check(&gw));
+                refused += 1;
+            }
+        }
+        assert!(refused > 80, "{refused} refusals checked");
+    }
+
+    /// The kinds' key lists name only keys the raw device and tag types have (a typo in a list
+    /// would make a key silently unusable).
+    #[test]
+    fn key_lists_name_real_keys() {
+        let gw = "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n";
+        let raw: crate::config::raw::Gateway = toml::from_str(&format!(
+            "{gw}[[devices]]\nid = \"d\"\nprotocol = \"modbus_tcp\"\n[[devices.tags]]\nname = \"t\"\n"
+        ))
+        .unwrap();
+        let device: Vec<&str> = raw.devices[0].written_keys().iter().map(|(k, _)| *k).collect();
+        let tag: Vec<&str> = raw.devices[0].tags[0].written_keys().iter().map(|(k, _)| *k).collect();
+        for (name, p) in Protocol::ALL {
+            for k in p.keys().0 {
+                assert!(device.contains(k), "{name}: device key `{k}`");
+            }
+            for k in p.keys().1 {
+                assert!(tag.contains(k), "{name}: tag key `{k}`");
+            }
         }
     }
 }

@@ -155,6 +155,20 @@ pub fn modbus(tag: &TagPlan) -> Option<&ModbusTagPlan> {
     }
 }
 
+/// The lineage of a Modbus tag (the descriptor adds device and tag).
+pub fn lineage(m: &ModbusTagPlan, device: &DeviceKind) -> serde_json::Value {
+    serde_json::json!({
+        "protocol": device.protocol().as_str(),
+        "port": match device {
+            DeviceKind::ModbusRtu(r) => Some(&r.serial.port),
+            _ => None,
+        },
+        "unit_id": m.unit_id,
+        "table": m.table.as_str(),
+        "address": m.address,
+    })
+}
+
 /// A Modbus TCP device.
 pub(crate) fn tcp_device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) -> Option<DevicePlan> {
     let (d, key) = (input.raw, input.key);

@@ -59,6 +59,36 @@ pub struct MqttTagPlan {
     pub payload: MqttPayload,
 }
 
+/// The lineage of an MQTT tag (the descriptor adds device and tag).
+pub fn lineage(m: &MqttTagPlan, device: &DeviceKind) -> serde_json::Value {
+    let mut l = serde_json::json!({
+        "protocol": "mqtt",
+        "broker": device.address(),
+    });
+    match &m.payload {
+        MqttPayload::Json { pointer, timestamp } => {
+            l["topic"] = serde_json::json!(m.topic);
+            l["payload"] = serde_json::json!("json");
+            l["pointer"] = serde_json::json!(pointer);
+            l["timestamp_pointer"] = serde_json::json!(timestamp);
+        }
+        MqttPayload::Plain => {
+            l["topic"] = serde_json::json!(m.topic);
+            l["payload"] = serde_json::json!("plain");
+        }
+        MqttPayload::Sparkplug {
+            group,
+            node,
+            device,
+            metric,
+        } => {
+            l["payload"] = serde_json::json!("sparkplug");
+            l["sparkplug"] = serde_json::json!({"group": group, "edge_node": node, "device": device, "metric": metric});
+        }
+    }
+    l
+}
+
 /// The MQTT part of a tag; `None` for a tag of another kind (an MQTT device has none).
 pub fn mqtt(tag: &TagPlan) -> Option<&MqttTagPlan> {
     match &tag.kind {

@@ -82,6 +82,17 @@ pub struct OpcUaTagPlan {
     pub type_name: String,
 }
 
+/// The lineage of an OPC UA tag (the descriptor adds device and tag).
+pub fn lineage(o: &OpcUaTagPlan, device: &DeviceKind) -> serde_json::Value {
+    serde_json::json!({
+        "protocol": "opcua",
+        "endpoint": device.address(),
+        "node_id": o.node_id,
+        "namespace_uri": o.namespace_uri,
+        "type": o.type_name,
+    })
+}
+
 /// The OPC UA part of a tag; `None` for a tag of another kind (an OPC UA device has none).
 pub fn opcua(tag: &TagPlan) -> Option<&OpcUaTagPlan> {
     match &tag.kind {

@@ -30,6 +30,15 @@ pub struct SensorTagPlan {
     pub channel: Option<u8>,
 }
 
+/// The lineage of a sensor-node channel (the descriptor adds device and tag).
+pub fn lineage(s: &SensorTagPlan, device: &DeviceKind) -> serde_json::Value {
+    serde_json::json!({
+        "protocol": "sensor_node",
+        "port": device.address(),
+        "channel": s.channel,
+    })
+}
+
 pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) -> Option<DevicePlan> {
     let (d, key, di) = (input.raw, input.key, input.index);
     let mut serial = serial_line(cx, d, key, 115_200)?;
