@@ -661,12 +661,13 @@ fn buffer(action: BufferAction) -> anyhow::Result<()> {
     match action {
         BufferAction::Stats { .. } => {
             println!("buffer {}: {} pending message(s)", path.display(), reader.len()?);
-            for p in &products {
+            for &p in &products {
                 let msgs = reader.read_after(p, None, usize::MAX)?;
                 let records: u64 = msgs.iter().map(|m| u64::from(m.records)).sum();
                 let (first, last) = (msgs.first().map(|m| m.id), msgs.last().map(|m| m.id));
                 println!(
-                    "  {p}: {} messages, {records} records, from {first:?} to {last:?}",
+                    "  {}: {} messages, {records} records, from {first:?} to {last:?}",
+                    reader.name(p),
                     msgs.len()
                 );
             }
@@ -677,10 +678,10 @@ fn buffer(action: BufferAction) -> anyhow::Result<()> {
         }
         BufferAction::Export { .. } => {
             let mut out = std::io::stdout().lock();
-            for p in &products {
+            for &p in &products {
                 for m in reader.read_after(p, None, usize::MAX)? {
                     let records: serde_json::Value = serde_json::from_slice(&m.body).unwrap_or(serde_json::Value::Null);
-                    let line = serde_json::json!({"product": m.product, "epoch": m.id.epoch, "seq": m.id.seq, "topic": m.topic, "records": records});
+                    let line = serde_json::json!({"product": &*m.name, "epoch": m.id.epoch, "seq": m.id.seq, "topic": m.topic, "records": records});
                     use std::io::Write;
                     writeln!(out, "{line}")?;
                 }

@@ -225,26 +225,28 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         ),
         bd_seq_file: crate::publish::sparkplug::bd_seq_path(&plan.agent.data_dir),
     });
+    let products = crate::publish::Products::new(
+        plan.products
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let plan = plan.clone();
+                Announced {
+                    id: p.key.clone(),
+                    qos: p.qos,
+                    descriptor_topic: envelope::descriptor_topic(p),
+                    descriptor: Arc::new(move || envelope::descriptor(&plan, &plan.products[i])),
+                }
+            })
+            .collect(),
+        &reader,
+    );
     let publisher = Publisher {
         sparkplug,
         options,
         reader,
         buffer: handle.clone(),
-        products: crate::publish::Products::new(
-            plan.products
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let plan = plan.clone();
-                    Announced {
-                        id: p.key.clone(),
-                        qos: p.qos,
-                        descriptor_topic: envelope::descriptor_topic(p),
-                        descriptor: Arc::new(move || envelope::descriptor(&plan, &plan.products[i])),
-                    }
-                })
-                .collect(),
-        ),
+        products,
         agent_id: plan.agent.id.clone(),
         status_topic,
         online: envelope::status(&plan, "online", epoch),

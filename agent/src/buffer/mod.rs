@@ -21,6 +21,8 @@ pub mod store;
 
 mod gap;
 pub use gap::GapReason;
+mod key;
+pub use key::{Keys, ProductKey};
 pub use store::{Batch, BufferError, GapEvent, MessageId, NewMessage, ProductLimits, Reader, Store, StoredMessage};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,13 +41,13 @@ pub enum WriterMsg {
         json: Vec<u8>,
     },
     /// The broker acknowledged this message.
-    Ack { product: String, id: MessageId },
+    Ack { product: ProductKey, id: MessageId },
     /// The broker acknowledged this gap event.
     GapAck(u64),
     /// The message may not be delivered: the broker refused it (MQTT 5 reason code >= 0x80), or
     /// egress was denied just before publishing. `reason` becomes the gap event's reason.
     DeadLetter {
-        product: String,
+        product: ProductKey,
         id: MessageId,
         reason: GapReason,
     },
@@ -77,7 +79,7 @@ pub struct BufferStats {
     pub pending_gaps: AtomicU64,
     /// Newest message id appended per product in this run: the publisher reads only products that
     /// have something new, instead of asking redb about every product on every PUBACK.
-    pub latest: std::sync::Mutex<std::collections::HashMap<String, MessageId>>,
+    pub latest: std::sync::Mutex<std::collections::HashMap<ProductKey, MessageId>>,
 }
 
 /// Producer side of the buffer: handed to map (records) and publish (acks).
@@ -123,11 +125,11 @@ impl BufferHandle {
         self.violations[product].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn ack(&self, product: String, id: MessageId) {
+    pub fn ack(&self, product: ProductKey, id: MessageId) {
         let _ = self.tx.send(WriterMsg::Ack { product, id });
     }
 
-    pub fn dead_letter(&self, product: String, id: MessageId, reason: GapReason) {
+    pub fn dead_letter(&self, product: ProductKey, id: MessageId, reason: GapReason) {
         let _ = self.tx.send(WriterMsg::DeadLetter { product, id, reason });
     }
 
@@ -164,8 +166,9 @@ fn start_with_queue_limit(
     max_queued: u64,
 ) -> (BufferHandle, std::thread::JoinHandle<Result<(), BufferError>>) {
     let mut store = store;
-    for p in &products {
-        store.set_limits(&p.id, p.limits.clone());
+    let keys: Vec<ProductKey> = products.iter().map(|p| store.key(&p.id)).collect();
+    for (p, &key) in products.iter().zip(&keys) {
+        store.set_limits(key, p.limits.clone());
     }
     let pending_gaps = store.reader().gaps(usize::MAX).map_or(0, |g| g.len() as u64);
     let (tx, rx) = mpsc::channel();
@@ -201,6 +204,8 @@ fn start_with_queue_limit(
         .name("buffer-writer".into())
         .spawn(move || {
             let mut w = Writer {
+                slot_of: keys.iter().enumerate().map(|(i, &k)| (k, i)).collect(),
+                keys,
                 store,
                 products,
                 rx,
@@ -228,6 +233,10 @@ struct Shared {
 struct Writer {
     store: Store,
     products: Vec<ProductSlot>,
+    /// The key of each slot.
+    keys: Vec<ProductKey>,
+    /// The slot of each key.
+    slot_of: std::collections::HashMap<ProductKey, usize>,
     rx: mpsc::Receiver<WriterMsg>,
     h: Shared,
     notify: tokio::sync::watch::Sender<u64>,
@@ -240,9 +249,9 @@ struct Writer {
 struct Pending {
     records: Vec<Vec<Vec<u8>>>,
     created: Vec<u64>,
-    acks: Vec<(String, MessageId)>,
+    acks: Vec<(ProductKey, MessageId)>,
     gap_acks: Vec<u64>,
-    dead_letters: Vec<(String, MessageId, GapReason)>,
+    dead_letters: Vec<(ProductKey, MessageId, GapReason)>,
     count: usize,
 }
 
@@ -302,7 +311,7 @@ impl Writer {
                     let records: u64 = done.appended.iter().map(|a| u64::from(a.2)).sum();
                     if let Ok(mut latest) = s.latest.lock() {
                         for (p, id, _) in &done.appended {
-                            latest.insert(p.clone(), *id);
+                            latest.insert(*p, *id);
                         }
                     }
                     s.pending_gaps.fetch_add(done.gaps.len() as u64, Ordering::Relaxed);
@@ -317,9 +326,9 @@ impl Writer {
                         }
                     }
                     for p in &done.now_blocked {
-                        if let Some(i) = self.products.iter().position(|s| &s.id == p) {
+                        if let Some(&i) = self.slot_of.get(p) {
                             if !self.h.blocked[i].swap(true, Ordering::Relaxed) {
-                                warn!(product = %p, "buffer share full: product blocked until the backlog drains");
+                                warn!(product = %self.products[i].id, "buffer share full: product blocked until the backlog drains");
                             }
                         }
                     }
@@ -367,6 +376,7 @@ impl Writer {
         };
         for (i, records) in p.records.into_iter().enumerate() {
             let slot = &self.products[i];
+            let key = self.keys[i];
             let max_records = slot
                 .max_records
                 .map_or(self.max_records_per_message, |m| m.min(self.max_records_per_message));
@@ -377,7 +387,7 @@ impl Writer {
                     body.push(b']');
                     batch
                         .appends
-                        .push(self.message(slot, p.created[i], n, std::mem::take(&mut body)));
+                        .push(self.message(i, p.created[i], n, std::mem::take(&mut body)));
                     n = 0;
                 }
                 body.push(if n == 0 { b'[' } else { b',' });
@@ -386,39 +396,34 @@ impl Writer {
             }
             if n > 0 {
                 body.push(b']');
-                batch.appends.push(self.message(slot, p.created[i], n, body));
+                batch.appends.push(self.message(i, p.created[i], n, body));
             }
             // A blocked product unblocks once half its share is free; what it did not take meanwhile
             // becomes one gap event.
-            if self.h.blocked[i].load(Ordering::Relaxed) && self.store.has_room(&slot.id) {
+            if self.h.blocked[i].load(Ordering::Relaxed) && self.store.has_room(key) {
                 self.h.blocked[i].store(false, Ordering::Relaxed);
                 info!(product = %slot.id, "buffer share has room again: product unblocked");
             }
             let lost = self.h.lost[i].swap(0, Ordering::Relaxed);
             if lost > 0 {
-                batch
-                    .refused
-                    .push((slot.id.clone(), lost, GapReason::BufferFullBlocked));
+                batch.refused.push((key, lost, GapReason::BufferFullBlocked));
             }
             let overloaded = self.h.overloaded[i].swap(0, Ordering::Relaxed);
             if overloaded > 0 {
-                batch
-                    .refused
-                    .push((slot.id.clone(), overloaded, GapReason::WriterOverload));
+                batch.refused.push((key, overloaded, GapReason::WriterOverload));
             }
             let violations = self.h.violations[i].swap(0, Ordering::Relaxed);
             if violations > 0 {
-                batch
-                    .refused
-                    .push((slot.id.clone(), violations, GapReason::ContractViolation));
+                batch.refused.push((key, violations, GapReason::ContractViolation));
             }
         }
         batch
     }
 
-    fn message(&self, slot: &ProductSlot, created: u64, records: u32, body: Vec<u8>) -> NewMessage {
+    fn message(&self, i: usize, created: u64, records: u32, body: Vec<u8>) -> NewMessage {
+        let slot = &self.products[i];
         NewMessage {
-            product: slot.id.clone(),
+            product: self.keys[i],
             created,
             records,
             topic: slot.topic.clone(),
@@ -431,7 +436,7 @@ impl Writer {
         let s = &self.h.stats;
         let (mut msgs, mut bytes) = (0, 0);
         for p in self.store.products() {
-            let (m, b) = self.store.depth(&p);
+            let (m, b) = self.store.depth(p);
             msgs += m;
             bytes += b;
         }
@@ -508,7 +513,7 @@ mod tests {
         }
         drop(h);
         writer.join().unwrap().unwrap();
-        let msgs = reader.read_after("p", None, 100).unwrap();
+        let msgs = reader.read_after(reader.key("p"), None, 100).unwrap();
         let mut seen = Vec::new();
         for m in &msgs {
             assert!(m.body.len() <= 2500, "{} bytes", m.body.len());
@@ -518,7 +523,7 @@ mod tests {
         }
         assert_eq!(seen, (0..22).collect::<Vec<_>>(), "every record once, in order");
         assert_eq!(msgs.len(), 5 + 3);
-        let q = reader.read_after("q", None, 100).unwrap();
+        let q = reader.read_after(reader.key("q"), None, 100).unwrap();
         assert_eq!(q.iter().map(|m| m.records).collect::<Vec<_>>(), vec![3, 3, 3]);
     }
 
@@ -590,11 +595,11 @@ mod tests {
         for _ in 0..25 {
             h.offer(0, 1, record.clone());
         }
-        let pending = reader.read_after("p", None, 100).unwrap();
+        let pending = reader.read_after(reader.key("p"), None, 100).unwrap();
         assert!(pending.len() >= 5 && pending.len() <= 8, "{}", pending.len());
         // Acknowledge everything: the product unblocks and the refused records become one gap event.
         for m in &pending {
-            h.ack("p".into(), m.id);
+            h.ack(m.product, m.id);
         }
         wait("unblock", || !h.blocked[0].load(Ordering::Relaxed));
         // Every record offered is either pending or counted: the ones that hit the cap as messages

@@ -11,7 +11,7 @@
 //! transaction, so a consumer can prove completeness from seq continuity plus gap events.
 //! A commit returns only after redb's `Durability::Immediate` commit (fsync) has returned.
 
-use super::GapReason;
+use super::{GapReason, Keys, ProductKey};
 use crate::config::FullPolicy;
 use crate::model::Millis;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -46,7 +46,9 @@ pub struct MessageId {
 /// A message as stored and as read back for publishing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
-    pub product: String,
+    pub product: ProductKey,
+    /// The product version's name, `{id}.v{major}`.
+    pub name: Arc<str>,
     pub id: MessageId,
     pub created: Millis,
     pub records: u32,
@@ -70,7 +72,7 @@ impl StoredMessage {
         v
     }
 
-    fn decode(product: &str, id: MessageId, b: &[u8]) -> Option<StoredMessage> {
+    fn decode(product: ProductKey, name: &Arc<str>, id: MessageId, b: &[u8]) -> Option<StoredMessage> {
         if b.first() != Some(&1) || b.len() < 15 {
             return None;
         }
@@ -82,7 +84,8 @@ impl StoredMessage {
         let vs = 16 + tl;
         let version = std::str::from_utf8(b.get(vs..vs + vl)?).ok()?.to_string();
         Some(StoredMessage {
-            product: product.to_string(),
+            product,
+            name: name.clone(),
             id,
             created,
             records,
@@ -93,15 +96,14 @@ impl StoredMessage {
     }
 
     fn size(&self) -> u64 {
-        (16 + self.topic.len() + self.version.len() + self.body.len() + self.product.len()) as u64
-            + PER_MESSAGE_OVERHEAD
+        (16 + self.topic.len() + self.version.len() + self.body.len() + self.name.len()) as u64 + PER_MESSAGE_OVERHEAD
     }
 }
 
 /// A message to append; the store gives it its `(epoch, seq)`.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
-    pub product: String,
+    pub product: ProductKey,
     pub created: Millis,
     pub records: u32,
     pub topic: String,
@@ -138,28 +140,28 @@ pub struct ProductLimits {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub appends: Vec<NewMessage>,
-    pub acks: Vec<(String, MessageId)>,
+    pub acks: Vec<(ProductKey, MessageId)>,
     pub gap_acks: Vec<u64>,
     /// Messages the broker refused (MQTT 5 reason code >= 0x80): moved to `dead_letters`.
-    pub dead_letters: Vec<(String, MessageId, GapReason)>,
+    pub dead_letters: Vec<(ProductKey, MessageId, GapReason)>,
     /// Records refused before they reached a message: `(product, count, reason)`; reasons are
     /// `buffer_full_blocked` (a `block` product while full), `writer_overload` (the writer was
     /// too far behind to queue more) and `contract_violation`.
-    pub refused: Vec<(String, u64, GapReason)>,
+    pub refused: Vec<(ProductKey, u64, GapReason)>,
 }
 
 /// What a commit did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Committed {
     /// Messages stored: product, id, records.
-    pub appended: Vec<(String, MessageId, u32)>,
+    pub appended: Vec<(ProductKey, MessageId, u32)>,
     /// Gap events written: `(gap id, event)`.
     pub gaps: Vec<(u64, GapEvent)>,
     pub deleted: usize,
     /// Gap events deleted (acknowledged upstream).
     pub gaps_deleted: usize,
     /// Products whose `block` share is now full (they stop taking records).
-    pub now_blocked: Vec<String>,
+    pub now_blocked: Vec<ProductKey>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -185,9 +187,10 @@ pub struct Store {
     epoch: u64,
     max_bytes: u64,
     total_bytes: u64,
-    queues: HashMap<String, Queue>,
-    sizes: HashMap<(String, MessageId), u64>,
-    limits: HashMap<String, ProductLimits>,
+    queues: HashMap<ProductKey, Queue>,
+    sizes: HashMap<(ProductKey, MessageId), u64>,
+    limits: HashMap<ProductKey, ProductLimits>,
+    keys: Keys,
     next_gap: u64,
 }
 
@@ -244,6 +247,7 @@ impl Store {
             queues: HashMap::new(),
             sizes: HashMap::new(),
             limits: HashMap::new(),
+            keys: Keys::default(),
             next_gap: 1,
         };
         let mut tx = store.db.begin_write().map_err(storage(path))?;
@@ -269,11 +273,12 @@ impl Store {
             let (product, epoch, seq) = k.value();
             let id = MessageId { epoch, seq };
             let size = v.value().len() as u64 + product.len() as u64 + PER_MESSAGE_OVERHEAD;
-            let q = store.queues.entry(product.to_string()).or_default();
+            let key = store.keys.intern(product);
+            let q = store.queues.entry(key).or_default();
             q.bytes += size;
             q.messages += 1;
             store.total_bytes += size;
-            store.sizes.insert((product.to_string(), id), size);
+            store.sizes.insert((key, id), size);
         }
         for q in store.queues.values_mut() {
             q.next_seq = 1;
@@ -293,6 +298,7 @@ impl Store {
         Ok(Reader {
             db: Arc::new(db),
             path: path.to_path_buf(),
+            keys: Keys::default(),
         })
     }
 
@@ -304,11 +310,17 @@ impl Store {
         Reader {
             db: self.db.clone(),
             path: self.path.clone(),
+            keys: self.keys.clone(),
         }
     }
 
-    pub fn set_limits(&mut self, product: &str, limits: ProductLimits) {
-        self.limits.insert(product.to_string(), limits);
+    /// The key of a product version's name (`{id}.v{major}`), shared with every reader.
+    pub fn key(&self, name: &str) -> ProductKey {
+        self.keys.intern(name)
+    }
+
+    pub fn set_limits(&mut self, product: ProductKey, limits: ProductLimits) {
+        self.limits.insert(product, limits);
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -316,17 +328,17 @@ impl Store {
     }
 
     /// Pending messages and bytes of one product.
-    pub fn depth(&self, product: &str) -> (u64, u64) {
-        self.queues.get(product).map_or((0, 0), |q| (q.messages, q.bytes))
+    pub fn depth(&self, product: ProductKey) -> (u64, u64) {
+        self.queues.get(&product).map_or((0, 0), |q| (q.messages, q.bytes))
     }
 
     /// Products with pending messages.
-    pub fn products(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
+    pub fn products(&self) -> Vec<ProductKey> {
+        let mut v: Vec<ProductKey> = self
             .queues
             .iter()
             .filter(|(_, q)| q.messages > 0)
-            .map(|(p, _)| p.clone())
+            .map(|(p, _)| *p)
             .collect();
         v.sort();
         v
@@ -339,7 +351,7 @@ impl Store {
         // Work on copies of the accounting so a failed commit leaves memory matching the file.
         let mut queues = self.queues.clone();
         let mut total = self.total_bytes;
-        let mut size_changes: Vec<((String, MessageId), Option<u64>)> = Vec::new();
+        let mut size_changes: Vec<((ProductKey, MessageId), Option<u64>)> = Vec::new();
         let mut next_gap = self.next_gap;
         let now = crate::model::now_millis();
 
@@ -352,22 +364,23 @@ impl Store {
             let mut drops = tx.open_table(DROPS).map_err(storage(&path))?;
             let sizes = &self.sizes;
             let size_of =
-                |changes: &Vec<((String, MessageId), Option<u64>)>, key: &(String, MessageId)| -> Option<u64> {
+                |changes: &Vec<((ProductKey, MessageId), Option<u64>)>, key: &(ProductKey, MessageId)| -> Option<u64> {
                     match changes.iter().rev().find(|(k, _)| k == key) {
                         Some((_, s)) => *s,
                         None => sizes.get(key).copied(),
                     }
                 };
 
-            for (product, id) in &batch.acks {
-                let key = (product.clone(), *id);
+            for &(product, id) in &batch.acks {
+                let key = (product, id);
+                let name = self.keys.name(product);
                 if messages
-                    .remove((product.as_str(), id.epoch, id.seq))
+                    .remove((&*name, id.epoch, id.seq))
                     .map_err(storage(&path))?
                     .is_some()
                 {
                     let size = size_of(&size_changes, &key).unwrap_or(0);
-                    let q = queues.entry(product.clone()).or_default();
+                    let q = queues.entry(product).or_default();
                     q.bytes = q.bytes.saturating_sub(size);
                     q.messages = q.messages.saturating_sub(1);
                     total = total.saturating_sub(size);
@@ -401,19 +414,21 @@ impl Store {
             };
 
             for (product, id, reason) in &batch.dead_letters {
-                let key = (product.clone(), *id);
+                let (product, id) = (*product, *id);
+                let key = (product, id);
+                let name = self.keys.name(product);
                 let removed = messages
-                    .remove((product.as_str(), id.epoch, id.seq))
+                    .remove((&*name, id.epoch, id.seq))
                     .map_err(storage(&path))?
                     .map(|v| v.value().to_vec());
                 let Some(bytes) = removed else { continue };
-                let decoded = StoredMessage::decode(product, *id, &bytes);
+                let decoded = StoredMessage::decode(product, &name, id, &bytes);
                 let records = decoded.as_ref().map_or(0, |m| m.records);
                 let mut dead = tx.open_table(DEAD).map_err(storage(&path))?;
-                dead.insert((product.as_str(), id.epoch, id.seq), bytes.as_slice())
+                dead.insert((&*name, id.epoch, id.seq), bytes.as_slice())
                     .map_err(storage(&path))?;
                 let size = size_of(&size_changes, &key).unwrap_or(0);
-                let q = queues.entry(product.clone()).or_default();
+                let q = queues.entry(product).or_default();
                 q.bytes = q.bytes.saturating_sub(size);
                 q.messages = q.messages.saturating_sub(1);
                 total = total.saturating_sub(size);
@@ -433,25 +448,26 @@ impl Store {
                 record_gap(&mut gaps, &mut drops, ev)?;
             }
 
-            for (product, count, reason) in &batch.refused {
-                let q = queues.entry(product.clone()).or_default();
+            for &(product, count, ref reason) in &batch.refused {
+                let q = queues.entry(product).or_default();
                 q.next_seq = q.next_seq.max(1);
                 let seq = q.next_seq;
                 q.next_seq += 1;
                 record_gap(
                     &mut gaps,
                     &mut drops,
-                    self.gap_event(product, self.epoch, (seq, seq), *count, reason.clone(), now),
+                    self.gap_event(product, self.epoch, (seq, seq), count, reason.clone(), now),
                 )?;
             }
 
             for m in batch.appends {
+                let name = self.keys.name(m.product);
                 let limits = self.limits.get(&m.product).cloned().unwrap_or(ProductLimits {
                     max_bytes: self.max_bytes,
                     policy: FullPolicy::DropOldest,
                     gap_topic: String::new(),
                 });
-                let q = queues.entry(m.product.clone()).or_default();
+                let q = queues.entry(m.product).or_default();
                 q.next_seq = q.next_seq.max(1);
                 let id = MessageId {
                     epoch: self.epoch,
@@ -459,7 +475,8 @@ impl Store {
                 };
                 q.next_seq += 1;
                 let stored = StoredMessage {
-                    product: m.product.clone(),
+                    product: m.product,
+                    name: name.clone(),
                     id,
                     created: m.created,
                     records: m.records,
@@ -477,7 +494,7 @@ impl Store {
                     let mut t = total;
                     {
                         let range = messages
-                            .range((m.product.as_str(), 0u64, 0u64)..=(m.product.as_str(), u64::MAX, u64::MAX))
+                            .range((&*name, 0u64, 0u64)..=(&*name, u64::MAX, u64::MAX))
                             .map_err(storage(&path))?;
                         for entry in range {
                             if q_bytes + size <= limits.max_bytes && t + size <= self.max_bytes {
@@ -485,9 +502,10 @@ impl Store {
                             }
                             let (k, v) = entry.map_err(storage(&path))?;
                             let (_, e, s) = k.value();
-                            let records = StoredMessage::decode(&m.product, MessageId { epoch: e, seq: s }, v.value())
-                                .map_or(0, |x| x.records);
-                            let key = (m.product.clone(), MessageId { epoch: e, seq: s });
+                            let records =
+                                StoredMessage::decode(m.product, &name, MessageId { epoch: e, seq: s }, v.value())
+                                    .map_or(0, |x| x.records);
+                            let key = (m.product, MessageId { epoch: e, seq: s });
                             let sz = size_of(&size_changes, &key).unwrap_or(0);
                             q_bytes = q_bytes.saturating_sub(sz);
                             t = t.saturating_sub(sz);
@@ -496,10 +514,8 @@ impl Store {
                     }
                     if q_bytes + size <= limits.max_bytes && t + size <= self.max_bytes {
                         for (did, _) in &dropped {
-                            messages
-                                .remove((m.product.as_str(), did.epoch, did.seq))
-                                .map_err(storage(&path))?;
-                            size_changes.push(((m.product.clone(), *did), None));
+                            messages.remove((&*name, did.epoch, did.seq)).map_err(storage(&path))?;
+                            size_changes.push(((m.product, *did), None));
                         }
                         q.bytes = q_bytes;
                         q.messages -= dropped.len() as u64;
@@ -520,7 +536,7 @@ impl Store {
                                 &mut gaps,
                                 &mut drops,
                                 self.gap_event(
-                                    &m.product,
+                                    m.product,
                                     epoch,
                                     (from, to),
                                     count,
@@ -535,13 +551,13 @@ impl Store {
                 if fits(q, total) {
                     let bytes = stored.encode();
                     messages
-                        .insert((m.product.as_str(), id.epoch, id.seq), bytes.as_slice())
+                        .insert((&*name, id.epoch, id.seq), bytes.as_slice())
                         .map_err(storage(&path))?;
                     q.bytes += size;
                     q.messages += 1;
                     total += size;
-                    size_changes.push(((m.product.clone(), id), Some(size)));
-                    out.appended.push((m.product.clone(), id, stored.records));
+                    size_changes.push(((m.product, id), Some(size)));
+                    out.appended.push((m.product, id, stored.records));
                 } else {
                     let reason = match limits.policy {
                         FullPolicy::Block => GapReason::BufferFullBlocked,
@@ -550,19 +566,12 @@ impl Store {
                         FullPolicy::DropOldest => GapReason::BufferFull,
                     };
                     if limits.policy == FullPolicy::Block && !out.now_blocked.contains(&m.product) {
-                        out.now_blocked.push(m.product.clone());
+                        out.now_blocked.push(m.product);
                     }
                     record_gap(
                         &mut gaps,
                         &mut drops,
-                        self.gap_event(
-                            &m.product,
-                            id.epoch,
-                            (id.seq, id.seq),
-                            u64::from(m.records),
-                            reason,
-                            now,
-                        ),
+                        self.gap_event(m.product, id.epoch, (id.seq, id.seq), u64::from(m.records), reason, now),
                     )?;
                 }
             }
@@ -588,7 +597,7 @@ impl Store {
     /// A gap event for `product`, addressed to its gap topic.
     fn gap_event(
         &self,
-        product: &str,
+        product: ProductKey,
         epoch: u64,
         seqs: (u64, u64),
         count: u64,
@@ -597,11 +606,11 @@ impl Store {
     ) -> GapEvent {
         let topic = self
             .limits
-            .get(product)
+            .get(&product)
             .map(|l| l.gap_topic.clone())
             .unwrap_or_default();
         GapEvent {
-            product: product.to_string(),
+            product: self.keys.name(product).to_string(),
             epoch,
             from_seq: seqs.0,
             to_seq: seqs.1,
@@ -613,11 +622,11 @@ impl Store {
     }
 
     /// True when a `block` product has room again (half its share free, so it does not flap).
-    pub fn has_room(&self, product: &str) -> bool {
-        let Some(l) = self.limits.get(product) else {
+    pub fn has_room(&self, product: ProductKey) -> bool {
+        let Some(l) = self.limits.get(&product) else {
             return true;
         };
-        let q = self.queues.get(product).copied().unwrap_or_default();
+        let q = self.queues.get(&product).copied().unwrap_or_default();
         q.bytes <= l.max_bytes / 2 && self.total_bytes <= self.max_bytes / 2 + self.max_bytes / 4
     }
 }
@@ -627,17 +636,29 @@ impl Store {
 pub struct Reader {
     db: Arc<Database>,
     path: PathBuf,
+    keys: Keys,
 }
 
 impl Reader {
+    /// The key of a product version's name (`{id}.v{major}`).
+    pub fn key(&self, name: &str) -> ProductKey {
+        self.keys.intern(name)
+    }
+
+    /// The name of a product key.
+    pub fn name(&self, product: ProductKey) -> Arc<str> {
+        self.keys.name(product)
+    }
+
     /// Up to `limit` messages of `product` after `after` (from the start when `None`), in order.
     pub fn read_after(
         &self,
-        product: &str,
+        product: ProductKey,
         after: Option<MessageId>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, BufferError> {
         let path = &self.path;
+        let name = self.keys.name(product);
         let rx = self.db.begin_read().map_err(storage(path))?;
         let table = rx.open_table(MESSAGES).map_err(storage(path))?;
         let start = after.map_or((0, 0), |a| {
@@ -649,7 +670,7 @@ impl Reader {
         });
         let mut out = Vec::new();
         for entry in table
-            .range((product, start.0, start.1)..=(product, u64::MAX, u64::MAX))
+            .range((&*name, start.0, start.1)..=(&*name, u64::MAX, u64::MAX))
             .map_err(storage(path))?
         {
             if out.len() >= limit {
@@ -658,22 +679,23 @@ impl Reader {
             let (k, v) = entry.map_err(storage(path))?;
             let (_, epoch, seq) = k.value();
             let id = MessageId { epoch, seq };
-            if let Some(m) = StoredMessage::decode(product, id, v.value()) {
+            if let Some(m) = StoredMessage::decode(product, &name, id, v.value()) {
                 out.push(m);
             } else {
-                tracing::error!(product, epoch, seq, "undecodable message in the buffer; skipping it");
+                tracing::error!(product = %name, epoch, seq, "undecodable message in the buffer; skipping it");
             }
         }
         Ok(out)
     }
 
     /// The newest pending message id of `product`.
-    pub fn last_id(&self, product: &str) -> Result<Option<MessageId>, BufferError> {
+    pub fn last_id(&self, product: ProductKey) -> Result<Option<MessageId>, BufferError> {
         let path = &self.path;
+        let name = self.keys.name(product);
         let rx = self.db.begin_read().map_err(storage(path))?;
         let table = rx.open_table(MESSAGES).map_err(storage(path))?;
         let last = table
-            .range((product, 0u64, 0u64)..=(product, u64::MAX, u64::MAX))
+            .range((&*name, 0u64, 0u64)..=(&*name, u64::MAX, u64::MAX))
             .map_err(storage(path))?
             .next_back();
         Ok(match last {
@@ -686,17 +708,19 @@ impl Reader {
         })
     }
 
-    /// Products that have pending messages.
-    pub fn products(&self) -> Result<Vec<String>, BufferError> {
+    /// Products that have pending messages, in name order.
+    pub fn products(&self) -> Result<Vec<ProductKey>, BufferError> {
         let path = &self.path;
         let rx = self.db.begin_read().map_err(storage(path))?;
         let table = rx.open_table(MESSAGES).map_err(storage(path))?;
-        let mut out: Vec<String> = Vec::new();
+        let mut out: Vec<ProductKey> = Vec::new();
+        let mut last = String::new();
         for entry in table.iter().map_err(storage(path))? {
             let (k, _) = entry.map_err(storage(path))?;
             let p = k.value().0;
-            if out.last().map(String::as_str) != Some(p) {
-                out.push(p.to_string());
+            if out.is_empty() || last != p {
+                out.push(self.keys.intern(p));
+                last = p.to_string();
             }
         }
         Ok(out)
@@ -780,8 +804,9 @@ mod tests {
     fn open(path: &Path) -> Store {
         let (mut s, _) = Store::open(path, TOTAL, 1 << 20).unwrap();
         for (p, policy) in PRODUCTS.iter().zip(POLICIES) {
+            let key = s.key(p);
             s.set_limits(
-                p,
+                key,
                 ProductLimits {
                     max_bytes: SHARE,
                     policy,
@@ -850,14 +875,15 @@ mod tests {
                         } else {
                             m.dropped_records[product] += u64::from(records);
                         }
-                        let new = NewMessage { product: name.into(), created: 1, records, topic: TOPIC.into(), version: VERSION.into(), body: vec![b'x'; body] };
+                        let new = NewMessage { product: store.key(name), created: 1, records, topic: TOPIC.into(), version: VERSION.into(), body: vec![b'x'; body] };
                         store.commit(Batch { appends: vec![new], ..Default::default() }).unwrap();
                     }
                     Op::Ack { product, nth } => {
                         if let Some(&(id, _, _)) = m.queues[product].get(nth) {
                             m.queues[product].remove(nth);
                             m.acked[product].insert(id);
-                            store.commit(Batch { acks: vec![(PRODUCTS[product].into(), id)], ..Default::default() }).unwrap();
+                            let key = store.key(PRODUCTS[product]);
+                            store.commit(Batch { acks: vec![(key, id)], ..Default::default() }).unwrap();
                         }
                     }
                     Op::Reopen => {
@@ -871,10 +897,10 @@ mod tests {
                 let reader = store.reader();
                 for (p, name) in PRODUCTS.iter().enumerate() {
                     // Nothing accepted is lost, nothing acknowledged comes back, order is kept.
-                    let got: Vec<MessageId> = reader.read_after(name, None, 1000).unwrap().iter().map(|s| s.id).collect();
+                    let got: Vec<MessageId> = reader.read_after(reader.key(name), None, 1000).unwrap().iter().map(|s| s.id).collect();
                     let want: Vec<MessageId> = m.queues[p].iter().map(|q| q.0).collect();
                     prop_assert_eq!(&got, &want);
-                    prop_assert_eq!(store.depth(name).1, m.bytes(p));
+                    prop_assert_eq!(store.depth(store.key(name)).1, m.bytes(p));
                 }
                 // Every drop is counted...
                 let drops = reader.drops().unwrap();
@@ -917,8 +943,9 @@ mod tests {
         let path = dir.path().join("buffer.redb");
         let (mut s, r) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
         assert_eq!(r.epoch, 1);
+        let p = s.key("p");
         let new = NewMessage {
-            product: "p".into(),
+            product: p,
             created: 5,
             records: 2,
             topic: "a/b".into(),
@@ -931,18 +958,17 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(
-            done.appended,
-            vec![("p".to_string(), MessageId { epoch: 1, seq: 1 }, 2)]
-        );
+        assert_eq!(done.appended, vec![(p, MessageId { epoch: 1, seq: 1 }, 2)]);
         drop(s);
         let (s, r) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
         assert_eq!((r.epoch, r.pending_messages), (2, 1));
-        let m = &s.reader().read_after("p", None, 10).unwrap()[0];
+        let reader = s.reader();
+        let m = &reader.read_after(reader.key("p"), None, 10).unwrap()[0];
         assert_eq!(
             (m.topic.as_str(), m.version.as_str(), m.records, m.body.as_slice()),
             ("a/b", "1.2.3", 2, &b"[{},{}]"[..])
         );
-        assert_eq!(s.reader().products().unwrap(), vec!["p".to_string()]);
+        assert_eq!(reader.products().unwrap(), vec![reader.key("p")]);
+        assert_eq!(&*m.name, "p");
     }
 }

@@ -88,7 +88,7 @@ pub fn encode_record(product: &ProductPlan, record: &Record) -> Vec<u8> {
 pub fn encode_message(m: &StoredMessage, agent: &str, historical: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(m.body.len() + 160);
     out.extend_from_slice(b"{\"product\":");
-    out.extend(serde_json::to_vec(crate::config::split_product_key(&m.product).0).expect("string"));
+    out.extend(serde_json::to_vec(crate::config::split_product_key(&m.name).0).expect("string"));
     out.extend_from_slice(b",\"version\":");
     out.extend(serde_json::to_vec(&m.version).expect("string"));
     out.extend_from_slice(b",\"agent\":");
@@ -323,7 +323,8 @@ mod tests {
     #[test]
     fn message_envelope_is_valid_json_with_identity() {
         let m = StoredMessage {
-            product: "oven".into(),
+            product: crate::buffer::Keys::default().intern("oven"),
+            name: "oven".into(),
             id: MessageId { epoch: 7, seq: 1042 },
             created: 0,
             records: 1,

@@ -20,7 +20,7 @@ pub mod inflight;
 pub mod link;
 pub mod sparkplug;
 
-use crate::buffer::{BufferHandle, GapReason, MessageId, Reader};
+use crate::buffer::{BufferHandle, GapReason, MessageId, ProductKey, Reader};
 use crate::sources::backoff::Backoff;
 use inflight::{Inflight, Sent};
 use link::{Link, LinkError, LinkEvent, LinkOptions};
@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
-type Key = (String, MessageId);
+type Key = (ProductKey, MessageId);
 
 /// A product as the publisher announces it.
 #[derive(Clone)]
@@ -74,18 +74,26 @@ pub enum PublishError {
 /// product in one lookup, not a search.
 pub struct Products {
     list: Vec<Announced>,
-    by_key: HashMap<String, usize>,
+    keys: Vec<ProductKey>,
+    by_key: HashMap<ProductKey, usize>,
 }
 
 impl Products {
-    pub fn new(list: Vec<Announced>) -> Products {
-        let by_key = list.iter().enumerate().map(|(i, p)| (p.id.clone(), i)).collect();
-        Products { list, by_key }
+    /// `reader` gives each product its key.
+    pub fn new(list: Vec<Announced>, reader: &Reader) -> Products {
+        let keys: Vec<ProductKey> = list.iter().map(|p| reader.key(&p.id)).collect();
+        let by_key = keys.iter().enumerate().map(|(i, &k)| (k, i)).collect();
+        Products { list, keys, by_key }
     }
 
-    /// The index of the product with this buffer key.
-    pub fn index(&self, key: &str) -> Option<usize> {
-        self.by_key.get(key).copied()
+    /// The index of the product with this key.
+    pub fn index(&self, key: ProductKey) -> Option<usize> {
+        self.by_key.get(&key).copied()
+    }
+
+    /// The key of each product, in order.
+    pub fn keys(&self) -> &[ProductKey] {
+        &self.keys
     }
 
     pub fn get(&self, i: usize) -> Option<&Announced> {
@@ -288,7 +296,7 @@ struct Session {
     /// In flight: records and read time of each message.
     sent: HashMap<Key, (u32, u64)>,
     gaps_sent: HashSet<u64>,
-    cursors: HashMap<String, Cursor>,
+    cursors: HashMap<ProductKey, Cursor>,
     tokens: f64,
     last_refill: Instant,
     sp: SpSession,
@@ -433,10 +441,10 @@ impl Publisher {
         self.stats
             .records_acked
             .fetch_add(u64::from(records), Ordering::Relaxed);
-        let product = self.products.index(&key.0);
+        let product = self.products.index(key.0);
         self.stats
             .record_latency(product, crate::model::now_millis().saturating_sub(created));
-        self.buffer.ack(key.0.clone(), key.1);
+        self.buffer.ack(key.0, key.1);
     }
 
     pub async fn run(mut self) -> Result<(), PublishError> {
@@ -537,9 +545,9 @@ impl Publisher {
                                     None => self.delivered(&key, records, created),
                                     Some(code) => {
                                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                                        error!(product = %key.0, epoch = key.1.epoch, seq = key.1.seq, reason = format!("0x{code:02x}"),
+                                        error!(product = %self.reader.name(key.0), epoch = key.1.epoch, seq = key.1.seq, reason = format!("0x{code:02x}"),
                                                "broker refused the message; dead-lettered locally");
-                                        self.buffer.dead_letter(key.0.clone(), key.1, GapReason::BrokerRejected(code));
+                                        self.buffer.dead_letter(key.0, key.1, GapReason::BrokerRejected(code));
                                     }
                                 }
                                 acked.insert(key, generation);
@@ -635,14 +643,15 @@ impl Publisher {
             link.publish(&p.descriptor_topic, true, (p.descriptor)(), vec![])?;
             s.inflight.queued(Sent::Descriptor(i));
         }
-        let mut products: Vec<String> = self.products.iter().map(|p| p.id.clone()).collect();
+        let mut products: Vec<ProductKey> = self.products.keys().to_vec();
+        let announced: HashSet<ProductKey> = products.iter().copied().collect();
         for p in self.reader.products()? {
-            if !products.contains(&p) {
+            if !announced.contains(&p) {
                 products.push(p);
             }
         }
         for p in products {
-            let end = self.reader.last_id(&p)?;
+            let end = self.reader.last_id(p)?;
             s.cursors.insert(
                 p,
                 Cursor {
@@ -700,7 +709,7 @@ impl Publisher {
         let latest = self.buffer.stats.latest.lock().map(|l| l.clone()).unwrap_or_default();
         for historical in [false, true] {
             // Only products with something to send: new live messages, or backlog not yet sent.
-            let names: Vec<String> = s
+            let names: Vec<ProductKey> = s
                 .cursors
                 .iter()
                 .filter(|(name, c)| {
@@ -710,7 +719,7 @@ impl Publisher {
                         latest.get(*name).copied() > c.live_after
                     }
                 })
-                .map(|(name, _)| name.clone())
+                .map(|(name, _)| *name)
                 .collect();
             if names.is_empty() {
                 continue;
@@ -719,13 +728,15 @@ impl Publisher {
             while progress && s.busy() < window {
                 progress = false;
                 let share = ((window - s.busy()) / names.len().max(1)).max(1);
-                for name in &names {
+                for &name in &names {
                     let free = window.saturating_sub(s.busy()).min(share);
                     let budget = if historical { free.min(s.tokens as usize) } else { free };
                     if budget == 0 {
                         continue;
                     }
-                    let c = s.cursors[name];
+                    let Some(&c) = s.cursors.get(&name) else {
+                        continue;
+                    };
                     let (after, end) = if historical {
                         (c.backlog_after, c.backlog_end)
                     } else {
@@ -737,7 +748,7 @@ impl Publisher {
                     let msgs = self.reader.read_after(name, after, budget)?;
                     if historical && msgs.first().is_none_or(|m| Some(m.id) > end) {
                         // Backlog fully sent (what is left of it was acknowledged meanwhile).
-                        if let Some(c) = s.cursors.get_mut(name) {
+                        if let Some(c) = s.cursors.get_mut(&name) {
                             c.backlog_end = None;
                         }
                         continue;
@@ -746,8 +757,8 @@ impl Publisher {
                         if historical && Some(m.id) > end {
                             break;
                         }
-                        let key = (m.product.clone(), m.id);
-                        if let Some(cursor) = s.cursors.get_mut(name) {
+                        let key = (m.product, m.id);
+                        if let Some(cursor) = s.cursors.get_mut(&name) {
                             if historical {
                                 cursor.backlog_after = Some(m.id);
                             } else {
@@ -757,41 +768,40 @@ impl Publisher {
                         if acked.contains_key(&key) || s.sent.contains_key(&key) {
                             continue;
                         }
-                        if !self.egress.allows(&m.product, &m.topic) {
+                        if !self.egress.allows(&m.name, &m.topic) {
                             // Fail closed: a message buffered under an older config (a product since
                             // removed, a topic no longer allowed) is kept locally, never sent.
-                            warn!(product = %m.product, topic = %m.topic, epoch = m.id.epoch, seq = m.id.seq,
+                            warn!(product = %m.name, topic = %m.topic, epoch = m.id.epoch, seq = m.id.seq,
                                   "egress denied just before publishing; dead-lettered locally");
                             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                            self.buffer.dead_letter(key.0.clone(), key.1, GapReason::EgressDenied);
+                            self.buffer.dead_letter(key.0, key.1, GapReason::EgressDenied);
                             acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
                             continue;
                         }
                         if let Some(sp) = &self.sparkplug {
                             let e = &sp.encoder;
-                            let topic = e.topic(crate::sparkplug::Kind::DData, Some(&m.product));
-                            if !self.egress.allows(&m.product, &topic) {
-                                warn!(product = %m.product, topic = %topic, "egress denied just before publishing; dead-lettered locally");
+                            let topic = e.topic(crate::sparkplug::Kind::DData, Some(&m.name));
+                            if !self.egress.allows(&m.name, &topic) {
+                                warn!(product = %m.name, topic = %topic, "egress denied just before publishing; dead-lettered locally");
                                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                                self.buffer.dead_letter(key.0.clone(), key.1, GapReason::EgressDenied);
+                                self.buffer.dead_letter(key.0, key.1, GapReason::EgressDenied);
                                 acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
                                 continue;
                             }
                             let seq = s.sp.next_seq();
-                            let payload = match e.ddata(&m.product, &m.body, seq, historical) {
+                            let payload = match e.ddata(&m.name, &m.body, seq, historical) {
                                 Ok(p) => p,
                                 Err(why) => {
-                                    error!(product = %m.product, epoch = m.id.epoch, seq = m.id.seq, error = %why, "cannot encode as Sparkplug; dead-lettered locally");
+                                    error!(product = %m.name, epoch = m.id.epoch, seq = m.id.seq, error = %why, "cannot encode as Sparkplug; dead-lettered locally");
                                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                                    self.buffer
-                                        .dead_letter(key.0.clone(), key.1, GapReason::SparkplugEncoding);
+                                    self.buffer.dead_letter(key.0, key.1, GapReason::SparkplugEncoding);
                                     acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
                                     continue;
                                 }
                             };
                             link.publish_at_most_once(&topic, payload)?;
                             s.inflight.queued(Sent::Control);
-                            s.sp.pending.push(key.clone());
+                            s.sp.pending.push(key);
                             s.sent.insert(key, (m.records, m.created));
                             if historical {
                                 s.tokens -= 1.0;
@@ -803,7 +813,7 @@ impl Publisher {
                         let props = vec![
                             (
                                 "product".to_string(),
-                                crate::config::split_product_key(&m.product).0.to_string(),
+                                crate::config::split_product_key(&m.name).0.to_string(),
                             ),
                             ("version".to_string(), m.version.clone()),
                             ("epoch".to_string(), m.id.epoch.to_string()),
@@ -812,11 +822,11 @@ impl Publisher {
                         ];
                         let qos = self
                             .products
-                            .index(&m.product)
+                            .index(m.product)
                             .and_then(|i| self.products.get(i))
                             .map_or(crate::config::Qos::AtLeastOnce, |p| p.qos);
                         link.publish_qos(&m.topic, qos, false, payload, props)?;
-                        s.inflight.queued(Sent::Message(key.clone()));
+                        s.inflight.queued(Sent::Message(key));
                         s.sent.insert(key, (m.records, m.created));
                         if historical {
                             s.tokens -= 1.0;
