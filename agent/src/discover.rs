@@ -55,6 +55,8 @@ pub async fn discover(o: &Options) -> Result<String, String> {
         poll_interval: Duration::from_secs(1),
         timeout: Duration::from_secs(30),
         server_timestamp: false,
+        insecure_credentials: o.identity != OpcUaIdentity::Anonymous
+            && o.security_mode != OpcUaSecurityMode::SignAndEncrypt,
     };
     let mut client = build_client(&o.device_id, &plan, &o.pki_dir, &o.application_uri)?;
     let policy = security_policy(&o.security_policy)

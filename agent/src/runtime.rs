@@ -93,6 +93,7 @@ pub fn local_upstream(port: u16, client_id: String) -> UpstreamPlan {
         keep_alive: Duration::from_secs(30),
         username: None,
         password: None,
+        insecure_credentials: false,
         ca_file: None,
         client_cert: None,
         max_inflight: 32,
@@ -260,6 +261,9 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
             products: plan.products.iter().map(|p| p.key.clone()).collect(),
         },
     };
+    if upstream.insecure_credentials {
+        tracing::warn!(broker = %broker, "the upstream password crosses plain MQTT readable on the network (allow_insecure_credentials = true)");
+    }
     let publisher = tokio::spawn(publisher.run());
 
     // Sources -> map.

@@ -220,7 +220,7 @@ fn a_refused_connection_keeps_everything_buffered() {
         &cfg,
         broker.port,
         modbus.port,
-        "username = \"nobody\"\npassword_env = \"PLANTMESH_TEST_NO_SUCH_PASSWORD\"",
+        "username = \"nobody\"\npassword_env = \"PLANTMESH_TEST_NO_SUCH_PASSWORD\"\nallow_insecure_credentials = true",
     );
     // The secret reference is unresolvable: the agent must refuse to start with a clear error.
     let mut agent = Agent::start(&cfg, &dir.path().join("data"));

@@ -368,7 +368,7 @@ fn username_identity_with_a_password_from_the_environment() {
     );
     let broker = Mosquitto::start(false, "");
     let sub = Subscriber::start(broker.port, "s1/#", "ua-user-sub");
-    let identity = "security_policy = \"None\"\nidentity = \"username\"\nusername = \"operator\"\npassword_env = \"PLANTMESH_TEST_UA_PASSWORD\"";
+    let identity = "security_policy = \"None\"\nidentity = \"username\"\nusername = \"operator\"\npassword_env = \"PLANTMESH_TEST_UA_PASSWORD\"\nallow_insecure_credentials = true";
     let dir = tempfile::tempdir().unwrap();
     write_config(
         &dir.path().join("cfg"),

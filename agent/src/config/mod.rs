@@ -76,6 +76,8 @@ pub struct UpstreamPlan {
     pub keep_alive: Duration,
     pub username: Option<String>,
     pub password: Option<SecretRef>,
+    /// A password over plain MQTT, as `allow_insecure_credentials` allowed: warned at every start.
+    pub insecure_credentials: bool,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
     pub max_inflight: u16,
@@ -103,11 +105,29 @@ pub enum SecretRef {
 }
 
 impl SecretRef {
+    /// Reads the secret. A file must be readable by its owner only, like every key file.
     pub fn read(&self) -> Result<String, String> {
         match self {
-            SecretRef::File(path) => std::fs::read_to_string(path)
-                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-                .map_err(|e| format!("cannot read secret file {}: {e}", path.display())),
+            SecretRef::File(path) => {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let meta = std::fs::metadata(path)
+                        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+                    let mode = meta.permissions().mode();
+                    if mode & 0o077 != 0 {
+                        return Err(format!(
+                            "secret file {} is readable by group or others (mode {:o}); run: chmod 600 {}",
+                            path.display(),
+                            mode & 0o777,
+                            path.display()
+                        ));
+                    }
+                }
+                std::fs::read_to_string(path)
+                    .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                    .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))
+            }
             SecretRef::Env(var) => {
                 std::env::var(var).map_err(|_| format!("environment variable {var} (a secret reference) is not set"))
             }
@@ -249,6 +269,28 @@ pub enum EdgeAction {
 }
 
 impl EdgeAction {
+    /// True when `self` treats a value at least as strictly as `other`: a higher rank, or the same
+    /// action; for `coarsen`, a step that is a whole multiple of the other's (rounding to 10 after
+    /// rounding to 5 reveals nothing more; rounding to 0.0001 reveals the value).
+    pub fn at_least(self, other: EdgeAction) -> bool {
+        match (self, other) {
+            (EdgeAction::Coarsen(a), EdgeAction::Coarsen(b)) => whole_multiple(a, b),
+            _ => self.rank() >= other.rank(),
+        }
+    }
+
+    /// The stricter of two treatments; `None` for two coarsenings neither of whose steps is a whole
+    /// multiple of the other's (no one of them covers both).
+    pub fn stricter(self, other: EdgeAction) -> Option<EdgeAction> {
+        if self.at_least(other) {
+            Some(self)
+        } else if other.at_least(self) {
+            Some(other)
+        } else {
+            None
+        }
+    }
+
     /// Strictness rank: a product may choose a higher rank than its class requires, never a lower.
     pub fn rank(self) -> u8 {
         match self {
@@ -269,6 +311,12 @@ impl EdgeAction {
             EdgeAction::Never => "never",
         }
     }
+}
+
+/// True when `a` is a whole multiple of `b` (both > 0), to a relative 1e-9.
+fn whole_multiple(a: f64, b: f64) -> bool {
+    let q = a / b;
+    q.is_finite() && q >= 1.0 - 1e-9 && (q - q.round()).abs() <= 1e-9 * q
 }
 
 /// The governance file, validated.
@@ -737,6 +785,26 @@ pub fn fnv1a64(chunks: &[&[u8]]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod edge_action_tests {
+    use super::EdgeAction::*;
+
+    #[test]
+    fn stricter_means_a_higher_rank_or_a_coarser_whole_multiple_step() {
+        assert!(Never.at_least(Pseudonymise) && Mask.at_least(Coarsen(10.0)) && Pass.at_least(Pass));
+        assert!(!Pass.at_least(Coarsen(1.0)) && !Pseudonymise.at_least(Mask));
+        assert!(Coarsen(20.0).at_least(Coarsen(10.0)) && Coarsen(10.0).at_least(Coarsen(10.0)));
+        assert!(
+            Coarsen(0.3).at_least(Coarsen(0.1)),
+            "float steps: 0.3 is three times 0.1"
+        );
+        assert!(!Coarsen(0.0001).at_least(Coarsen(10.0)) && !Coarsen(15.0).at_least(Coarsen(10.0)));
+        assert_eq!(Coarsen(10.0).stricter(Coarsen(20.0)), Some(Coarsen(20.0)));
+        assert_eq!(Coarsen(4.0).stricter(Coarsen(10.0)), None);
+        assert_eq!(Pass.stricter(Mask), Some(Mask));
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,9 @@ pub struct Upstream {
     pub password_file: Option<String>,
     /// Environment variable holding the broker password.
     pub password_env: Option<String>,
+    /// Let a password cross plain `mqtt://` (readable by anyone on the network); the agent warns
+    /// at every start. Default: refused.
+    pub allow_insecure_credentials: Option<Spanned<bool>>,
     /// CA certificate(s) (PEM) to verify the broker; default: none, which is an error for `mqtts`.
     pub ca_file: Option<String>,
     /// Client certificate and key (PEM) for mutual TLS.
@@ -142,6 +145,9 @@ pub struct Device {
     pub password: Option<Spanned<toml::Value>>,
     pub password_file: Option<String>,
     pub password_env: Option<String>,
+    /// MQTT: let a password cross plain `mqtt://`; OPC UA: let a user identity go over a channel
+    /// that is not `SignAndEncrypt`. The agent warns at every start. Default: refused.
+    pub allow_insecure_credentials: Option<Spanned<bool>>,
     /// OPC UA `x509` identity: user certificate (DER or PEM) and private key.
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
@@ -172,6 +178,10 @@ pub struct Device {
 pub struct Tag {
     /// Tag name, unique in the device.
     pub name: Spanned<String>,
+    /// The tag's classification, a class of the governance file: classification belongs to the
+    /// source, so every field reading the tag (and every field derived from those) gets this class
+    /// or a stricter one.
+    pub classification: Option<Spanned<String>>,
     /// Modbus: `holding`, `input`, `coil` or `discrete_input`.
     pub table: Option<Spanned<String>>,
     /// Modbus: zero-based protocol address (0..=65535).
@@ -431,6 +441,10 @@ impl Device {
             ),
             ("max_bits_per_read", self.max_bits_per_read.as_ref().map(Spanned::span)),
             ("url", self.url.as_ref().map(Spanned::span)),
+            (
+                "allow_insecure_credentials",
+                self.allow_insecure_credentials.as_ref().map(Spanned::span),
+            ),
         ]
     }
 }

@@ -95,6 +95,9 @@ impl Ctx<'_> {
 
     pub fn name(&mut self, v: &Spanned<String>, key: &str, allow_dot: bool) {
         let s = v.get_ref();
+        if !self.printable(v, key) {
+            return;
+        }
         let bad = s.is_empty()
             || s.chars()
                 .any(|c| c.is_whitespace() || matches!(c, '/' | '+' | '#' | '{' | '}'))
@@ -109,6 +112,46 @@ impl Ctx<'_> {
                 ),
             );
         }
+    }
+}
+
+impl Ctx<'_> {
+    /// Refuses text with a control character (C0, DEL, C1, U+0000): such text in a topic segment,
+    /// client id or file name makes brokers refuse the connection, or means something else.
+    pub fn printable(&mut self, v: &Spanned<String>, key: &str) -> bool {
+        match v.get_ref().chars().find(|c| c.is_control()) {
+            None => true,
+            Some(c) => {
+                let msg = format!(
+                    "`{}` contains the control character U+{:04X}, which no name, topic, client id or file name may hold",
+                    v.get_ref().escape_debug(),
+                    u32::from(c)
+                );
+                self.err(v, key, msg);
+                false
+            }
+        }
+    }
+
+    /// Refuses a URL that carries user info (`scheme://user:password@host`): a secret in the
+    /// config, which would also be logged and published with the URL. The message never echoes it.
+    pub fn no_userinfo(&mut self, v: &Spanned<String>, key: &str) -> bool {
+        let url = v.get_ref();
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if !authority.contains('@') {
+            return true;
+        }
+        self.err(
+            v,
+            key,
+            "credentials in the URL (user info before `@`) are not allowed in config",
+        )
+        .help = Some(
+            "give the user as `username` and the password in a file (password_file) or the environment (password_env)"
+                .into(),
+        );
+        false
     }
 }
 
@@ -136,6 +179,8 @@ pub(crate) struct TagTable {
     pub declared: HashSet<String>,
     /// MQTT tags with captures, instantiated by the product fields that name them.
     pub templates: Vec<crate::sources::mqtt::config::Template>,
+    /// The classification the gateway file gives a tag, by tag index.
+    pub classes: std::collections::HashMap<usize, Spanned<String>>,
 }
 
 /// Reports every protocol-specific key of a device or its tags that its kind does not read.

@@ -3,6 +3,7 @@
 
 use super::ctx::refuse_foreign_keys;
 use super::*;
+use crate::config::diag::closest;
 use crate::sources::{mqtt, sensor, DevicePlan, Protocol};
 use toml::Spanned;
 
@@ -115,7 +116,10 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
             base: &base,
             agent_id: &agent.id,
         };
-        devices.extend(protocol.validate(cx, &input, &mut table));
+        if let Some(plan) = protocol.validate(cx, &input, &mut table) {
+            tag_classes(cx, d, &key, &plan, &mut table, rules);
+            devices.push(plan);
+        }
     }
     GatewayParts {
         agent,
@@ -123,6 +127,37 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
         buffer,
         devices,
         table,
+    }
+}
+
+/// Records the classification each tag of a device names, refusing a class the governance file
+/// does not have.
+fn tag_classes(cx: &mut Ctx, d: &raw::Device, key: &str, plan: &DevicePlan, table: &mut TagTable, rules: &Rules) {
+    let by_name: HashMap<&str, (usize, &Spanned<String>)> = d
+        .tags
+        .iter()
+        .enumerate()
+        .filter_map(|(ti, t)| t.classification.as_ref().map(|c| (t.name.get_ref().as_str(), (ti, c))))
+        .collect();
+    for (ti, t) in d.tags.iter().enumerate() {
+        if let Some(c) = &t.classification {
+            if !rules.plan.classes.contains_key(c.get_ref()) {
+                let help = closest(c.get_ref(), rules.plan.classes.keys().map(String::as_str))
+                    .map(|b| format!("did you mean `{b}`?"));
+                let msg = format!(
+                    "unknown classification `{}` (the classes of {} are: {})",
+                    c.get_ref(),
+                    rules.file,
+                    rules.plan.classes.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+                cx.err(c, format!("{key}.tags[{ti}].classification"), msg).help = help;
+            }
+        }
+    }
+    for &i in &plan.tags {
+        if let Some((_, c)) = by_name.get(&*table.tags[i].name) {
+            table.classes.insert(i, (*c).clone());
+        }
     }
 }
 
@@ -160,15 +195,18 @@ pub(super) fn tags_from_products(products: &[(PathBuf, String)], devices: &mut [
                 continue;
             }
             let tag = match devices[di].kind.protocol() {
-                Protocol::SensorNode => sensor::config::skimmed_tag(di, name),
+                Protocol::SensorNode => sensor::config::skimmed_tag(di, name).map(|t| (t, None)),
                 Protocol::Mqtt => mqtt::config::instantiate(&table.templates, di, name),
                 _ => None,
             };
-            let Some(tag) = tag else {
+            let Some((tag, class)) = tag else {
                 continue;
             };
             table.declared.insert(src.to_string());
             devices[di].tags.push(table.tags.len());
+            if let Some(c) = class {
+                table.classes.insert(table.tags.len(), c);
+            }
             table.tags.push(tag);
         }
     }
@@ -184,6 +222,7 @@ mod tests {
     fn value(key: &str, tag: bool) -> &'static str {
         match key {
             "address" if tag => "1",
+            "allow_insecure_credentials" => "true",
             "baud"
             | "stop_bits"
             | "data_bits"

@@ -174,14 +174,27 @@ pub(super) fn rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
     }
 }
 
-/// A field's classification and the edge action that applies to it; a product may tighten its
-/// class's action, never weaken it.
+/// The least treatment a field must get, inherited from where its value comes from: the tag it
+/// reads (its class in the gateway file, or the strictest class another field gives the same tag),
+/// or the inputs it derives from.
+#[derive(Debug, Clone)]
+pub(super) struct Floor {
+    pub class: String,
+    pub action: EdgeAction,
+    /// Where the floor comes from, for messages: "tag `plc.badge`, classified `personal` in agent.toml".
+    pub why: String,
+}
+
+/// A field's classification and the edge action that applies to it. Classification belongs to the
+/// source: a field takes the class of what it reads (`floor`) unless it names one, and may only make
+/// it stricter (a stricter class or action, a coarser whole-multiple step), never weaker.
 pub(super) fn field_governance(
     cx: &mut Ctx,
     f: &raw::Field,
     key: &str,
     logical: LogicalType,
     rules: &Rules,
+    floor: Option<&Floor>,
 ) -> Option<(String, EdgeAction)> {
     let class = match &f.classification {
         Some(c) => {
@@ -199,31 +212,75 @@ pub(super) fn field_governance(
             }
             c.get_ref().clone()
         }
-        None => rules.plan.default_class.clone(),
+        None => floor.map_or_else(|| rules.plan.default_class.clone(), |fl| fl.class.clone()),
     };
-    let required = rules.plan.classes[&class];
+    // A class whose own rule is invalid is not in the plan: that rule's error is already reported.
+    let &required = rules.plan.classes.get(&class)?;
     let upstream = rules.plan.allow_classes.as_ref().is_none_or(|a| a.contains(&class));
     let mut action = if upstream { required } else { EdgeAction::Never };
+    let mut rule = if upstream {
+        format!(
+            "rule `classes.{class}.action = \"{}\"` in {}",
+            required.name(),
+            rules.file
+        )
+    } else {
+        format!(
+            "rule `egress.allow_classes` in {} (class `{class}` may not leave the site)",
+            rules.file
+        )
+    };
+    if let Some(fl) = floor {
+        if let (Some(c), false) = (&f.classification, action.at_least(fl.action)) {
+            let msg = format!(
+                "class `{class}` is weaker than what field `{}` reads: {} requires `{}`{}",
+                f.name.get_ref(),
+                fl.why,
+                fl.action.name(),
+                step_text(fl.action)
+            );
+            cx.err(c, format!("{key}.classification"), msg).help = Some(format!(
+                "a field may only make its source's class stricter: use `{}` or a stricter class",
+                fl.class
+            ));
+            return None;
+        }
+        match action.stricter(fl.action) {
+            Some(a) => {
+                if a != action {
+                    rule.clone_from(&fl.why);
+                }
+                action = a;
+            }
+            None => {
+                let msg = format!(
+                    "field `{}` would be coarsened to a step of {} by class `{class}` and of {} by {}: no one step covers both",
+                    f.name.get_ref(),
+                    coarsen_step(action),
+                    coarsen_step(fl.action),
+                    fl.why
+                );
+                cx.err(&f.name, format!("{key}.action"), msg).help = Some(
+                    "set action = \"coarsen\" with a step that is a whole multiple of both, or a stricter action"
+                        .into(),
+                );
+                return None;
+            }
+        }
+    }
     if let Some(a) = &f.action {
         let chosen = action_of(cx, a, f.step.as_ref(), &format!("{key}.action"))?;
-        if chosen.rank() < action.rank() {
-            let rule = if upstream {
-                format!(
-                    "rule `classes.{class}.action = \"{}\"` in {}",
-                    required.name(),
-                    rules.file
-                )
-            } else {
-                format!(
-                    "rule `egress.allow_classes` in {} (class `{class}` may not leave the site)",
-                    rules.file
-                )
+        if !chosen.at_least(action) {
+            let msg = match (chosen, action) {
+                (EdgeAction::Coarsen(x), EdgeAction::Coarsen(y)) => format!(
+                    "`coarsen` with step {x} weakens governance: class `{class}` requires `coarsen` to a step of {y} or a whole multiple of it ({rule})"
+                ),
+                _ => format!(
+                    "`{}` weakens governance: class `{class}` requires `{}` ({rule})",
+                    chosen.name(),
+                    action.name()
+                ),
             };
-            let msg = format!(
-                "`{}` weakens governance: class `{class}` requires `{}` ({rule})",
-                chosen.name(),
-                action.name()
-            );
             cx.err(a, format!("{key}.action"), msg).help =
                 Some(format!("use `{}` or a stricter action", action.name()));
             return None;
@@ -250,4 +307,122 @@ pub(super) fn field_governance(
         return None;
     }
     Some((class, action))
+}
+
+fn coarsen_step(a: EdgeAction) -> f64 {
+    match a {
+        EdgeAction::Coarsen(step) => step,
+        _ => 0.0,
+    }
+}
+
+/// " to a step of N" for a coarsening, else nothing.
+fn step_text(a: EdgeAction) -> String {
+    match a {
+        EdgeAction::Coarsen(step) => format!(" to a step of {step} or a whole multiple of it"),
+        _ => String::new(),
+    }
+}
+
+/// The treatment a named class gives, as far as the rules allow it upstream at all.
+fn class_action(rules: &Rules, class: &str) -> Option<EdgeAction> {
+    let &action = rules.plan.classes.get(class)?;
+    let upstream = rules
+        .plan
+        .allow_classes
+        .as_ref()
+        .is_none_or(|a| a.iter().any(|c| c == class));
+    Some(if upstream { action } else { EdgeAction::Never })
+}
+
+/// A field's own action, when it names a valid one (its errors are reported when it is planned).
+fn written_action(f: &raw::Field) -> Option<EdgeAction> {
+    Some(match f.action.as_ref()?.get_ref().as_str() {
+        "pass" => EdgeAction::Pass,
+        "coarsen" => match f.step.as_ref().map(|s| *s.get_ref()) {
+            Some(step) if step.is_finite() && step > 0.0 => EdgeAction::Coarsen(step),
+            _ => return None,
+        },
+        "pseudonymise" => EdgeAction::Pseudonymise,
+        "mask" => EdgeAction::Mask,
+        "never" => EdgeAction::Never,
+        _ => return None,
+    })
+}
+
+/// The least treatment of every classified tag: the class the gateway file gives it, made as strict
+/// as the strictest treatment any product gives a field reading it (class and action). Two coarsen
+/// steps neither of which is a whole multiple of the other keep the coarser one.
+pub(super) fn tag_floors(
+    table: &TagTable,
+    by_ref: &HashMap<String, usize>,
+    devices: &[crate::sources::DevicePlan],
+    products: &[(crate::config::diag::Source, raw::Product)],
+    rules: &Rules,
+) -> HashMap<usize, Floor> {
+    let mut floors: HashMap<usize, Floor> = HashMap::new();
+    let mut raise = |tag: usize, candidate: Floor| match floors.get(&tag) {
+        None => {
+            floors.insert(tag, candidate);
+        }
+        Some(prev) => {
+            let keep_prev = match prev.action.stricter(candidate.action) {
+                Some(a) => a == prev.action,
+                None => coarsen_step(prev.action) >= coarsen_step(candidate.action),
+            };
+            if !keep_prev {
+                floors.insert(tag, candidate);
+            }
+        }
+    };
+    for (&tag, class) in &table.classes {
+        let Some(action) = class_action(rules, class.get_ref()) else {
+            continue; // unknown class: reported at the tag
+        };
+        let t = &table.tags[tag];
+        let device = devices.get(t.device).map_or("?", |d| d.id.as_str());
+        raise(
+            tag,
+            Floor {
+                class: class.get_ref().clone(),
+                action,
+                why: format!(
+                    "tag `{device}.{}`, classified `{}` in the gateway file",
+                    t.name,
+                    class.get_ref()
+                ),
+            },
+        );
+    }
+    for (src, p) in products {
+        for f in &p.fields {
+            let (Some(source), Some(class)) = (&f.source, &f.classification) else {
+                continue;
+            };
+            let (Some(&tag), Some(by_class)) = (by_ref.get(source.get_ref()), class_action(rules, class.get_ref()))
+            else {
+                continue;
+            };
+            let action = match written_action(f) {
+                Some(a) => a.stricter(by_class).unwrap_or(a),
+                None => by_class,
+            };
+            raise(
+                tag,
+                Floor {
+                    class: class.get_ref().clone(),
+                    action,
+                    why: format!(
+                        "tag `{}`, which field `{}` of product `{}` ({}) classifies `{}`",
+                        source.get_ref(),
+                        f.name.get_ref(),
+                        p.id.get_ref(),
+                        src.path.display(),
+                        class.get_ref()
+                    ),
+                },
+            );
+        }
+    }
+    floors
 }

@@ -9,6 +9,8 @@
 mod ctx;
 mod gateway;
 mod governance;
+#[cfg(test)]
+mod no_panic_tests;
 mod products;
 mod upstream;
 
@@ -97,17 +99,21 @@ pub(super) fn validate(
             .collect();
         let mut seen_ids: HashMap<(String, String), PathBuf> = HashMap::new();
         let published = super::contract::load(&super::contract::dir(&agent.data_dir));
+        // Every product file is read before any is planned: a tag's class is the strictest any of
+        // them gives a field reading it, so two products reading one tag treat it alike.
+        let mut parsed = Vec::new();
         for (path, text) in products {
             files.push(path.clone());
             hash_input.push(text.as_bytes());
             let src = Source { path, text };
-            let raw = match parse::<raw::Product>(&src) {
-                Ok(p) => p,
-                Err(d) => {
-                    problems.push(d);
-                    continue;
-                }
-            };
+            match parse::<raw::Product>(&src) {
+                Ok(p) => parsed.push((src, p)),
+                Err(d) => problems.push(d),
+            }
+        }
+        let floors = governance::tag_floors(table, &by_ref, devices, &parsed, &rules);
+        for (src, raw) in parsed {
+            let path = src.path;
             let mut cx = Ctx {
                 src,
                 problems: &mut problems,
@@ -126,7 +132,7 @@ pub(super) fn validate(
                     Some("two files may define one product only with different major versions".into());
                 continue;
             }
-            seen_ids.insert(seen, path.clone());
+            seen_ids.insert(seen, path.to_path_buf());
             let version_at = raw.version.clone();
             if let Some(p) = products::plan(
                 &mut cx,
@@ -137,6 +143,7 @@ pub(super) fn validate(
                     tags,
                     by_ref: &by_ref,
                     declared,
+                    floors: &floors,
                 },
                 &rules,
             ) {

@@ -1,7 +1,7 @@
 //! Product files, owned by domain teams: identity, publishing, buffer share, service levels and
 //! fields, each field checked against the gateway's tags and the governance rules.
 
-use super::governance::{field_governance, Rules};
+use super::governance::{field_governance, Floor, Rules};
 use super::*;
 use crate::config::diag::closest;
 use std::collections::HashSet;
@@ -14,6 +14,9 @@ pub(super) struct TagIndex<'a> {
     pub by_ref: &'a HashMap<String, usize>,
     /// Every tag written, valid or not.
     pub declared: &'a HashSet<String>,
+    /// The least treatment each classified tag requires: its class in the gateway file, or the
+    /// strictest one any product gives a field reading it.
+    pub floors: &'a HashMap<usize, Floor>,
 }
 
 /// One shared copy of each distinct string (a product's units and classes): thousands of fields
@@ -41,7 +44,12 @@ pub(super) fn plan(
     rules: &Rules,
 ) -> Option<ProductPlan> {
     let template = rules.template.as_str();
-    let TagIndex { tags, by_ref, declared } = *tags;
+    let TagIndex {
+        tags,
+        by_ref,
+        declared,
+        floors,
+    } = *tags;
     let id = p.id.get_ref();
     if id.is_empty()
         || !id
@@ -194,9 +202,32 @@ pub(super) fn plan(
             Some(d) => *d.get_ref(),
             None => 0.0,
         };
-        let Some((classification, action)) = field_governance(cx, f, &key, logical_type, rules) else {
+        let floor = match &source {
+            FieldSource::Tag(t) => floors.get(t).cloned(),
+            FieldSource::Derived(d) => match inherited(cx, f, &key, d, &fields) {
+                Some(floor) => floor,
+                None => continue,
+            },
+        };
+        let Some((classification, action)) = field_governance(cx, f, &key, logical_type, rules, floor.as_ref()) else {
             continue;
         };
+        if let (FieldSource::Derived(_), Some(fl)) = (&source, &floor) {
+            // A value computed from one that never leaves would reveal it: only a field that never
+            // leaves either may derive from it, and it must say so.
+            if fl.action == EdgeAction::Never && !says_never(f, rules) {
+                let msg = format!(
+                    "field `{}` derives from {}, which never leaves the site: the derived value would reveal it",
+                    f.name.get_ref(),
+                    fl.why
+                );
+                cx.err(&f.name, format!("{key}.inputs"), msg).help = Some(
+                    "derive from fields that may leave, or say that this one never leaves either (action = \"never\")"
+                        .into(),
+                );
+                continue;
+            }
+        }
         let numeric_tag = !matches!(tag_type, Some(DataType::Bool | DataType::Text(_) | DataType::Array));
         let aggregate = match (&f.aggregate, matches!(publish, PublishMode::Window(_))) {
             (None, _) => Aggregate::Last,
@@ -553,7 +584,10 @@ fn field_source(
                 cx.err(
                     src,
                     format!("{key}.source"),
-                    format!("`{r}` is not a tag of the gateway file (write <device>.<tag>)"),
+                    format!(
+                        "`{}` is not a tag of the gateway file (write <device>.<tag>)",
+                        r.escape_debug()
+                    ),
                 )
                 .help = help;
                 return None;
@@ -572,4 +606,52 @@ fn field_source(
             Some((FieldSource::Tag(tag), natural, Some(t.data_type), format!("tag `{r}`")))
         }
     }
+}
+
+/// The strictest treatment of a derived field's inputs; `Some(None)` when none of them needs one
+/// beyond the default, `None` when they cannot be covered by one treatment (reported).
+fn inherited(cx: &mut Ctx, f: &raw::Field, key: &str, d: &Derivation, built: &[FieldPlan]) -> Option<Option<Floor>> {
+    let mut floor: Option<Floor> = None;
+    for &i in &d.inputs {
+        let input = &built[i];
+        let this = Floor {
+            class: input.classification.to_string(),
+            action: input.action,
+            why: format!("input `{}` (class `{}`)", input.name, input.classification),
+        };
+        floor = match floor {
+            None => Some(this),
+            Some(prev) => match prev.action.stricter(this.action) {
+                Some(a) if a == prev.action => Some(prev),
+                Some(_) => Some(this),
+                None => {
+                    let msg = format!(
+                        "field `{}` derives from {} and {}, coarsened to steps no one step covers",
+                        f.name.get_ref(),
+                        prev.why,
+                        this.why
+                    );
+                    cx.err(&f.name, format!("{key}.inputs"), msg).help =
+                        Some("set action = \"coarsen\" with a step that is a whole multiple of both".into());
+                    return None;
+                }
+            },
+        };
+    }
+    Some(floor)
+}
+
+/// True when a field says by itself that it never leaves: `action = "never"`, or a class whose
+/// action is `never` (or that may not go upstream at all).
+fn says_never(f: &raw::Field, rules: &Rules) -> bool {
+    let by_action = f.action.as_ref().is_some_and(|a| a.get_ref() == "never");
+    let by_class = f.classification.as_ref().is_some_and(|c| {
+        rules.plan.classes.get(c.get_ref()) == Some(&EdgeAction::Never)
+            || rules
+                .plan
+                .allow_classes
+                .as_ref()
+                .is_some_and(|a| !a.contains(c.get_ref()))
+    });
+    by_action || by_class
 }

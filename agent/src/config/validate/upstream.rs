@@ -11,6 +11,21 @@ pub(crate) fn upstream_plan(
     base: &Path,
     key: &str,
 ) -> Option<UpstreamPlan> {
+    if !cx.no_userinfo(&u.url, &format!("{key}.url")) || !cx.printable(&u.url, &format!("{key}.url")) {
+        return None;
+    }
+    if let Some(id) = &u.client_id {
+        if let Some(c) = id.chars().find(|c| c.is_control()) {
+            cx.whole(
+                format!("{key}.client_id"),
+                format!(
+                    "`{}` contains the control character U+{:04X}, which no client id may hold",
+                    id.escape_debug(),
+                    u32::from(c)
+                ),
+            );
+        }
+    }
     let url = u.url.get_ref().as_str();
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let tls = match scheme {
@@ -60,6 +75,15 @@ pub(crate) fn upstream_plan(
     };
     if password.is_some() && u.username.is_none() {
         cx.whole(format!("{key}.username"), "a password is configured but no username");
+    }
+    let allow_insecure = u.allow_insecure_credentials.as_ref().is_some_and(|a| *a.get_ref());
+    if password.is_some() && !tls && !allow_insecure {
+        cx.err(
+            &u.url,
+            format!("{key}.url"),
+            "a password over plain mqtt:// crosses the network readable by anyone on it",
+        )
+        .help = Some("use mqtts:// (with ca_file), or set allow_insecure_credentials = true to accept that".into());
     }
     let client_cert = match (&u.cert_file, &u.key_file) {
         (Some(c), Some(k)) => Some((base.join(c), base.join(k.get_ref()))),
@@ -141,6 +165,7 @@ pub(crate) fn upstream_plan(
         client_id: u.client_id.clone().unwrap_or_else(|| format!("plantmesh-{agent_id}")),
         keep_alive: u.keep_alive.map_or(Duration::from_secs(30), |d| d.0),
         username: u.username.clone(),
+        insecure_credentials: password.is_some() && !tls,
         password,
         ca_file: u.ca_file.as_ref().map(|f| base.join(f)),
         client_cert,

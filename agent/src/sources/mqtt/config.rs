@@ -13,7 +13,7 @@ use toml::Spanned;
 /// Device keys an MQTT device reads (beside `id`, `protocol`, `tags`, and the broker's `client_id`,
 /// `username`, `password_file`, `password_env`, `ca_file`, `cert_file`, `key_file`; `password` only
 /// to refuse it).
-pub const DEVICE_KEYS: &[&str] = &["url", "password"];
+pub const DEVICE_KEYS: &[&str] = &["url", "password", "allow_insecure_credentials"];
 
 /// Tag keys of MQTT tags (beside `name`, `offset`).
 pub const TAG_KEYS: &[&str] = &[
@@ -101,6 +101,8 @@ pub fn mqtt(tag: &TagPlan) -> Option<&MqttTagPlan> {
 #[derive(Debug, Clone)]
 pub(crate) struct Template {
     device: usize,
+    /// The template's classification, which its instances inherit.
+    pub class: Option<Spanned<String>>,
     name: Vec<Piece>,
     /// The tag as written, its topic and Sparkplug address still holding `+name` segments.
     proto: TagPlan,
@@ -136,6 +138,7 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
         password: d.password.clone(),
         password_file: d.password_file.clone(),
         password_env: d.password_env.clone(),
+        allow_insecure_credentials: d.allow_insecure_credentials.clone(),
         ca_file: d.ca_file.clone(),
         cert_file: d.cert_file.clone(),
         key_file: d.key_file.clone().map(|k| Spanned::new(url.span(), k)),
@@ -166,6 +169,7 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
         if pieces.iter().any(|p| matches!(p, Piece::Cap(_))) {
             table.templates.push(Template {
                 device: di,
+                class: t.classification.clone(),
                 name: pieces,
                 proto: tag,
             });
@@ -488,11 +492,18 @@ fn fill(address: &str, caps: &[(String, String)]) -> String {
         .join("/")
 }
 
-/// The tag a product field names, when it is an instance of a template of `device`.
-pub(crate) fn instantiate(templates: &[Template], device: usize, name: &str) -> Option<TagPlan> {
+/// The tag a product field names, when it is an instance of a template of `device`, and the
+/// template's classification.
+pub(crate) fn instantiate(
+    templates: &[Template],
+    device: usize,
+    name: &str,
+) -> Option<(TagPlan, Option<Spanned<String>>)> {
     templates.iter().filter(|t| t.device == device).find_map(|t| {
         let mut caps = Vec::new();
-        if !match_name(&t.name, name, &mut caps) {
+        // A capture becomes a topic segment: one with a control character would make the broker
+        // refuse the subscription (and the product's source is then reported as no tag).
+        if !match_name(&t.name, name, &mut caps) || caps.iter().any(|(_, v)| v.chars().any(char::is_control)) {
             return None;
         }
         let mut tag = t.proto.clone();
@@ -511,7 +522,7 @@ pub(crate) fn instantiate(templates: &[Template], device: usize, name: &str) -> 
                 *d = fill(d, &caps);
             }
         }
-        Some(tag)
+        Some((tag, t.class.clone()))
     })
 }
 

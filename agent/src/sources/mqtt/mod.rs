@@ -141,6 +141,12 @@ impl Router {
 
     pub fn on_message(&mut self, topic: &str, payload: &[u8], retained: bool, now: Millis) -> Outcome {
         let mut out = Outcome::default();
+        if topic.chars().any(char::is_control) {
+            // Never routed: a segment with a control character is no name of ours.
+            out.errors
+                .push(format!("topic `{}` holds a control character", topic.escape_debug()));
+            return out;
+        }
         if topic.starts_with(sparkplug::NAMESPACE) && topic.as_bytes().get(sparkplug::NAMESPACE.len()) == Some(&b'/') {
             self.on_sparkplug(topic, payload, now, &mut out);
             return out;
@@ -576,6 +582,10 @@ impl MqttSource {
     pub async fn run(mut self) {
         let b = self.plan.broker.clone();
         let address = format!("{}:{}", b.host, b.port);
+        if b.insecure_credentials {
+            warn!(device = %self.ctx.id, broker = %address,
+                  "the password crosses plain MQTT readable on the network (allow_insecure_credentials = true)");
+        }
         let resolved = match crate::publish::link::LinkOptions::resolve(&b, String::new(), Vec::new()) {
             Ok(r) => r,
             Err(e) => {

@@ -344,3 +344,14 @@ fn topic_filters_match_as_mqtt_says() {
     assert!(!topic_matches("a/+", "a"));
     assert!(!topic_matches("a/b", "a/c"));
 }
+
+/// A topic segment with a control character (here U+0000, as a hostile publisher could send on a
+/// wildcard) is no name of ours: counted as an error and routed nowhere.
+#[test]
+fn topics_with_control_characters_are_not_routed() {
+    let (mut r, _) = router();
+    let o = r.on_message("plant/line-1\u{0}/m3/state", br#"{"temp": 21.5}"#, false, 5);
+    assert!(o.batches.is_empty());
+    assert_eq!(o.errors.len(), 1, "{:?}", o.errors);
+    assert!(o.errors[0].contains("control character"), "{:?}", o.errors);
+}

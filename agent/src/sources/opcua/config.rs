@@ -20,6 +20,7 @@ pub const DEVICE_KEYS: &[&str] = &[
     "timestamps",
     "poll_interval",
     "timeout",
+    "allow_insecure_credentials",
 ];
 
 /// Tag keys of OPC UA tags (beside `name`, `namespace_uri`, `array`, `offset`).
@@ -62,6 +63,9 @@ pub struct OpcUaDevicePlan {
     pub timeout: Duration,
     /// Record time from the server timestamp instead of the source timestamp.
     pub server_timestamp: bool,
+    /// A user identity over a channel that is not `SignAndEncrypt`, as `allow_insecure_credentials`
+    /// allowed: warned at every start.
+    pub insecure_credentials: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -140,6 +144,9 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
         );
         return None;
     };
+    if !cx.no_userinfo(endpoint, &format!("{key}.endpoint")) || !cx.printable(endpoint, &format!("{key}.endpoint")) {
+        return None;
+    }
     let url = endpoint.get_ref();
     let host_port = url
         .strip_prefix("opc.tcp://")
@@ -262,6 +269,27 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
         cx.range(&secs(v), &format!("{key}.timeout"), 0.1, 120.0);
         v.get_ref().0
     });
+    // A password (or a user certificate's proof) is only as safe as the channel it crosses.
+    let insecure = identity != OpcUaIdentity::Anonymous && mode != OpcUaSecurityMode::SignAndEncrypt;
+    let allow_insecure = d.allow_insecure_credentials.as_ref().is_some_and(|a| *a.get_ref());
+    if insecure && !allow_insecure {
+        let at = d.identity.as_ref().unwrap_or(endpoint);
+        cx.err(
+            at,
+            format!("{key}.identity"),
+            format!(
+                "a user identity over security_mode `{}` is not encrypted on the way to the server",
+                match mode {
+                    OpcUaSecurityMode::None => "None",
+                    OpcUaSecurityMode::Sign => "Sign",
+                    OpcUaSecurityMode::SignAndEncrypt => "SignAndEncrypt",
+                }
+            ),
+        )
+        .help = Some(
+            "use security_mode = \"SignAndEncrypt\", or set allow_insecure_credentials = true to accept that".into(),
+        );
+    }
     let id = d.id.get_ref().clone();
     let plan = OpcUaDevicePlan {
         endpoint: url.clone(),
@@ -273,6 +301,7 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
         poll_interval,
         timeout,
         server_timestamp,
+        insecure_credentials: insecure,
     };
     let mut tags = Vec::new();
     let mut names = HashSet::new();

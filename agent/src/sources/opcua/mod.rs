@@ -95,6 +95,10 @@ impl OpcUaSource {
             warn!(device = %self.ctx.id, endpoint = %o.endpoint,
                   "OPC UA security is None: traffic to this server is neither signed nor encrypted");
         }
+        if o.insecure_credentials {
+            warn!(device = %self.ctx.id, endpoint = %o.endpoint,
+                  "the user identity goes to this server unencrypted (allow_insecure_credentials = true)");
+        }
         let mut client = match build_client(&self.ctx.id, &o, &self.pki_dir, &self.application_uri) {
             Ok(c) => c,
             Err(e) => {
