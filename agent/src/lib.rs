@@ -11,6 +11,7 @@
 //! [`config`] builds the typed plan every stage starts from; [`runtime`] wires the tasks.
 
 pub mod audit;
+pub mod backoff;
 pub mod buffer;
 pub mod catalog;
 pub mod config;

@@ -5,7 +5,7 @@
 //! publisher finishes in-flight messages (up to 3 s) and says `offline`, the writer commits what is
 //! left and exits. A storage failure skips all that: exit non-zero at once, nothing reported accepted.
 
-use crate::buffer::{self, BufferStats, ProductLimits, ProductSlot, Store};
+use crate::buffer::{self, ProductLimits, ProductSlot, Store};
 use crate::config::{MqttVersion, Plan, UpstreamPlan};
 use crate::govern::GovernError;
 use crate::produce::{self, Produce};
@@ -16,23 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
-/// Handles to what is running, for the status view.
-#[derive(Clone)]
-pub struct Running {
-    pub plan: Arc<Plan>,
-    pub buffer: Arc<BufferStats>,
-    /// Records produced per product.
-    pub produced: Arc<Vec<std::sync::atomic::AtomicU64>>,
-    pub publish: Arc<PublishStats>,
-    pub devices: Vec<Arc<DeviceStats>>,
-    pub epoch: u64,
-    pub broker: String,
-    /// Latest record per product, rendered, for the view.
-    pub last: Arc<std::sync::Mutex<Vec<Option<String>>>>,
-    pub slis: Arc<std::sync::Mutex<crate::catalog::Slis>>,
-    /// False once the buffer writer has stopped.
-    pub writer_alive: Arc<std::sync::atomic::AtomicBool>,
-}
+pub use crate::telemetry::Running;
 
 /// Why the agent could not start, or stopped. Each says what to fix; `main` prints it and exits
 /// non-zero, so the service manager restarts the agent.
@@ -56,25 +40,6 @@ pub enum RunError {
     WriterStopped,
     #[error("cannot handle SIGTERM: {0}")]
     Signal(std::io::Error),
-}
-
-impl Running {
-    /// A `Running` with no tasks behind it (unit tests of the endpoints).
-    #[cfg(test)]
-    pub fn for_tests(plan: Arc<Plan>) -> Running {
-        Running {
-            buffer: Arc::new(BufferStats::default()),
-            produced: Arc::new(plan.products.iter().map(|_| Default::default()).collect()),
-            publish: Arc::new(PublishStats::default()),
-            devices: plan.devices.iter().map(|_| Arc::new(DeviceStats::default())).collect(),
-            epoch: 1,
-            broker: String::new(),
-            last: Arc::new(std::sync::Mutex::new(Vec::new())),
-            slis: Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len()))),
-            writer_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            plan,
-        }
-    }
 }
 
 /// The OPC UA ApplicationUri of this agent (also in its application instance certificate).

@@ -3,12 +3,53 @@
 //! A deliberately small HTTP/1.1 responder: one request per connection, GET only. `/health` is 200
 //! `ok` while the buffer writer runs and 503 once it has stopped (the agent is about to exit).
 
+use crate::buffer::BufferStats;
 use crate::config::DeviceKind;
-use crate::runtime::Running;
+use crate::config::Plan;
+use crate::publish::PublishStats;
+use crate::sources::DeviceStats;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+/// Handles to what is running, for the status view.
+#[derive(Clone)]
+pub struct Running {
+    pub plan: Arc<Plan>,
+    pub buffer: Arc<BufferStats>,
+    /// Records produced per product.
+    pub produced: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    pub publish: Arc<PublishStats>,
+    pub devices: Vec<Arc<DeviceStats>>,
+    pub epoch: u64,
+    pub broker: String,
+    /// Latest record per product, rendered, for the view.
+    pub last: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    pub slis: Arc<std::sync::Mutex<crate::catalog::Slis>>,
+    /// False once the buffer writer has stopped.
+    pub writer_alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Running {
+    /// A `Running` with no tasks behind it (unit tests of the endpoints).
+    #[cfg(test)]
+    pub fn for_tests(plan: Arc<Plan>) -> Running {
+        Running {
+            buffer: Arc::new(BufferStats::default()),
+            produced: Arc::new(plan.products.iter().map(|_| Default::default()).collect()),
+            publish: Arc::new(PublishStats::default()),
+            devices: plan.devices.iter().map(|_| Arc::new(DeviceStats::default())).collect(),
+            epoch: 1,
+            broker: String::new(),
+            last: Arc::new(std::sync::Mutex::new(Vec::new())),
+            slis: Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len()))),
+            writer_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            plan,
+        }
+    }
+}
 
 /// Binds and serves in the background; returns the bound address.
 pub async fn serve(addr: std::net::SocketAddr, r: Running) -> std::io::Result<std::net::SocketAddr> {
@@ -262,7 +303,7 @@ mod tests {
             std::path::Path::new("/tmp"),
         )
         .unwrap();
-        let running = crate::runtime::Running::for_tests(std::sync::Arc::new(plan));
+        let running = super::Running::for_tests(std::sync::Arc::new(plan));
         let addr = super::serve("127.0.0.1:0".parse().unwrap(), running).await.unwrap();
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         for piece in ["GET ", "/hea", "lth HTTP/1.1\r\n", "host: x\r\n", "\r\n"] {

@@ -1,6 +1,6 @@
 //! The live status view: what is being published, at what rate, and what is waiting in the buffer.
 
-use crate::runtime::Running;
+use crate::telemetry::Running;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::Ordering::Relaxed;

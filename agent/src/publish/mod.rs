@@ -20,8 +20,8 @@ pub mod inflight;
 pub mod link;
 pub mod sparkplug;
 
+use crate::backoff::Backoff;
 use crate::buffer::{BufferHandle, GapReason, MessageId, ProductKey, Reader};
-use crate::sources::backoff::Backoff;
 use inflight::{Inflight, Sent};
 use link::{Link, LinkError, LinkEvent, LinkOptions};
 use std::collections::{HashMap, HashSet};

@@ -12,7 +12,6 @@
 //! their validation into its plan types, and the plan types; `mod.rs` holds the task. Adding a kind
 //! is a new room plus one variant in [`Protocol`], [`DeviceKind`] and [`TagKind`] and their `match`es.
 
-pub mod backoff;
 pub mod modbus;
 pub mod mqtt;
 pub mod opcua;

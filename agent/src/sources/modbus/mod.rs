@@ -16,9 +16,9 @@ pub mod config;
 pub mod decode;
 pub mod plan;
 
-use super::backoff::Backoff;
 use super::serial::SerialPlan;
 use super::{DeviceStats, SourceCtx, SourceError};
+use crate::backoff::Backoff;
 use crate::model::{now_millis, BadReason, Quality, Reading, ReadingBatch};
 use config::{modbus, Polling, RtuPlan, Table, TcpPlan};
 use plan::ReadBlock;

@@ -18,8 +18,8 @@
 
 pub mod config;
 
-use super::backoff::Backoff;
 use super::{DeviceStats, SourceCtx, SourceError, TagPlan};
+use crate::backoff::Backoff;
 use crate::config::DataType;
 use crate::model::{now_millis, BadReason, Millis, Quality, Reading, ReadingBatch, Value};
 use crate::sparkplug::{self, Kind, Payload};

@@ -18,8 +18,8 @@
 
 pub mod config;
 
-use super::backoff::Backoff;
 use super::{DeviceStats, SourceCtx, TagPlan};
+use crate::backoff::Backoff;
 use crate::model::{now_millis, BadReason, Millis, Quality, Reading, ReadingBatch, Value};
 use config::{opcua, Deadband, OpcUaDevicePlan, OpcUaIdentity, OpcUaSecurityMode};
 use opcua::client::{

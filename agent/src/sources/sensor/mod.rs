@@ -10,9 +10,9 @@
 
 pub mod config;
 
-use super::backoff::Backoff;
 use super::serial::open;
 use super::{DeviceStats, SourceCtx, TagKind, TagPlan};
+use crate::backoff::Backoff;
 use crate::model::{now_millis, BadReason, Quality, Reading, ReadingBatch, Value};
 use protocol::link::{ChannelInfo, Decoder, Frame, FrameError, Message};
 use std::collections::HashMap;
