@@ -183,6 +183,28 @@ pub(crate) struct TagTable {
     pub classes: std::collections::HashMap<usize, Spanned<String>>,
 }
 
+impl TagTable {
+    /// Checks a tag's name, records it as declared, and refuses a second tag of that name in its
+    /// device (`names`: the device's names so far); false for such a duplicate.
+    pub fn declare(
+        &mut self,
+        cx: &mut Ctx,
+        names: &mut HashSet<String>,
+        device: &str,
+        t: &raw::Tag,
+        key: &str,
+    ) -> bool {
+        cx.name(&t.name, &format!("{key}.name"), false);
+        self.declared.insert(format!("{device}.{}", t.name.get_ref()));
+        if names.insert(t.name.get_ref().clone()) {
+            return true;
+        }
+        let msg = format!("duplicate tag name `{}` in device `{device}`", t.name.get_ref());
+        cx.err(&t.name, format!("{key}.name"), msg);
+        false
+    }
+}
+
 /// Reports every protocol-specific key of a device or its tags that its kind does not read.
 pub(crate) fn refuse_foreign_keys(cx: &mut Ctx, d: &raw::Device, key: &str, protocol: Protocol) {
     let (device_keys, tag_keys) = protocol.keys();

@@ -3,7 +3,6 @@
 
 use super::ctx::refuse_foreign_keys;
 use super::*;
-use crate::config::diag::closest;
 use crate::sources::{mqtt, sensor, DevicePlan, Protocol};
 use toml::Spanned;
 
@@ -141,17 +140,7 @@ fn tag_classes(cx: &mut Ctx, d: &raw::Device, key: &str, plan: &DevicePlan, tabl
         .collect();
     for (ti, t) in d.tags.iter().enumerate() {
         if let Some(c) = &t.classification {
-            if !rules.plan.classes.contains_key(c.get_ref()) {
-                let help = closest(c.get_ref(), rules.plan.classes.keys().map(String::as_str))
-                    .map(|b| format!("did you mean `{b}`?"));
-                let msg = format!(
-                    "unknown classification `{}` (the classes of {} are: {})",
-                    c.get_ref(),
-                    rules.file,
-                    rules.plan.classes.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-                cx.err(c, format!("{key}.tags[{ti}].classification"), msg).help = help;
-            }
+            rules.known_class(cx, c, &format!("{key}.tags[{ti}].classification"));
         }
     }
     for &i in &plan.tags {

@@ -48,6 +48,25 @@ pub(super) struct Rules {
     pub file: String,
 }
 
+impl Rules {
+    /// True when `c` is a class of the governance file; else reports it, with the nearest name.
+    pub fn known_class(&self, cx: &mut Ctx, c: &Spanned<String>, key: &str) -> bool {
+        if self.plan.classes.contains_key(c.get_ref()) {
+            return true;
+        }
+        let help =
+            closest(c.get_ref(), self.plan.classes.keys().map(String::as_str)).map(|b| format!("did you mean `{b}`?"));
+        let msg = format!(
+            "unknown classification `{}` (the classes of {} are: {})",
+            c.get_ref(),
+            self.file,
+            self.plan.classes.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        cx.err(c, key, msg).help = help;
+        false
+    }
+}
+
 const ACTIONS: [&str; 5] = ["pass", "coarsen", "pseudonymise", "mask", "never"];
 
 fn action_of(cx: &mut Ctx, name: &Spanned<String>, step: Option<&Spanned<f64>>, key: &str) -> Option<EdgeAction> {
@@ -198,16 +217,7 @@ pub(super) fn field_governance(
 ) -> Option<(String, EdgeAction)> {
     let class = match &f.classification {
         Some(c) => {
-            if !rules.plan.classes.contains_key(c.get_ref()) {
-                let help = closest(c.get_ref(), rules.plan.classes.keys().map(String::as_str))
-                    .map(|b| format!("did you mean `{b}`?"));
-                let msg = format!(
-                    "unknown classification `{}` (the classes of {} are: {})",
-                    c.get_ref(),
-                    rules.file,
-                    rules.plan.classes.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-                cx.err(c, format!("{key}.classification"), msg).help = help;
+            if !rules.known_class(cx, c, &format!("{key}.classification")) {
                 return None;
             }
             c.get_ref().clone()

@@ -9,7 +9,7 @@ use crate::config::validate::{secs, Ctx, DeviceInput, TagTable};
 use crate::config::DataType;
 use crate::sources::serial::{serial_line, SerialPlan};
 use crate::sources::{DeviceKind, DevicePlan, TagKind, TagPlan};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 use toml::Spanned;
 
@@ -248,22 +248,11 @@ fn polling_and_tags(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) -> 
         max_bits_per_read: max_bits,
     };
     let mut device_tags = Vec::new();
-    let mut names: HashMap<String, ()> = HashMap::new();
+    let mut names = HashSet::new();
     let mut spans: Vec<(usize, std::ops::Range<usize>, String)> = Vec::new();
     for (ti, t) in d.tags.iter().enumerate() {
         let key = format!("{key}.tags[{ti}]");
-        cx.name(&t.name, &format!("{key}.name"), false);
-        table
-            .declared
-            .insert(format!("{}.{}", d.id.get_ref(), t.name.get_ref()));
-        if names.insert(t.name.get_ref().clone(), ()).is_some() {
-            let msg = format!(
-                "duplicate tag name `{}` in device `{}`",
-                t.name.get_ref(),
-                d.id.get_ref()
-            );
-            cx.err(&t.name, format!("{key}.name"), msg);
-        }
+        table.declare(cx, &mut names, d.id.get_ref(), t, &key);
         if let Some(tag) = tag_plan(cx, t, &key, di, unit_id, max_regs) {
             let span = t.address.as_ref().map_or(0..0, Spanned::span);
             spans.push((table.tags.len(), span, format!("{key}.address")));

@@ -54,11 +54,7 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
     let mut names = HashSet::new();
     for (ti, t) in d.tags.iter().enumerate() {
         let key = format!("{key}.tags[{ti}]");
-        cx.name(&t.name, &format!("{key}.name"), false);
-        table.declared.insert(format!("{id}.{}", t.name.get_ref()));
-        if !names.insert(t.name.get_ref().clone()) {
-            let msg = format!("duplicate tag name `{}` in device `{id}`", t.name.get_ref());
-            cx.err(&t.name, format!("{key}.name"), msg);
+        if !table.declare(cx, &mut names, &id, t, &key) {
             continue;
         }
         let channel = match &t.channel {
