@@ -222,7 +222,15 @@ pub(super) fn field_governance(
             }
             c.get_ref().clone()
         }
-        None => floor.map_or_else(|| rules.plan.default_class.clone(), |fl| fl.class.clone()),
+        // The source's class, unless it is weaker than the default: a floor only ever tightens.
+        None => {
+            let default = rules.plan.default_class.clone();
+            match (floor, class_action(rules, &default)) {
+                (Some(fl), Some(d)) if fl.action.at_least(d) => fl.class.clone(),
+                (Some(fl), None) => fl.class.clone(),
+                _ => default,
+            }
+        }
     };
     // A class whose own rule is invalid is not in the plan: that rule's error is already reported.
     let &required = rules.plan.classes.get(&class)?;
@@ -435,4 +443,46 @@ pub(super) fn tag_floors(
         }
     }
     floors
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{load_texts, EdgeAction};
+    use std::path::Path;
+
+    const GATEWAY: &str = "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n\
+        [[devices]]\nid = \"plc\"\nprotocol = \"modbus_tcp\"\naddress = \"127.0.0.1:502\"\n\
+        [[devices.tags]]\nname = \"temp\"\ntable = \"holding\"\naddress = 0\n";
+    const GOVERNANCE: &str = "default_classification = \"internal\"\n\
+        [classes.public]\naction = \"pass\"\n[classes.internal]\naction = \"mask\"\n";
+
+    fn product(id: &str, field: &str, class: Option<&str>) -> String {
+        let class = class.map_or(String::new(), |c| format!("classification = \"{c}\"\n"));
+        format!(
+            "id = \"{id}\"\nname = \"P\"\nversion = \"1.0.0\"\ndomain = \"d\"\nowner = \"o\"\n\
+             [[fields]]\nname = \"{field}\"\nsource = \"plc.temp\"\n{class}"
+        )
+    }
+
+    /// One team classifying its reader of a tag `public` must not lower another team's reader,
+    /// which names no class, below the governance default: floors only ever tighten.
+    #[test]
+    fn a_weaker_class_elsewhere_does_not_lower_the_default() {
+        let a = product("a", "x", Some("public"));
+        let b = product("b", "y", None);
+        let plan = load_texts(
+            (Path::new("agent.toml"), GATEWAY),
+            Some((Path::new("governance.toml"), GOVERNANCE)),
+            &[(Path::new("a.toml"), &a), (Path::new("b.toml"), &b)],
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
+        let action = |p: &str| plan.products.iter().find(|q| q.id == p).unwrap().fields[0].action;
+        assert_eq!(action("a"), EdgeAction::Pass);
+        assert_eq!(
+            action("b"),
+            EdgeAction::Mask,
+            "the unclassified reader keeps the default class"
+        );
+    }
 }
