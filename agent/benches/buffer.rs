@@ -27,6 +27,7 @@ fn main() {
         let products: Vec<ProductSlot> = (0..10)
             .map(|i| ProductSlot {
                 id: format!("product-{i}"),
+                governance: 1,
                 topic: format!("site/area/line/domain/product-{i}/v1"),
                 version: "1.0.0".into(),
                 max_records: None,

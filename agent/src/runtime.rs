@@ -117,7 +117,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         tracing::warn!(error = %e, "cannot write the audit trail");
     }
     // A small page cache: the buffer is written sequentially and read near its head.
-    let (store, report) = Store::open(&buffer_path, plan.buffer.max_bytes, 1 << 20)?;
+    let (mut store, report) = Store::open(&buffer_path, plan.buffer.max_bytes, 1 << 20)?;
     info!(path = %buffer_path.display(), epoch = report.epoch, pending_messages = report.pending_messages,
           pending_bytes = report.pending_bytes, "buffer opened");
 
@@ -133,11 +133,21 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     let broker = format!("{}:{}", upstream.host, upstream.port);
     let plan = Arc::new(plan);
 
+    // What governance does to each product's fields now: kept in the buffer, stamped on every
+    // message, so that what was buffered under older rules is judged against these before it goes.
+    let governance: Vec<u64> = {
+        let treatments: Vec<crate::govern::Treatment> =
+            plan.products.iter().map(crate::govern::Treatment::of).collect();
+        store.record_treatments(plan.products.iter().map(|p| p.key.as_str()).zip(&treatments))?;
+        treatments.iter().map(crate::govern::Treatment::fingerprint).collect()
+    };
     let slots: Vec<ProductSlot> = plan
         .products
         .iter()
-        .map(|p| ProductSlot {
+        .zip(&governance)
+        .map(|(p, &governance)| ProductSlot {
             id: p.key.clone(),
+            governance,
             topic: p.topic.clone(),
             version: p.version.clone(),
             max_records: p.max_records_per_message,
@@ -197,11 +207,14 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
             .enumerate()
             .map(|(i, p)| {
                 let plan = plan.clone();
+                let treatment_plan = plan.clone();
                 Announced {
                     id: p.key.clone(),
                     qos: p.qos,
                     descriptor_topic: envelope::descriptor_topic(p),
                     descriptor: Arc::new(move || envelope::descriptor(&plan, &plan.products[i])),
+                    governance: governance[i],
+                    treatment: Arc::new(move || crate::govern::Treatment::of(&treatment_plan.products[i])),
                 }
             })
             .collect(),

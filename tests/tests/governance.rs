@@ -223,3 +223,133 @@ fn a_loose_key_file_is_refused_and_stale_products_never_leave() {
     let stats = String::from_utf8_lossy(&stats.stdout).to_string();
     assert!(stats.contains("dropped press.v1 (egress_denied)"), "{stats}");
 }
+
+/// Buffers `press` with no broker reachable under `GOVERNANCE`; the agent is then killed.
+/// Returns the config directory and the `(epoch, seq)` of every buffered message.
+fn buffered_offline(dir: &std::path::Path, modbus: &PyModbus) -> (std::path::PathBuf, Vec<(u64, u64)>) {
+    let cfg = dir.join("cfg");
+    write_config(&cfg, &gateway(free_port(), modbus.port), &[("press", PRODUCT)]);
+    std::fs::write(cfg.join("governance.toml"), GOVERNANCE).unwrap();
+    write_key(&cfg);
+    let mut agent = Agent::start(&cfg, &dir.join("data"));
+    wait_for("a backlog", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(300));
+        agent.log().contains("upstream connect failed")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    agent.sigkill();
+    let ids: Vec<(u64, u64)> = agent
+        .export()
+        .iter()
+        .map(|m| (m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap()))
+        .collect();
+    assert!(ids.len() >= 3, "{ids:?}");
+    (cfg, ids)
+}
+
+/// The rules at publish time are the rules now: records buffered while the broker was down, the
+/// class `personal` then tightened from `pseudonymise` to `never`, a restart with the broker up.
+/// Not one message leaves with the old treatment, and `governance_changed` gap events account for
+/// every buffered seq.
+#[test]
+fn buffered_messages_never_leave_under_rules_weaker_than_today() {
+    let modbus = modbus();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, buffered) = buffered_offline(dir.path(), &modbus);
+
+    let stricter = GOVERNANCE.replace(
+        "[classes.personal]\naction = \"pseudonymise\"",
+        "[classes.personal]\naction = \"never\"",
+    );
+    assert_ne!(stricter, GOVERNANCE);
+    std::fs::write(cfg.join("governance.toml"), stricter).unwrap();
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/#", "gov-tighten-sub");
+    std::fs::write(cfg.join("agent.toml"), gateway(broker.port, modbus.port)).unwrap();
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    let covered = |sub: &Subscriber| {
+        let gaps: Vec<serde_json::Value> = sub
+            .messages()
+            .into_iter()
+            .filter(|(t, g)| t.ends_with("/_gaps") && g["reason"] == "governance_changed")
+            .map(|(_, g)| g)
+            .collect();
+        buffered.iter().all(|&(e, s)| {
+            gaps.iter()
+                .any(|g| g["epoch"] == e && g["from_seq"].as_u64() <= Some(s) && g["to_seq"].as_u64() >= Some(s))
+        })
+    };
+    wait_for("gap events for every buffered message", Duration::from_secs(30), || {
+        covered(&sub)
+    });
+    wait_for("live messages", Duration::from_secs(30), || {
+        sub.product_messages().len() >= 3
+    });
+    agent.stop();
+
+    let messages = sub.product_messages();
+    for m in &messages {
+        let id = (m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap());
+        assert!(
+            !buffered.contains(&id),
+            "a message buffered under the old rules left: {m}"
+        );
+        for r in m["records"].as_array().unwrap() {
+            assert!(
+                r["fields"].get("operator").is_none(),
+                "the operator left under `never`: {m}"
+            );
+        }
+    }
+    assert!(messages.iter().all(|m| m["historical"] == false));
+    assert!(agent.log().contains("governance_changed"), "{}", agent.log());
+}
+
+/// Loosened rules do not cost the backlog: `restricted` changed from `never` to `pass`, and the
+/// messages buffered while it was `never` (stricter than now) are still delivered, without the field.
+#[test]
+fn buffered_messages_treated_more_strictly_than_today_still_leave() {
+    let modbus = modbus();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, buffered) = buffered_offline(dir.path(), &modbus);
+
+    let looser = GOVERNANCE.replace(
+        "[classes.restricted]\naction = \"never\"",
+        "[classes.restricted]\naction = \"pass\"",
+    );
+    assert_ne!(looser, GOVERNANCE);
+    std::fs::write(cfg.join("governance.toml"), looser).unwrap();
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/#", "gov-loosen-sub");
+    std::fs::write(cfg.join("agent.toml"), gateway(broker.port, modbus.port)).unwrap();
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    let ids = |sub: &Subscriber| -> Vec<(u64, u64)> {
+        sub.product_messages()
+            .iter()
+            .map(|m| (m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap()))
+            .collect()
+    };
+    wait_for("the whole backlog", Duration::from_secs(30), || {
+        let got = ids(&sub);
+        buffered.iter().all(|id| got.contains(id))
+    });
+    wait_for("live messages", Duration::from_secs(30), || {
+        sub.product_messages().iter().any(|m| m["historical"] == false)
+    });
+    agent.stop();
+    for m in sub.product_messages() {
+        let id = (m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap());
+        let recipe = m["records"][0]["fields"].get("recipe_setpoint").cloned();
+        if buffered.contains(&id) {
+            assert_eq!(recipe, None, "governed under `never` when buffered: {m}");
+        } else {
+            assert_eq!(recipe, Some(json!(777.125)), "{m}");
+        }
+    }
+    assert!(
+        !sub.messages()
+            .iter()
+            .any(|(t, g)| t.ends_with("/_gaps") && g["reason"] == "governance_changed"),
+        "nothing needed dead-lettering"
+    );
+}

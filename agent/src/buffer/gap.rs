@@ -18,6 +18,9 @@ pub enum GapReason {
     ContractViolation,
     /// A message the egress allow-list no longer admits, dead-lettered just before publishing.
     EgressDenied,
+    /// A message governed under older rules that treated a field more weakly than the rules now
+    /// do, dead-lettered just before publishing.
+    GovernanceChanged,
     /// A message that could not be encoded as Sparkplug B.
     SparkplugEncoding,
     /// The broker refused the message (MQTT 5 reason code >= 0x80).
@@ -37,6 +40,7 @@ impl GapReason {
             GapReason::WriterOverload => Borrowed("writer_overload"),
             GapReason::ContractViolation => Borrowed("contract_violation"),
             GapReason::EgressDenied => Borrowed("egress_denied"),
+            GapReason::GovernanceChanged => Borrowed("governance_changed"),
             GapReason::SparkplugEncoding => Borrowed("sparkplug_encoding"),
             GapReason::BrokerRejected(code) => format!("broker_rejected_0x{code:02x}").into(),
             GapReason::Other(s) => s.clone().into(),
@@ -52,6 +56,7 @@ impl GapReason {
             "writer_overload" => GapReason::WriterOverload,
             "contract_violation" => GapReason::ContractViolation,
             "egress_denied" => GapReason::EgressDenied,
+            "governance_changed" => GapReason::GovernanceChanged,
             "sparkplug_encoding" => GapReason::SparkplugEncoding,
             _ => match s.strip_prefix("broker_rejected_0x").map(|h| u8::from_str_radix(h, 16)) {
                 Some(Ok(code)) => GapReason::BrokerRejected(code),
@@ -99,6 +104,7 @@ mod tests {
             GapReason::WriterOverload,
             GapReason::ContractViolation,
             GapReason::EgressDenied,
+            GapReason::GovernanceChanged,
             GapReason::SparkplugEncoding,
             GapReason::BrokerRejected(0x97),
             GapReason::Other("from_a_newer_agent".into()),

@@ -59,6 +59,8 @@ pub struct ProductSlot {
     pub id: String,
     pub topic: String,
     pub version: String,
+    /// Fingerprint of the governance treatment its records get now (stamped on every message).
+    pub governance: u64,
     /// Most records per message for this product, when fewer than the writer's default.
     pub max_records: Option<usize>,
     pub limits: ProductLimits,
@@ -428,6 +430,7 @@ impl Writer {
             records,
             topic: slot.topic.clone(),
             version: slot.version.clone(),
+            governance: slot.governance,
             body,
         }
     }
@@ -463,6 +466,7 @@ mod tests {
     fn slot(policy: FullPolicy, max_bytes: u64) -> ProductSlot {
         ProductSlot {
             id: "p".into(),
+            governance: 1,
             topic: "t".into(),
             version: "1.0.0".into(),
             max_records: None,
@@ -487,6 +491,7 @@ mod tests {
                 slot(FullPolicy::DropOldest, 64 << 20),
                 ProductSlot {
                     id: "q".into(),
+                    governance: 1,
                     max_records: Some(3),
                     ..slot(FullPolicy::DropOldest, 64 << 20)
                 },
@@ -567,6 +572,7 @@ mod tests {
         let reader = store.reader();
         let slot = ProductSlot {
             id: "p".into(),
+            governance: 1,
             topic: "t".into(),
             version: "1.0.0".into(),
             max_records: None,

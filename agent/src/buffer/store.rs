@@ -5,6 +5,8 @@
 //! - `messages`: `(product, epoch, seq)` -> message (header + records JSON, see [`StoredMessage`]).
 //! - `gaps`: `id` -> gap event, until the broker has acknowledged it.
 //! - `drops`: `(product, reason)` -> records dropped so far (never decreases).
+//! - `treatments`: `(product, fingerprint)` -> each governance treatment the product has run under
+//!   ([`crate::govern::Treatment`]); messages carry the fingerprint of theirs.
 //!
 //! Invariants: `seq` starts at 1 in every epoch and grows by one per message, whether the message
 //! is stored or dropped; every message dropped is covered by a gap event written in the same
@@ -24,6 +26,7 @@ const MESSAGES: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new(
 const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps");
 const DROPS: TableDefinition<(&str, &str), u64> = TableDefinition::new("drops");
 const DEAD: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("dead_letters");
+const TREATMENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("treatments");
 
 /// Bytes of bookkeeping counted per message on top of its value (key and page overhead, roughly).
 const PER_MESSAGE_OVERHEAD: u64 = 48;
@@ -54,16 +57,23 @@ pub struct StoredMessage {
     pub records: u32,
     pub topic: String,
     pub version: String,
+    /// Fingerprint of the governance treatment the records were governed under
+    /// ([`crate::govern::Treatment`]); [`crate::govern::treatment::UNKNOWN`] for messages of
+    /// format 1, written before messages carried one.
+    pub governance: u64,
     /// The JSON array of records.
     pub body: Vec<u8>,
 }
 
 impl StoredMessage {
+    /// Format 2: `2, created u64, records u32, governance u64, topic (u16 length), version (u8
+    /// length), body`, little-endian. Format 1 is the same without `governance`.
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(16 + self.topic.len() + self.version.len() + self.body.len());
-        v.push(1u8); // format version
+        let mut v = Vec::with_capacity(24 + self.topic.len() + self.version.len() + self.body.len());
+        v.push(2u8); // format version
         v.extend(self.created.to_le_bytes());
         v.extend(self.records.to_le_bytes());
+        v.extend(self.governance.to_le_bytes());
         v.extend((self.topic.len() as u16).to_le_bytes());
         v.extend(self.topic.as_bytes());
         v.push(self.version.len() as u8);
@@ -73,15 +83,17 @@ impl StoredMessage {
     }
 
     fn decode(product: ProductKey, name: &Arc<str>, id: MessageId, b: &[u8]) -> Option<StoredMessage> {
-        if b.first() != Some(&1) || b.len() < 15 {
-            return None;
-        }
-        let created = u64::from_le_bytes(b[1..9].try_into().ok()?);
-        let records = u32::from_le_bytes(b[9..13].try_into().ok()?);
-        let tl = usize::from(u16::from_le_bytes(b[13..15].try_into().ok()?));
-        let topic = std::str::from_utf8(b.get(15..15 + tl)?).ok()?.to_string();
-        let vl = usize::from(*b.get(15 + tl)?);
-        let vs = 16 + tl;
+        let (governance, t) = match b.first() {
+            Some(1) => (crate::govern::treatment::UNKNOWN, 13),
+            Some(2) => (u64::from_le_bytes(b.get(13..21)?.try_into().ok()?), 21),
+            _ => return None,
+        };
+        let created = u64::from_le_bytes(b.get(1..9)?.try_into().ok()?);
+        let records = u32::from_le_bytes(b.get(9..13)?.try_into().ok()?);
+        let tl = usize::from(u16::from_le_bytes(b.get(t..t + 2)?.try_into().ok()?));
+        let topic = std::str::from_utf8(b.get(t + 2..t + 2 + tl)?).ok()?.to_string();
+        let vl = usize::from(*b.get(t + 2 + tl)?);
+        let vs = t + 3 + tl;
         let version = std::str::from_utf8(b.get(vs..vs + vl)?).ok()?.to_string();
         Some(StoredMessage {
             product,
@@ -91,12 +103,13 @@ impl StoredMessage {
             records,
             topic,
             version,
-            body: b[vs + vl..].to_vec(),
+            governance,
+            body: b.get(vs + vl..)?.to_vec(),
         })
     }
 
     fn size(&self) -> u64 {
-        (16 + self.topic.len() + self.version.len() + self.body.len() + self.name.len()) as u64 + PER_MESSAGE_OVERHEAD
+        (24 + self.topic.len() + self.version.len() + self.body.len() + self.name.len()) as u64 + PER_MESSAGE_OVERHEAD
     }
 }
 
@@ -108,6 +121,8 @@ pub struct NewMessage {
     pub records: u32,
     pub topic: String,
     pub version: String,
+    /// See [`StoredMessage::governance`].
+    pub governance: u64,
     pub body: Vec<u8>,
 }
 
@@ -261,6 +276,7 @@ impl Store {
             tx.open_table(MESSAGES).map_err(storage(path))?;
             tx.open_table(DROPS).map_err(storage(path))?;
             tx.open_table(DEAD).map_err(storage(path))?;
+            tx.open_table(TREATMENTS).map_err(storage(path))?;
             let gaps = tx.open_table(GAPS).map_err(storage(path))?;
             store.next_gap = gaps.last().map_err(storage(path))?.map_or(1, |(k, _)| k.value() + 1);
         }
@@ -317,6 +333,28 @@ impl Store {
     /// The key of a product version's name (`{id}.v{major}`), shared with every reader.
     pub fn key(&self, name: &str) -> ProductKey {
         self.keys.intern(name)
+    }
+
+    /// Keeps the governance treatment each product runs under now (those already kept stay), so
+    /// that its messages can be judged against later rules. Durable before it returns.
+    pub fn record_treatments<'a>(
+        &mut self,
+        treatments: impl IntoIterator<Item = (&'a str, &'a crate::govern::Treatment)>,
+    ) -> Result<(), BufferError> {
+        let path = &self.path;
+        let mut tx = self.db.begin_write().map_err(storage(path))?;
+        tx.set_durability(redb::Durability::Immediate)
+            .map_err(|e| storage(path)(redb::Error::from(e)))?;
+        {
+            let mut table = tx.open_table(TREATMENTS).map_err(storage(path))?;
+            for (name, t) in treatments {
+                let key = (name, t.fingerprint());
+                if table.get(key).map_err(storage(path))?.is_none() {
+                    table.insert(key, t.bytes()).map_err(storage(path))?;
+                }
+            }
+        }
+        tx.commit().map_err(storage(path))
     }
 
     pub fn set_limits(&mut self, product: ProductKey, limits: ProductLimits) {
@@ -482,6 +520,7 @@ impl Store {
                     records: m.records,
                     topic: m.topic,
                     version: m.version,
+                    governance: m.governance,
                     body: m.body,
                 };
                 let size = stored.size();
@@ -688,6 +727,24 @@ impl Reader {
         Ok(out)
     }
 
+    /// The governance treatment `product` ran under when it wrote messages with `fingerprint`.
+    pub fn treatment(
+        &self,
+        product: ProductKey,
+        fingerprint: u64,
+    ) -> Result<Option<crate::govern::Treatment>, BufferError> {
+        let path = &self.path;
+        let name = self.keys.name(product);
+        let rx = self.db.begin_read().map_err(storage(path))?;
+        let table = match rx.open_table(TREATMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(storage(path)(e)),
+        };
+        let found = table.get((&*name, fingerprint)).map_err(storage(path))?;
+        Ok(found.map(|v| crate::govern::Treatment::from_bytes(v.value().to_vec())))
+    }
+
     /// The newest pending message id of `product`.
     pub fn last_id(&self, product: ProductKey) -> Result<Option<MessageId>, BufferError> {
         let path = &self.path;
@@ -798,7 +855,7 @@ mod tests {
     const TOTAL: u64 = 2400;
 
     fn size(product: &str, body: usize) -> u64 {
-        (16 + TOPIC.len() + VERSION.len() + body + product.len()) as u64 + PER_MESSAGE_OVERHEAD
+        (24 + TOPIC.len() + VERSION.len() + body + product.len()) as u64 + PER_MESSAGE_OVERHEAD
     }
 
     fn open(path: &Path) -> Store {
@@ -875,7 +932,7 @@ mod tests {
                         } else {
                             m.dropped_records[product] += u64::from(records);
                         }
-                        let new = NewMessage { product: store.key(name), created: 1, records, topic: TOPIC.into(), version: VERSION.into(), body: vec![b'x'; body] };
+                        let new = NewMessage { product: store.key(name), created: 1, records, topic: TOPIC.into(), version: VERSION.into(), governance: 7, body: vec![b'x'; body] };
                         store.commit(Batch { appends: vec![new], ..Default::default() }).unwrap();
                     }
                     Op::Ack { product, nth } => {
@@ -950,6 +1007,7 @@ mod tests {
             records: 2,
             topic: "a/b".into(),
             version: "1.2.3".into(),
+            governance: 42,
             body: b"[{},{}]".to_vec(),
         };
         let done = s
@@ -970,5 +1028,57 @@ mod tests {
         );
         assert_eq!(reader.products().unwrap(), vec![reader.key("p")]);
         assert_eq!(&*m.name, "p");
+        assert_eq!(m.governance, 42);
+    }
+
+    #[test]
+    fn format_1_messages_read_back_with_an_unknown_treatment() {
+        let name: Arc<str> = "p".into();
+        let key = Keys::default().intern("p");
+        let m = StoredMessage {
+            product: key,
+            name: name.clone(),
+            id: MessageId { epoch: 1, seq: 1 },
+            created: 5,
+            records: 2,
+            topic: "a/b".into(),
+            version: "1.2.3".into(),
+            governance: 9,
+            body: b"[{},{}]".to_vec(),
+        };
+        let v2 = m.encode();
+        // Format 1: the same without the governance fingerprint.
+        let mut v1 = v2.clone();
+        v1[0] = 1;
+        v1.drain(13..21);
+        let old = StoredMessage::decode(m.product, &name, m.id, &v1).unwrap();
+        assert_eq!(old.governance, crate::govern::treatment::UNKNOWN);
+        assert_eq!((old.topic.as_str(), old.body.as_slice()), ("a/b", &b"[{},{}]"[..]));
+        assert_eq!(StoredMessage::decode(m.product, &name, m.id, &v2), Some(m));
+        for cut in 0..v2.len() - 7 {
+            // Truncated bytes never panic; too short for the header reads as nothing.
+            let _ = StoredMessage::decode(key, &name, MessageId { epoch: 1, seq: 1 }, &v2[..cut]);
+        }
+    }
+
+    #[test]
+    fn treatments_are_kept_across_opens() {
+        use crate::config::EdgeAction;
+        use crate::govern::Treatment;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.redb");
+        let a = Treatment::from_actions([("t", EdgeAction::Pass)]);
+        let b = Treatment::from_actions([("t", EdgeAction::Never)]);
+        let (mut s, _) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
+        s.record_treatments([("p", &a)]).unwrap();
+        drop(s);
+        let (mut s, _) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
+        s.record_treatments([("p", &b), ("p", &a)]).unwrap();
+        let r = s.reader();
+        let p = r.key("p");
+        assert_eq!(r.treatment(p, a.fingerprint()).unwrap(), Some(a.clone()));
+        assert_eq!(r.treatment(p, b.fingerprint()).unwrap(), Some(b));
+        assert_eq!(r.treatment(r.key("q"), a.fingerprint()).unwrap(), None);
+        assert_eq!(r.treatment(p, crate::govern::treatment::UNKNOWN).unwrap(), None);
     }
 }

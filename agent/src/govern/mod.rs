@@ -9,6 +9,9 @@
 //! value, or a value outside its range, is flagged in the field's quality (`on_violation = "flag"`) or
 //! drops the record (`"drop"`). Every alteration and every drop is counted per product and rule.
 
+pub mod treatment;
+pub use treatment::Treatment;
+
 use crate::config::{EdgeAction, FieldPlan, OnViolation, Plan};
 use crate::model::{BadReason, Millis, Quality, Record, Value};
 use hmac::{Hmac, Mac};

@@ -330,6 +330,7 @@ mod tests {
             records: 1,
             topic: "t".into(),
             version: "1.2.0".into(),
+            governance: 1,
             body: br#"[{"ts":"2026-11-21T10:00:00.123Z","fields":{"a":1.5},"quality":{"a":"good"}}]"#.to_vec(),
         };
         let v: Json = serde_json::from_slice(&encode_message(&m, "gw-\"1", true)).unwrap();

@@ -21,7 +21,7 @@ pub mod link;
 pub mod sparkplug;
 
 use crate::backoff::Backoff;
-use crate::buffer::{BufferHandle, GapReason, MessageId, ProductKey, Reader};
+use crate::buffer::{BufferHandle, GapReason, MessageId, ProductKey, Reader, StoredMessage};
 use inflight::{Inflight, Sent};
 use link::{Link, LinkError, LinkEvent, LinkOptions};
 use std::collections::{HashMap, HashSet};
@@ -43,6 +43,10 @@ pub struct Announced {
     /// Builds the descriptor when it is published (on each connect), instead of holding it: with
     /// thousands of fields it is hundreds of KiB per product.
     pub descriptor: std::sync::Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
+    /// Fingerprint of the governance treatment its records get now.
+    pub governance: u64,
+    /// Builds that treatment, when a message governed under another one must be judged against it.
+    pub treatment: std::sync::Arc<dyn Fn() -> crate::govern::Treatment + Send + Sync>,
 }
 
 impl std::fmt::Debug for Announced {
@@ -300,6 +304,9 @@ struct Session {
     tokens: f64,
     last_refill: Instant,
     sp: SpSession,
+    /// Whether messages of a product governed under a treatment (fingerprint) other than today's
+    /// may go: judged once per pair ([`crate::govern::Treatment::covers`]).
+    verdicts: HashMap<(ProductKey, u64), bool>,
 }
 
 /// The Sparkplug side of a session: data goes out at QoS 0, so delivery is confirmed by a barrier.
@@ -633,6 +640,7 @@ impl Publisher {
             tokens: 0.0,
             last_refill: Instant::now(),
             sp: SpSession::default(),
+            verdicts: HashMap::new(),
         }
     }
 
@@ -662,6 +670,39 @@ impl Publisher {
             );
         }
         Ok(())
+    }
+
+    /// Keeps a message locally instead of sending it: dead-lettered with a gap event for `reason`.
+    fn refuse(&self, acked: &mut HashMap<Key, u64>, key: Key, reason: GapReason) {
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.buffer.dead_letter(key.0, key.1, reason);
+        acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
+    }
+
+    /// True when `m` was governed at least as strictly as today's rules govern its product: under
+    /// today's treatment, or under one kept in the buffer that covers it. A message of unknown or
+    /// unreadable treatment, or of a product not in the config, is not (fail closed).
+    fn governed_now(
+        &self,
+        verdicts: &mut HashMap<(ProductKey, u64), bool>,
+        m: &StoredMessage,
+    ) -> Result<bool, PublishError> {
+        let Some(now) = self.products.index(m.product).and_then(|i| self.products.get(i)) else {
+            return Ok(false);
+        };
+        if m.governance == now.governance {
+            return Ok(true);
+        }
+        if let Some(&v) = verdicts.get(&(m.product, m.governance)) {
+            return Ok(v);
+        }
+        let then = self.reader.treatment(m.product, m.governance)?;
+        let verdict = then.is_some_and(|t| t.covers(&(now.treatment)()));
+        if !verdict {
+            warn!(product = %m.name, "governance of this product is stricter now than when some of its buffered messages were written: those are dead-lettered (gap reason governance_changed)");
+        }
+        verdicts.insert((m.product, m.governance), verdict);
+        Ok(verdict)
     }
 
     /// Queues as much as the window allows: gap events, then live messages, then backlog under its rate.
@@ -773,9 +814,13 @@ impl Publisher {
                             // removed, a topic no longer allowed) is kept locally, never sent.
                             warn!(product = %m.name, topic = %m.topic, epoch = m.id.epoch, seq = m.id.seq,
                                   "egress denied just before publishing; dead-lettered locally");
-                            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                            self.buffer.dead_letter(key.0, key.1, GapReason::EgressDenied);
-                            acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
+                            self.refuse(acked, key, GapReason::EgressDenied);
+                            continue;
+                        }
+                        if !self.governed_now(&mut s.verdicts, &m)? {
+                            tracing::debug!(product = %m.name, epoch = m.id.epoch, seq = m.id.seq,
+                                  "buffered under governance weaker than today's; dead-lettered locally");
+                            self.refuse(acked, key, GapReason::GovernanceChanged);
                             continue;
                         }
                         if let Some(sp) = &self.sparkplug {
@@ -783,9 +828,7 @@ impl Publisher {
                             let topic = e.topic(crate::sparkplug::Kind::DData, Some(&m.name));
                             if !self.egress.allows(&m.name, &topic) {
                                 warn!(product = %m.name, topic = %topic, "egress denied just before publishing; dead-lettered locally");
-                                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                                self.buffer.dead_letter(key.0, key.1, GapReason::EgressDenied);
-                                acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
+                                self.refuse(acked, key, GapReason::EgressDenied);
                                 continue;
                             }
                             let seq = s.sp.next_seq();
@@ -793,9 +836,7 @@ impl Publisher {
                                 Ok(p) => p,
                                 Err(why) => {
                                     error!(product = %m.name, epoch = m.id.epoch, seq = m.id.seq, error = %why, "cannot encode as Sparkplug; dead-lettered locally");
-                                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                                    self.buffer.dead_letter(key.0, key.1, GapReason::SparkplugEncoding);
-                                    acked.insert(key, self.buffer.stats.generation.load(Ordering::Relaxed));
+                                    self.refuse(acked, key, GapReason::SparkplugEncoding);
                                     continue;
                                 }
                             };
