@@ -41,7 +41,7 @@ run() {
   "$bin" simulate --devices "$devices" --registers "$regs" > "$dir/sim.out" & local sim=$!; pids+=($sim)
   for _ in $(seq 100); do [ "$(grep -c '^SIM' "$dir/sim.out" || true)" -ge "$devices" ] && break; sleep 0.1; done
   {
-    printf '[agent]\nid = "gw-bench"\nsite = "bench"\narea = "a"\nline = "l"\n\n'
+    printf '[agent]\nid = "gw-bench"\nsite = "bench"\narea = "a"\nline = "l"\ngovernance = "builtin-defaults"\n\n'
     printf '[upstream]\nurl = "mqtt://127.0.0.1:%s"\nprotocol = "5"\nmax_inflight = 64\n\n' "$port"
     printf '[buffer]\nmax_bytes = "1GiB"\n\n'
     while read -r _ i addr; do

@@ -31,7 +31,7 @@ for _ in $(seq 200); do grep -q '^SIM-OPCUA' "$work/sim.out" 2>/dev/null && brea
 endpoint=$(awk '/^SIM-OPCUA/{print $2}' "$work/sim.out")
 mkdir -p "$work/cfg/products"
 {
-  printf '[agent]\nid = "gw-bench"\nsite = "bench"\narea = "a"\nline = "l"\n\n'
+  printf '[agent]\nid = "gw-bench"\nsite = "bench"\narea = "a"\nline = "l"\ngovernance = "builtin-defaults"\n\n'
   printf '[upstream]\nurl = "mqtt://127.0.0.1:%s"\nprotocol = "5"\nmax_inflight = 64\n\n[buffer]\nmax_bytes = "1GiB"\n\n' "$port"
   printf '[[devices]]\nid = "bank"\nprotocol = "opcua"\nendpoint = "%s"\nsecurity_policy = "None"\npublishing_interval = "%s"\n' "$endpoint" "$interval"
   for i in $(seq 0 $((items - 1))); do

@@ -35,6 +35,7 @@ id = "gw-bench"
 site = "bench"
 area = "a"
 line = "l"
+governance = "builtin-defaults"
 metrics_listen = "127.0.0.1:$mport"
 [upstream]
 url = "mqtt://127.0.0.1:$port"

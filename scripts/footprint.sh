@@ -56,7 +56,7 @@ printf 'user root\npersistence false\nlog_dest none\nmax_queued_messages 1000000
 mosquitto -c "$work/mosquitto.conf" & pids+=($!)
 
 header() {
-  printf '[agent]\nid = "gw-footprint"\nsite = "fp"\narea = "a"\nline = "l"\nmetrics_listen = "off"\n\n'
+  printf '[agent]\nid = "gw-footprint"\nsite = "fp"\narea = "a"\nline = "l"\ngovernance = "builtin-defaults"\nmetrics_listen = "off"\n\n'
   printf '[upstream]\nurl = "mqtt://127.0.0.1:%s"\n\n' "$port"
 }
 

@@ -19,6 +19,7 @@ id = "gw"
 site = "s"
 area = "a"
 line = "l"
+governance = "builtin-defaults"
 [[devices]]
 id = "m"
 protocol = "mqtt"

@@ -106,6 +106,11 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         path: plan.agent.data_dir.clone(),
         source,
     })?;
+    if plan.governance.file.is_none() {
+        tracing::warn!(
+            "no governance file: running on the built-in governance defaults (agent.governance = \"builtin-defaults\": public and internal pass, confidential masked, restricted never leaves, any topic)"
+        );
+    }
     let buffer_path = plan.agent.data_dir.join("buffer.redb");
     let audit_entry = serde_json::json!({
         "config_hash": plan.config_hash,

@@ -296,7 +296,7 @@ mod tests {
         let plan = crate::config::load_texts(
             (
                 std::path::Path::new("agent.toml"),
-                "[agent]\nid = \"g\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n",
+                "[agent]\nid = \"g\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\ngovernance = \"builtin-defaults\"\n",
             ),
             None,
             &[],

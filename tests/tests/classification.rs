@@ -94,6 +94,35 @@ fn another_products_reader_gets_at_least_the_same_treatment() {
     assert!(!published.iter().any(|l| l.contains("OP-0")), "{text}");
 }
 
+/// The same with no class at all, found by the sentinel property test: one field only says
+/// `action = "coarsen"` on the die temperature, another reads the same tag and says nothing; the
+/// second is coarsened too, never published raw beside the first.
+#[test]
+fn a_readers_action_alone_is_the_floor_of_every_reader_of_its_tag() {
+    let dir = example(|d| {
+        let path = d.join("products/quality/die-temperature.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("source = \"press-plc.die_temp\"\n"), "{text}");
+        let text = text.replacen(
+            "source = \"press-plc.die_temp\"\n",
+            "source = \"press-plc.die_temp\"\naction = \"coarsen\"\nstep = 10.0\n",
+            1,
+        );
+        std::fs::write(
+            &path,
+            text + "\n[[fields]]\nname = \"die_raw\"\nsource = \"press-plc.die_temp\"\nunit = \"Cel\"\n",
+        )
+        .unwrap();
+    });
+    assert_eq!(check(dir.path()).0, Some(0), "{}", check(dir.path()).1);
+    let text = preview(dir.path());
+    let published: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert!(published.iter().any(|l| l.contains("\"die_raw\":180")), "{text}");
+    for raw in ["181.5", "181.7", "181.6", "182.0"] {
+        assert!(!published.iter().any(|l| l.contains(raw)), "{raw} leaves:\n{text}");
+    }
+}
+
 /// A field may make its source's class stricter, never weaker: a class the gateway file gives the
 /// tag is explained in the error.
 #[test]

@@ -22,6 +22,7 @@ id = "gw-contracts"
 site = "s1"
 area = "a1"
 line = "l1"
+governance = "builtin-defaults"
 metrics_listen = "off"
 [upstream]
 url = "mqtt://127.0.0.1:{broker}"

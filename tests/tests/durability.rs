@@ -34,6 +34,7 @@ id = "gw-durable"
 site = "s1"
 area = "a1"
 line = "l1"
+governance = "builtin-defaults"
 
 [upstream]
 url = "mqtt://127.0.0.1:{broker_port}"
@@ -308,7 +309,7 @@ fn a_full_buffer_under_drop_oldest_reports_exactly_what_it_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cfg");
     let gateway = format!(
-        "[agent]\nid = \"gw-full\"\nsite = \"s1\"\narea = \"a1\"\nline = \"l1\"\n\
+        "[agent]\nid = \"gw-full\"\nsite = \"s1\"\narea = \"a1\"\nline = \"l1\"\ngovernance = \"builtin-defaults\"\n\
          [upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nmax_records_per_message = 1\nreconnect_min = \"100ms\"\nreconnect_max = \"300ms\"\n\
          [buffer]\ncommit_interval = \"20ms\"\n\
          [[devices]]\nid = \"plc\"\nprotocol = \"modbus_tcp\"\naddress = \"127.0.0.1:{}\"\npoll_interval = \"10ms\"\n\

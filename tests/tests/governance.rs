@@ -20,6 +20,8 @@ action = "pass"
 action = "pseudonymise"
 [classes.restricted]
 action = "never"
+[egress]
+allow_topic_prefixes = ["s1/"]
 "#;
 
 fn gateway(broker_port: u16, modbus_port: u16) -> String {
@@ -352,4 +354,38 @@ fn buffered_messages_treated_more_strictly_than_today_still_leave() {
             .any(|(t, g)| t.ends_with("/_gaps") && g["reason"] == "governance_changed"),
         "nothing needed dead-lettering"
     );
+}
+
+/// Fail closed: without governance.toml the agent runs only when the gateway file names the
+/// built-in rules, and then warns at every start; `run` refuses the same config without that key.
+#[test]
+fn without_a_governance_file_the_agent_runs_only_on_named_builtin_defaults() {
+    let modbus = modbus();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    let product = PRODUCT.replace("classification = \"personal\"\n", "");
+    write_config(&cfg, &gateway(free_port(), modbus.port), &[("press", &product)]);
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("the refusal", Duration::from_secs(10), || !agent.is_running());
+    assert!(
+        agent
+            .log()
+            .contains("no governance.toml: without rules nothing may run"),
+        "{}",
+        agent.log()
+    );
+    let named = gateway(free_port(), modbus.port).replacen(
+        "line = \"l1\"\n",
+        "line = \"l1\"\ngovernance = \"builtin-defaults\"\n",
+        1,
+    );
+    std::fs::write(cfg.join("agent.toml"), named).unwrap();
+    for start in 0..2 {
+        let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+        wait_for("the warning", Duration::from_secs(20), || {
+            agent.log().contains("running on the built-in governance defaults")
+        });
+        assert!(agent.is_running(), "start {start}: {}", agent.log());
+        agent.stop();
+    }
 }

@@ -32,6 +32,7 @@ id = "{agent_id}"
 site = "s1"
 area = "a1"
 line = "l1"
+governance = "builtin-defaults"
 
 [upstream]
 url = "mqtt://127.0.0.1:{broker_port}"

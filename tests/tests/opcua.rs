@@ -21,6 +21,7 @@ id = "gw-ua"
 site = "s1"
 area = "a1"
 line = "l1"
+governance = "builtin-defaults"
 
 [upstream]
 url = "mqtt://127.0.0.1:{broker_port}"
@@ -350,7 +351,7 @@ fn discover_lists_every_variable_with_its_type_as_pasteable_config() {
     std::fs::create_dir_all(&cfg).unwrap();
     std::fs::write(
         cfg.join("agent.toml"),
-        format!("[agent]\nid = \"g\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n\n{proposal}"),
+        format!("[agent]\nid = \"g\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\ngovernance = \"builtin-defaults\"\n\n{proposal}"),
     )
     .unwrap();
     let check = std::process::Command::new(plantmesh_bin())

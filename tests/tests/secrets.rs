@@ -18,7 +18,7 @@ const PRODUCT: &str = "id = \"p1\"\nname = \"P1\"\nversion = \"1.0.0\"\ndomain =
 
 fn gateway(extra_device: &str, upstream: &str) -> String {
     format!(
-        "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\nmetrics_listen = \"off\"\n\
+        "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\ngovernance = \"builtin-defaults\"\nmetrics_listen = \"off\"\n\
          [[devices]]\nid = \"plc\"\nprotocol = \"modbus_tcp\"\naddress = \"127.0.0.1:1\"\n\
          [[devices.tags]]\nname = \"temp\"\ntable = \"holding\"\naddress = 0\n\
          {extra_device}\n[upstream]\n{upstream}\n"

@@ -24,6 +24,7 @@ id = "gw-sli"
 site = "s1"
 area = "a1"
 line = "l1"
+governance = "builtin-defaults"
 sli_interval = "1s"
 metrics_listen = "127.0.0.1:0"
 [upstream]

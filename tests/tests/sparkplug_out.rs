@@ -26,6 +26,7 @@ id = "gw-sp"
 site = "plant-a"
 area = "a1"
 line = "l1"
+governance = "builtin-defaults"
 metrics_listen = "127.0.0.1:0"
 [upstream]
 url = "mqtt://127.0.0.1:{upstream}"

@@ -22,6 +22,7 @@ id = "gw-up"
 site = "s1"
 area = "a1"
 line = "l1"
+governance = "builtin-defaults"
 
 [upstream]
 url = "{upstream}://127.0.0.1:{broker_port}"
@@ -363,6 +364,7 @@ id = "gw-many-{encoding}"
 site = "s1"
 area = "a1"
 line = "l1"
+governance = "builtin-defaults"
 metrics_listen = "127.0.0.1:0"
 [upstream]
 url = "mqtt://127.0.0.1:{port}"

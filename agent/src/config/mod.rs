@@ -325,6 +325,7 @@ pub struct GovernancePlan {
     /// Classification -> required edge action.
     pub classes: BTreeMap<String, EdgeAction>,
     pub default_class: String,
+    /// Topic prefixes that may be published to; empty: none; `""` (written `"#"`): any.
     pub allow_topic_prefixes: Vec<String>,
     /// Classifications allowed upstream at all (others are treated as `never`).
     pub allow_classes: Option<Vec<String>>,
@@ -335,7 +336,8 @@ pub struct GovernancePlan {
 }
 
 impl Default for GovernancePlan {
-    /// Without a governance file: public and internal pass, confidential is masked, restricted never leaves.
+    /// The built-in rules (`[agent] governance = "builtin-defaults"`): public and internal pass,
+    /// confidential is masked, restricted never leaves; any topic.
     fn default() -> Self {
         GovernancePlan {
             classes: BTreeMap::from([
@@ -345,11 +347,18 @@ impl Default for GovernancePlan {
                 ("restricted".to_string(), EdgeAction::Never),
             ]),
             default_class: "internal".into(),
-            allow_topic_prefixes: Vec::new(),
+            allow_topic_prefixes: vec![String::new()],
             allow_classes: None,
             key_file: None,
             file: None,
         }
+    }
+}
+
+impl GovernancePlan {
+    /// True when the egress allow-list admits `topic`.
+    pub fn allows_topic(&self, topic: &str) -> bool {
+        self.allow_topic_prefixes.iter().any(|p| topic.starts_with(p.as_str()))
     }
 }
 
@@ -813,7 +822,8 @@ mod plan_memory_tests {
 
     #[test]
     fn fields_with_the_same_unit_or_class_share_one_copy() {
-        let gateway = "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n\
+        let gateway =
+            "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\ngovernance = \"builtin-defaults\"\n\
             [[devices]]\nid = \"plc\"\nprotocol = \"modbus_tcp\"\naddress = \"127.0.0.1:502\"\n\
             [[devices.tags]]\nname = \"a\"\ntable = \"holding\"\naddress = 0\n\
             [[devices.tags]]\nname = \"b\"\ntable = \"holding\"\naddress = 1\n\

@@ -37,6 +37,9 @@ pub struct Agent {
     /// Loopback address of the Prometheus `/metrics` and `/health` endpoint; default
     /// `127.0.0.1:9464`; `off` disables it.
     pub metrics_listen: Option<Spanned<String>>,
+    /// `"builtin-defaults"`: run without a governance file, on the built-in rules (the agent warns
+    /// at every start). Without it, a config directory must have a governance.toml.
+    pub governance: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,8 +375,8 @@ pub struct Governance {
     /// Classification levels and the edge action each requires.
     #[serde(default)]
     pub classes: std::collections::BTreeMap<String, Class>,
-    #[serde(default)]
-    pub egress: Egress,
+    /// What may leave the site. Without it nothing does: egress allows only what is written.
+    pub egress: Option<Egress>,
     /// Which domains may publish under which topic prefixes.
     #[serde(default)]
     pub domains: Vec<DomainRule>,
@@ -391,7 +394,7 @@ pub struct Class {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Egress {
-    /// Topic prefixes that may be published to; empty: any.
+    /// Topic prefixes that may be published to; `"#"` alone: any topic; empty or absent: none.
     #[serde(default)]
     pub allow_topic_prefixes: Vec<Spanned<String>>,
     /// Classifications that may go upstream at all; empty: all but those whose action is `never`.

@@ -9,6 +9,8 @@
 //! value, or a value outside its range, is flagged in the field's quality (`on_violation = "flag"`) or
 //! drops the record (`"drop"`). Every alteration and every drop is counted per product and rule.
 
+#[cfg(test)]
+mod sentinel_tests;
 pub mod treatment;
 pub use treatment::Treatment;
 

@@ -271,7 +271,7 @@ pub struct SparkplugOut {
 /// What may go upstream, as the governance file and the valid contracts say.
 #[derive(Debug, Clone, Default)]
 pub struct Egress {
-    /// Topic prefixes allowed; empty: any.
+    /// Topic prefixes allowed (`""`: any); empty: none.
     pub topic_prefixes: Vec<String>,
     /// Products with a valid contract in the running config.
     pub products: HashSet<String>,
@@ -284,7 +284,7 @@ impl Egress {
             // product's, on the topic they were stored with.
             || (crate::config::split_product_key(product).1.is_none()
                 && self.products.iter().any(|k| crate::config::split_product_key(k).0 == product));
-        valid && (self.topic_prefixes.is_empty() || self.topic_prefixes.iter().any(|p| topic.starts_with(p.as_str())))
+        valid && self.topic_prefixes.iter().any(|p| topic.starts_with(p.as_str()))
     }
 }
 

@@ -58,8 +58,7 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
     // Sparkplug data goes to its own topic namespace: the egress allow-list must admit it.
     if let (Some(sp), Some(at)) = (upstream.as_ref().and_then(|u| u.sparkplug.as_ref()), &encoding_at) {
         let topic = crate::sparkplug::topic(&sp.group_id, crate::sparkplug::Kind::DData, &sp.edge_node_id, Some("x"));
-        let prefixes = &rules.plan.allow_topic_prefixes;
-        if !prefixes.is_empty() && !prefixes.iter().any(|p| topic.starts_with(p.as_str())) {
+        if rules.egress_written && !rules.plan.allows_topic(&topic) {
             let (ns, group) = (crate::sparkplug::NAMESPACE, &sp.group_id);
             cx.err(
                 at,
@@ -264,7 +263,8 @@ mod tests {
             v.dedup();
             v
         };
-        let head = "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n";
+        let head =
+            "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\ngovernance = \"builtin-defaults\"\n";
         let mut refused = 0;
         for (name, protocol) in Protocol::ALL {
             let (device_keys, tag_keys) = protocol.keys();
@@ -296,7 +296,7 @@ mod tests {
     /// would make a key silently unusable).
     #[test]
     fn key_lists_name_real_keys() {
-        let gw = "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\n";
+        let gw = "[agent]\nid = \"gw\"\nsite = \"s\"\narea = \"a\"\nline = \"l\"\ngovernance = \"builtin-defaults\"\n";
         let raw: crate::config::raw::Gateway = toml::from_str(&format!(
             "{gw}[[devices]]\nid = \"d\"\nprotocol = \"modbus_tcp\"\n[[devices.tags]]\nname = \"t\"\n"
         ))

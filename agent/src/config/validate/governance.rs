@@ -46,6 +46,23 @@ pub(super) struct Rules {
     pub domains: Vec<(String, Vec<String>)>,
     /// How messages name the governance file.
     pub file: String,
+    /// False when a governance file has no `[egress]` table: nothing may leave, which is reported
+    /// once at the file rather than at every product.
+    pub egress_written: bool,
+}
+
+impl Rules {
+    /// The built-in rules (`[agent] governance = "builtin-defaults"`, or no governance file yet).
+    pub fn builtin() -> Rules {
+        Rules {
+            plan: GovernancePlan::default(),
+            template: DEFAULT_TOPIC_TEMPLATE.to_string(),
+            required: Vec::new(),
+            domains: Vec::new(),
+            file: "the built-in governance defaults".into(),
+            egress_written: true,
+        }
+    }
 }
 
 impl Rules {
@@ -95,6 +112,38 @@ fn action_of(cx: &mut Ctx, name: &Spanned<String>, step: Option<&Spanned<f64>>, 
     })
 }
 
+/// Fail closed: a config runs without a governance file only when its gateway file says so by
+/// name (`[agent] governance = "builtin-defaults"`), and says so only when there is none.
+pub(super) fn builtin_choice(cx: &mut Ctx, choice: Option<&Spanned<String>>, file: Option<&PathBuf>) {
+    match (choice, file) {
+        (None, Some(_)) => {}
+        (None, None) => {
+            cx.whole(
+                "agent.governance",
+                "no governance.toml: without rules nothing may run (fail closed)",
+            );
+            if let Some(d) = cx.problems.last_mut() {
+                d.help = Some(
+                    "write governance.toml beside agent.toml, or set `governance = \"builtin-defaults\"` under [agent] to run on the built-in rules (public and internal pass, confidential masked, restricted never leaves, any topic)"
+                        .into(),
+                );
+            }
+        }
+        (Some(c), file) => {
+            if cx.choice(c, "agent.governance", &[("builtin-defaults", ())]).is_some() {
+                if let Some(f) = file {
+                    cx.err(
+                        c,
+                        "agent.governance",
+                        format!("`builtin-defaults` but there is a governance file, {}", f.display()),
+                    )
+                    .help = Some("remove this key to run on the governance file, or remove the file".into());
+                }
+            }
+        }
+    }
+}
+
 pub(super) fn rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
     let file = cx.src.path.display().to_string();
     let base = cx.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -108,17 +157,26 @@ pub(super) fn rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
             template = t.get_ref().clone();
         }
     }
-    if !g.classes.is_empty() {
-        plan.classes.clear();
-        for (name, class) in &g.classes {
-            if let Some(a) = action_of(
-                cx,
-                &class.action,
-                class.step.as_ref(),
-                &format!("classes.{name}.action"),
-            ) {
-                plan.classes.insert(name.clone(), a);
-            }
+    // A governance file says everything it means: nothing is taken from the built-in defaults.
+    plan.classes.clear();
+    if g.classes.is_empty() {
+        cx.whole(
+            "classes",
+            "no classes: a governance file defines every classification and its action (nothing is taken from the built-in defaults)",
+        );
+        if let Some(d) = cx.problems.last_mut() {
+            d.help =
+                Some("e.g. [classes.internal] action = \"pass\" and [classes.restricted] action = \"never\"".into());
+        }
+    }
+    for (name, class) in &g.classes {
+        if let Some(a) = action_of(
+            cx,
+            &class.action,
+            class.step.as_ref(),
+            &format!("classes.{name}.action"),
+        ) {
+            plan.classes.insert(name.clone(), a);
         }
     }
     let class_names: Vec<String> = plan.classes.keys().cloned().collect();
@@ -136,28 +194,50 @@ pub(super) fn rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
         if known(cx, d, "default_classification") {
             plan.default_class = d.get_ref().clone();
         }
-    } else if !plan.classes.contains_key(&plan.default_class) {
+    } else if !plan.classes.contains_key(&plan.default_class) && !g.classes.is_empty() {
         let first = plan.classes.keys().next().cloned().unwrap_or_default();
         cx.whole(
             "default_classification",
             format!("there is no class `internal`: set default_classification (e.g. \"{first}\")"),
         );
     }
-    if !g.egress.allow_classes.is_empty() {
+    let none = raw::Egress::default();
+    let egress_written = g.egress.is_some();
+    let egress = g.egress.as_ref().unwrap_or(&none);
+    if !egress_written {
+        cx.whole(
+            "egress",
+            "no [egress] table: nothing may leave the site (egress allows only what is written)",
+        );
+        if let Some(d) = cx.problems.last_mut() {
+            d.help = Some("add [egress] allow_topic_prefixes = [\"<site>/\"] (or [\"#\"] for any topic)".into());
+        }
+    }
+    if !egress.allow_classes.is_empty() {
         let mut allowed = Vec::new();
-        for (i, c) in g.egress.allow_classes.iter().enumerate() {
+        for (i, c) in egress.allow_classes.iter().enumerate() {
             if known(cx, c, &format!("egress.allow_classes[{i}]")) {
                 allowed.push(c.get_ref().clone());
             }
         }
         plan.allow_classes = Some(allowed);
     }
-    plan.allow_topic_prefixes = g
-        .egress
-        .allow_topic_prefixes
-        .iter()
-        .map(|p| p.get_ref().clone())
-        .collect();
+    plan.allow_topic_prefixes.clear();
+    for (i, p) in egress.allow_topic_prefixes.iter().enumerate() {
+        match p.get_ref().as_str() {
+            // The one catch-all, written on purpose.
+            "#" => plan.allow_topic_prefixes.push(String::new()),
+            "" => {
+                cx.err(
+                    p,
+                    format!("egress.allow_topic_prefixes[{i}]"),
+                    "an empty prefix would allow every topic",
+                )
+                .help = Some("write \"#\" to allow any topic on purpose".into());
+            }
+            prefix => plan.allow_topic_prefixes.push(prefix.to_string()),
+        }
+    }
     plan.key_file = g.pseudonymise_key_file.as_ref().map(|k| base.join(k.get_ref()));
     let mut required = Vec::new();
     for (i, r) in g.required_metadata.iter().enumerate() {
@@ -190,6 +270,7 @@ pub(super) fn rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
         required,
         domains,
         file,
+        egress_written,
     }
 }
 
@@ -414,29 +495,39 @@ pub(super) fn tag_floors(
     }
     for (src, p) in products {
         for f in &p.fields {
-            let (Some(source), Some(class)) = (&f.source, &f.classification) else {
+            let Some(source) = &f.source else { continue };
+            let Some(&tag) = by_ref.get(source.get_ref()) else {
                 continue;
             };
-            let (Some(&tag), Some(by_class)) = (by_ref.get(source.get_ref()), class_action(rules, class.get_ref()))
-            else {
-                continue;
+            // Every reader's treatment counts, whether it names a class, only an action, or
+            // neither (the default class): two readers of one tag get at least the same treatment.
+            let class = f
+                .classification
+                .as_ref()
+                .map_or(rules.plan.default_class.as_str(), |c| c.get_ref().as_str());
+            let Some(by_class) = class_action(rules, class) else {
+                continue; // unknown class: reported at the field
             };
             let action = match written_action(f) {
                 Some(a) => a.stricter(by_class).unwrap_or(a),
                 None => by_class,
             };
+            let said = match (&f.classification, &f.action) {
+                (Some(_), _) => format!("classifies `{class}`"),
+                (None, Some(_)) => format!("treats as `{}`{}", action.name(), step_text(action)),
+                (None, None) => format!("leaves to the default class `{class}`"),
+            };
             raise(
                 tag,
                 Floor {
-                    class: class.get_ref().clone(),
+                    class: class.to_string(),
                     action,
                     why: format!(
-                        "tag `{}`, which field `{}` of product `{}` ({}) classifies `{}`",
+                        "tag `{}`, which field `{}` of product `{}` ({}) {said}",
                         source.get_ref(),
                         f.name.get_ref(),
                         p.id.get_ref(),
                         src.path.display(),
-                        class.get_ref()
                     ),
                 },
             );
@@ -454,7 +545,8 @@ mod tests {
         [[devices]]\nid = \"plc\"\nprotocol = \"modbus_tcp\"\naddress = \"127.0.0.1:502\"\n\
         [[devices.tags]]\nname = \"temp\"\ntable = \"holding\"\naddress = 0\n";
     const GOVERNANCE: &str = "default_classification = \"internal\"\n\
-        [classes.public]\naction = \"pass\"\n[classes.internal]\naction = \"mask\"\n";
+        [classes.public]\naction = \"pass\"\n[classes.internal]\naction = \"mask\"\n\
+        [egress]\nallow_topic_prefixes = [\"#\"]\n";
 
     fn product(id: &str, field: &str, class: Option<&str>) -> String {
         let class = class.map_or(String::new(), |c| format!("classification = \"{c}\"\n"));
@@ -464,25 +556,32 @@ mod tests {
         )
     }
 
-    /// One team classifying its reader of a tag `public` must not lower another team's reader,
-    /// which names no class, below the governance default: floors only ever tighten.
+    /// Two readers of one tag get at least the same treatment: one team classifying its reader
+    /// `public` neither lowers another team's reader, which names no class, below the default, nor
+    /// publishes the value raw beside it; it is refused, naming the other reader.
     #[test]
     fn a_weaker_class_elsewhere_does_not_lower_the_default() {
         let a = product("a", "x", Some("public"));
         let b = product("b", "y", None);
-        let plan = load_texts(
-            (Path::new("agent.toml"), GATEWAY),
-            Some((Path::new("governance.toml"), GOVERNANCE)),
-            &[(Path::new("a.toml"), &a), (Path::new("b.toml"), &b)],
-            Path::new("/nonexistent"),
-        )
-        .unwrap();
-        let action = |p: &str| plan.products.iter().find(|q| q.id == p).unwrap().fields[0].action;
-        assert_eq!(action("a"), EdgeAction::Pass);
-        assert_eq!(
-            action("b"),
-            EdgeAction::Mask,
-            "the unclassified reader keeps the default class"
+        let load = |files: &[(&Path, &str)]| {
+            load_texts(
+                (Path::new("agent.toml"), GATEWAY),
+                Some((Path::new("governance.toml"), GOVERNANCE)),
+                files,
+                Path::new("/nonexistent"),
+            )
+        };
+        let err = load(&[(Path::new("a.toml"), &a), (Path::new("b.toml"), &b)]).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].message.contains(
+                "class `public` is weaker than what field `x` reads: tag `plc.temp`, which field `y` of product `b` (b.toml) leaves to the default class `internal` requires `mask`"
+            ),
+            "{err}"
         );
+        let c = product("c", "z", None);
+        let plan = load(&[(Path::new("b.toml"), &b), (Path::new("c.toml"), &c)]).unwrap();
+        let action = |p: &str| plan.products.iter().find(|q| q.id == p).unwrap().fields[0].action;
+        assert_eq!((action("b"), action("c")), (EdgeAction::Mask, EdgeAction::Mask));
     }
 }

@@ -35,25 +35,33 @@ pub(super) fn validate(
     let mut hash_input: Vec<&[u8]> = vec![gateway.1.as_bytes()];
 
     // Governance first: every product is checked against it.
-    let mut rules = Rules {
-        plan: GovernancePlan::default(),
-        template: DEFAULT_TOPIC_TEMPLATE.to_string(),
-        required: Vec::new(),
-        domains: Vec::new(),
-        file: "governance.toml (defaults)".into(),
-    };
+    let mut rules = Rules::builtin();
     if let Some((path, text)) = governance {
         files.push(path.clone());
         hash_input.push(text.as_bytes());
         let src = Source { path, text };
-        match parse::<raw::Governance>(&src) {
-            Err(d) => problems.push(d),
-            Ok(g) => {
-                let mut cx = Ctx {
-                    src,
-                    problems: &mut problems,
-                };
-                rules = governance::rules(&mut cx, g);
+        let blank = text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+        if blank {
+            // Fail closed: an empty file (a truncated copy, a placeholder) is not "no rules".
+            let mut d = src.at(
+                0..0,
+                "",
+                "the governance file is empty: it must define classes and egress",
+            );
+            d.help = Some("write the site's rules (docs/configuration.md, \"Governance\"), or remove the file and set `governance = \"builtin-defaults\"` under [agent]".into());
+            problems.push(d);
+        } else {
+            match parse::<raw::Governance>(&src) {
+                Err(d) => problems.push(d),
+                Ok(g) => {
+                    let mut cx = Ctx {
+                        src,
+                        problems: &mut problems,
+                    };
+                    rules = governance::rules(&mut cx, g);
+                }
             }
         }
     }
@@ -73,6 +81,9 @@ pub(super) fn validate(
         src,
         problems: &mut problems,
     };
+    if let Some(gw) = &gw {
+        governance::builtin_choice(&mut cx, gw.agent.governance.as_ref(), governance.map(|g| &g.0));
+    }
     let mut built = gw.map(|gw| gateway::plan(&mut cx, gw, &rules));
     if let Some(parts) = built.as_mut() {
         gateway::tags_from_products(products, &mut parts.devices, &mut parts.table);

@@ -372,19 +372,22 @@ pub(super) fn plan(
             cx.err(&p.id, r.clone(), msg);
         }
     }
-    if !rules.plan.allow_topic_prefixes.is_empty()
-        && !rules
-            .plan
-            .allow_topic_prefixes
-            .iter()
-            .any(|pre| topic.starts_with(pre.as_str()))
-    {
+    // Without an [egress] table nothing may leave: said once, at the governance file.
+    if rules.egress_written && !rules.plan.allows_topic(&topic) {
+        let allowed = &rules.plan.allow_topic_prefixes;
         let msg = format!(
             "topic `{topic}` is outside the egress allow-list (rule `egress.allow_topic_prefixes` in {}: {})",
             rules.file,
-            rules.plan.allow_topic_prefixes.join(", ")
+            if allowed.is_empty() {
+                "empty, so nothing may leave".to_string()
+            } else {
+                allowed.join(", ")
+            }
         );
-        cx.err(&p.domain, "domain", msg);
+        cx.err(&p.domain, "domain", msg).help = Some(format!(
+            "add a prefix of `{topic}` to egress.allow_topic_prefixes in {} (\"#\" alone allows any topic)",
+            rules.file
+        ));
     }
     if !rules.domains.is_empty() {
         match rules.domains.iter().find(|(d, _)| d == p.domain.get_ref()) {

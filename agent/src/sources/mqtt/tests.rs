@@ -9,6 +9,7 @@ id = "gw"
 site = "s"
 area = "a"
 line = "l"
+governance = "builtin-defaults"
 
 [[devices]]
 id = "broker"

@@ -318,6 +318,7 @@ id = "gw"
 site = "s"
 area = "a"
 line = "l"
+governance = "builtin-defaults"
 [[devices]]
 id = "node"
 protocol = "sensor_node"
