@@ -143,9 +143,27 @@ pub fn value_of(m: &Metric, datatype: u32) -> Result<Option<Value>, String> {
         (BOOLEAN, Some(MetricValue::Boolean(b))) => Value::Bool(*b),
         (STRING | TEXT | UUID, Some(MetricValue::String(s))) => Value::Text(s.clone()),
         (_, None) => return Err("metric has neither a value nor is_null".into()),
-        (t, Some(v)) => return Err(format!("data type {t} with a value of the wrong kind ({v:?})")),
+        // The kind, never the value: it may be data governance withholds, and errors are logged.
+        (t, Some(v)) => {
+            return Err(format!(
+                "data type {t} with a value of the wrong kind ({})",
+                value_kind(v)
+            ))
+        }
     };
     Ok(Some(v))
+}
+
+fn value_kind(v: &MetricValue) -> &'static str {
+    match v {
+        MetricValue::Int(_) => "int",
+        MetricValue::Long(_) => "long",
+        MetricValue::Float(_) => "float",
+        MetricValue::Double(_) => "double",
+        MetricValue::Boolean(_) => "boolean",
+        MetricValue::String(_) => "string",
+        _ => "other",
+    }
 }
 
 /// The Sparkplug data type and value that carry a plantmesh value (numbers as Int64, UInt64 or

@@ -338,10 +338,26 @@ pub(super) fn field_governance(
                 fl.action.name(),
                 step_text(fl.action)
             );
-            cx.err(c, format!("{key}.classification"), msg).help = Some(format!(
-                "a field may only make its source's class stricter: use `{}` or a stricter class",
-                fl.class
-            ));
+            // The classes that would do: those whose own rule treats the value at least as strictly.
+            let enough: Vec<String> = rules
+                .plan
+                .classes
+                .keys()
+                .filter(|k| class_action(rules, k).is_some_and(|a| a.at_least(fl.action)))
+                .map(|k| format!("`{k}`"))
+                .collect();
+            cx.err(c, format!("{key}.classification"), msg).help = Some(if enough.is_empty() {
+                format!(
+                    "a field may only make its source's treatment stricter: leave out `classification` (the field then gets `{}`)",
+                    fl.action.name()
+                )
+            } else {
+                format!(
+                    "a field may only make its source's treatment stricter: leave out `classification` (the field then gets `{}`), or use {}",
+                    fl.action.name(),
+                    enough.join(" or ")
+                )
+            });
             return None;
         }
         match action.stricter(fl.action) {

@@ -210,10 +210,11 @@ impl Router {
                 {
                     Some(v) => (now, Ok(v)),
                     None => {
+                        // The size, never the bytes: the payload may be data governance withholds.
                         out.errors.push(format!(
-                            "tag {}: `{}` is not a {}",
+                            "tag {}: a {}-byte payload is not a {}",
                             tag.name,
-                            String::from_utf8_lossy(&payload[..payload.len().min(40)]),
+                            payload.len(),
                             type_name(tag.data_type)
                         ));
                         (now, Err(()))
@@ -518,8 +519,19 @@ fn json_value(v: &serde_json::Value, t: DataType) -> Result<Value, String> {
         J::String(s) => Value::Text(s.clone()),
         other => return Err(format!("{} is not a {}", kind(other), type_name(t))),
     };
-    let shown = got.to_string();
+    // What the value is, never the value: it may be one governance withholds, and this is logged.
+    let shown = described(&got);
     coerce(got, t).ok_or_else(|| format!("{shown} is not a {}", type_name(t)))
+}
+
+/// A value's kind and size, for messages that are logged (the value itself may be withheld data).
+fn described(v: &Value) -> String {
+    match v {
+        Value::Bool(_) => "a boolean".into(),
+        Value::Int(_) | Value::UInt(_) | Value::Float(_) => "a number".into(),
+        Value::Text(s) => format!("a text of {} characters", s.chars().count()),
+        Value::Array(a) => format!("an array of {}", a.len()),
+    }
 }
 
 fn kind(v: &serde_json::Value) -> &'static str {

@@ -202,12 +202,19 @@ fn garbage_is_reported_and_marks_only_its_own_tags() {
         1,
     );
     assert_eq!(o.errors.len(), 1, "{:?}", o.errors);
+    // The error is logged: it says what the value is, never the value (it may be withheld data).
+    assert!(o.errors[0].contains("a text of 3 characters"), "{:?}", o.errors);
+    assert!(!o.errors[0].contains("hot"), "{:?}", o.errors);
     assert!(
         readings(&o).contains(&(1, mode, Some(Value::Text("AUTO".into())), Quality::Good)),
         "the good field is read"
     );
     let o = r.on_message("plant/line-1/speed", b"\xff\xfe", false, 1);
     assert_eq!(readings(&o), vec![(1, speed, None, Quality::Bad(BadReason::Decode))]);
+    let o = r.on_message("plant/line-1/speed", b"OP-0042", false, 1);
+    assert_eq!(o.errors.len(), 1, "{:?}", o.errors);
+    assert!(!o.errors[0].contains("OP-0042"), "{:?}", o.errors);
+    assert!(o.errors[0].contains("a 7-byte payload"), "{:?}", o.errors);
     let o = r.on_message("plant/x/alarm", b"on", false, 1);
     assert_eq!(
         readings(&o),
