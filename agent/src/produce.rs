@@ -63,6 +63,7 @@ impl Produce {
         let mut records = Vec::new();
         let tick = self.mapper.next_tick().unwrap_or(Duration::from_secs(3600));
         let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 b = batches.recv() => match b {

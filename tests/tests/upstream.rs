@@ -423,3 +423,106 @@ url = "mqtt://127.0.0.1:{port}"
         agent.stop();
     }
 }
+
+/// The connection storm: a connect in progress is never abandoned for another. Through a TCP proxy
+/// that counts connections, across broker restarts and refused attempts, exactly one connection is
+/// made per connection attempt the agent reports: one per successful reconnect, one per refusal.
+#[test]
+fn one_tcp_connection_per_connection_attempt() {
+    let modbus = counter();
+    let mut broker = Mosquitto::start(false, "");
+    let proxy = Proxy::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    write_config(
+        &cfg,
+        &gateway(proxy.port, modbus.port, "mqtt").replace("{EXTRA}", ""),
+        &[("counter", PRODUCT)],
+    );
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    let count = |agent: &Agent, what: &str| agent.log().matches(what).count();
+    wait_for("the first connection", Duration::from_secs(30), || {
+        count(&agent, "connected upstream") == 1
+    });
+    for round in 1..=3 {
+        broker.stop();
+        wait_for("the loss", Duration::from_secs(30), || {
+            count(&agent, "upstream connection lost") == round
+        });
+        // Refused attempts meanwhile (backoff 100-500 ms).
+        std::thread::sleep(Duration::from_millis(1500));
+        broker.restart();
+        wait_for("the reconnect", Duration::from_secs(30), || {
+            count(&agent, "connected upstream") == round + 1
+        });
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let log = agent.log();
+    let (accepted, forwarded) = proxy.counts();
+    agent.stop();
+    let successes = log.matches("connected upstream").count();
+    let refused = log.matches("upstream connect failed").count() - log.matches("upstream connection lost").count();
+    assert!(refused >= 3, "{log}");
+    assert_eq!(
+        (accepted, forwarded),
+        (successes + refused, successes),
+        "TCP connections (accepted, reaching the broker) against {successes} connects and {refused} refusals"
+    );
+}
+
+/// `online` is published on the connection that stays: a subscriber arriving after every start
+/// sees the retained status `online`, and each start makes one connection, not one that the broker
+/// drops (publishing the will, `offline`) and another.
+#[test]
+fn the_retained_status_after_every_start_is_online() {
+    let starts: usize = std::env::var("PLANTMESH_STATUS_STARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let modbus = counter();
+    let broker = Mosquitto::start(false, "");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    write_config(
+        &cfg,
+        &gateway(broker.port, modbus.port, "mqtt").replace("{EXTRA}", ""),
+        &[("counter", PRODUCT)],
+    );
+    let retained = || {
+        let out = Command::new("mosquitto_sub")
+            .args([
+                "-p",
+                &broker.port.to_string(),
+                "-t",
+                "s1/_agents/gw-up/status",
+                "-C",
+                "1",
+                "-W",
+                "5",
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|v| v["state"].clone())
+            .ok()
+    };
+    for start in 0..starts {
+        let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+        wait_for("the connection", Duration::from_secs(30), || {
+            agent.log().contains("connected upstream")
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(retained(), Some(json!("online")), "start {start}:\n{}", agent.log());
+        assert_eq!(
+            agent.log().matches("connected upstream").count(),
+            1,
+            "start {start}:\n{}",
+            agent.log()
+        );
+        // A crash: the broker publishes the will.
+        agent.sigkill();
+        wait_for("the will", Duration::from_secs(30), || {
+            retained() == Some(json!("offline"))
+        });
+    }
+}

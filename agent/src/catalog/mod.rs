@@ -115,6 +115,7 @@ pub async fn publish_slis(
 ) {
     let every = plan.agent.sli_interval;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}

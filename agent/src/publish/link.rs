@@ -44,9 +44,62 @@ pub enum LinkEvent {
     Other,
 }
 
-pub enum Link {
-    V4(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
-    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
+/// The connection: a client to queue requests on, and the events of its event loop. The event
+/// loop runs on a task of its own and is never cancelled mid-connect (rumqttc's `EventLoop::poll`
+/// is not cancel-safe while it connects: a `select!` that drops it opens a new TCP connection on
+/// the next poll, a storm of half-open connections per reconnect). After a failure the task waits
+/// for [`Link::reconnect`]: the caller's backoff decides when the next connection is made.
+pub struct Link {
+    client: Client,
+    events: tokio::sync::mpsc::Receiver<Result<LinkEvent, LinkError>>,
+    resume: std::sync::Arc<tokio::sync::Notify>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // The event loop (and its connection) goes with the link.
+        self.driver.abort();
+    }
+}
+
+/// Events the driver may queue before it waits for the caller.
+const EVENT_QUEUE: usize = 256;
+
+type EventTx = tokio::sync::mpsc::Sender<Result<LinkEvent, LinkError>>;
+
+/// Hands one event to the link; after a failure, waits for [`Link::reconnect`]. False when the
+/// link is gone.
+async fn forward(tx: &EventTx, resume: &tokio::sync::Notify, ev: Result<LinkEvent, LinkError>) -> bool {
+    if matches!(ev, Ok(LinkEvent::Other)) {
+        return true;
+    }
+    let failed = ev.is_err();
+    if tx.send(ev).await.is_err() {
+        return false;
+    }
+    if failed {
+        resume.notified().await;
+    }
+    true
+}
+
+async fn drive_v4(mut e: Box<rumqttc::EventLoop>, tx: EventTx, resume: std::sync::Arc<tokio::sync::Notify>) {
+    while forward(&tx, &resume, event_v4(e.poll().await)).await {}
+}
+
+async fn drive_v5(mut e: Box<rumqttc::v5::EventLoop>, tx: EventTx, resume: std::sync::Arc<tokio::sync::Notify>) {
+    while forward(&tx, &resume, event_v5(e.poll().await)).await {}
+}
+
+enum EventLoop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
 }
 
 /// Connection settings resolved at start (secrets read, TLS files loaded).
@@ -190,7 +243,7 @@ impl Link {
                     opts.set_credentials(user, "");
                 }
                 let (c, e) = rumqttc::AsyncClient::new(opts, cap);
-                Link::V4(c, Box::new(e))
+                Link::start(Client::V4(c), EventLoop::V4(Box::new(e)))
             }
             MqttVersion::V5 => {
                 let mut opts = rumqttc::v5::MqttOptions::new(&u.client_id, &u.host, u.port);
@@ -210,71 +263,38 @@ impl Link {
                     opts.set_credentials(user, o.password.clone().unwrap_or_default());
                 }
                 let (c, e) = rumqttc::v5::AsyncClient::new(opts, cap);
-                Link::V5(c, Box::new(e))
+                Link::start(Client::V5(c), EventLoop::V5(Box::new(e)))
             }
         }
     }
 
-    pub async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
-        match self {
-            Link::V4(_, e) => match e.poll().await.map_err(|e| LinkError::Connection(e.to_string()))? {
-                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Ok(LinkEvent::Connected),
-                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => Ok(LinkEvent::PubAck {
-                    pkid: a.pkid,
-                    failure: None,
-                }),
-                // QoS 2 ends with PUBCOMP; the broker has the message once and for all.
-                rumqttc::Event::Incoming(rumqttc::Packet::PubComp(c)) => Ok(LinkEvent::PubAck {
-                    pkid: c.pkid,
-                    failure: None,
-                }),
-                rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
-                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => Ok(LinkEvent::Message {
-                    topic: p.topic,
-                    payload: p.payload.to_vec(),
-                }),
-                rumqttc::Event::Incoming(rumqttc::Packet::UnsubAck(_)) => Ok(LinkEvent::UnsubAck),
-                _ => Ok(LinkEvent::Other),
-            },
-            Link::V5(_, e) => match e.poll().await.map_err(|e| LinkError::Connection(e.to_string()))? {
-                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_)) => {
-                    Ok(LinkEvent::Connected)
-                }
-                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(a)) => {
-                    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
-                    Ok(LinkEvent::PubAck {
-                        pkid: a.pkid,
-                        failure: failure_code!(R, a.reason),
-                    })
-                }
-                // QoS 2: a refusal comes in PUBREC (and ends the exchange); success in PUBCOMP.
-                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubRec(a)) => {
-                    use rumqttc::v5::mqttbytes::v5::PubRecReason as R;
-                    match failure_code!(R, a.reason) {
-                        Some(code) => Ok(LinkEvent::PubAck {
-                            pkid: a.pkid,
-                            failure: Some(code),
-                        }),
-                        None => Ok(LinkEvent::Other),
-                    }
-                }
-                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubComp(c)) => Ok(LinkEvent::PubAck {
-                    pkid: c.pkid,
-                    failure: None,
-                }),
-                rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
-                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(p)) => {
-                    Ok(LinkEvent::Message {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.to_vec(),
-                    })
-                }
-                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::UnsubAck(_)) => {
-                    Ok(LinkEvent::UnsubAck)
-                }
-                _ => Ok(LinkEvent::Other),
-            },
+    fn start(client: Client, events: EventLoop) -> Link {
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+        let resume = std::sync::Arc::new(tokio::sync::Notify::new());
+        let r = resume.clone();
+        let driver = match events {
+            EventLoop::V4(e) => tokio::spawn(drive_v4(e, tx, r)),
+            EventLoop::V5(e) => tokio::spawn(drive_v5(e, tx, r)),
+        };
+        Link {
+            client,
+            events: rx,
+            resume,
+            driver,
         }
+    }
+
+    /// The next event. Cancel-safe: the event loop runs on its own task.
+    pub async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
+        match self.events.recv().await {
+            Some(ev) => ev,
+            None => Err(LinkError::Connection("the connection's event loop stopped".into())),
+        }
+    }
+
+    /// After a failed [`poll`](Link::poll): let the event loop make its next connection attempt.
+    pub fn reconnect(&self) {
+        self.resume.notify_one();
     }
 
     /// Queues a QoS 1 publish. MQTT 5 carries `props` as user properties.
@@ -298,8 +318,8 @@ impl Link {
         props: Vec<(String, String)>,
     ) -> Result<(), LinkError> {
         let exactly_once = qos == Qos::ExactlyOnce;
-        match self {
-            Link::V4(c, _) => c
+        match &self.client {
+            Client::V4(c) => c
                 .try_publish(
                     topic,
                     if exactly_once {
@@ -311,7 +331,7 @@ impl Link {
                     payload,
                 )
                 .map_err(|e| LinkError::Request(e.to_string())),
-            Link::V5(c, _) => {
+            Client::V5(c) => {
                 let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
                     user_properties: props,
                     content_type: Some("application/json".into()),
@@ -335,11 +355,11 @@ impl Link {
 
     /// Queues a QoS 0 publish (Sparkplug data and births), not retained.
     pub fn publish_at_most_once(&self, topic: &str, payload: Vec<u8>) -> Result<(), LinkError> {
-        match self {
-            Link::V4(c, _) => c
+        match &self.client {
+            Client::V4(c) => c
                 .try_publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
                 .map_err(|e| LinkError::Request(e.to_string())),
-            Link::V5(c, _) => c
+            Client::V5(c) => c
                 .try_publish(
                     topic,
                     rumqttc::v5::mqttbytes::QoS::AtMostOnce,
@@ -351,31 +371,88 @@ impl Link {
     }
 
     pub fn subscribe(&self, filter: &str) -> Result<(), LinkError> {
-        match self {
-            Link::V4(c, _) => c
+        match &self.client {
+            Client::V4(c) => c
                 .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
                 .map_err(|e| LinkError::Request(e.to_string())),
-            Link::V5(c, _) => c
+            Client::V5(c) => c
                 .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
                 .map_err(|e| LinkError::Request(e.to_string())),
         }
     }
 
     pub fn unsubscribe(&self, filter: &str) -> Result<(), LinkError> {
-        match self {
-            Link::V4(c, _) => c.try_unsubscribe(filter).map_err(|e| LinkError::Request(e.to_string())),
-            Link::V5(c, _) => c.try_unsubscribe(filter).map_err(|e| LinkError::Request(e.to_string())),
+        match &self.client {
+            Client::V4(c) => c.try_unsubscribe(filter).map_err(|e| LinkError::Request(e.to_string())),
+            Client::V5(c) => c.try_unsubscribe(filter).map_err(|e| LinkError::Request(e.to_string())),
         }
     }
 
     pub fn disconnect(&self) {
-        match self {
-            Link::V4(c, _) => {
+        match &self.client {
+            Client::V4(c) => {
                 let _ = c.try_disconnect();
             }
-            Link::V5(c, _) => {
+            Client::V5(c) => {
                 let _ = c.try_disconnect();
             }
         }
+    }
+}
+
+fn event_v4(ev: Result<rumqttc::Event, rumqttc::ConnectionError>) -> Result<LinkEvent, LinkError> {
+    match ev.map_err(|e| LinkError::Connection(e.to_string()))? {
+        rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Ok(LinkEvent::Connected),
+        rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => Ok(LinkEvent::PubAck {
+            pkid: a.pkid,
+            failure: None,
+        }),
+        // QoS 2 ends with PUBCOMP; the broker has the message once and for all.
+        rumqttc::Event::Incoming(rumqttc::Packet::PubComp(c)) => Ok(LinkEvent::PubAck {
+            pkid: c.pkid,
+            failure: None,
+        }),
+        rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
+        rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => Ok(LinkEvent::Message {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+        }),
+        rumqttc::Event::Incoming(rumqttc::Packet::UnsubAck(_)) => Ok(LinkEvent::UnsubAck),
+        _ => Ok(LinkEvent::Other),
+    }
+}
+
+fn event_v5(ev: Result<rumqttc::v5::Event, rumqttc::v5::ConnectionError>) -> Result<LinkEvent, LinkError> {
+    match ev.map_err(|e| LinkError::Connection(e.to_string()))? {
+        rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_)) => Ok(LinkEvent::Connected),
+        rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(a)) => {
+            use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+            Ok(LinkEvent::PubAck {
+                pkid: a.pkid,
+                failure: failure_code!(R, a.reason),
+            })
+        }
+        // QoS 2: a refusal comes in PUBREC (and ends the exchange); success in PUBCOMP.
+        rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubRec(a)) => {
+            use rumqttc::v5::mqttbytes::v5::PubRecReason as R;
+            match failure_code!(R, a.reason) {
+                Some(code) => Ok(LinkEvent::PubAck {
+                    pkid: a.pkid,
+                    failure: Some(code),
+                }),
+                None => Ok(LinkEvent::Other),
+            }
+        }
+        rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubComp(c)) => Ok(LinkEvent::PubAck {
+            pkid: c.pkid,
+            failure: None,
+        }),
+        rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Written(pkid)),
+        rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(p)) => Ok(LinkEvent::Message {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload.to_vec(),
+        }),
+        rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::UnsubAck(_)) => Ok(LinkEvent::UnsubAck),
+        _ => Ok(LinkEvent::Other),
     }
 }

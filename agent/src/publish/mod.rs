@@ -465,6 +465,8 @@ impl Publisher {
         let mut acked_gaps: HashMap<u64, u64> = HashMap::new();
         let mut notify = self.buffer.notify.clone();
         let mut refill = tokio::time::interval(Duration::from_millis(100));
+        // After a stall (a backoff sleep), one tick, not a burst of the ones missed.
+        refill.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping: Option<Instant> = None;
         let mut dirty = true;
         loop {
@@ -614,6 +616,9 @@ impl Publisher {
                         // (a connect that failed keeps it, its will never reached the broker).
                         if self.sparkplug.is_some() && stopping.is_none() && session_ended {
                             (link, bd_seq) = self.new_link()?;
+                        } else {
+                            // One connection attempt per wait: the event loop waits for this.
+                            link.reconnect();
                         }
                     }
                 },

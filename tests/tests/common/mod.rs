@@ -753,3 +753,55 @@ pub fn sparkplug_once(args: &[&str]) {
         .expect("python sparkplug peer");
     assert!(status.success(), "sparkplug_peer.py {args:?}");
 }
+
+/// A TCP proxy in front of a broker that counts the connections made through it: each one is
+/// accepted, then forwarded to `target` (closed at once when the target refuses).
+pub struct Proxy {
+    pub port: u16,
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections the target accepted.
+    pub forwarded: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Proxy {
+    pub fn start(target: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let forwarded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (a, f) = (accepted.clone(), forwarded.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue; // dropped: the agent sees its connection closed
+                };
+                f.fetch_add(1, Ordering::SeqCst);
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        Proxy {
+            port,
+            accepted,
+            forwarded,
+        }
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (
+            self.accepted.load(Ordering::SeqCst),
+            self.forwarded.load(Ordering::SeqCst),
+        )
+    }
+}
