@@ -385,3 +385,86 @@ fn a_full_buffer_under_drop_oldest_reports_exactly_what_it_dropped() {
         "one record per message here, so one seq per dropped record"
     );
 }
+
+/// `block` as documented: with the broker down the product's share fills and it stops taking
+/// records; everything the blocked stretch did not take is one gap event (one seq), and it
+/// unblocks once half its share is free after the broker returns (the time it takes is printed).
+#[test]
+fn a_blocked_product_reports_its_stretch_as_one_gap_and_unblocks() {
+    let modbus = PyModbus::start(&json!({"values": [], "counter": {"address": 10, "period_ms": 5}}));
+    // The uplink fails, not the broker: the subscriber misses nothing.
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/a1/l1/d/counter/v1/#", "block-sub");
+    let uplink = Proxy::start(broker.port);
+    uplink.set_open(false);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    let gateway = format!(
+        "[agent]\nid = \"gw-block\"\nsite = \"s1\"\narea = \"a1\"\nline = \"l1\"\ngovernance = \"builtin-defaults\"\n\
+         [upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nmax_records_per_message = 1\nreconnect_min = \"100ms\"\nreconnect_max = \"300ms\"\n\
+         [buffer]\ncommit_interval = \"20ms\"\n\
+         [[devices]]\nid = \"plc\"\nprotocol = \"modbus_tcp\"\naddress = \"127.0.0.1:{}\"\npoll_interval = \"10ms\"\n\
+         [[devices.tags]]\nname = \"counter\"\ntable = \"holding\"\naddress = 10\ntype = \"u32\"\n",
+        uplink.port, modbus.port
+    );
+    let product = "id = \"counter\"\nname = \"c\"\nversion = \"1.0.0\"\ndomain = \"d\"\nowner = \"o\"\n\
+                   [buffer]\nmax_bytes = \"64KiB\"\nfull_policy = \"block\"\n\
+                   [[fields]]\nname = \"n\"\nsource = \"plc.counter\"\n";
+    write_config(&cfg, &gateway, &[("counter", product)]);
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("the product to block", Duration::from_secs(30), || {
+        agent.log().contains("product blocked")
+    });
+    // Blocked for a while: many commits, one stretch.
+    std::thread::sleep(Duration::from_secs(3));
+    uplink.set_open(true);
+    let back = std::time::Instant::now();
+    wait_for("the product to unblock", Duration::from_secs(60), || {
+        agent.log().contains("product unblocked")
+    });
+    let unblocked_after = back.elapsed();
+    eprintln!("block: unblocked {unblocked_after:?} after the uplink returned");
+    let gaps = |sub: &Subscriber| -> Vec<serde_json::Value> {
+        sub.messages()
+            .into_iter()
+            .filter(|(t, _)| t.ends_with("/_gaps"))
+            .map(|(_, g)| g)
+            .collect()
+    };
+    wait_for("the stretch's gap event", Duration::from_secs(30), || {
+        !gaps(&sub).is_empty()
+    });
+    // The seqs of the messages and the gap explain each other once the backlog is in: no hole.
+    let seqs = |sub: &Subscriber| -> Vec<u64> {
+        let mut v: Vec<u64> = sub
+            .product_messages()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        v.extend(gaps(sub).iter().map(|g| g["from_seq"].as_u64().unwrap()));
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let explained = |v: &[u64]| v.iter().enumerate().all(|(i, &s)| s == i as u64 + 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !explained(&seqs(&sub)) {
+        let v = seqs(&sub);
+        let holes: Vec<u64> = (1..=*v.last().unwrap_or(&0))
+            .filter(|s| v.binary_search(s).is_err())
+            .collect();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seqs never explained; missing {holes:?}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    agent.stop();
+    let gaps = gaps(&sub);
+    assert_eq!(gaps.len(), 1, "one gap event for one blocked stretch: {gaps:?}");
+    let g = &gaps[0];
+    assert_eq!(g["reason"], "buffer_full_blocked");
+    assert_eq!(g["from_seq"], g["to_seq"], "one seq stands for the whole stretch");
+    assert!(g["count"].as_u64().unwrap() > 100, "{g}");
+}

@@ -177,6 +177,9 @@ pub struct Committed {
     pub gaps_deleted: usize,
     /// Products whose `block` share is now full (they stop taking records).
     pub now_blocked: Vec<ProductKey>,
+    /// Records of `block` products not taken because their share was full: `(product, records)`,
+    /// without a gap event yet (the writer reports a blocked stretch as one).
+    pub blocked_records: Vec<(ProductKey, u64)>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -604,8 +607,15 @@ impl Store {
                         // The message alone exceeds what the product may hold, or other products fill the buffer.
                         FullPolicy::DropOldest => GapReason::BufferFull,
                     };
-                    if limits.policy == FullPolicy::Block && !out.now_blocked.contains(&m.product) {
-                        out.now_blocked.push(m.product);
+                    if limits.policy == FullPolicy::Block {
+                        // Not taken, and no seq spent on it: the writer counts it into the product's
+                        // blocked stretch, which becomes one gap event (one seq) when it ends.
+                        q.next_seq -= 1;
+                        if !out.now_blocked.contains(&m.product) {
+                            out.now_blocked.push(m.product);
+                        }
+                        out.blocked_records.push((m.product, u64::from(m.records)));
+                        continue;
                     }
                     record_gap(
                         &mut gaps,

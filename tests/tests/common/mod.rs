@@ -755,12 +755,15 @@ pub fn sparkplug_once(args: &[&str]) {
 }
 
 /// A TCP proxy in front of a broker that counts the connections made through it: each one is
-/// accepted, then forwarded to `target` (closed at once when the target refuses).
+/// accepted, then forwarded to `target` (closed at once when the target refuses, or while the
+/// proxy is closed: an uplink outage with the broker itself up).
 pub struct Proxy {
     pub port: u16,
     pub accepted: Arc<std::sync::atomic::AtomicUsize>,
     /// Connections the target accepted.
     pub forwarded: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    live: Arc<Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl Proxy {
@@ -770,15 +773,21 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let forwarded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (a, f) = (accepted.clone(), forwarded.clone());
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let live: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (a, f, o, l) = (accepted.clone(), forwarded.clone(), open.clone(), live.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
                 a.fetch_add(1, Ordering::SeqCst);
+                if !o.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
                     continue; // dropped: the agent sees its connection closed
                 };
                 f.fetch_add(1, Ordering::SeqCst);
+                l.lock().unwrap().push(client.try_clone().unwrap());
                 let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut from, &mut to);
@@ -794,6 +803,18 @@ impl Proxy {
             port,
             accepted,
             forwarded,
+            open,
+            live,
+        }
+    }
+
+    /// Closed: every connection through it is cut, and new ones are dropped once accepted.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+        if !open {
+            for c in self.live.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 
