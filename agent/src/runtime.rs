@@ -64,7 +64,7 @@ pub fn local_upstream(port: u16, client_id: String) -> UpstreamPlan {
         max_inflight: 32,
         max_records_per_message: 100,
         max_message_bytes: 256 << 10,
-        backlog_rate: 100,
+        backlog_bytes_per_second: None,
         reconnect_min: Duration::from_millis(500),
         reconnect_max: Duration::from_secs(30),
         sparkplug: None,

@@ -263,7 +263,7 @@ fn live_data_flows_while_a_backlog_drains_at_its_rate() {
     let sub = Subscriber::start(broker.port, "s1/a1/l1/test/counter/v1", "backlog-sub");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cfg");
-    config_with(&cfg, broker.port, modbus.port, "backlog_rate = 5", 1);
+    config_with(&cfg, broker.port, modbus.port, "backlog_bytes_per_second = \"1kB\"", 1);
     let mut agent = Agent::start(&cfg, &dir.path().join("data"));
     wait_for("live messages", Duration::from_secs(30), || {
         sub.product_messages().len() >= 5

@@ -83,7 +83,8 @@ pub struct UpstreamPlan {
     pub max_inflight: u16,
     pub max_records_per_message: usize,
     pub max_message_bytes: usize,
-    pub backlog_rate: u32,
+    /// Cap on the backlog's bytes per second; `None`: as fast as the broker acknowledges.
+    pub backlog_bytes_per_second: Option<u64>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// `Some`: product data goes out as a Sparkplug B edge node instead of JSON envelopes.

@@ -74,8 +74,11 @@ pub struct Upstream {
     pub max_records_per_message: Option<Spanned<u32>>,
     /// Most bytes in one product message; default 256KiB.
     pub max_message_bytes: Option<ByteSize>,
-    /// Most backlog (historical) messages sent per second while live data flows; default 100.
-    pub backlog_rate: Option<Spanned<u32>>,
+    /// Replaced by `backlog_bytes_per_second` (refused with a pointer to it).
+    pub backlog_rate: Option<Spanned<toml::Value>>,
+    /// A cap on the backlog's bytes per second (a cellular or satellite uplink); default: none, the
+    /// backlog drains as fast as the broker acknowledges, live data first.
+    pub backlog_bytes_per_second: Option<Spanned<ByteSize>>,
     /// Reconnect backoff bounds; defaults 500ms and 30s.
     pub reconnect_min: Option<ConfigDuration>,
     pub reconnect_max: Option<ConfigDuration>,

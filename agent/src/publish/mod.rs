@@ -11,7 +11,8 @@
 //! Backlog policy (live first): on every connect the newest pending message of each product marks the
 //! end of its backlog. Messages after that mark are *live* and are sent first, as fast as the window
 //! allows, with `historical: false`. The backlog is sent in order beside them with
-//! `historical: true`, at most `backlog_rate` messages per second, so a long outage never delays live
+//! `historical: true`, as fast as the broker acknowledges but never in the quarter of the window kept
+//! for live messages (and at most `backlog_bytes_per_second` when set), so a long outage never delays live
 //! data by the length of the outage. Order is kept within each of the two streams; consumers order by
 //! `(epoch, seq)`.
 
@@ -297,8 +298,8 @@ struct Cursor {
 
 struct Session {
     inflight: Inflight<Key>,
-    /// In flight: records and read time of each message.
-    sent: HashMap<Key, (u32, u64)>,
+    /// In flight: records, read time and whether it is backlog (`historical`), of each message.
+    sent: HashMap<Key, (u32, u64, bool)>,
     gaps_sent: HashSet<u64>,
     cursors: HashMap<ProductKey, Cursor>,
     tokens: f64,
@@ -443,14 +444,18 @@ impl Publisher {
     }
 
     /// A message the broker has: counted, timed and deleted from the buffer.
-    fn delivered(&self, key: &Key, records: u32, created: u64) {
+    /// Latency is measured on live messages only: a backlog message's age is the outage, which
+    /// freshness and completeness report, not the read-to-PUBACK latency of the pipeline.
+    fn delivered(&self, key: &Key, records: u32, created: u64, historical: bool) {
         self.stats.messages_acked.fetch_add(1, Ordering::Relaxed);
         self.stats
             .records_acked
             .fetch_add(u64::from(records), Ordering::Relaxed);
-        let product = self.products.index(key.0);
-        self.stats
-            .record_latency(product, crate::model::now_millis().saturating_sub(created));
+        if !historical {
+            let product = self.products.index(key.0);
+            self.stats
+                .record_latency(product, crate::model::now_millis().saturating_sub(created));
+        }
         self.buffer.ack(key.0, key.1);
     }
 
@@ -549,9 +554,9 @@ impl Publisher {
                         let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
                         match session.inflight.acked(pkid) {
                             Some(Sent::Message(key)) => {
-                                let (records, created) = session.sent.remove(&key).unwrap_or((0, 0));
+                                let (records, created, historical) = session.sent.remove(&key).unwrap_or((0, 0, false));
                                 match failure {
-                                    None => self.delivered(&key, records, created),
+                                    None => self.delivered(&key, records, created, historical),
                                     Some(code) => {
                                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                                         error!(product = %self.reader.name(key.0), epoch = key.1.epoch, seq = key.1.seq, reason = format!("0x{code:02x}"),
@@ -582,8 +587,8 @@ impl Publisher {
                         dirty = true;
                         let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
                         for key in session.sp.barriers.pop_front().unwrap_or_default() {
-                            let (records, created) = session.sent.remove(&key).unwrap_or((0, 0));
-                            self.delivered(&key, records, created);
+                            let (records, created, historical) = session.sent.remove(&key).unwrap_or((0, 0, false));
+                            self.delivered(&key, records, created, historical);
                             acked.insert(key, generation);
                         }
                     }
@@ -720,8 +725,13 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         let window = usize::from(self.options.upstream.max_inflight);
         let now = Instant::now();
-        let rate = f64::from(self.options.upstream.backlog_rate);
-        s.tokens = (s.tokens + now.duration_since(s.last_refill).as_secs_f64() * rate).min(rate.max(1.0));
+        // The backlog's byte budget, when the uplink is capped: refilled at the cap, at most one
+        // second's (or one message's) worth saved up.
+        if let Some(cap) = self.options.upstream.backlog_bytes_per_second {
+            let cap = cap as f64;
+            let most = cap.max(self.options.upstream.max_message_bytes as f64);
+            s.tokens = (s.tokens + now.duration_since(s.last_refill).as_secs_f64() * cap).min(most);
+        }
         s.last_refill = now;
         if s.busy() >= window {
             return Ok(());
@@ -770,13 +780,21 @@ impl Publisher {
             if names.is_empty() {
                 continue;
             }
+            // Live first: the backlog leaves a quarter of the window to live messages, so one that
+            // arrives mid-drain is sent at once rather than after an acknowledgement.
+            let limit = if historical { window - window / 4 } else { window };
+            let capped = self.options.upstream.backlog_bytes_per_second.is_some();
             let mut progress = true;
-            while progress && s.busy() < window {
+            while progress && s.busy() < limit {
                 progress = false;
-                let share = ((window - s.busy()) / names.len().max(1)).max(1);
+                let share = ((limit - s.busy()) / names.len().max(1)).max(1);
                 for &name in &names {
-                    let free = window.saturating_sub(s.busy()).min(share);
-                    let budget = if historical { free.min(s.tokens as usize) } else { free };
+                    let free = limit.saturating_sub(s.busy()).min(share);
+                    let budget = if historical && capped && s.tokens <= 0.0 {
+                        0
+                    } else {
+                        free
+                    };
                     if budget == 0 {
                         continue;
                     }
@@ -845,12 +863,13 @@ impl Publisher {
                                     continue;
                                 }
                             };
+                            let payload_len = payload.len();
                             link.publish_at_most_once(&topic, payload)?;
                             s.inflight.queued(Sent::Control);
                             s.sp.pending.push(key);
-                            s.sent.insert(key, (m.records, m.created));
-                            if historical {
-                                s.tokens -= 1.0;
+                            s.sent.insert(key, (m.records, m.created, historical));
+                            if historical && capped {
+                                s.tokens -= payload_len as f64;
                             }
                             progress = true;
                             continue;
@@ -871,11 +890,12 @@ impl Publisher {
                             .index(m.product)
                             .and_then(|i| self.products.get(i))
                             .map_or(crate::config::Qos::AtLeastOnce, |p| p.qos);
+                        let payload_len = payload.len();
                         link.publish_qos(&m.topic, qos, false, payload, props)?;
                         s.inflight.queued(Sent::Message(key));
-                        s.sent.insert(key, (m.records, m.created));
-                        if historical {
-                            s.tokens -= 1.0;
+                        s.sent.insert(key, (m.records, m.created, historical));
+                        if historical && capped {
+                            s.tokens -= payload_len as f64;
                         }
                         progress = true;
                     }

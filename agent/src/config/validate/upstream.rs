@@ -110,11 +110,18 @@ pub(crate) fn upstream_plan(
         .as_ref()
         .and_then(|v| cx.range(v, &format!("{key}.max_records_per_message"), 1, 100_000))
         .unwrap_or(100) as usize;
-    let backlog_rate = u
-        .backlog_rate
-        .as_ref()
-        .and_then(|v| cx.range(v, &format!("{key}.backlog_rate"), 1, 1_000_000))
-        .unwrap_or(100);
+    if let Some(v) = &u.backlog_rate {
+        cx.err(
+            v,
+            format!("{key}.backlog_rate"),
+            "`backlog_rate` (messages per second) is gone: the backlog drains as fast as the broker acknowledges, live data first",
+        )
+        .help = Some("to cap an uplink, set backlog_bytes_per_second (e.g. \"125kB\" for 1 Mbit/s)".into());
+    }
+    let backlog_bytes_per_second = u.backlog_bytes_per_second.as_ref().and_then(|v| {
+        let b = Spanned::new(v.span(), v.get_ref().0);
+        cx.range(&b, &format!("{key}.backlog_bytes_per_second"), 1_000, 1 << 40)
+    });
     let reconnect_min = u.reconnect_min.map_or(Duration::from_millis(500), |d| d.0);
     let reconnect_max = u.reconnect_max.map_or(Duration::from_secs(30), |d| d.0);
     if reconnect_min > reconnect_max || reconnect_min.is_zero() {
@@ -174,7 +181,7 @@ pub(crate) fn upstream_plan(
         max_message_bytes: u
             .max_message_bytes
             .map_or(256 << 10, |b| b.0.clamp(1024, 256 << 20) as usize),
-        backlog_rate,
+        backlog_bytes_per_second,
         reconnect_min,
         reconnect_max,
     })

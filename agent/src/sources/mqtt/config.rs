@@ -146,6 +146,7 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
         max_records_per_message: None,
         max_message_bytes: None,
         backlog_rate: None,
+        backlog_bytes_per_second: None,
         reconnect_min: None,
         reconnect_max: None,
         encoding: None,
