@@ -185,12 +185,32 @@ fn metrics(r: &Running) -> String {
         "counter",
         per_device(&|i| r.devices[i].polls.load(Relaxed)).into_iter(),
     );
+    // By reason: `request` (Modbus, OPC UA: a failed request), `framing` (sensor nodes: byte runs
+    // on the link that were not frames), `unreadable` and `oversize` (MQTT devices: messages that
+    // could not be read, and messages over max_message_bytes, skipped).
+    let errors = r.plan.devices.iter().enumerate().flat_map(|(i, d)| {
+        let stats = &r.devices[i];
+        let (all, oversize) = (stats.errors.load(Relaxed), stats.oversize.load(Relaxed));
+        let reason = match d.kind {
+            DeviceKind::Sensor(_) => "framing",
+            DeviceKind::Mqtt(_) => "unreadable",
+            _ => "request",
+        };
+        let mut v = vec![(
+            format!("device=\"{}\",reason=\"{reason}\"", d.id),
+            all.saturating_sub(oversize).to_string(),
+        )];
+        if matches!(d.kind, DeviceKind::Mqtt(_)) {
+            v.push((format!("device=\"{}\",reason=\"oversize\"", d.id), oversize.to_string()));
+        }
+        v
+    });
     family(
         &mut s,
         "plantmesh_device_errors_total",
-        "Failed requests per device (sensor nodes: byte runs on the link that were not frames; MQTT devices: unreadable messages).",
+        "Device errors by reason: request (Modbus, OPC UA), framing (sensor nodes), unreadable and oversize (MQTT devices).",
         "counter",
-        per_device(&|i| r.devices[i].errors.load(Relaxed)).into_iter(),
+        errors,
     );
     let sensor = |i: &(String, String)| {
         r.plan

@@ -141,7 +141,10 @@ unit = "1/min"
     let mut metrics = String::new();
     wait_for("the garbage counted", Duration::from_secs(10), || {
         metrics = scrape(&addr, "/metrics");
-        metric(&metrics, "plantmesh_device_errors_total{device=\"machines\"}") == Some(garbage as f64)
+        metric(
+            &metrics,
+            "plantmesh_device_errors_total{device=\"machines\",reason=\"unreadable\"}",
+        ) == Some(garbage as f64)
     });
     // One message per publish (the retained one included), each read once.
     assert_eq!(
@@ -309,7 +312,7 @@ unit = "s"
     // Garbage on the node's topics: counted, nothing else disturbed (the next data still reads).
     let errors_before = metric(
         &scrape(&addr, "/metrics"),
-        "plantmesh_device_errors_total{device=\"filler-node\"}",
+        "plantmesh_device_errors_total{device=\"filler-node\",reason=\"unreadable\"}",
     )
     .unwrap();
     mqtt_pub(
@@ -322,7 +325,7 @@ unit = "s"
     wait_for("the garbage counted", Duration::from_secs(10), || {
         metric(
             &scrape(&addr, "/metrics"),
-            "plantmesh_device_errors_total{device=\"filler-node\"}",
+            "plantmesh_device_errors_total{device=\"filler-node\",reason=\"unreadable\"}",
         ) == Some(errors_before + 2.0)
     });
     node.command(
@@ -345,4 +348,83 @@ unit = "s"
         })
     });
     drop(agent);
+}
+
+/// A device message over `max_message_bytes` is counted and skipped, never a lost connection:
+/// a retained one (which the broker sends again on every subscribe) and a live one, both 2 MiB,
+/// against a 1 MiB limit; the device stays connected, later messages arrive, each oversize message
+/// is counted once under its reason.
+#[test]
+fn oversize_device_messages_are_counted_and_skipped_without_losing_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(false, "");
+    let big = vec![b'7'; 2 << 20];
+    mqtt_pub(broker.port, "plant/line-1/speed", &big, true);
+    let devices = r#"
+[[devices]]
+id = "machines"
+protocol = "mqtt"
+url = "mqtt://127.0.0.1:BROKER"
+max_message_bytes = "1MiB"
+  [[devices.tags]]
+  name = "speed"
+  topic = "plant/line-1/speed"
+  type = "i64"
+"#
+    .replace("BROKER", &broker.port.to_string());
+    let product = r#"
+id = "speeds"
+name = "Speeds"
+version = "1.0.0"
+domain = "production"
+owner = "team"
+[[fields]]
+name = "speed"
+source = "machines.speed"
+"#;
+    let cfg = dir.path().join("cfg");
+    write_config(&cfg, &gateway(broker.port, &devices), &[("speeds", product)]);
+    let sub = Subscriber::start(broker.port, "s1/a1/l1/production/#", "oversize-sub");
+    let agent = Agent::start(&cfg, &dir.path().join("data"));
+    let addr = agent.metrics_addr();
+    let oversize = || {
+        metric(
+            &scrape(&addr, "/metrics"),
+            "plantmesh_device_errors_total{device=\"machines\",reason=\"oversize\"}",
+        )
+    };
+    wait_for("the retained oversize message counted", Duration::from_secs(30), || {
+        oversize() == Some(1.0)
+    });
+    mqtt_pub(broker.port, "plant/line-1/speed", &big, false);
+    for v in 1..=5u64 {
+        mqtt_pub(broker.port, "plant/line-1/speed", v.to_string().as_bytes(), false);
+    }
+    wait_for("the later messages", Duration::from_secs(30), || {
+        (1..=5).all(|v| records(&sub).iter().any(|r| r["fields"]["speed"] == v))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let metrics = scrape(&addr, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "plantmesh_device_errors_total{device=\"machines\",reason=\"oversize\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "plantmesh_device_connected{device=\"machines\"}"),
+        Some(1.0)
+    );
+    assert!(
+        !agent.log().contains("device broker connection lost"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        agent.log().matches("over max_message_bytes is skipped").count(),
+        1,
+        "once per topic"
+    );
 }

@@ -166,7 +166,11 @@ fn garbage_on_the_link_is_counted_and_costs_at_most_the_frame_it_runs_into() {
         metric(&metrics, "plantmesh_device_polls_total{device=\"node\"}") == Some(frames)
     });
     // Each piece of garbage is exactly one undecodable run; only noise running into a frame loses it.
-    let errors = metric(&metrics, "plantmesh_device_errors_total{device=\"node\"}").unwrap();
+    let errors = metric(
+        &metrics,
+        "plantmesh_device_errors_total{device=\"node\",reason=\"framing\"}",
+    )
+    .unwrap();
     assert_eq!(errors, garbage, "{metrics}");
     assert_eq!(
         metric(&metrics, "plantmesh_sensor_lost_frames_total{device=\"node\"}"),

@@ -175,6 +175,8 @@ pub struct Device {
     pub max_registers_per_read: Option<Spanned<u32>>,
     /// Most bits in one read (1..=2000); default 2000.
     pub max_bits_per_read: Option<Spanned<u32>>,
+    /// MQTT devices: the largest message taken (default 1MiB); a larger one is counted and skipped.
+    pub max_message_bytes: Option<Spanned<ByteSize>>,
     #[serde(default)]
     pub tags: Vec<Tag>,
 }
@@ -446,6 +448,7 @@ impl Device {
                 self.max_registers_per_read.as_ref().map(Spanned::span),
             ),
             ("max_bits_per_read", self.max_bits_per_read.as_ref().map(Spanned::span)),
+            ("max_message_bytes", self.max_message_bytes.as_ref().map(Spanned::span)),
             ("url", self.url.as_ref().map(Spanned::span)),
             (
                 "allow_insecure_credentials",

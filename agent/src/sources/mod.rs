@@ -188,6 +188,8 @@ pub struct DeviceStats {
     pub lost_frames: AtomicU64,
     /// Sensor nodes: restarts seen (sequence or uptime going back).
     pub reboots: AtomicU64,
+    /// MQTT devices: messages over `max_message_bytes`, skipped (also counted in `errors`).
+    pub oversize: AtomicU64,
 }
 
 impl DeviceStats {

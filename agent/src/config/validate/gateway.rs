@@ -229,6 +229,7 @@ mod tests {
             | "poll_interval"
             | "timeout"
             | "sampling_interval" => "\"1s\"",
+            "max_message_bytes" => "\"1MiB\"",
             _ => "\"x\"",
         }
     }

@@ -13,7 +13,10 @@ use toml::Spanned;
 /// Device keys an MQTT device reads (beside `id`, `protocol`, `tags`, and the broker's `client_id`,
 /// `username`, `password_file`, `password_env`, `ca_file`, `cert_file`, `key_file`; `password` only
 /// to refuse it).
-pub const DEVICE_KEYS: &[&str] = &["url", "password", "allow_insecure_credentials"];
+pub const DEVICE_KEYS: &[&str] = &["url", "password", "allow_insecure_credentials", "max_message_bytes"];
+
+/// The largest device message taken by default; a larger one is counted and skipped.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1 << 20;
 
 /// Tag keys of MQTT tags (beside `name`, `offset`).
 pub const TAG_KEYS: &[&str] = &[
@@ -154,6 +157,14 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
     };
     let mut broker = upstream_plan(cx, u, agent_id, "", base, key)?;
     broker.version = MqttVersion::V311;
+    broker.max_message_bytes = match &d.max_message_bytes {
+        Some(v) => {
+            let b = Spanned::new(v.span(), v.get_ref().0);
+            cx.range(&b, &format!("{key}.max_message_bytes"), 1 << 10, 64 << 20)
+                .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES) as usize
+        }
+        None => DEFAULT_MAX_MESSAGE_BYTES as usize,
+    };
     let mut tags = Vec::new();
     let mut names = HashSet::new();
     for (ti, t) in d.tags.iter().enumerate() {

@@ -611,9 +611,15 @@ impl MqttSource {
         let filters = router.filters();
         let all = router.all_tags();
         let mut opts = rumqttc::MqttOptions::new(&b.client_id, &b.host, b.port);
+        // MQTT 3.1.1 cannot tell the broker a size limit, and the client cannot skip a packet it
+        // refuses (it drops the connection, and a retained one comes back on every subscribe).
+        // So packets up to a hard cap are read, and those over `max_message_bytes` are counted
+        // and skipped here; only one over the cap still costs the connection.
+        let limit = b.max_message_bytes;
+        let read_cap = limit.saturating_mul(16).clamp(1 << 20, 256 << 20);
         opts.set_keep_alive(b.keep_alive.max(Duration::from_secs(1)))
             .set_clean_session(true)
-            .set_max_packet_size(1 << 20, 1 << 20);
+            .set_max_packet_size(read_cap, 1 << 20);
         if let Some(tls) = resolved.tls {
             opts.set_transport(rumqttc::Transport::tls_with_config(tls));
         }
@@ -624,6 +630,7 @@ impl MqttSource {
         let mut backoff = Backoff::new(b.reconnect_min, b.reconnect_max);
         let mut connected = false;
         let mut unacked_subscriptions = 0;
+        let mut oversize_topics: HashSet<String> = HashSet::new();
         loop {
             let ev = tokio::select! {
                 ev = events.poll() => ev,
@@ -650,6 +657,17 @@ impl MqttSource {
                     if unacked_subscriptions == 0 {
                         self.ctx.stats.connected.store(1, Ordering::Relaxed);
                         info!(device = %self.ctx.id, broker = %address, filters = filters.len(), "subscribed on the device broker");
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) if p.payload.len() > limit => {
+                    DeviceStats::inc(&self.ctx.stats.polls);
+                    DeviceStats::inc(&self.ctx.stats.errors);
+                    DeviceStats::inc(&self.ctx.stats.oversize);
+                    let n = self.ctx.stats.oversize.load(Ordering::Relaxed);
+                    let first = oversize_topics.len() < 1024 && oversize_topics.insert(p.topic.clone());
+                    if first || (oversize_topics.len() >= 1024 && n.is_power_of_two()) {
+                        warn!(device = %self.ctx.id, topic = %p.topic, bytes = p.payload.len(), max_message_bytes = limit,
+                              retained = p.retain, "a device message over max_message_bytes is skipped (logged once per topic, each one counted)");
                     }
                 }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
