@@ -51,6 +51,14 @@ pub enum WriterMsg {
         id: MessageId,
         reason: GapReason,
     },
+    /// The publisher has connected: merge the product's messages appended while it was down, up
+    /// to `through` (its backlog's end; none of them sent yet), into messages as large as the
+    /// limits allow, then report `token` in [`BufferStats::merged`].
+    MergeBacklog {
+        product: ProductKey,
+        through: Option<MessageId>,
+        token: u64,
+    },
 }
 
 /// A product as the writer needs it.
@@ -82,6 +90,11 @@ pub struct BufferStats {
     /// Newest message id appended per product in this run: the publisher reads only products that
     /// have something new, instead of asking redb about every product on every PUBACK.
     pub latest: std::sync::Mutex<std::collections::HashMap<ProductKey, MessageId>>,
+    /// Set by the publisher while its upstream connection is up. Messages appended while it is
+    /// down are never sent before the next connect, so until then they may be merged.
+    pub upstream_connected: std::sync::atomic::AtomicBool,
+    /// The last backlog merge request done, per product (see [`BufferHandle::merge_backlog`]).
+    pub merged: std::sync::Mutex<std::collections::HashMap<ProductKey, u64>>,
 }
 
 /// Producer side of the buffer: handed to map (records) and publish (acks).
@@ -133,6 +146,17 @@ impl BufferHandle {
 
     pub fn dead_letter(&self, product: ProductKey, id: MessageId, reason: GapReason) {
         let _ = self.tx.send(WriterMsg::DeadLetter { product, id, reason });
+    }
+
+    /// Asks for the backlog written while the upstream was down to be merged into large messages
+    /// before its first send (a few records per commit would otherwise make the drain a matter of
+    /// message count). Done when [`BufferStats::merged`] holds `token` for the product.
+    pub fn merge_backlog(&self, product: ProductKey, through: Option<MessageId>, token: u64) {
+        let _ = self.tx.send(WriterMsg::MergeBacklog {
+            product,
+            through,
+            token,
+        });
     }
 
     pub fn gap_ack(&self, id: u64) {
@@ -217,8 +241,12 @@ fn start_with_queue_limit(
                 max_message_bytes,
                 commit_interval,
                 stretches: Vec::new(),
+                eligible: Vec::new(),
+                jobs: std::collections::VecDeque::new(),
+                done: Vec::new(),
             };
             w.stretches = vec![(0, None); w.products.len()];
+            w.eligible = vec![None; w.products.len()];
             w.run()
         })
         .expect("spawn buffer writer");
@@ -250,7 +278,26 @@ struct Writer {
     /// Per slot: records a `block` product did not take in its current blocked stretch, and when
     /// the stretch began. One gap event (one seq) reports a stretch when it ends.
     stretches: Vec<(u64, Option<Instant>)>,
+    /// Per slot: the first message appended while the upstream was down (never sent since).
+    eligible: Vec<Option<MessageId>>,
+    /// Backlog merges under way, oldest first; a commit does at most `MERGE_PER_COMMIT` messages.
+    jobs: std::collections::VecDeque<MergeJob>,
+    /// Merge requests done, to report after the next commit.
+    done: Vec<(ProductKey, u64)>,
 }
+
+/// A product's backlog merge: messages in `from..=through`, read on from `after`.
+struct MergeJob {
+    slot: usize,
+    after: Option<MessageId>,
+    from: MessageId,
+    through: MessageId,
+    token: u64,
+}
+
+/// Most backlog messages one commit reads for merging: the merge happens between commits of live
+/// data, not instead of them.
+const MERGE_PER_COMMIT: usize = 4_000;
 
 /// A blocked stretch longer than this is reported in parts, so a crash loses the count of at most
 /// this long (what was never taken is not in the buffer to be replayed).
@@ -263,6 +310,8 @@ struct Pending {
     acks: Vec<(ProductKey, MessageId)>,
     gap_acks: Vec<u64>,
     dead_letters: Vec<(ProductKey, MessageId, GapReason)>,
+    merges: Vec<(ProductKey, Vec<MessageId>)>,
+    merge_requested: bool,
     count: usize,
 }
 
@@ -272,6 +321,10 @@ impl Writer {
         let mut last_commit = Instant::now();
         let mut closed = false;
         while !closed {
+            // Read before anything is taken: a message appended in this round is eligible for a
+            // backlog merge only if the upstream was down before the round began, and no merge
+            // request (sent after a connect) came in the round.
+            let disconnected = !self.h.stats.upstream_connected.load(Ordering::SeqCst);
             let mut p = Pending {
                 records: vec![Vec::new(); self.products.len()],
                 created: vec![0; self.products.len()],
@@ -302,15 +355,20 @@ impl Writer {
             while let Ok(m) = self.rx.try_recv() {
                 self.take(m, &mut p);
             }
-            let batch = self.batch(p, closed);
+            let merge_requested = p.merge_requested;
+            let mut batch = self.batch(p, closed);
+            let merging = self.merge_work(&mut batch);
             if batch.appends.is_empty()
                 && batch.acks.is_empty()
                 && batch.gap_acks.is_empty()
                 && batch.refused.is_empty()
                 && batch.dead_letters.is_empty()
+                && batch.merges.is_empty()
+                && merging.is_empty()
             {
                 continue;
             }
+
             match self.store.commit(batch) {
                 Ok(done) => {
                     last_commit = Instant::now();
@@ -323,6 +381,18 @@ impl Writer {
                     if let Ok(mut latest) = s.latest.lock() {
                         for (p, id, _) in &done.appended {
                             latest.insert(*p, *id);
+                        }
+                    }
+                    if disconnected && !merge_requested {
+                        for (p, id, _) in &done.appended {
+                            if let Some(&i) = self.slot_of.get(p) {
+                                self.eligible[i].get_or_insert(*id);
+                            }
+                        }
+                    }
+                    if let Ok(mut merged) = s.merged.lock() {
+                        for (p, token) in merging {
+                            merged.insert(p, token);
                         }
                     }
                     s.pending_gaps.fetch_add(done.gaps.len() as u64, Ordering::Relaxed);
@@ -392,7 +462,101 @@ impl Writer {
                 p.dead_letters.push((product, id, reason));
                 p.count += 1;
             }
+            WriterMsg::MergeBacklog {
+                product,
+                through,
+                token,
+            } => {
+                p.merge_requested = true;
+                let Some(&i) = self.slot_of.get(&product) else {
+                    self.done.push((product, token));
+                    return;
+                };
+                // What was appended while the upstream was down, up to the backlog's end; later
+                // appends may be sent live at once, so they lose their eligibility here.
+                match (self.eligible[i].take(), through) {
+                    (Some(from), Some(through)) if from <= through => self.jobs.push_back(MergeJob {
+                        slot: i,
+                        after: None,
+                        from,
+                        through,
+                        token,
+                    }),
+                    _ => self.done.push((product, token)),
+                }
+            }
         }
+    }
+
+    /// Adds the next part of the oldest backlog merges to `batch`: runs of consecutive messages, each
+    /// as large as the product's limits allow. Returns the merge requests this commit completes.
+    fn merge_work(&mut self, batch: &mut Batch) -> Vec<(ProductKey, u64)> {
+        let mut finished = std::mem::take(&mut self.done);
+        let reader = self.store.reader();
+        let mut budget = MERGE_PER_COMMIT;
+        while budget > 0 {
+            let Some(job) = self.jobs.front_mut() else { break };
+            let key = self.keys[job.slot];
+            let slot = &self.products[job.slot];
+            let max_records = slot
+                .max_records
+                .map_or(self.max_records_per_message, |m| m.min(self.max_records_per_message));
+            let after = job.after.or_else(|| {
+                // Just before `from`: messages are keyed by (epoch, seq).
+                Some(if job.from.seq > 0 {
+                    MessageId {
+                        epoch: job.from.epoch,
+                        seq: job.from.seq - 1,
+                    }
+                } else {
+                    MessageId {
+                        epoch: job.from.epoch.saturating_sub(1),
+                        seq: u64::MAX,
+                    }
+                })
+            });
+            let limit = budget;
+            let Ok(msgs) = reader.read_after(key, after, limit) else {
+                break; // a storage problem shows in the commit itself
+            };
+            budget = budget.saturating_sub(msgs.len().max(1));
+            let mut run: Vec<MessageId> = Vec::new();
+            let (mut records, mut bytes) = (0usize, 0usize);
+            let mut last = None;
+            let mut end = msgs.is_empty();
+            for m in &msgs {
+                if m.id > job.through {
+                    end = true;
+                    break;
+                }
+                last = Some(MessageId {
+                    epoch: m.id.epoch,
+                    seq: m.last_seq,
+                });
+                let fits = records + m.records as usize <= max_records && bytes + m.body.len() < self.max_message_bytes;
+                if !fits || run.is_empty() {
+                    if run.len() >= 2 {
+                        batch.merges.push((key, std::mem::take(&mut run)));
+                    }
+                    run.clear();
+                    (records, bytes) = (0, 0);
+                }
+                run.push(m.id);
+                records += m.records as usize;
+                bytes += m.body.len() + 1;
+            }
+            if run.len() >= 2 {
+                batch.merges.push((key, run));
+            }
+            if end || msgs.len() < limit || last.is_some_and(|l| l >= job.through) {
+                let token = job.token;
+                self.jobs.pop_front();
+                finished.push((key, token));
+            } else {
+                job.after = last;
+            }
+        }
+        finished
     }
 
     /// Groups records into messages and settles lost counts (`closing`: every stretch ends now).
@@ -401,6 +565,7 @@ impl Writer {
             acks: p.acks,
             gap_acks: p.gap_acks,
             dead_letters: p.dead_letters,
+            merges: p.merges,
             ..Default::default()
         };
         for (i, records) in p.records.into_iter().enumerate() {

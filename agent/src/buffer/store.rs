@@ -61,19 +61,24 @@ pub struct StoredMessage {
     /// ([`crate::govern::Treatment`]); [`crate::govern::treatment::UNKNOWN`] for messages of
     /// format 1, written before messages carried one.
     pub governance: u64,
+    /// The last seq this message stands for: its own, or, for backlog messages merged into one
+    /// before their first send, the seq of the last one merged (`id.seq..=last_seq`).
+    pub last_seq: u64,
     /// The JSON array of records.
     pub body: Vec<u8>,
 }
 
 impl StoredMessage {
-    /// Format 2: `2, created u64, records u32, governance u64, topic (u16 length), version (u8
-    /// length), body`, little-endian. Format 1 is the same without `governance`.
+    /// Format 2: `2, created u64, records u32, governance u64, last_seq u64, topic (u16 length),
+    /// version (u8 length), body`, little-endian. Format 1 is `1, created, records, topic, version,
+    /// body` (no governance, `last_seq` its own seq).
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(24 + self.topic.len() + self.version.len() + self.body.len());
+        let mut v = Vec::with_capacity(32 + self.topic.len() + self.version.len() + self.body.len());
         v.push(2u8); // format version
         v.extend(self.created.to_le_bytes());
         v.extend(self.records.to_le_bytes());
         v.extend(self.governance.to_le_bytes());
+        v.extend(self.last_seq.to_le_bytes());
         v.extend((self.topic.len() as u16).to_le_bytes());
         v.extend(self.topic.as_bytes());
         v.push(self.version.len() as u8);
@@ -83,9 +88,13 @@ impl StoredMessage {
     }
 
     fn decode(product: ProductKey, name: &Arc<str>, id: MessageId, b: &[u8]) -> Option<StoredMessage> {
-        let (governance, t) = match b.first() {
-            Some(1) => (crate::govern::treatment::UNKNOWN, 13),
-            Some(2) => (u64::from_le_bytes(b.get(13..21)?.try_into().ok()?), 21),
+        let (governance, last_seq, t) = match b.first() {
+            Some(1) => (crate::govern::treatment::UNKNOWN, id.seq, 13),
+            Some(2) => (
+                u64::from_le_bytes(b.get(13..21)?.try_into().ok()?),
+                u64::from_le_bytes(b.get(21..29)?.try_into().ok()?).max(id.seq),
+                29,
+            ),
             _ => return None,
         };
         let created = u64::from_le_bytes(b.get(1..9)?.try_into().ok()?);
@@ -104,12 +113,13 @@ impl StoredMessage {
             topic,
             version,
             governance,
+            last_seq,
             body: b.get(vs + vl..)?.to_vec(),
         })
     }
 
     fn size(&self) -> u64 {
-        (24 + self.topic.len() + self.version.len() + self.body.len() + self.name.len()) as u64 + PER_MESSAGE_OVERHEAD
+        (32 + self.topic.len() + self.version.len() + self.body.len() + self.name.len()) as u64 + PER_MESSAGE_OVERHEAD
     }
 }
 
@@ -159,6 +169,9 @@ pub struct Batch {
     pub gap_acks: Vec<u64>,
     /// Messages the broker refused (MQTT 5 reason code >= 0x80): moved to `dead_letters`.
     pub dead_letters: Vec<(ProductKey, MessageId, GapReason)>,
+    /// Runs of consecutive backlog messages to merge into one before their first send (each run
+    /// becomes one message at its first id, standing for all their seqs).
+    pub merges: Vec<(ProductKey, Vec<MessageId>)>,
     /// Records refused before they reached a message: `(product, count, reason)`; reasons are
     /// `buffer_full_blocked` (a `block` product while full), `writer_overload` (the writer was
     /// too far behind to queue more) and `contract_violation`.
@@ -175,6 +188,8 @@ pub struct Committed {
     pub deleted: usize,
     /// Gap events deleted (acknowledged upstream).
     pub gaps_deleted: usize,
+    /// Merged messages written (each from a run of `Batch::merges`).
+    pub merged: usize,
     /// Products whose `block` share is now full (they stop taking records).
     pub now_blocked: Vec<ProductKey>,
     /// Records of `block` products not taken because their share was full: `(product, records)`,
@@ -474,10 +489,11 @@ impl Store {
                 q.messages = q.messages.saturating_sub(1);
                 total = total.saturating_sub(size);
                 size_changes.push((key, None));
+                let last = decoded.as_ref().map_or(id.seq, |m| m.last_seq);
                 let mut ev = self.gap_event(
                     product,
                     id.epoch,
-                    (id.seq, id.seq),
+                    (id.seq, last),
                     u64::from(records),
                     reason.clone(),
                     now,
@@ -487,6 +503,80 @@ impl Store {
                     ev.topic = decoded.map(|m| format!("{}/_gaps", m.topic)).unwrap_or_default();
                 }
                 record_gap(&mut gaps, &mut drops, ev)?;
+            }
+
+            for (product, run) in &batch.merges {
+                let product = *product;
+                let name = self.keys.name(product);
+                let mut parts = Vec::with_capacity(run.len());
+                for id in run {
+                    let Some(v) = messages.get((&*name, id.epoch, id.seq)).map_err(storage(&path))? else {
+                        break;
+                    };
+                    let Some(m) = StoredMessage::decode(product, &name, *id, v.value()) else {
+                        break;
+                    };
+                    parts.push(m);
+                }
+                // Only a whole run of one stream, each message following the last, one topic,
+                // version and treatment: anything else stays as it is.
+                let whole = parts.len() == run.len()
+                    && parts.len() >= 2
+                    && parts.windows(2).all(|w| {
+                        w[1].id.epoch == w[0].id.epoch
+                            && w[1].id.seq == w[0].last_seq + 1
+                            && w[1].topic == w[0].topic
+                            && w[1].version == w[0].version
+                            && w[1].governance == w[0].governance
+                    });
+                if !whole {
+                    continue;
+                }
+                let mut body = Vec::with_capacity(parts.iter().map(|m| m.body.len()).sum());
+                for (i, m) in parts.iter().enumerate() {
+                    let inner = m
+                        .body
+                        .strip_prefix(b"[")
+                        .and_then(|b| b.strip_suffix(b"]"))
+                        .unwrap_or(&[]);
+                    body.push(if i == 0 { b'[' } else { b',' });
+                    body.extend_from_slice(inner);
+                }
+                body.push(b']');
+                let first = &parts[0];
+                let merged = StoredMessage {
+                    product,
+                    name: name.clone(),
+                    id: first.id,
+                    created: parts.iter().map(|m| m.created).min().unwrap_or(first.created),
+                    records: parts.iter().map(|m| m.records).sum(),
+                    topic: first.topic.clone(),
+                    version: first.version.clone(),
+                    governance: first.governance,
+                    last_seq: parts[parts.len() - 1].last_seq,
+                    body,
+                };
+                let q = queues.entry(product).or_default();
+                for m in &parts {
+                    messages
+                        .remove((&*name, m.id.epoch, m.id.seq))
+                        .map_err(storage(&path))?;
+                    let key = (product, m.id);
+                    let size = size_of(&size_changes, &key).unwrap_or(0);
+                    q.bytes = q.bytes.saturating_sub(size);
+                    q.messages = q.messages.saturating_sub(1);
+                    total = total.saturating_sub(size);
+                    size_changes.push((key, None));
+                }
+                let size = merged.size();
+                messages
+                    .insert((&*name, merged.id.epoch, merged.id.seq), merged.encode().as_slice())
+                    .map_err(storage(&path))?;
+                q.bytes += size;
+                q.messages += 1;
+                total += size;
+                size_changes.push(((product, merged.id), Some(size)));
+                out.merged += 1;
             }
 
             for &(product, count, ref reason) in &batch.refused {
@@ -524,6 +614,7 @@ impl Store {
                     topic: m.topic,
                     version: m.version,
                     governance: m.governance,
+                    last_seq: id.seq,
                     body: m.body,
                 };
                 let size = stored.size();
@@ -531,7 +622,7 @@ impl Store {
 
                 if !fits(q, total) && limits.policy == FullPolicy::DropOldest {
                     // Delete this product's oldest messages until the new one fits.
-                    let mut dropped: Vec<(MessageId, u64)> = Vec::new();
+                    let mut dropped: Vec<(MessageId, u64, u64)> = Vec::new();
                     let mut q_bytes = q.bytes;
                     let mut t = total;
                     {
@@ -544,18 +635,18 @@ impl Store {
                             }
                             let (k, v) = entry.map_err(storage(&path))?;
                             let (_, e, s) = k.value();
-                            let records =
+                            let (records, last) =
                                 StoredMessage::decode(m.product, &name, MessageId { epoch: e, seq: s }, v.value())
-                                    .map_or(0, |x| x.records);
+                                    .map_or((0, s), |x| (x.records, x.last_seq));
                             let key = (m.product, MessageId { epoch: e, seq: s });
                             let sz = size_of(&size_changes, &key).unwrap_or(0);
                             q_bytes = q_bytes.saturating_sub(sz);
                             t = t.saturating_sub(sz);
-                            dropped.push((MessageId { epoch: e, seq: s }, u64::from(records)));
+                            dropped.push((MessageId { epoch: e, seq: s }, last, u64::from(records)));
                         }
                     }
                     if q_bytes + size <= limits.max_bytes && t + size <= self.max_bytes {
-                        for (did, _) in &dropped {
+                        for (did, _, _) in &dropped {
                             messages.remove((&*name, did.epoch, did.seq)).map_err(storage(&path))?;
                             size_changes.push(((m.product, *did), None));
                         }
@@ -564,13 +655,13 @@ impl Store {
                         total = t;
                         // One gap event per contiguous run of seqs within an epoch.
                         let mut runs: Vec<(u64, u64, u64, u64)> = Vec::new(); // epoch, from, to, records
-                        for (did, recs) in &dropped {
+                        for (did, last, recs) in &dropped {
                             match runs.last_mut() {
                                 Some(r) if r.0 == did.epoch && r.2 + 1 == did.seq => {
-                                    r.2 = did.seq;
+                                    r.2 = *last;
                                     r.3 += recs;
                                 }
-                                _ => runs.push((did.epoch, did.seq, did.seq, *recs)),
+                                _ => runs.push((did.epoch, did.seq, *last, *recs)),
                             }
                         }
                         for (epoch, from, to, count) in runs {
@@ -865,7 +956,7 @@ mod tests {
     const TOTAL: u64 = 2400;
 
     fn size(product: &str, body: usize) -> u64 {
-        (24 + TOPIC.len() + VERSION.len() + body + product.len()) as u64 + PER_MESSAGE_OVERHEAD
+        (32 + TOPIC.len() + VERSION.len() + body + product.len()) as u64 + PER_MESSAGE_OVERHEAD
     }
 
     fn open(path: &Path) -> Store {
@@ -1054,13 +1145,14 @@ mod tests {
             topic: "a/b".into(),
             version: "1.2.3".into(),
             governance: 9,
+            last_seq: 1,
             body: b"[{},{}]".to_vec(),
         };
         let v2 = m.encode();
         // Format 1: the same without the governance fingerprint.
         let mut v1 = v2.clone();
         v1[0] = 1;
-        v1.drain(13..21);
+        v1.drain(13..29);
         let old = StoredMessage::decode(m.product, &name, m.id, &v1).unwrap();
         assert_eq!(old.governance, crate::govern::treatment::UNKNOWN);
         assert_eq!((old.topic.as_str(), old.body.as_slice()), ("a/b", &b"[{},{}]"[..]));
@@ -1090,5 +1182,54 @@ mod tests {
         assert_eq!(r.treatment(p, b.fingerprint()).unwrap(), Some(b));
         assert_eq!(r.treatment(r.key("q"), a.fingerprint()).unwrap(), None);
         assert_eq!(r.treatment(p, crate::govern::treatment::UNKNOWN).unwrap(), None);
+    }
+
+    #[test]
+    fn a_merged_run_is_one_message_standing_for_all_its_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Store::open(&dir.path().join("m.redb"), 1 << 20, 1 << 20).unwrap();
+        let p = s.key("p");
+        let new = |n: u8| NewMessage {
+            product: p,
+            created: 10 + u64::from(n),
+            records: 1,
+            topic: "a/b".into(),
+            version: "1.0.0".into(),
+            governance: 3,
+            body: format!("[{{\"n\":{n}}}]").into_bytes(),
+        };
+        s.commit(Batch {
+            appends: (1..=5).map(new).collect(),
+            ..Default::default()
+        })
+        .unwrap();
+        let ids: Vec<MessageId> = (1..=5).map(|seq| MessageId { epoch: 1, seq }).collect();
+        // A run with a hole is left alone.
+        let holed = vec![ids[0], ids[2]];
+        let done = s
+            .commit(Batch {
+                merges: vec![(p, holed), (p, ids[1..].to_vec())],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(done.merged, 1);
+        let r = s.reader();
+        let all = r.read_after(p, None, 10).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0].id.seq, all[0].last_seq), (1, 1));
+        let m = &all[1];
+        assert_eq!((m.id.seq, m.last_seq, m.records, m.created), (2, 5, 4, 12));
+        assert_eq!(m.body, br#"[{"n":2},{"n":3},{"n":4},{"n":5}]"#.to_vec());
+        assert_eq!(s.depth(p).0, 2);
+        // Dropped, a merged message is a gap over all its seqs.
+        let done = s
+            .commit(Batch {
+                dead_letters: vec![(p, m.id, GapReason::EgressDenied)],
+                ..Default::default()
+            })
+            .unwrap();
+        let g = &done.gaps[0].1;
+        assert_eq!((g.from_seq, g.to_seq, g.count), (2, 5, 4));
+        assert_eq!(s.depth(p).0, 1);
     }
 }

@@ -335,6 +335,7 @@ fn published(plan: &Plan) -> Vec<Vec<u8>> {
             topic: p.topic.clone(),
             version: p.version.clone(),
             governance: 1,
+            last_seq: 1,
             body: body.clone(),
         };
         out.push(envelope::encode_message(&m, "gw", false));

@@ -93,13 +93,12 @@ pub fn encode_message(m: &StoredMessage, agent: &str, historical: bool) -> Vec<u
     out.extend(serde_json::to_vec(&m.version).expect("string"));
     out.extend_from_slice(b",\"agent\":");
     out.extend(serde_json::to_vec(agent).expect("string"));
-    out.extend(
-        format!(
-            ",\"epoch\":{},\"seq\":{},\"historical\":{historical},\"records\":",
-            m.id.epoch, m.id.seq
-        )
-        .as_bytes(),
-    );
+    out.extend(format!(",\"epoch\":{},\"seq\":{}", m.id.epoch, m.id.seq).as_bytes());
+    if m.last_seq > m.id.seq {
+        // Backlog messages merged before their first send: this one stands for seq..=last_seq.
+        out.extend(format!(",\"last_seq\":{}", m.last_seq).as_bytes());
+    }
+    out.extend(format!(",\"historical\":{historical},\"records\":").as_bytes());
     out.extend(&m.body);
     out.push(b'}');
     out
@@ -331,6 +330,7 @@ mod tests {
             topic: "t".into(),
             version: "1.2.0".into(),
             governance: 1,
+            last_seq: 1042,
             body: br#"[{"ts":"2026-11-21T10:00:00.123Z","fields":{"a":1.5},"quality":{"a":"good"}}]"#.to_vec(),
         };
         let v: Json = serde_json::from_slice(&encode_message(&m, "gw-\"1", true)).unwrap();

@@ -308,6 +308,8 @@ struct Session {
     /// Whether messages of a product governed under a treatment (fingerprint) other than today's
     /// may go: judged once per pair ([`crate::govern::Treatment::covers`]).
     verdicts: HashMap<(ProductKey, u64), bool>,
+    /// Backlog merges asked for at connect and not yet done: the product's backlog waits.
+    merging: HashMap<ProductKey, u64>,
 }
 
 /// The Sparkplug side of a session: data goes out at QoS 0, so delivery is confirmed by a barrier.
@@ -328,7 +330,16 @@ struct SpSession {
     barriers: std::collections::VecDeque<Vec<Key>>,
 }
 
+/// Merge request tokens, unique in the process.
+static MERGE_TOKENS: AtomicU64 = AtomicU64::new(1);
+
 impl Session {
+    fn merge_token(&mut self, product: ProductKey) -> u64 {
+        let token = MERGE_TOKENS.fetch_add(1, Ordering::Relaxed);
+        self.merging.insert(product, token);
+        token
+    }
+
     /// Messages not yet confirmed: awaiting PUBACK, or (Sparkplug) a barrier.
     fn busy(&self) -> usize {
         self.inflight.len() + self.sp.unconfirmed()
@@ -525,6 +536,8 @@ impl Publisher {
                         connected = true;
                         backoff.reset();
                         self.stats.connected.store(1, Ordering::Relaxed);
+                        // Before anything is read: from here on, new messages may be sent at once.
+                        self.buffer.stats.upstream_connected.store(true, Ordering::SeqCst);
                         self.stats.connects.fetch_add(1, Ordering::Relaxed);
                         session = self.new_session();
                         session.sp.bd_seq = bd_seq;
@@ -547,6 +560,7 @@ impl Publisher {
                             (link, bd_seq) = self.new_link()?;
                             connected = false;
                             self.stats.connected.store(0, Ordering::Relaxed);
+                        self.buffer.stats.upstream_connected.store(false, Ordering::SeqCst);
                         }
                     }
                     Ok(LinkEvent::PubAck { pkid, failure }) => {
@@ -608,6 +622,7 @@ impl Publisher {
                         }
                         connected = false;
                         self.stats.connected.store(0, Ordering::Relaxed);
+                        self.buffer.stats.upstream_connected.store(false, Ordering::SeqCst);
                         if stopping.is_some() {
                             continue;
                         }
@@ -651,6 +666,7 @@ impl Publisher {
             last_refill: Instant::now(),
             sp: SpSession::default(),
             verdicts: HashMap::new(),
+            merging: HashMap::new(),
         }
     }
 
@@ -678,6 +694,10 @@ impl Publisher {
                     backlog_end: end,
                 },
             );
+            // What was written while the upstream was down becomes large messages before its first
+            // send; the product's backlog waits for that (live data does not).
+            let token = s.merge_token(p);
+            self.buffer.merge_backlog(p, end, token);
         }
         Ok(())
     }
@@ -809,6 +829,20 @@ impl Publisher {
                     if historical && end.is_none() {
                         continue;
                     }
+                    if historical {
+                        if let Some(&token) = s.merging.get(&name) {
+                            let done = self
+                                .buffer
+                                .stats
+                                .merged
+                                .lock()
+                                .is_ok_and(|m| m.get(&name) >= Some(&token));
+                            if !done {
+                                continue;
+                            }
+                            s.merging.remove(&name);
+                        }
+                    }
                     let msgs = self.reader.read_after(name, after, budget)?;
                     if historical && msgs.first().is_none_or(|m| Some(m.id) > end) {
                         // Backlog fully sent (what is left of it was acknowledged meanwhile).
@@ -823,10 +857,15 @@ impl Publisher {
                         }
                         let key = (m.product, m.id);
                         if let Some(cursor) = s.cursors.get_mut(&name) {
+                            // A merged message stands for its seqs up to `last_seq`.
+                            let through = MessageId {
+                                epoch: m.id.epoch,
+                                seq: m.last_seq,
+                            };
                             if historical {
-                                cursor.backlog_after = Some(m.id);
+                                cursor.backlog_after = Some(through);
                             } else {
-                                cursor.live_after = Some(m.id);
+                                cursor.live_after = Some(through);
                             }
                         }
                         if acked.contains_key(&key) || s.sent.contains_key(&key) {
@@ -883,6 +922,7 @@ impl Publisher {
                             ("version".to_string(), m.version.clone()),
                             ("epoch".to_string(), m.id.epoch.to_string()),
                             ("seq".to_string(), m.id.seq.to_string()),
+                            ("last_seq".to_string(), m.last_seq.to_string()),
                             ("historical".to_string(), historical.to_string()),
                         ];
                         let qos = self
