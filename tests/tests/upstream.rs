@@ -475,10 +475,7 @@ fn one_tcp_connection_per_connection_attempt() {
 /// drops (publishing the will, `offline`) and another.
 #[test]
 fn the_retained_status_after_every_start_is_online() {
-    let starts: usize = std::env::var("PLANTMESH_STATUS_STARTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let starts: usize = env_or("PLANTMESH_STATUS_STARTS", 50);
     let modbus = counter();
     let broker = Mosquitto::start(false, "");
     let dir = tempfile::tempdir().unwrap();

@@ -826,3 +826,8 @@ impl Proxy {
         )
     }
 }
+
+/// A test length from the environment (long runs behind a variable, a short one in CI).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
