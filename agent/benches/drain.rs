@@ -290,12 +290,13 @@ fn main() {
         agent = start_agent(bin, &cfg, &data);
     }
 
-    let _broker = broker(dir.path(), broker_port);
+    // Counted from before the broker comes up: the drain may be over in well under a second.
+    let acked0 = metric(&scrape(metrics_port), "plantmesh_records_acked_total").unwrap_or(0.0);
     let pid = agent.0.id();
     let clk = 100.0; // USER_HZ on Linux
     let start = Instant::now();
     let (t0, _) = proc_stat(pid);
-    let acked0 = metric(&scrape(metrics_port), "plantmesh_records_acked_total").unwrap_or(0.0);
+    let _broker = broker(dir.path(), broker_port);
     let mut peak_rss = 0;
     let mut last = Instant::now();
     let (acked, p99) = loop {
