@@ -17,6 +17,7 @@
 //! Failure: a storage error stops the writer; the agent raises an alarm and exits non-zero so the
 //! service manager restarts it. Nothing is reported accepted after a failed commit.
 
+mod message;
 pub mod store;
 
 mod gap;

@@ -13,6 +13,8 @@
 //! transaction, so a consumer can prove completeness from seq continuity plus gap events.
 //! A commit returns only after redb's `Durability::Immediate` commit (fsync) has returned.
 
+use super::message::PER_MESSAGE_OVERHEAD;
+pub use super::message::{MessageId, NewMessage, StoredMessage};
 use super::{GapReason, Keys, ProductKey};
 use crate::config::FullPolicy;
 use crate::model::Millis;
@@ -28,112 +30,12 @@ const DROPS: TableDefinition<(&str, &str), u64> = TableDefinition::new("drops");
 const DEAD: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("dead_letters");
 const TREATMENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("treatments");
 
-/// Bytes of bookkeeping counted per message on top of its value (key and page overhead, roughly).
-const PER_MESSAGE_OVERHEAD: u64 = 48;
-
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
     #[error("buffer storage error in {path}: {source}; stopping: nothing more can be accepted safely")]
     Storage { path: PathBuf, source: redb::Error },
     #[error("cannot move the corrupt buffer {path} aside: {source}")]
     MoveAside { path: PathBuf, source: std::io::Error },
-}
-
-/// Identity of a message within its product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MessageId {
-    pub epoch: u64,
-    pub seq: u64,
-}
-
-/// A message as stored and as read back for publishing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    pub product: ProductKey,
-    /// The product version's name, `{id}.v{major}`.
-    pub name: Arc<str>,
-    pub id: MessageId,
-    pub created: Millis,
-    pub records: u32,
-    pub topic: String,
-    pub version: String,
-    /// Fingerprint of the governance treatment the records were governed under
-    /// ([`crate::govern::Treatment`]); [`crate::govern::treatment::UNKNOWN`] for messages of
-    /// format 1, written before messages carried one.
-    pub governance: u64,
-    /// The last seq this message stands for: its own, or, for backlog messages merged into one
-    /// before their first send, the seq of the last one merged (`id.seq..=last_seq`).
-    pub last_seq: u64,
-    /// The JSON array of records.
-    pub body: Vec<u8>,
-}
-
-impl StoredMessage {
-    /// Format 2: `2, created u64, records u32, governance u64, last_seq u64, topic (u16 length),
-    /// version (u8 length), body`, little-endian. Format 1 is `1, created, records, topic, version,
-    /// body` (no governance, `last_seq` its own seq).
-    fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(32 + self.topic.len() + self.version.len() + self.body.len());
-        v.push(2u8); // format version
-        v.extend(self.created.to_le_bytes());
-        v.extend(self.records.to_le_bytes());
-        v.extend(self.governance.to_le_bytes());
-        v.extend(self.last_seq.to_le_bytes());
-        v.extend((self.topic.len() as u16).to_le_bytes());
-        v.extend(self.topic.as_bytes());
-        v.push(self.version.len() as u8);
-        v.extend(self.version.as_bytes());
-        v.extend(&self.body);
-        v
-    }
-
-    fn decode(product: ProductKey, name: &Arc<str>, id: MessageId, b: &[u8]) -> Option<StoredMessage> {
-        let (governance, last_seq, t) = match b.first() {
-            Some(1) => (crate::govern::treatment::UNKNOWN, id.seq, 13),
-            Some(2) => (
-                u64::from_le_bytes(b.get(13..21)?.try_into().ok()?),
-                u64::from_le_bytes(b.get(21..29)?.try_into().ok()?).max(id.seq),
-                29,
-            ),
-            _ => return None,
-        };
-        let created = u64::from_le_bytes(b.get(1..9)?.try_into().ok()?);
-        let records = u32::from_le_bytes(b.get(9..13)?.try_into().ok()?);
-        let tl = usize::from(u16::from_le_bytes(b.get(t..t + 2)?.try_into().ok()?));
-        let topic = std::str::from_utf8(b.get(t + 2..t + 2 + tl)?).ok()?.to_string();
-        let vl = usize::from(*b.get(t + 2 + tl)?);
-        let vs = t + 3 + tl;
-        let version = std::str::from_utf8(b.get(vs..vs + vl)?).ok()?.to_string();
-        Some(StoredMessage {
-            product,
-            name: name.clone(),
-            id,
-            created,
-            records,
-            topic,
-            version,
-            governance,
-            last_seq,
-            body: b.get(vs + vl..)?.to_vec(),
-        })
-    }
-
-    fn size(&self) -> u64 {
-        (32 + self.topic.len() + self.version.len() + self.body.len() + self.name.len()) as u64 + PER_MESSAGE_OVERHEAD
-    }
-}
-
-/// A message to append; the store gives it its `(epoch, seq)`.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    pub product: ProductKey,
-    pub created: Millis,
-    pub records: u32,
-    pub topic: String,
-    pub version: String,
-    /// See [`StoredMessage::governance`].
-    pub governance: u64,
-    pub body: Vec<u8>,
 }
 
 /// Records lost before or at the buffer, as reported upstream on `_gaps`.
@@ -518,43 +420,9 @@ impl Store {
                     };
                     parts.push(m);
                 }
-                // Only a whole run of one stream, each message following the last, one topic,
-                // version and treatment: anything else stays as it is.
-                let whole = parts.len() == run.len()
-                    && parts.len() >= 2
-                    && parts.windows(2).all(|w| {
-                        w[1].id.epoch == w[0].id.epoch
-                            && w[1].id.seq == w[0].last_seq + 1
-                            && w[1].topic == w[0].topic
-                            && w[1].version == w[0].version
-                            && w[1].governance == w[0].governance
-                    });
-                if !whole {
+                // Only a whole run of one stream: anything else stays as it is.
+                let Some(merged) = StoredMessage::merge(&parts).filter(|_| parts.len() == run.len()) else {
                     continue;
-                }
-                let mut body = Vec::with_capacity(parts.iter().map(|m| m.body.len()).sum());
-                for (i, m) in parts.iter().enumerate() {
-                    let inner = m
-                        .body
-                        .strip_prefix(b"[")
-                        .and_then(|b| b.strip_suffix(b"]"))
-                        .unwrap_or(&[]);
-                    body.push(if i == 0 { b'[' } else { b',' });
-                    body.extend_from_slice(inner);
-                }
-                body.push(b']');
-                let first = &parts[0];
-                let merged = StoredMessage {
-                    product,
-                    name: name.clone(),
-                    id: first.id,
-                    created: parts.iter().map(|m| m.created).min().unwrap_or(first.created),
-                    records: parts.iter().map(|m| m.records).sum(),
-                    topic: first.topic.clone(),
-                    version: first.version.clone(),
-                    governance: first.governance,
-                    last_seq: parts[parts.len() - 1].last_seq,
-                    body,
                 };
                 let q = queues.entry(product).or_default();
                 for m in &parts {
