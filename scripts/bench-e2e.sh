@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # End to end into a real Mosquitto at QoS 1 with simulated Modbus TCP devices (release build):
-# delivered points/s, CPU core-ms per 1000 points, RSS, p50/p99 read-to-PUBACK latency.
+# delivered points/s, CPU core-ms per 1000 points, RSS, p50/p99 read-to-PUBACK latency, and bytes
+# the agent wrote to storage per point (write_bytes of /proc/<pid>/io).
 #   scripts/bench-e2e.sh                       both scenarios of the spine issue
 #   scripts/bench-e2e.sh DEVICES REGS POLL     one scenario, e.g. 10 1000 100ms
+#   BENCH_PUBACK_DELAY_MS=50 scripts/bench-e2e.sh   the broker's answers 50 ms late (a slow uplink,
+#                                              through tests/peers/delay_proxy.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -33,6 +36,14 @@ allow_anonymous true
 CONF
 mosquitto -c "$work/mosquitto.conf" & pids+=($!)
 sleep 0.5
+uplink=$port
+if [ -n "${BENCH_PUBACK_DELAY_MS:-}" ]; then
+  python3 "$root/tests/peers/delay_proxy.py" 0 "$port" "$BENCH_PUBACK_DELAY_MS" > "$work/proxy.out" & pids+=($!)
+  for _ in $(seq 50); do grep -q '^PROXY' "$work/proxy.out" 2>/dev/null && break; sleep 0.1; done
+  uplink=$(awk '/^PROXY/{print $2}' "$work/proxy.out")
+  echo "uplink through a proxy delaying the broker's answers by ${BENCH_PUBACK_DELAY_MS} ms"
+fi
+wbytes() { awk '/^write_bytes/{print $2}' "/proc/$1/io"; }
 
 run() {
   local devices=$1 regs=$2 poll=$3
@@ -41,8 +52,8 @@ run() {
   "$bin" simulate --devices "$devices" --registers "$regs" > "$dir/sim.out" & local sim=$!; pids+=($sim)
   for _ in $(seq 100); do [ "$(grep -c '^SIM' "$dir/sim.out" || true)" -ge "$devices" ] && break; sleep 0.1; done
   {
-    printf '[agent]\nid = "gw-bench"\nsite = "bench"\narea = "a"\nline = "l"\ngovernance = "builtin-defaults"\n\n'
-    printf '[upstream]\nurl = "mqtt://127.0.0.1:%s"\nprotocol = "5"\nmax_inflight = 64\n\n' "$port"
+    printf '[agent]\nid = "gw-bench"\nsite = "bench"\narea = "a"\nline = "l"\ngovernance = "builtin-defaults"\nmetrics_listen = "127.0.0.1:0"\n\n'
+    printf '[upstream]\nurl = "mqtt://127.0.0.1:%s"\nprotocol = "5"\nmax_inflight = 64\n\n' "$uplink"
     printf '[buffer]\nmax_bytes = "1GiB"\n\n'
     while read -r _ i addr; do
       printf '[[devices]]\nid = "d%s"\nprotocol = "modbus_tcp"\naddress = "%s"\npoll_interval = "%s"\n' "$i" "$addr" "$poll"
@@ -58,9 +69,13 @@ run() {
   "$bin" check "$dir/cfg" > /dev/null
   PLANTMESH_LOG=info "${BENCH_AGENT:-$bin}" run --config "$dir/cfg" --data-dir "$dir/data" 2> "$dir/agent.log" & local agent=$!; pids+=($agent)
   sleep 5   # warm-up: connections, first polls
-  local t0 c0; t0=$(date +%s.%N); c0=$(cpu_ticks "$agent")
+  local metrics; metrics=$(sed -n 's|.*metrics on http://\([^/]*\)/metrics.*|\1|p' "$dir/agent.log" | head -1)
+  curl_metrics() { python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics").read().decode())' "$metrics"; }
+  curl_metrics > "$dir/m0"
+  local t0 c0 w0; t0=$(date +%s.%N); c0=$(cpu_ticks "$agent"); w0=$(wbytes "$agent")
   sleep "$seconds"
-  local t1 c1; t1=$(date +%s.%N); c1=$(cpu_ticks "$agent")
+  local t1 c1 w1; t1=$(date +%s.%N); c1=$(cpu_ticks "$agent"); w1=$(wbytes "$agent")
+  curl_metrics > "$dir/m1"
   local rss hwm anon; rss=$(awk '/VmRSS/{print $2}' "/proc/$agent/status"); hwm=$(awk '/VmHWM/{print $2}' "/proc/$agent/status"); anon=$(awk '/RssAnon/{print $2}' "/proc/$agent/status")
   kill -TERM "$agent"; wait "$agent" || true
   kill -TERM "$sim"; wait "$sim" 2>/dev/null || true
@@ -70,9 +85,35 @@ run() {
   p50=$(sed -n 's/.*latency_p50_ms=\([0-9]*\).*/\1/p' <<< "$summary")
   p99=$(sed -n 's/.*latency_p99_ms=\([0-9]*\).*/\1/p' <<< "$summary")
   # Points delivered over the whole run (warm-up and drain included) and over the measured window.
-  python3 - "$devices" "$regs" "$poll" "$records" "$t0" "$t1" "$c0" "$c1" "$clk" "$rss" "$hwm" "$p50" "$p99" "$seconds" "$anon" <<'PY'
+  python3 - "$devices" "$regs" "$poll" "$records" "$t0" "$t1" "$c0" "$c1" "$clk" "$rss" "$hwm" "$p50" "$p99" "$seconds" "$anon" "$w0" "$w1" "$dir/m0" "$dir/m1" <<'PY'
 import sys
-d, r, poll, records, t0, t1, c0, c1, clk, rss, hwm, p50, p99, secs, anon = sys.argv[1:]
+d, r, poll, records, t0, t1, c0, c1, clk, rss, hwm, p50, p99, secs, anon, w0, w1, m0, m1 = sys.argv[1:]
+
+
+def buckets(path):
+    out = {}
+    for line in open(path):
+        if line.startswith("plantmesh_publish_latency_window_ms_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            out[le] = int(line.rsplit(" ", 1)[1])
+    return out
+
+
+# Read-to-PUBACK latency over the measured window only (warm-up excluded): the first bound that
+# holds the quantile, from the agent's cumulative histogram.
+b0, b1 = buckets(m0), buckets(m1)
+window = [(le, b1[le] - b0.get(le, 0)) for le in b1]
+total = dict(window).get("+Inf", 0)
+
+
+def quantile(q):
+    for le, n in window:
+        if total and n >= q * total:
+            return le
+    return "?"
+
+
+w50, w99 = quantile(0.5), quantile(0.99)
 d, r, records = int(d), int(r), int(records)
 wall = float(t1) - float(t0)
 cpu_ms = (int(c1) - int(c0)) * 1000 / int(clk)
@@ -82,7 +123,8 @@ points = records * r
 print(f"{d} devices x {r} registers @ {poll}: offered {offered:.0f} points/s; delivered {points} points total "
       f"(~{points / (wall + 5):.0f}/s over the run); CPU {cpu_ms / wall:.0f} core-ms/s = "
       f"{cpu_ms / (offered * wall / 1000):.2f} core-ms per 1000 points; RSS {int(rss) / 1024:.1f} MiB "
-      f"(anonymous {int(anon) / 1024:.1f} MiB, peak {int(hwm) / 1024:.1f} MiB); read-to-PUBACK p50 {p50} ms, p99 {p99} ms")
+      f"(anonymous {int(anon) / 1024:.1f} MiB, peak {int(hwm) / 1024:.1f} MiB); read-to-PUBACK over the window p50 <= {w50} ms, p99 <= {w99} ms (whole run incl. warm-up {p50}/{p99} ms); "
+      f"written {(int(w1) - int(w0)) / wall / 1000:.1f} kB/s = {(int(w1) - int(w0)) / (offered * wall):.2f} B per point")
 PY
 }
 

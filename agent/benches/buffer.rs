@@ -38,7 +38,14 @@ fn main() {
                 },
             })
             .collect();
-        let (h, writer) = buffer::start(store, products, Duration::from_millis(interval_ms), 100, 256 << 10);
+        let opts = buffer::WriterOptions {
+            commit_interval: Duration::from_millis(interval_ms),
+            max_records_per_message: 100,
+            max_message_bytes: 256 << 10,
+            commit_before_send: false,
+        };
+        // Nothing acknowledges: every record is committed (the broker-down case).
+        let (h, writer) = buffer::start(store, products, opts);
         // A typical record: 10 fields, ~330 bytes of JSON.
         let record = br#"{"ts":"2026-11-21T10:00:00.123Z","fields":{"f0":181.5,"f1":12,"f2":true,"f3":0.25,"f4":1042,"f5":3,"f6":17.75,"f7":false,"f8":99,"f9":-4.5},"quality":{"f0":"good","f1":"good","f2":"good","f3":"good","f4":"good","f5":"good","f6":"good","f7":"good","f8":"good","f9":"good"}}"#.to_vec();
         let start = Instant::now();

@@ -681,7 +681,7 @@ fn buffer(action: BufferAction) -> anyhow::Result<()> {
             for &p in &products {
                 for m in reader.read_after(p, None, usize::MAX)? {
                     let records: serde_json::Value = serde_json::from_slice(&m.body).unwrap_or(serde_json::Value::Null);
-                    let line = serde_json::json!({"product": &*m.name, "epoch": m.id.epoch, "seq": m.id.seq, "topic": m.topic, "records": records});
+                    let line = serde_json::json!({"product": &*m.name, "epoch": m.id.epoch, "seq": m.id.seq, "last_seq": m.last_seq, "created": m.created, "topic": m.topic, "records": records});
                     use std::io::Write;
                     writeln!(out, "{line}")?;
                 }

@@ -125,6 +125,10 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     let (mut store, report) = Store::open(&buffer_path, plan.buffer.max_bytes, 1 << 20)?;
     info!(path = %buffer_path.display(), epoch = report.epoch, pending_messages = report.pending_messages,
           pending_bytes = report.pending_bytes, "buffer opened");
+    for g in &report.crashed {
+        tracing::warn!(product = %g.product, epoch = g.epoch, from_seq = g.from_seq, to_seq = g.to_seq,
+            "the last run stopped without a clean shutdown: these seqs were numbered but neither committed nor seen acknowledged (each delivered or lost); crash gap event recorded");
+    }
 
     let upstream = match &plan.upstream {
         Some(u) => u.clone(),
@@ -169,9 +173,12 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     let (handle, writer) = buffer::start(
         store,
         slots,
-        plan.buffer.commit_interval,
-        upstream.max_records_per_message,
-        upstream.max_message_bytes,
+        buffer::WriterOptions {
+            commit_interval: plan.buffer.commit_interval,
+            max_records_per_message: upstream.max_records_per_message,
+            max_message_bytes: upstream.max_message_bytes,
+            commit_before_send: plan.buffer.commit_before_send,
+        },
     );
     let (writer_done_tx, mut writer_done) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {

@@ -114,9 +114,27 @@ fn metrics(r: &Running) -> String {
     );
     gauge(
         "plantmesh_records_accepted_total",
-        "Records committed to the buffer.",
+        "Records taken into numbered messages (safe once committed or acknowledged).",
         "counter",
         b.accepted_records.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_written_messages_total",
+        "Messages written to storage because the broker had not acknowledged them within the commit interval.",
+        "counter",
+        b.written_messages.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_unwritten_messages_total",
+        "Messages the broker acknowledged before their commit was due: never written.",
+        "counter",
+        b.unwritten_messages.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_staged_messages",
+        "Messages numbered and in memory, neither committed nor acknowledged yet.",
+        "gauge",
+        b.staged_messages.load(Relaxed).to_string(),
     );
     gauge(
         "plantmesh_records_dropped_total",
@@ -163,6 +181,16 @@ fn metrics(r: &Running) -> String {
             let _ = writeln!(s, "plantmesh_publish_latency_ms{{quantile=\"{q}\"}} {v}");
         }
     }
+    // The same as cumulative buckets, so that a scraper can take quantiles over any window.
+    let _ = writeln!(
+        s,
+        "# HELP plantmesh_publish_latency_window_ms Read-to-PUBACK latency of live messages, cumulative.\n# TYPE plantmesh_publish_latency_window_ms histogram"
+    );
+    for (le, n) in p.latency_buckets() {
+        let _ = writeln!(s, "plantmesh_publish_latency_window_ms_bucket{{le=\"{le}\"}} {n}");
+    }
+    let total = p.latency_total();
+    let _ = writeln!(s, "plantmesh_publish_latency_window_ms_bucket{{le=\"+Inf\"}} {total}");
     let devices = &r.plan.devices;
     let per_device = |f: &dyn Fn(usize) -> u64| -> Vec<(String, String)> {
         devices

@@ -160,9 +160,13 @@ fn nothing_accepted_is_lost_across_sigkill_and_broker_restarts() {
         "replayed messages must be historical"
     );
 
-    // 5. A broker restart in the middle of the second epoch's stream.
+    // 5. A broker restart in the middle of the second epoch's stream, once the subscriber is past
+    // the replayed backlog (so that what the broker redelivers to it after its own restart, the
+    // messages it had sent the subscriber and not yet seen acknowledged, are live ones only).
+    let epoch2 = |sub: &Subscriber| received(sub).0.keys().filter(|k| k.0 == 2).count();
+    let before = epoch2(&sub);
     wait_for("live messages of epoch 2", Duration::from_secs(30), || {
-        received(&sub).0.keys().filter(|k| k.0 == 2).count() >= 10
+        epoch2(&sub) >= before.max(10) + 10
     });
     broker.restart();
     wait_for(
@@ -361,6 +365,7 @@ fn a_full_buffer_under_drop_oldest_reports_exactly_what_it_dropped() {
     agent.restart();
     let gap_total =
         |sub: &Subscriber| -> u64 { sub.messages().iter().map(|(_, g)| g["count"].as_u64().unwrap()).sum() };
+    // (A `crash` event counts 0 records: the count of what a crash lost is not known.)
     wait_for("gap events adding up to the drops", Duration::from_secs(30), || {
         gap_total(&sub) >= dropped
     });
@@ -376,7 +381,15 @@ fn a_full_buffer_under_drop_oldest_reports_exactly_what_it_dropped() {
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
         .unwrap();
     assert!(report.contains("gap events awaiting upstream: 0"), "{report}");
-    let gaps: Vec<serde_json::Value> = sub.messages().into_iter().map(|(_, g)| g).collect();
+    // The SIGKILL is announced too: one `crash` event over the seqs the killed run had numbered
+    // (and reserved) but not committed, none of which were stored.
+    let (crashes, gaps): (Vec<serde_json::Value>, Vec<serde_json::Value>) = sub
+        .messages()
+        .into_iter()
+        .map(|(_, g)| g)
+        .partition(|g| g["reason"] == "crash");
+    assert_eq!(crashes.len(), 1, "{crashes:?}");
+    assert_eq!(crashes[0]["epoch"], 1);
     assert!(
         gaps.iter().all(|g| g["reason"] == "buffer_full_drop_oldest"),
         "{gaps:?}"
@@ -389,20 +402,24 @@ fn a_full_buffer_under_drop_oldest_reports_exactly_what_it_dropped() {
     // Each gap covers a run of seqs, and the runs never overlap.
     let mut seqs: Vec<u64> = gaps
         .iter()
+        .chain(&crashes)
         .flat_map(|g| g["from_seq"].as_u64().unwrap()..=g["to_seq"].as_u64().unwrap())
         .collect();
+    let crashed = crashes[0]["to_seq"].as_u64().unwrap() - crashes[0]["from_seq"].as_u64().unwrap() + 1;
     let n = seqs.len();
     seqs.sort_unstable();
     seqs.dedup();
     assert_eq!(seqs.len(), n, "overlapping gap events");
     assert_eq!(
-        n as u64, dropped,
+        n as u64,
+        dropped + crashed,
         "one record per message here, so one seq per dropped record"
     );
 }
 
 /// `block` as documented: with the broker down the product's share fills and it stops taking
-/// records; everything the blocked stretch did not take is one gap event (one seq), and it
+/// records; everything the blocked stretch did not take is one gap event (over the seqs of the
+/// messages numbered before the product blocked and refused at their commit), and it
 /// unblocks once half its share is free after the broker returns (the time it takes is printed).
 #[test]
 fn a_blocked_product_reports_its_stretch_as_one_gap_and_unblocks() {
@@ -449,7 +466,11 @@ fn a_blocked_product_reports_its_stretch_as_one_gap_and_unblocks() {
             .iter()
             .map(|m| m["seq"].as_u64().unwrap())
             .collect();
-        v.extend(gaps(sub).iter().map(|g| g["from_seq"].as_u64().unwrap()));
+        v.extend(
+            gaps(sub)
+                .iter()
+                .flat_map(|g| g["from_seq"].as_u64().unwrap()..=g["to_seq"].as_u64().unwrap()),
+        );
         v.sort_unstable();
         v.dedup();
         v
@@ -473,7 +494,9 @@ fn a_blocked_product_reports_its_stretch_as_one_gap_and_unblocks() {
     assert_eq!(gaps.len(), 1, "one gap event for one blocked stretch: {gaps:?}");
     let g = &gaps[0];
     assert_eq!(g["reason"], "buffer_full_blocked");
-    assert_eq!(g["from_seq"], g["to_seq"], "one seq stands for the whole stretch");
+    // A few seqs at most: the messages of one commit interval (20 ms of a 10 ms poll).
+    let seqs = g["to_seq"].as_u64().unwrap() - g["from_seq"].as_u64().unwrap() + 1;
+    assert!(seqs <= 10, "{g}");
     assert!(g["count"].as_u64().unwrap() > 100, "{g}");
 }
 

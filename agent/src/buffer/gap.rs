@@ -25,6 +25,10 @@ pub enum GapReason {
     SparkplugEncoding,
     /// The broker refused the message (MQTT 5 reason code >= 0x80).
     BrokerRejected(u8),
+    /// The agent stopped without a clean shutdown (power cut, SIGKILL, panic) while these seqs
+    /// were numbered but neither committed nor known to be acknowledged: each was either
+    /// delivered before the crash or lost with it. The count of records is not known (0).
+    Crash,
     /// A reason this build does not know (written by another version).
     Other(String),
 }
@@ -43,6 +47,7 @@ impl GapReason {
             GapReason::GovernanceChanged => Borrowed("governance_changed"),
             GapReason::SparkplugEncoding => Borrowed("sparkplug_encoding"),
             GapReason::BrokerRejected(code) => format!("broker_rejected_0x{code:02x}").into(),
+            GapReason::Crash => Borrowed("crash"),
             GapReason::Other(s) => s.clone().into(),
         }
     }
@@ -58,6 +63,7 @@ impl GapReason {
             "egress_denied" => GapReason::EgressDenied,
             "governance_changed" => GapReason::GovernanceChanged,
             "sparkplug_encoding" => GapReason::SparkplugEncoding,
+            "crash" => GapReason::Crash,
             _ => match s.strip_prefix("broker_rejected_0x").map(|h| u8::from_str_radix(h, 16)) {
                 Some(Ok(code)) => GapReason::BrokerRejected(code),
                 _ => GapReason::Other(s.to_string()),
@@ -107,6 +113,7 @@ mod tests {
             GapReason::GovernanceChanged,
             GapReason::SparkplugEncoding,
             GapReason::BrokerRejected(0x97),
+            GapReason::Crash,
             GapReason::Other("from_a_newer_agent".into()),
         ];
         for r in all {

@@ -1,24 +1,32 @@
 //! Buffer: the durable middle of the pipeline.
 //!
 //! In: encoded records per product (from map) and acknowledgements (from publish). Out: numbered
-//! messages in redb, read by the publisher. A record is *accepted* when the group commit that wrote
-//! its message has returned from fsync; from then on it survives crashes and power cuts until the
-//! broker's PUBACK for that exact message deletes it.
+//! messages, staged in memory for the publisher at once ([`live`]) and committed to redb when the
+//! broker has not acknowledged them within `commit_interval` ([`writer`]).
 //!
-//! Group commit: one writer thread collects for `commit_interval` (default 200 ms) and writes
-//! everything (new messages, deletions, gap events) in one redb transaction with
-//! `Durability::Immediate`. Fsyncs are therefore bounded by 1/commit_interval (5/s by default) at any
-//! rate up to 50,000 records per interval (250,000 records/s by default); beyond that a batch is also
-//! committed once 50,000 records wait, to bound memory (measured: 9.6 fsyncs/s at 775,000 records/s).
-//! That keeps flash wear on gateways flat, and the interval is the upper bound on the time a record
-//! waits to be accepted. Records are grouped into messages at commit time (at most
-//! `max_records_per_message` records and `max_message_bytes` bytes each).
+//! The guarantee: a record is *safe* once the commit that wrote its message has returned from
+//! fsync, or once the broker has acknowledged that message, whichever comes first; from then on it
+//! survives crashes and power cuts (a committed message until the PUBACK for that exact message
+//! deletes it). A crash loses at most what was neither, and the next start announces it: every seq
+//! numbered but not yet committed lies in the range reserved by the last commit, which the next
+//! open reports as one `crash` gap event per product.
+//!
+//! Flash: with a broker that acknowledges within the interval, messages are never written; the
+//! writer commits only to reserve the next block of seqs (a few times a minute). With the broker
+//! slow or down, everything unacknowledged is committed within `commit_interval` (default 200 ms)
+//! in one redb transaction with `Durability::Immediate`, so fsyncs stay bounded by
+//! 1/commit_interval at any rate. `[buffer] write = "always"` commits every message before it may
+//! be sent, as earlier versions did.
 //!
 //! Failure: a storage error stops the writer; the agent raises an alarm and exits non-zero so the
-//! service manager restarts it. Nothing is reported accepted after a failed commit.
+//! service manager restarts it.
 
+pub mod live;
 mod message;
 pub mod store;
+mod writer;
+pub use live::Live;
+pub use writer::WriterOptions;
 
 mod gap;
 pub use gap::GapReason;
@@ -29,8 +37,6 @@ pub use store::{Batch, BufferError, GapEvent, MessageId, NewMessage, ProductLimi
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tracing::{error, info, warn};
 
 /// What the writer is told.
 #[derive(Debug)]
@@ -81,19 +87,25 @@ pub struct BufferStats {
     pub accepted_records: AtomicU64,
     pub accepted_messages: AtomicU64,
     pub commits: AtomicU64,
+    /// Messages written to redb because no acknowledgement came within the commit interval.
+    pub written_messages: AtomicU64,
+    /// Messages acknowledged before their commit was due: never written.
+    pub unwritten_messages: AtomicU64,
+    /// Messages numbered and not yet committed nor acknowledged.
+    pub staged_messages: AtomicU64,
     pub dropped_records: AtomicU64,
     pub pending_messages: AtomicU64,
     pub pending_bytes: AtomicU64,
-    /// Bumped after every commit; the publisher waits on it.
+    /// Bumped when every acknowledgement the writer has taken is in effect (applied in memory or
+    /// committed): a message acknowledged before the generation after next is not read again.
     pub generation: AtomicU64,
     /// Gap events stored and not yet acknowledged.
     pub pending_gaps: AtomicU64,
-    /// Newest message id appended per product in this run: the publisher reads only products that
-    /// have something new, instead of asking redb about every product on every PUBACK.
-    pub latest: std::sync::Mutex<std::collections::HashMap<ProductKey, MessageId>>,
-    /// Set by the publisher while its upstream connection is up. Messages appended while it is
+    /// Set by the publisher while its upstream connection is up. Messages formed while it is
     /// down are never sent before the next connect, so until then they may be merged.
     pub upstream_connected: std::sync::atomic::AtomicBool,
+    /// Bumped by the publisher on every connect, before `upstream_connected` is set.
+    pub upstream_sessions: AtomicU64,
     /// The last backlog merge request done, per product (see [`BufferHandle::merge_backlog`]).
     pub merged: std::sync::Mutex<std::collections::HashMap<ProductKey, u64>>,
 }
@@ -113,6 +125,8 @@ pub struct BufferHandle {
     /// Per product: records governance dropped for breaking the contract, since the last commit.
     pub violations: Arc<Vec<AtomicU64>>,
     pub stats: Arc<BufferStats>,
+    /// Messages numbered and not yet committed (the publisher reads them here first).
+    pub live: Arc<Live>,
     pub notify: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -169,27 +183,16 @@ impl BufferHandle {
 pub fn start(
     store: Store,
     products: Vec<ProductSlot>,
-    commit_interval: Duration,
-    max_records_per_message: usize,
-    max_message_bytes: usize,
+    opts: WriterOptions,
 ) -> (BufferHandle, std::thread::JoinHandle<Result<(), BufferError>>) {
-    start_with_queue_limit(
-        store,
-        products,
-        commit_interval,
-        max_records_per_message,
-        max_message_bytes,
-        200_000,
-    )
+    start_with_queue_limit(store, products, opts, 200_000)
 }
 
 /// [`start`] with the most records that may wait for the writer before offers are refused.
 fn start_with_queue_limit(
     store: Store,
     products: Vec<ProductSlot>,
-    commit_interval: Duration,
-    max_records_per_message: usize,
-    max_message_bytes: usize,
+    opts: WriterOptions,
     max_queued: u64,
 ) -> (BufferHandle, std::thread::JoinHandle<Result<(), BufferError>>) {
     let mut store = store;
@@ -211,6 +214,7 @@ fn start_with_queue_limit(
         overloaded: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
         violations: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
         stats: stats.clone(),
+        live: Arc::new(Live::default()),
         notify: notify_rx,
     };
     // The writer gets the shared counters but no sender: the channel closes when the last producer
@@ -222,6 +226,7 @@ fn start_with_queue_limit(
         overloaded: handle.overloaded.clone(),
         violations: handle.violations.clone(),
         stats: handle.stats.clone(),
+        live: handle.live.clone(),
     };
     #[allow(
         clippy::expect_used,
@@ -229,31 +234,12 @@ fn start_with_queue_limit(
     )]
     let join = std::thread::Builder::new()
         .name("buffer-writer".into())
-        .spawn(move || {
-            let mut w = Writer {
-                slot_of: keys.iter().enumerate().map(|(i, &k)| (k, i)).collect(),
-                keys,
-                store,
-                products,
-                rx,
-                h: shared,
-                notify: notify_tx,
-                max_records_per_message,
-                max_message_bytes,
-                commit_interval,
-                stretches: Vec::new(),
-                eligible: Vec::new(),
-                jobs: std::collections::VecDeque::new(),
-                done: Vec::new(),
-            };
-            w.stretches = vec![(0, None); w.products.len()];
-            w.eligible = vec![None; w.products.len()];
-            w.run()
-        })
+        .spawn(move || writer::Writer::new(store, products, keys, rx, shared, notify_tx, opts).run())
         .expect("spawn buffer writer");
     (handle, join)
 }
 
+/// What the writer shares with the handles.
 struct Shared {
     queued_records: Arc<AtomicU64>,
     blocked: Arc<Vec<AtomicBool>>,
@@ -261,400 +247,23 @@ struct Shared {
     overloaded: Arc<Vec<AtomicU64>>,
     violations: Arc<Vec<AtomicU64>>,
     stats: Arc<BufferStats>,
-}
-
-struct Writer {
-    store: Store,
-    products: Vec<ProductSlot>,
-    /// The key of each slot.
-    keys: Vec<ProductKey>,
-    /// The slot of each key.
-    slot_of: std::collections::HashMap<ProductKey, usize>,
-    rx: mpsc::Receiver<WriterMsg>,
-    h: Shared,
-    notify: tokio::sync::watch::Sender<u64>,
-    max_records_per_message: usize,
-    max_message_bytes: usize,
-    commit_interval: Duration,
-    /// Per slot: records a `block` product did not take in its current blocked stretch, and when
-    /// the stretch began. One gap event (one seq) reports a stretch when it ends.
-    stretches: Vec<(u64, Option<Instant>)>,
-    /// Per slot: the first message appended while the upstream was down (never sent since).
-    eligible: Vec<Option<MessageId>>,
-    /// Backlog merges under way, oldest first; a commit does at most `MERGE_PER_COMMIT` messages.
-    jobs: std::collections::VecDeque<MergeJob>,
-    /// Merge requests done, to report after the next commit.
-    done: Vec<(ProductKey, u64)>,
-}
-
-/// A product's backlog merge: messages in `from..=through`, read on from `after`.
-struct MergeJob {
-    slot: usize,
-    after: Option<MessageId>,
-    from: MessageId,
-    through: MessageId,
-    token: u64,
-}
-
-/// Most backlog messages one commit reads for merging: the merge happens between commits of live
-/// data, not instead of them.
-const MERGE_PER_COMMIT: usize = 4_000;
-
-/// A blocked stretch longer than this is reported in parts, so a crash loses the count of at most
-/// this long (what was never taken is not in the buffer to be replayed).
-const STRETCH_REPORT: Duration = Duration::from_secs(60);
-
-#[derive(Default)]
-struct Pending {
-    records: Vec<Vec<Vec<u8>>>,
-    created: Vec<u64>,
-    acks: Vec<(ProductKey, MessageId)>,
-    gap_acks: Vec<u64>,
-    dead_letters: Vec<(ProductKey, MessageId, GapReason)>,
-    merges: Vec<(ProductKey, Vec<MessageId>)>,
-    merge_requested: bool,
-    count: usize,
-}
-
-impl Writer {
-    fn run(&mut self) -> Result<(), BufferError> {
-        self.publish_stats();
-        let mut last_commit = Instant::now();
-        let mut closed = false;
-        while !closed {
-            // Read before anything is taken: a message appended in this round is eligible for a
-            // backlog merge only if the upstream was down before the round began, and no merge
-            // request (sent after a connect) came in the round.
-            let disconnected = !self.h.stats.upstream_connected.load(Ordering::SeqCst);
-            let mut p = Pending {
-                records: vec![Vec::new(); self.products.len()],
-                created: vec![0; self.products.len()],
-                ..Default::default()
-            };
-            // Wait for work; with nothing to do, wake every commit interval to settle blocked/lost counts.
-            match self
-                .rx
-                .recv_timeout(self.commit_interval.max(Duration::from_millis(50)))
-            {
-                Ok(m) => self.take(m, &mut p),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
-            }
-            let deadline = last_commit + self.commit_interval;
-            while !closed && p.count < 50_000 {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                match self.rx.recv_timeout(deadline - now) {
-                    Ok(m) => self.take(m, &mut p),
-                    Err(mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
-                }
-            }
-            // Drain what is already queued so nothing waits a second interval.
-            while let Ok(m) = self.rx.try_recv() {
-                self.take(m, &mut p);
-            }
-            let merge_requested = p.merge_requested;
-            let mut batch = self.batch(p, closed);
-            let merging = self.merge_work(&mut batch);
-            if batch.appends.is_empty()
-                && batch.acks.is_empty()
-                && batch.gap_acks.is_empty()
-                && batch.refused.is_empty()
-                && batch.dead_letters.is_empty()
-                && batch.merges.is_empty()
-                && merging.is_empty()
-            {
-                continue;
-            }
-
-            match self.store.commit(batch) {
-                Ok(done) => {
-                    last_commit = Instant::now();
-                    let accepted: u64 = done.appended.len() as u64;
-                    let s = &self.h.stats;
-                    s.commits.fetch_add(1, Ordering::Relaxed);
-                    s.accepted_messages.fetch_add(accepted, Ordering::Relaxed);
-                    let dropped: u64 = done.gaps.iter().map(|(_, g)| g.count).sum();
-                    let records: u64 = done.appended.iter().map(|a| u64::from(a.2)).sum();
-                    if let Ok(mut latest) = s.latest.lock() {
-                        for (p, id, _) in &done.appended {
-                            latest.insert(*p, *id);
-                        }
-                    }
-                    if disconnected && !merge_requested {
-                        for (p, id, _) in &done.appended {
-                            if let Some(&i) = self.slot_of.get(p) {
-                                self.eligible[i].get_or_insert(*id);
-                            }
-                        }
-                    }
-                    if let Ok(mut merged) = s.merged.lock() {
-                        for (p, token) in merging {
-                            merged.insert(p, token);
-                        }
-                    }
-                    s.pending_gaps.fetch_add(done.gaps.len() as u64, Ordering::Relaxed);
-                    let _ = s.pending_gaps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| {
-                        Some(g.saturating_sub(done.gaps_deleted as u64))
-                    });
-                    s.accepted_records.fetch_add(records, Ordering::Relaxed);
-                    if dropped > 0 {
-                        s.dropped_records.fetch_add(dropped, Ordering::Relaxed);
-                        for (_, g) in &done.gaps {
-                            warn!(product = %g.product, epoch = g.epoch, from_seq = g.from_seq, to_seq = g.to_seq, records = g.count, reason = %g.reason, "records dropped; gap event recorded");
-                        }
-                    }
-                    for p in &done.now_blocked {
-                        if let Some(&i) = self.slot_of.get(p) {
-                            if !self.h.blocked[i].swap(true, Ordering::Relaxed) {
-                                warn!(product = %self.products[i].id, "buffer share full: product blocked until the backlog drains");
-                            }
-                        }
-                    }
-                    for (p, records) in &done.blocked_records {
-                        if let Some(&i) = self.slot_of.get(p) {
-                            let s = &mut self.stretches[i];
-                            s.0 += records;
-                            s.1.get_or_insert_with(Instant::now);
-                        }
-                    }
-                    self.publish_stats();
-                }
-                Err(e) => {
-                    error!(error = %e, "buffer commit failed; no further records are accepted");
-                    return Err(e);
-                }
-            }
-        }
-        // What a stretch still counts when the writer stops is reported, not forgotten.
-        let n = self.products.len();
-        let last = Pending {
-            records: vec![Vec::new(); n],
-            created: vec![0; n],
-            ..Default::default()
-        };
-        let batch = self.batch(last, true);
-        if !batch.refused.is_empty() {
-            self.store.commit(batch)?;
-        }
-        info!("buffer writer stopped");
-        Ok(())
-    }
-
-    fn take(&mut self, m: WriterMsg, p: &mut Pending) {
-        match m {
-            WriterMsg::Record { product, created, json } => {
-                self.h.queued_records.fetch_sub(1, Ordering::Relaxed);
-                if p.records[product].is_empty() {
-                    p.created[product] = created;
-                }
-                p.records[product].push(json);
-                p.count += 1;
-            }
-            WriterMsg::Ack { product, id } => {
-                p.acks.push((product, id));
-                p.count += 1;
-            }
-            WriterMsg::GapAck(id) => p.gap_acks.push(id),
-            WriterMsg::DeadLetter { product, id, reason } => {
-                p.dead_letters.push((product, id, reason));
-                p.count += 1;
-            }
-            WriterMsg::MergeBacklog {
-                product,
-                through,
-                token,
-            } => {
-                p.merge_requested = true;
-                let Some(&i) = self.slot_of.get(&product) else {
-                    self.done.push((product, token));
-                    return;
-                };
-                // What was appended while the upstream was down, up to the backlog's end; later
-                // appends may be sent live at once, so they lose their eligibility here.
-                match (self.eligible[i].take(), through) {
-                    (Some(from), Some(through)) if from <= through => self.jobs.push_back(MergeJob {
-                        slot: i,
-                        after: None,
-                        from,
-                        through,
-                        token,
-                    }),
-                    _ => self.done.push((product, token)),
-                }
-            }
-        }
-    }
-
-    /// Adds the next part of the oldest backlog merges to `batch`: runs of consecutive messages, each
-    /// as large as the product's limits allow. Returns the merge requests this commit completes.
-    fn merge_work(&mut self, batch: &mut Batch) -> Vec<(ProductKey, u64)> {
-        let mut finished = std::mem::take(&mut self.done);
-        let reader = self.store.reader();
-        let mut budget = MERGE_PER_COMMIT;
-        while budget > 0 {
-            let Some(job) = self.jobs.front_mut() else { break };
-            let key = self.keys[job.slot];
-            let slot = &self.products[job.slot];
-            let max_records = slot
-                .max_records
-                .map_or(self.max_records_per_message, |m| m.min(self.max_records_per_message));
-            let after = job.after.or_else(|| {
-                // Just before `from`: messages are keyed by (epoch, seq).
-                Some(if job.from.seq > 0 {
-                    MessageId {
-                        epoch: job.from.epoch,
-                        seq: job.from.seq - 1,
-                    }
-                } else {
-                    MessageId {
-                        epoch: job.from.epoch.saturating_sub(1),
-                        seq: u64::MAX,
-                    }
-                })
-            });
-            let limit = budget;
-            let Ok(msgs) = reader.read_after(key, after, limit) else {
-                break; // a storage problem shows in the commit itself
-            };
-            budget = budget.saturating_sub(msgs.len().max(1));
-            let mut run: Vec<MessageId> = Vec::new();
-            let (mut records, mut bytes) = (0usize, 0usize);
-            let mut last = None;
-            let mut end = msgs.is_empty();
-            for m in &msgs {
-                if m.id > job.through {
-                    end = true;
-                    break;
-                }
-                last = Some(MessageId {
-                    epoch: m.id.epoch,
-                    seq: m.last_seq,
-                });
-                let fits = records + m.records as usize <= max_records && bytes + m.body.len() < self.max_message_bytes;
-                if !fits || run.is_empty() {
-                    if run.len() >= 2 {
-                        batch.merges.push((key, std::mem::take(&mut run)));
-                    }
-                    run.clear();
-                    (records, bytes) = (0, 0);
-                }
-                run.push(m.id);
-                records += m.records as usize;
-                bytes += m.body.len() + 1;
-            }
-            if run.len() >= 2 {
-                batch.merges.push((key, run));
-            }
-            if end || msgs.len() < limit || last.is_some_and(|l| l >= job.through) {
-                let token = job.token;
-                self.jobs.pop_front();
-                finished.push((key, token));
-            } else {
-                job.after = last;
-            }
-        }
-        finished
-    }
-
-    /// Groups records into messages and settles lost counts (`closing`: every stretch ends now).
-    fn batch(&mut self, p: Pending, closing: bool) -> Batch {
-        let mut batch = Batch {
-            acks: p.acks,
-            gap_acks: p.gap_acks,
-            dead_letters: p.dead_letters,
-            merges: p.merges,
-            ..Default::default()
-        };
-        for (i, records) in p.records.into_iter().enumerate() {
-            let slot = &self.products[i];
-            let key = self.keys[i];
-            let max_records = slot
-                .max_records
-                .map_or(self.max_records_per_message, |m| m.min(self.max_records_per_message));
-            let mut body: Vec<u8> = Vec::new();
-            let mut n = 0u32;
-            for json in records {
-                if n > 0 && (n as usize >= max_records || body.len() + json.len() + 2 > self.max_message_bytes) {
-                    body.push(b']');
-                    batch
-                        .appends
-                        .push(self.message(i, p.created[i], n, std::mem::take(&mut body)));
-                    n = 0;
-                }
-                body.push(if n == 0 { b'[' } else { b',' });
-                body.extend(json);
-                n += 1;
-            }
-            if n > 0 {
-                body.push(b']');
-                batch.appends.push(self.message(i, p.created[i], n, body));
-            }
-            // A blocked product unblocks once half its share is free; what it did not take meanwhile
-            // becomes one gap event.
-            if self.h.blocked[i].load(Ordering::Relaxed) && self.store.has_room(key) {
-                self.h.blocked[i].store(false, Ordering::Relaxed);
-                info!(product = %slot.id, "buffer share has room again: product unblocked");
-            }
-            // Everything one blocked stretch did not take is one gap event, when the stretch ends.
-            let lost = self.h.lost[i].swap(0, Ordering::Relaxed);
-            let stretch = &mut self.stretches[i];
-            if lost > 0 {
-                stretch.0 += lost;
-                stretch.1.get_or_insert_with(Instant::now);
-            }
-            let over = stretch.1.is_some_and(|t| t.elapsed() >= STRETCH_REPORT);
-            if stretch.0 > 0 && (closing || over || !self.h.blocked[i].load(Ordering::Relaxed)) {
-                batch.refused.push((key, stretch.0, GapReason::BufferFullBlocked));
-                *stretch = (0, None);
-            }
-            let overloaded = self.h.overloaded[i].swap(0, Ordering::Relaxed);
-            if overloaded > 0 {
-                batch.refused.push((key, overloaded, GapReason::WriterOverload));
-            }
-            let violations = self.h.violations[i].swap(0, Ordering::Relaxed);
-            if violations > 0 {
-                batch.refused.push((key, violations, GapReason::ContractViolation));
-            }
-        }
-        batch
-    }
-
-    fn message(&self, i: usize, created: u64, records: u32, body: Vec<u8>) -> NewMessage {
-        let slot = &self.products[i];
-        NewMessage {
-            product: self.keys[i],
-            created,
-            records,
-            topic: slot.topic.clone(),
-            version: slot.version.clone(),
-            governance: slot.governance,
-            body,
-        }
-    }
-
-    fn publish_stats(&self) {
-        let s = &self.h.stats;
-        let (mut msgs, mut bytes) = (0, 0);
-        for p in self.store.products() {
-            let (m, b) = self.store.depth(p);
-            msgs += m;
-            bytes += b;
-        }
-        s.pending_messages.store(msgs, Ordering::Relaxed);
-        s.pending_bytes.store(bytes, Ordering::Relaxed);
-        let g = s.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let _ = self.notify.send(g);
-    }
+    live: Arc<Live>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::FullPolicy;
+    use std::time::{Duration, Instant};
+
+    fn opts(commit_interval: Duration, max_records_per_message: usize, max_message_bytes: usize) -> WriterOptions {
+        WriterOptions {
+            commit_interval,
+            max_records_per_message,
+            max_message_bytes,
+            commit_before_send: false,
+        }
+    }
 
     fn wait(what: &str, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -697,9 +306,7 @@ mod tests {
                     ..slot(FullPolicy::DropOldest, 64 << 20)
                 },
             ],
-            Duration::from_millis(300),
-            4,
-            2500,
+            opts(Duration::from_millis(300), 4, 2500),
         );
         // A product's own, smaller batch size.
         for i in 0..9 {
@@ -733,6 +340,78 @@ mod tests {
         assert_eq!(q.iter().map(|m| m.records).collect::<Vec<_>>(), vec![3, 3, 3]);
     }
 
+    /// The live path: a message is readable in [`Live`] as soon as it is formed; one acknowledged
+    /// before its commit is due is never written; one that is not is committed within the
+    /// interval with the very bytes that were staged, and leaves memory.
+    #[test]
+    fn staged_messages_are_written_only_when_not_acknowledged_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("l.redb"), 64 << 20, 1 << 20).unwrap();
+        let reader = store.reader();
+        let (h, writer) = start(
+            store,
+            vec![slot(FullPolicy::DropOldest, 64 << 20)],
+            opts(Duration::from_millis(300), 1, 1 << 20),
+        );
+        h.stats.upstream_connected.store(true, Ordering::SeqCst);
+        let key = reader.key("p");
+        let t0 = Instant::now();
+        for i in 0..4 {
+            h.offer(0, i, format!("{{\"i\":{i}}}").into_bytes());
+        }
+        wait("4 staged messages", || h.live.after(key, None, 10).0.len() == 4);
+        assert!(
+            t0.elapsed() < Duration::from_millis(300),
+            "staged before any commit was due"
+        );
+        let staged = h.live.after(key, None, 10).0;
+        // Two acknowledged at once: never written.
+        h.ack(key, staged[0].id);
+        h.ack(key, staged[2].id);
+        wait("the two others committed", || {
+            reader.read_after(key, None, 10).unwrap().len() == 2
+        });
+        let stored = reader.read_after(key, None, 10).unwrap();
+        assert_eq!(
+            stored,
+            vec![(*staged[1]).clone(), (*staged[3]).clone()],
+            "committed as staged"
+        );
+        let (left, committed) = h.live.after(key, None, 10);
+        assert!(left.is_empty() && committed, "out of memory once committed");
+        assert_eq!(h.stats.unwritten_messages.load(Ordering::Relaxed), 2);
+        assert_eq!(h.stats.written_messages.load(Ordering::Relaxed), 2);
+        drop(h);
+        writer.join().unwrap().unwrap();
+        // A clean stop leaves nothing for a `crash` event.
+        drop(reader);
+        let (_, report) = Store::open(&dir.path().join("l.redb"), 64 << 20, 1 << 20).unwrap();
+        assert!(report.crashed.is_empty(), "{:?}", report.crashed);
+    }
+
+    /// `[buffer] write = "always"`: nothing is readable before it is committed.
+    #[test]
+    fn commit_before_send_stages_nothing_for_the_publisher() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("a.redb"), 64 << 20, 1 << 20).unwrap();
+        let reader = store.reader();
+        let options = WriterOptions {
+            commit_before_send: true,
+            ..opts(Duration::from_millis(200), 1, 1 << 20)
+        };
+        let (h, writer) = start(store, vec![slot(FullPolicy::DropOldest, 64 << 20)], options);
+        h.stats.upstream_connected.store(true, Ordering::SeqCst);
+        let key = reader.key("p");
+        h.offer(0, 1, b"{}".to_vec());
+        std::thread::sleep(Duration::from_millis(50));
+        let (staged, committed) = h.live.after(key, None, 10);
+        assert!(staged.is_empty() && !committed, "sent before its commit");
+        wait("the commit", || h.live.after(key, None, 10).1);
+        assert_eq!(reader.read_after(key, None, 10).unwrap().len(), 1);
+        drop(h);
+        writer.join().unwrap().unwrap();
+    }
+
     /// When the writer is far behind, offers are refused, counted, and reported as `writer_overload`.
     #[test]
     fn an_overloaded_writer_counts_what_it_refuses() {
@@ -742,9 +421,7 @@ mod tests {
         let (h, writer) = start_with_queue_limit(
             store,
             vec![slot(FullPolicy::DropOldest, 64 << 20)],
-            Duration::from_millis(500),
-            100,
-            1 << 20,
+            opts(Duration::from_millis(500), 100, 1 << 20),
             5,
         );
         for i in 0..100 {
@@ -784,7 +461,7 @@ mod tests {
                 gap_topic: "t/_gaps".into(),
             },
         };
-        let (h, writer) = start(store, vec![slot], Duration::from_millis(5), 1, 64 << 10);
+        let (h, writer) = start(store, vec![slot], opts(Duration::from_millis(5), 1, 64 << 10));
         let record = vec![b'x'; 1000];
         // Fill the share: about 7 one-record messages fit in 8 KiB.
         let mut offered = 0u64;
@@ -828,12 +505,12 @@ mod tests {
         assert_eq!(gaps.len(), 1, "{gaps:?}");
         // Every record offered is either a message or counted in that one event.
         assert_eq!(gaps[0].count, offered - pending.len() as u64);
-        assert_eq!((gaps[0].from_seq, gaps[0].to_seq), (gaps[0].from_seq, gaps[0].from_seq));
         let total_dropped: u64 = reader.drops().unwrap().iter().map(|d| d.2).sum();
         assert_eq!(total_dropped, gaps[0].count);
-        // Seqs stay explained: the messages, then the one seq of the stretch.
+        // Seqs stay explained: the messages, then the stretch: the seqs of messages numbered before
+        // the product blocked and refused at their commit (or one seq, when there were none).
         let mut seqs: Vec<u64> = pending.iter().map(|m| m.id.seq).collect();
-        seqs.push(gaps[0].from_seq);
+        seqs.extend(gaps[0].from_seq..=gaps[0].to_seq);
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
         drop(h);

@@ -7,10 +7,16 @@
 //! - `drops`: `(product, reason)` -> records dropped so far (never decreases).
 //! - `treatments`: `(product, fingerprint)` -> each governance treatment the product has run under
 //!   ([`crate::govern::Treatment`]); messages carry the fingerprint of theirs.
+//! - `seqs`: `(product, epoch)` -> `sealed, reserved, gap topic`. Messages are numbered in memory
+//!   (and may be sent, and acknowledged, before any commit): every seq up to `sealed` is committed,
+//!   acknowledged or covered by a gap event; seqs up to `reserved` may have been handed out. A
+//!   commit reserves seqs in blocks, so that numbering needs no commit of its own.
 //!
 //! Invariants: `seq` starts at 1 in every epoch and grows by one per message, whether the message
-//! is stored or dropped; every message dropped is covered by a gap event written in the same
-//! transaction, so a consumer can prove completeness from seq continuity plus gap events.
+//! is stored, dropped or acknowledged before it was ever written; every message dropped is covered
+//! by a gap event written in the same transaction, and every seq a crash may have lost
+//! (`sealed+1..=reserved` of an earlier epoch) by one `crash` gap event written by the next open,
+//! so a consumer can prove completeness from seq continuity plus gap events.
 //! A commit returns only after redb's `Durability::Immediate` commit (fsync) has returned.
 
 use super::message::PER_MESSAGE_OVERHEAD;
@@ -29,6 +35,7 @@ const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps");
 const DROPS: TableDefinition<(&str, &str), u64> = TableDefinition::new("drops");
 const DEAD: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("dead_letters");
 const TREATMENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("treatments");
+const SEQS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("seqs");
 
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
@@ -66,6 +73,9 @@ pub struct ProductLimits {
 /// Everything one group commit does, in one write transaction.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// Messages numbered before the commit ([`Store::number`]), stored first, with their ids.
+    pub numbered: Vec<Arc<StoredMessage>>,
+    /// Messages the commit numbers.
     pub appends: Vec<NewMessage>,
     pub acks: Vec<(ProductKey, MessageId)>,
     pub gap_acks: Vec<u64>,
@@ -78,6 +88,16 @@ pub struct Batch {
     /// `buffer_full_blocked` (a `block` product while full), `writer_overload` (the writer was
     /// too far behind to queue more) and `contract_violation`.
     pub refused: Vec<(ProductKey, u64, GapReason)>,
+    /// The same for records whose messages were numbered already: `(product, seqs, records,
+    /// reason)`, a gap event over those seqs.
+    pub refused_seqs: Vec<(ProductKey, (u64, u64), u64, GapReason)>,
+    /// Seqs to keep reserved ahead of each product's last numbered one (at least).
+    pub reserve: Vec<(ProductKey, u64)>,
+    /// A clean stop: nothing more is numbered, so no seq stays reserved (no `crash` gap follows).
+    pub release: bool,
+    /// Products with numbered messages that stay out of this commit (still staged): the lowest
+    /// such seq of each. Only the seqs below it are sealed.
+    pub unsealed: Vec<(ProductKey, u64)>,
 }
 
 /// What a commit did.
@@ -97,6 +117,8 @@ pub struct Committed {
     /// Records of `block` products not taken because their share was full: `(product, records)`,
     /// without a gap event yet (the writer reports a blocked stretch as one).
     pub blocked_records: Vec<(ProductKey, u64)>,
+    /// The same for numbered messages: `(product, seq, records)`; their seqs are part of the stretch.
+    pub blocked_seqs: Vec<(ProductKey, u64, u64)>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -104,6 +126,9 @@ struct Queue {
     bytes: u64,
     messages: u64,
     next_seq: u64,
+    /// As durable in `seqs` for this epoch.
+    sealed: u64,
+    reserved: u64,
 }
 
 /// What `open` found.
@@ -114,6 +139,8 @@ pub struct OpenReport {
     pub pending_bytes: u64,
     /// Set when a corrupt file was moved aside and a fresh buffer started.
     pub moved_aside: Option<PathBuf>,
+    /// `crash` gap events this open wrote: seqs of earlier epochs a crash may have lost.
+    pub crashed: Vec<GapEvent>,
 }
 
 pub struct Store {
@@ -127,6 +154,24 @@ pub struct Store {
     limits: HashMap<ProductKey, ProductLimits>,
     keys: Keys,
     next_gap: u64,
+}
+
+/// A `seqs` value: `sealed u64, reserved u64` little-endian, then the gap topic.
+fn encode_seqs(sealed: u64, reserved: u64, topic: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + topic.len());
+    v.extend(sealed.to_le_bytes());
+    v.extend(reserved.to_le_bytes());
+    v.extend(topic.as_bytes());
+    v
+}
+
+/// A `seqs` value read back; anything unreadable seals nothing and reserves nothing.
+fn decode_seqs(b: &[u8]) -> (u64, u64, String) {
+    let word = |r: std::ops::Range<usize>| b.get(r).and_then(|w| w.try_into().ok()).map(u64::from_le_bytes);
+    match (word(0..8), word(8..16)) {
+        (Some(sealed), Some(reserved)) => (sealed, reserved, String::from_utf8_lossy(&b[16..]).into_owned()),
+        _ => (0, 0, String::new()),
+    }
 }
 
 /// Errors that mean "this file is not a usable buffer" (as opposed to an I/O failure of the disk).
@@ -158,6 +203,7 @@ impl Store {
             b
         };
         let mut moved_aside = None;
+        let mut crashed = Vec::new();
         let db = match builder().create(path) {
             Ok(db) => db,
             Err(e) if is_corrupt(&e) => {
@@ -197,8 +243,41 @@ impl Store {
             tx.open_table(DROPS).map_err(storage(path))?;
             tx.open_table(DEAD).map_err(storage(path))?;
             tx.open_table(TREATMENTS).map_err(storage(path))?;
-            let gaps = tx.open_table(GAPS).map_err(storage(path))?;
+            let mut gaps = tx.open_table(GAPS).map_err(storage(path))?;
             store.next_gap = gaps.last().map_err(storage(path))?.map_or(1, |(k, _)| k.value() + 1);
+            // What the last run numbered and may have sent, but neither committed nor saw
+            // acknowledged, is reported now: one `crash` gap event per product and epoch.
+            let mut seqs = tx.open_table(SEQS).map_err(storage(path))?;
+            let mut earlier = Vec::new();
+            for entry in seqs.iter().map_err(storage(path))? {
+                let (k, v) = entry.map_err(storage(path))?;
+                let (name, e) = k.value();
+                if e < epoch {
+                    earlier.push((name.to_string(), e, decode_seqs(v.value())));
+                }
+            }
+            let now = crate::model::now_millis();
+            for (name, e, (sealed, reserved, topic)) in earlier {
+                seqs.remove((name.as_str(), e)).map_err(storage(path))?;
+                if reserved <= sealed {
+                    continue;
+                }
+                let ev = GapEvent {
+                    product: name,
+                    epoch: e,
+                    from_seq: sealed + 1,
+                    to_seq: reserved,
+                    count: 0,
+                    reason: GapReason::Crash,
+                    ts: now,
+                    topic,
+                };
+                #[allow(clippy::expect_used, reason = "a struct of strings and integers serializes")]
+                let json = serde_json::to_vec(&ev).expect("gap events serialize");
+                gaps.insert(store.next_gap, json.as_slice()).map_err(storage(path))?;
+                store.next_gap += 1;
+                crashed.push(ev);
+            }
         }
         tx.commit().map_err(storage(path))?;
         // Scan what is pending to rebuild the byte accounting.
@@ -224,6 +303,7 @@ impl Store {
             pending_messages: store.queues.values().map(|q| q.messages).sum(),
             pending_bytes: store.total_bytes,
             moved_aside,
+            crashed,
         };
         Ok((store, report))
     }
@@ -255,6 +335,11 @@ impl Store {
         self.keys.intern(name)
     }
 
+    /// The name of a product key.
+    pub fn name(&self, product: ProductKey) -> Arc<str> {
+        self.keys.name(product)
+    }
+
     /// Keeps the governance treatment each product runs under now (those already kept stay), so
     /// that its messages can be judged against later rules. Durable before it returns.
     pub fn record_treatments<'a>(
@@ -275,6 +360,26 @@ impl Store {
             }
         }
         tx.commit().map_err(storage(path))
+    }
+
+    /// Seqs `product` may still number before a commit reserves more ([`Batch::reserve`]).
+    pub fn reserved_left(&self, product: ProductKey) -> u64 {
+        self.queues
+            .get(&product)
+            .map_or(0, |q| q.reserved.saturating_sub(q.next_seq.max(1) - 1))
+    }
+
+    /// Numbers the next message of `product` in memory, within its reservation (`None`: a commit
+    /// must reserve more first). The seq is spent whatever becomes of the message.
+    pub fn number(&mut self, product: ProductKey) -> Option<MessageId> {
+        let q = self.queues.entry(product).or_default();
+        q.next_seq = q.next_seq.max(1);
+        if q.next_seq > q.reserved {
+            return None;
+        }
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        Some(MessageId { epoch: self.epoch, seq })
     }
 
     pub fn set_limits(&mut self, product: ProductKey, limits: ProductLimits) {
@@ -371,42 +476,6 @@ impl Store {
                 Ok(())
             };
 
-            for (product, id, reason) in &batch.dead_letters {
-                let (product, id) = (*product, *id);
-                let key = (product, id);
-                let name = self.keys.name(product);
-                let removed = messages
-                    .remove((&*name, id.epoch, id.seq))
-                    .map_err(storage(&path))?
-                    .map(|v| v.value().to_vec());
-                let Some(bytes) = removed else { continue };
-                let decoded = StoredMessage::decode(product, &name, id, &bytes);
-                let records = decoded.as_ref().map_or(0, |m| m.records);
-                let mut dead = tx.open_table(DEAD).map_err(storage(&path))?;
-                dead.insert((&*name, id.epoch, id.seq), bytes.as_slice())
-                    .map_err(storage(&path))?;
-                let size = size_of(&size_changes, &key).unwrap_or(0);
-                let q = queues.entry(product).or_default();
-                q.bytes = q.bytes.saturating_sub(size);
-                q.messages = q.messages.saturating_sub(1);
-                total = total.saturating_sub(size);
-                size_changes.push((key, None));
-                let last = decoded.as_ref().map_or(id.seq, |m| m.last_seq);
-                let mut ev = self.gap_event(
-                    product,
-                    id.epoch,
-                    (id.seq, last),
-                    u64::from(records),
-                    reason.clone(),
-                    now,
-                );
-                if ev.topic.is_empty() {
-                    // A product no longer in the config: its message still knows where it belonged.
-                    ev.topic = decoded.map(|m| format!("{}/_gaps", m.topic)).unwrap_or_default();
-                }
-                record_gap(&mut gaps, &mut drops, ev)?;
-            }
-
             for (product, run) in &batch.merges {
                 let product = *product;
                 let name = self.keys.name(product);
@@ -459,13 +528,17 @@ impl Store {
                 )?;
             }
 
-            for m in batch.appends {
-                let name = self.keys.name(m.product);
-                let limits = self.limits.get(&m.product).cloned().unwrap_or(ProductLimits {
-                    max_bytes: self.max_bytes,
-                    policy: FullPolicy::DropOldest,
-                    gap_topic: String::new(),
-                });
+            for &(product, seqs, count, ref reason) in &batch.refused_seqs {
+                record_gap(
+                    &mut gaps,
+                    &mut drops,
+                    self.gap_event(product, self.epoch, seqs, count, reason.clone(), now),
+                )?;
+            }
+
+            // Numbered messages first: they are older than any the commit numbers.
+            let numbered = batch.numbered.into_iter().map(|m| (m, true));
+            let appends = batch.appends.into_iter().map(|m| {
                 let q = queues.entry(m.product).or_default();
                 q.next_seq = q.next_seq.max(1);
                 let id = MessageId {
@@ -475,7 +548,7 @@ impl Store {
                 q.next_seq += 1;
                 let stored = StoredMessage {
                     product: m.product,
-                    name: name.clone(),
+                    name: self.keys.name(m.product),
                     id,
                     created: m.created,
                     records: m.records,
@@ -485,6 +558,19 @@ impl Store {
                     last_seq: id.seq,
                     body: m.body,
                 };
+                (Arc::new(stored), false)
+            });
+            let incoming: Vec<(Arc<StoredMessage>, bool)> = numbered.chain(appends).collect();
+            for (stored, was_numbered) in incoming {
+                let m = &*stored;
+                let id = m.id;
+                let name = m.name.clone();
+                let limits = self.limits.get(&m.product).cloned().unwrap_or(ProductLimits {
+                    max_bytes: self.max_bytes,
+                    policy: FullPolicy::DropOldest,
+                    gap_topic: String::new(),
+                });
+                let q = queues.entry(m.product).or_default();
                 let size = stored.size();
                 let fits = |q: &Queue, total: u64| q.bytes + size <= limits.max_bytes && total + size <= self.max_bytes;
 
@@ -567,13 +653,18 @@ impl Store {
                         FullPolicy::DropOldest => GapReason::BufferFull,
                     };
                     if limits.policy == FullPolicy::Block {
-                        // Not taken, and no seq spent on it: the writer counts it into the product's
-                        // blocked stretch, which becomes one gap event (one seq) when it ends.
-                        q.next_seq -= 1;
+                        // Not taken: the writer counts it into the product's blocked stretch, which
+                        // becomes one gap event when it ends. A message numbered here spends no seq
+                        // on it; one numbered before brings its seq into the stretch.
                         if !out.now_blocked.contains(&m.product) {
                             out.now_blocked.push(m.product);
                         }
-                        out.blocked_records.push((m.product, u64::from(m.records)));
+                        if was_numbered {
+                            out.blocked_seqs.push((m.product, id.seq, u64::from(m.records)));
+                        } else {
+                            q.next_seq -= 1;
+                            out.blocked_records.push((m.product, u64::from(m.records)));
+                        }
                         continue;
                     }
                     record_gap(
@@ -582,6 +673,71 @@ impl Store {
                         self.gap_event(m.product, id.epoch, (id.seq, id.seq), u64::from(m.records), reason, now),
                     )?;
                 }
+            }
+            // After the messages: a staged message refused by the broker was numbered, and is
+            // stored by this very commit before it moves to the dead letters.
+            for (product, id, reason) in &batch.dead_letters {
+                let (product, id) = (*product, *id);
+                let key = (product, id);
+                let name = self.keys.name(product);
+                let removed = messages
+                    .remove((&*name, id.epoch, id.seq))
+                    .map_err(storage(&path))?
+                    .map(|v| v.value().to_vec());
+                let Some(bytes) = removed else { continue };
+                let decoded = StoredMessage::decode(product, &name, id, &bytes);
+                let records = decoded.as_ref().map_or(0, |m| m.records);
+                let mut dead = tx.open_table(DEAD).map_err(storage(&path))?;
+                dead.insert((&*name, id.epoch, id.seq), bytes.as_slice())
+                    .map_err(storage(&path))?;
+                let size = size_of(&size_changes, &key).unwrap_or(0);
+                let q = queues.entry(product).or_default();
+                q.bytes = q.bytes.saturating_sub(size);
+                q.messages = q.messages.saturating_sub(1);
+                total = total.saturating_sub(size);
+                size_changes.push((key, None));
+                let last = decoded.as_ref().map_or(id.seq, |m| m.last_seq);
+                let mut ev = self.gap_event(
+                    product,
+                    id.epoch,
+                    (id.seq, last),
+                    u64::from(records),
+                    reason.clone(),
+                    now,
+                );
+                if ev.topic.is_empty() {
+                    // A product no longer in the config: its message still knows where it belonged.
+                    ev.topic = decoded.map(|m| format!("{}/_gaps", m.topic)).unwrap_or_default();
+                }
+                record_gap(&mut gaps, &mut drops, ev)?;
+            }
+        }
+        {
+            // Every seq numbered so far is now committed, acknowledged or in a gap event.
+            let mut seqs = tx.open_table(SEQS).map_err(storage(&path))?;
+            let reserve: HashMap<ProductKey, u64> = batch.reserve.into_iter().collect();
+            for &product in reserve.keys() {
+                queues.entry(product).or_default();
+            }
+            let unsealed: HashMap<ProductKey, u64> = batch.unsealed.into_iter().collect();
+            for (&product, q) in queues.iter_mut() {
+                let numbered = q.next_seq.max(1) - 1;
+                let sealed = unsealed
+                    .get(&product)
+                    .map_or(numbered, |&s| numbered.min(s.saturating_sub(1)));
+                let reserved = if batch.release {
+                    sealed
+                } else {
+                    q.reserved.max(numbered + reserve.get(&product).copied().unwrap_or(0))
+                };
+                if (sealed, reserved) == (q.sealed, q.reserved) {
+                    continue;
+                }
+                let name = self.keys.name(product);
+                let topic = self.limits.get(&product).map_or("", |l| l.gap_topic.as_str());
+                seqs.insert((&*name, self.epoch), encode_seqs(sealed, reserved, topic).as_slice())
+                    .map_err(storage(&path))?;
+                (q.sealed, q.reserved) = (sealed, reserved);
             }
         }
         tx.commit().map_err(storage(&path))?;
@@ -795,309 +951,5 @@ impl Reader {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use std::collections::{BTreeSet, VecDeque};
-
-    const TOPIC: &str = "t";
-    const VERSION: &str = "1.0.0";
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Append { product: usize, records: u32, body: usize },
-        Ack { product: usize, nth: usize },
-        Reopen,
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            5 => (0..2usize, 1..5u32, 10..400usize).prop_map(|(product, records, body)| Op::Append { product, records, body }),
-            3 => (0..2usize, 0..8usize).prop_map(|(product, nth)| Op::Ack { product, nth }),
-            1 => Just(Op::Reopen),
-        ]
-    }
-
-    const PRODUCTS: [&str; 2] = ["alpha", "beta"];
-    const POLICIES: [FullPolicy; 2] = [FullPolicy::DropOldest, FullPolicy::RejectNew];
-    const SHARE: u64 = 1500;
-    const TOTAL: u64 = 2400;
-
-    fn size(product: &str, body: usize) -> u64 {
-        (32 + TOPIC.len() + VERSION.len() + body + product.len()) as u64 + PER_MESSAGE_OVERHEAD
-    }
-
-    fn open(path: &Path) -> Store {
-        let (mut s, _) = Store::open(path, TOTAL, 1 << 20).unwrap();
-        for (p, policy) in PRODUCTS.iter().zip(POLICIES) {
-            let key = s.key(p);
-            s.set_limits(
-                key,
-                ProductLimits {
-                    max_bytes: SHARE,
-                    policy,
-                    gap_topic: "g".into(),
-                },
-            );
-        }
-        s
-    }
-
-    /// The model: per product, the pending (id, records, size) in order; plus every seq ever assigned.
-    #[derive(Default)]
-    struct Model {
-        epoch: u64,
-        next_seq: [u64; 2],
-        queues: [VecDeque<(MessageId, u32, u64)>; 2],
-        acked: [BTreeSet<MessageId>; 2],
-        assigned: [BTreeSet<MessageId>; 2],
-        dropped_records: [u64; 2],
-    }
-
-    impl Model {
-        fn total(&self) -> u64 {
-            self.queues.iter().flatten().map(|m| m.2).sum()
-        }
-        fn bytes(&self, p: usize) -> u64 {
-            self.queues[p].iter().map(|m| m.2).sum()
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
-        #[test]
-        fn store_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("buffer.redb");
-            let mut store = open(&path);
-            let mut m = Model { epoch: 1, next_seq: [1, 1], ..Default::default() };
-            for op in ops {
-                match op {
-                    Op::Append { product, records, body } => {
-                        let name = PRODUCTS[product];
-                        let id = MessageId { epoch: m.epoch, seq: m.next_seq[product] };
-                        m.next_seq[product] += 1;
-                        m.assigned[product].insert(id);
-                        let sz = size(name, body);
-                        let fits = |m: &Model| m.bytes(product) + sz <= SHARE && m.total() + sz <= TOTAL;
-                        if !fits(&m) && POLICIES[product] == FullPolicy::DropOldest {
-                            // Would dropping this product's oldest make room?
-                            let mut k = 0;
-                            let (mut pb, mut t) = (m.bytes(product), m.total());
-                            while !(pb + sz <= SHARE && t + sz <= TOTAL) && k < m.queues[product].len() {
-                                pb -= m.queues[product][k].2;
-                                t -= m.queues[product][k].2;
-                                k += 1;
-                            }
-                            if pb + sz <= SHARE && t + sz <= TOTAL {
-                                for _ in 0..k {
-                                    let (_, recs, _) = m.queues[product].pop_front().unwrap();
-                                    m.dropped_records[product] += u64::from(recs);
-                                }
-                            }
-                        }
-                        if fits(&m) {
-                            m.queues[product].push_back((id, records, sz));
-                        } else {
-                            m.dropped_records[product] += u64::from(records);
-                        }
-                        let new = NewMessage { product: store.key(name), created: 1, records, topic: TOPIC.into(), version: VERSION.into(), governance: 7, body: vec![b'x'; body] };
-                        store.commit(Batch { appends: vec![new], ..Default::default() }).unwrap();
-                    }
-                    Op::Ack { product, nth } => {
-                        if let Some(&(id, _, _)) = m.queues[product].get(nth) {
-                            m.queues[product].remove(nth);
-                            m.acked[product].insert(id);
-                            let key = store.key(PRODUCTS[product]);
-                            store.commit(Batch { acks: vec![(key, id)], ..Default::default() }).unwrap();
-                        }
-                    }
-                    Op::Reopen => {
-                        drop(store);
-                        store = open(&path);
-                        m.epoch += 1;
-                        m.next_seq = [1, 1];
-                        prop_assert_eq!(store.epoch(), m.epoch);
-                    }
-                }
-                let reader = store.reader();
-                for (p, name) in PRODUCTS.iter().enumerate() {
-                    // Nothing accepted is lost, nothing acknowledged comes back, order is kept.
-                    let got: Vec<MessageId> = reader.read_after(reader.key(name), None, 1000).unwrap().iter().map(|s| s.id).collect();
-                    let want: Vec<MessageId> = m.queues[p].iter().map(|q| q.0).collect();
-                    prop_assert_eq!(&got, &want);
-                    prop_assert_eq!(store.depth(store.key(name)).1, m.bytes(p));
-                }
-                // Every drop is counted...
-                let drops = reader.drops().unwrap();
-                for (p, name) in PRODUCTS.iter().enumerate() {
-                    let counted: u64 = drops.iter().filter(|d| d.0 == *name).map(|d| d.2).sum();
-                    prop_assert_eq!(counted, m.dropped_records[p]);
-                }
-                // ...and gap events cover exactly the seqs neither pending nor acknowledged.
-                let gaps = reader.gaps(100_000).unwrap();
-                for (p, name) in PRODUCTS.iter().enumerate() {
-                    let mut covered = BTreeSet::new();
-                    for (_, g) in gaps.iter().filter(|g| g.1.product == *name) {
-                        for seq in g.from_seq..=g.to_seq {
-                            prop_assert!(covered.insert(MessageId { epoch: g.epoch, seq }), "seq covered twice");
-                        }
-                    }
-                    let pending: BTreeSet<MessageId> = m.queues[p].iter().map(|q| q.0).collect();
-                    let expected: BTreeSet<MessageId> = m.assigned[p].iter().filter(|id| !pending.contains(id) && !m.acked[p].contains(id)).copied().collect();
-                    prop_assert_eq!(covered, expected);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn corrupt_file_is_moved_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("buffer.redb");
-        std::fs::write(&path, vec![0xA5u8; 8192]).unwrap();
-        let (store, report) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
-        let aside = report.moved_aside.expect("moved aside");
-        assert!(aside.exists());
-        assert_eq!(store.epoch(), 1);
-        assert!(store.reader().is_empty().unwrap());
-    }
-
-    #[test]
-    fn epoch_bumps_and_messages_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("buffer.redb");
-        let (mut s, r) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
-        assert_eq!(r.epoch, 1);
-        let p = s.key("p");
-        let new = NewMessage {
-            product: p,
-            created: 5,
-            records: 2,
-            topic: "a/b".into(),
-            version: "1.2.3".into(),
-            governance: 42,
-            body: b"[{},{}]".to_vec(),
-        };
-        let done = s
-            .commit(Batch {
-                appends: vec![new],
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(done.appended, vec![(p, MessageId { epoch: 1, seq: 1 }, 2)]);
-        drop(s);
-        let (s, r) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
-        assert_eq!((r.epoch, r.pending_messages), (2, 1));
-        let reader = s.reader();
-        let m = &reader.read_after(reader.key("p"), None, 10).unwrap()[0];
-        assert_eq!(
-            (m.topic.as_str(), m.version.as_str(), m.records, m.body.as_slice()),
-            ("a/b", "1.2.3", 2, &b"[{},{}]"[..])
-        );
-        assert_eq!(reader.products().unwrap(), vec![reader.key("p")]);
-        assert_eq!(&*m.name, "p");
-        assert_eq!(m.governance, 42);
-    }
-
-    #[test]
-    fn format_1_messages_read_back_with_an_unknown_treatment() {
-        let name: Arc<str> = "p".into();
-        let key = Keys::default().intern("p");
-        let m = StoredMessage {
-            product: key,
-            name: name.clone(),
-            id: MessageId { epoch: 1, seq: 1 },
-            created: 5,
-            records: 2,
-            topic: "a/b".into(),
-            version: "1.2.3".into(),
-            governance: 9,
-            last_seq: 1,
-            body: b"[{},{}]".to_vec(),
-        };
-        let v2 = m.encode();
-        // Format 1: the same without the governance fingerprint.
-        let mut v1 = v2.clone();
-        v1[0] = 1;
-        v1.drain(13..29);
-        let old = StoredMessage::decode(m.product, &name, m.id, &v1).unwrap();
-        assert_eq!(old.governance, crate::govern::treatment::UNKNOWN);
-        assert_eq!((old.topic.as_str(), old.body.as_slice()), ("a/b", &b"[{},{}]"[..]));
-        assert_eq!(StoredMessage::decode(m.product, &name, m.id, &v2), Some(m));
-        for cut in 0..v2.len() - 7 {
-            // Truncated bytes never panic; too short for the header reads as nothing.
-            let _ = StoredMessage::decode(key, &name, MessageId { epoch: 1, seq: 1 }, &v2[..cut]);
-        }
-    }
-
-    #[test]
-    fn treatments_are_kept_across_opens() {
-        use crate::config::EdgeAction;
-        use crate::govern::Treatment;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("buffer.redb");
-        let a = Treatment::from_actions([("t", EdgeAction::Pass)]);
-        let b = Treatment::from_actions([("t", EdgeAction::Never)]);
-        let (mut s, _) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
-        s.record_treatments([("p", &a)]).unwrap();
-        drop(s);
-        let (mut s, _) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
-        s.record_treatments([("p", &b), ("p", &a)]).unwrap();
-        let r = s.reader();
-        let p = r.key("p");
-        assert_eq!(r.treatment(p, a.fingerprint()).unwrap(), Some(a.clone()));
-        assert_eq!(r.treatment(p, b.fingerprint()).unwrap(), Some(b));
-        assert_eq!(r.treatment(r.key("q"), a.fingerprint()).unwrap(), None);
-        assert_eq!(r.treatment(p, crate::govern::treatment::UNKNOWN).unwrap(), None);
-    }
-
-    #[test]
-    fn a_merged_run_is_one_message_standing_for_all_its_seqs() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut s, _) = Store::open(&dir.path().join("m.redb"), 1 << 20, 1 << 20).unwrap();
-        let p = s.key("p");
-        let new = |n: u8| NewMessage {
-            product: p,
-            created: 10 + u64::from(n),
-            records: 1,
-            topic: "a/b".into(),
-            version: "1.0.0".into(),
-            governance: 3,
-            body: format!("[{{\"n\":{n}}}]").into_bytes(),
-        };
-        s.commit(Batch {
-            appends: (1..=5).map(new).collect(),
-            ..Default::default()
-        })
-        .unwrap();
-        let ids: Vec<MessageId> = (1..=5).map(|seq| MessageId { epoch: 1, seq }).collect();
-        // A run with a hole is left alone.
-        let holed = vec![ids[0], ids[2]];
-        let done = s
-            .commit(Batch {
-                merges: vec![(p, holed), (p, ids[1..].to_vec())],
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(done.merged, 1);
-        let r = s.reader();
-        let all = r.read_after(p, None, 10).unwrap();
-        assert_eq!(all.len(), 2);
-        assert_eq!((all[0].id.seq, all[0].last_seq), (1, 1));
-        let m = &all[1];
-        assert_eq!((m.id.seq, m.last_seq, m.records, m.created), (2, 5, 4, 12));
-        assert_eq!(m.body, br#"[{"n":2},{"n":3},{"n":4},{"n":5}]"#.to_vec());
-        assert_eq!(s.depth(p).0, 2);
-        // Dropped, a merged message is a gap over all its seqs.
-        let done = s
-            .commit(Batch {
-                dead_letters: vec![(p, m.id, GapReason::EgressDenied)],
-                ..Default::default()
-            })
-            .unwrap();
-        let g = &done.gaps[0].1;
-        assert_eq!((g.from_seq, g.to_seq, g.count), (2, 5, 4));
-        assert_eq!(s.depth(p).0, 1);
-    }
-}
+#[path = "store_tests.rs"]
+mod tests;

@@ -140,6 +140,8 @@ impl SecretRef {
 pub struct BufferPlan {
     pub max_bytes: u64,
     pub commit_interval: Duration,
+    /// `[buffer] write = "always"`: every record is committed before it may be sent.
+    pub commit_before_send: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

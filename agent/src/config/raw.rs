@@ -104,8 +104,11 @@ pub struct Sparkplug {
 pub struct Buffer {
     /// Upper bound of all buffered messages; default 256MiB.
     pub max_bytes: Option<Spanned<ByteSize>>,
-    /// Group-commit interval: the most time a record waits for its fsync; default 200ms.
+    /// The most time a record the broker has not acknowledged waits to be committed; default 200ms.
     pub commit_interval: Option<Spanned<ConfigDuration>>,
+    /// `unacknowledged` (default): write only what the broker has not acknowledged within
+    /// `commit_interval`; `always`: commit every record before it may be sent.
+    pub write: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -321,7 +321,7 @@ fn published(plan: &Plan) -> Vec<Vec<u8>> {
             ts: t0,
             topic: envelope::gaps_topic(p),
         };
-        out.push(envelope::gap_payload(&gap).0);
+        out.push(envelope::gap_payload(&gap, "gw").0);
         if bodies[i].is_empty() {
             continue;
         }

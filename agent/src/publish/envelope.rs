@@ -116,9 +116,10 @@ pub fn gaps_topic(p: &ProductPlan) -> String {
 
 /// The wire form of a gap event: the product's id and major version rather than its buffer key.
 /// Returns the payload and the product id.
-pub fn gap_payload(g: &crate::buffer::GapEvent) -> (Vec<u8>, String) {
+pub fn gap_payload(g: &crate::buffer::GapEvent, agent: &str) -> (Vec<u8>, String) {
     let (id, major) = crate::config::split_product_key(&g.product);
     let payload = serde_json::to_vec(&json!({
+        "agent": agent,
         "product": id,
         "major": major,
         "epoch": g.epoch,

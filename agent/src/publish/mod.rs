@@ -158,6 +158,21 @@ impl PublishStats {
         self.latency.quantile(q)
     }
 
+    /// Cumulative counts of read-to-PUBACK latency at bucket bounds (ms), all products.
+    pub fn latency_buckets(&self) -> Vec<(u64, u64)> {
+        // Each the last millisecond of a bucket, so the counts are exact.
+        const BOUNDS: [u64; 23] = [
+            1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 99, 149, 199, 299, 499, 699, 999, 1_999, 4_999, 9_999, 19_999,
+            59_999,
+        ];
+        BOUNDS.iter().map(|&le| (le, self.latency.at_most(le))).collect()
+    }
+
+    /// Live messages whose latency was recorded.
+    pub fn latency_total(&self) -> u64 {
+        self.latency.at_most(u64::MAX)
+    }
+
     /// p50 and p99 of one announced product since the last call (the SLI interval), and starts the
     /// next interval.
     pub fn take_product_latency(&self, product: usize) -> (Option<u64>, Option<u64>) {
@@ -220,6 +235,12 @@ impl Histogram {
 
     pub fn record(&self, ms: u64) {
         self.counts[Self::bucket(ms)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many samples were at most `ms` (exact where `ms + 1` starts a bucket).
+    pub fn at_most(&self, ms: u64) -> u64 {
+        let last = Self::bucket(ms);
+        self.counts[..=last].iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
     /// The q-quantile (the floor of its bucket), if anything was recorded.
@@ -537,6 +558,7 @@ impl Publisher {
                         backoff.reset();
                         self.stats.connected.store(1, Ordering::Relaxed);
                         // Before anything is read: from here on, new messages may be sent at once.
+                        self.buffer.stats.upstream_sessions.fetch_add(1, Ordering::SeqCst);
                         self.buffer.stats.upstream_connected.store(true, Ordering::SeqCst);
                         self.stats.connects.fetch_add(1, Ordering::Relaxed);
                         session = self.new_session();
@@ -565,7 +587,6 @@ impl Publisher {
                     }
                     Ok(LinkEvent::PubAck { pkid, failure }) => {
                         dirty = true;
-                        let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
                         match session.inflight.acked(pkid) {
                             Some(Sent::Message(key)) => {
                                 let (records, created, historical) = session.sent.remove(&key).unwrap_or((0, 0, false));
@@ -578,12 +599,14 @@ impl Publisher {
                                         self.buffer.dead_letter(key.0, key.1, GapReason::BrokerRejected(code));
                                     }
                                 }
-                                acked.insert(key, generation);
+                                // Read after the acknowledgement was handed to the writer (see
+                                // `BufferStats::generation`).
+                                acked.insert(key, self.buffer.stats.generation.load(Ordering::SeqCst));
                             }
                             Some(Sent::Gap(id)) => {
                                 session.gaps_sent.remove(&id);
                                 self.buffer.gap_ack(id);
-                                acked_gaps.insert(id, generation);
+                                acked_gaps.insert(id, self.buffer.stats.generation.load(Ordering::SeqCst));
                             }
                             Some(Sent::Descriptor(i)) => {
                                 // The contract consumers now rely on: later configs are checked against it.
@@ -599,11 +622,10 @@ impl Publisher {
                     Ok(LinkEvent::UnsubAck) => {
                         // A Sparkplug barrier: everything written before it is with the broker.
                         dirty = true;
-                        let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
                         for key in session.sp.barriers.pop_front().unwrap_or_default() {
                             let (records, created, historical) = session.sent.remove(&key).unwrap_or((0, 0, false));
                             self.delivered(&key, records, created, historical);
-                            acked.insert(key, generation);
+                            acked.insert(key, self.buffer.stats.generation.load(Ordering::SeqCst));
                         }
                     }
                     Ok(LinkEvent::Message { topic, payload }) => {
@@ -768,7 +790,7 @@ impl Publisher {
             if s.gaps_sent.contains(&id) || acked_gaps.contains_key(&id) {
                 continue;
             }
-            let (payload, product) = envelope::gap_payload(&g);
+            let (payload, product) = envelope::gap_payload(&g, &self.agent_id);
             if link
                 .publish(&g.topic, false, payload, vec![("product".into(), product)])
                 .is_err()
@@ -782,21 +804,19 @@ impl Publisher {
             // No data before the births (or while the primary host is offline): it stays buffered.
             return Ok(());
         }
-        let latest = self.buffer.stats.latest.lock().map(|l| l.clone()).unwrap_or_default();
         for historical in [false, true] {
             // Only products with something to send: new live messages, or backlog not yet sent.
-            let names: Vec<ProductKey> = s
-                .cursors
-                .iter()
-                .filter(|(name, c)| {
-                    if historical {
-                        c.backlog_end.is_some()
-                    } else {
-                        latest.get(*name).copied() > c.live_after
-                    }
-                })
-                .map(|(name, _)| *name)
-                .collect();
+            let names: Vec<ProductKey> = if historical {
+                s.cursors
+                    .iter()
+                    .filter(|(_, c)| c.backlog_end.is_some())
+                    .map(|(name, _)| *name)
+                    .collect()
+            } else {
+                self.buffer
+                    .live
+                    .newer(s.cursors.iter().map(|(name, c)| (name, c.live_after)))
+            };
             if names.is_empty() {
                 continue;
             }
@@ -843,7 +863,7 @@ impl Publisher {
                             s.merging.remove(&name);
                         }
                     }
-                    let msgs = self.reader.read_after(name, after, budget)?;
+                    let msgs = self.read(name, after, budget, historical)?;
                     if historical && msgs.first().is_none_or(|m| Some(m.id) > end) {
                         // Backlog fully sent (what is left of it was acknowledged meanwhile).
                         if let Some(c) = s.cursors.get_mut(&name) {
@@ -946,6 +966,35 @@ impl Publisher {
         Ok(())
     }
 
+    /// Up to `limit` messages of `product` after `after`: the backlog from redb; live messages
+    /// from redb as far as they were committed in this run, then those still staged in memory.
+    fn read(
+        &self,
+        product: ProductKey,
+        after: Option<MessageId>,
+        limit: usize,
+        historical: bool,
+    ) -> Result<Vec<Arc<StoredMessage>>, PublishError> {
+        let (staged, committed) = if historical {
+            (Vec::new(), true)
+        } else {
+            self.buffer.live.after(product, after, limit)
+        };
+        let mut msgs: Vec<Arc<StoredMessage>> = if committed {
+            self.reader
+                .read_after(product, after, limit)?
+                .into_iter()
+                .map(Arc::new)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let last = msgs.last().map(|m| m.id).or(after);
+        let room = limit.saturating_sub(msgs.len());
+        msgs.extend(staged.into_iter().filter(|m| Some(m.id) > last).take(room));
+        Ok(msgs)
+    }
+
     /// Sends a delivery barrier for the Sparkplug messages written since the last one.
     fn barrier(&self, link: &Link, s: &mut Session) -> Result<(), PublishError> {
         if let (Some(sp), false) = (&self.sparkplug, s.sp.pending.is_empty()) {
@@ -986,6 +1035,8 @@ mod tests {
         assert_eq!(h.quantile(0.6), Some(2_300), "100 ms steps from 1 s");
         assert_eq!(h.quantile(0.8), Some(45_000));
         assert_eq!(h.quantile(1.0), Some(60_000), "slower than a minute is one bucket");
+        assert_eq!((h.at_most(4), h.at_most(5), h.at_most(149)), (0, 3, 3));
+        assert_eq!((h.at_most(159), h.at_most(59_999), h.at_most(u64::MAX)), (4, 6, 7));
         for ms in 0..70_000 {
             let b = Histogram::bucket(ms);
             assert!(Histogram::floor(b) <= ms, "{ms}");

@@ -88,9 +88,14 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
         }
         None => Duration::from_millis(200),
     };
+    let commit_before_send = gw.buffer.write.as_ref().is_some_and(|w| {
+        cx.choice(w, "buffer.write", &[("unacknowledged", false), ("always", true)])
+            .unwrap_or(false)
+    });
     let buffer = BufferPlan {
         max_bytes,
         commit_interval,
+        commit_before_send,
     };
 
     let mut devices = Vec::new();
