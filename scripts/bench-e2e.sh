@@ -6,6 +6,9 @@
 #   scripts/bench-e2e.sh DEVICES REGS POLL     one scenario, e.g. 10 1000 100ms
 #   BENCH_PUBACK_DELAY_MS=50 scripts/bench-e2e.sh   the broker's answers 50 ms late (a slow uplink,
 #                                              through tests/peers/delay_proxy.py)
+#   BENCH_BROKER_NODELAY=true scripts/bench-e2e.sh  Mosquitto with `set_tcp_nodelay true` (without it,
+#                                              Nagle holds PUBACKs of a burst until the agent's delayed
+#                                              TCP ACK, about 40 ms)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -30,6 +33,7 @@ user root
 persistence false
 log_dest none
 max_inflight_messages 0
+set_tcp_nodelay ${BENCH_BROKER_NODELAY:-false}
 max_queued_messages 1000000
 listener $port 127.0.0.1
 allow_anonymous true

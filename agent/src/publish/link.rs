@@ -223,6 +223,14 @@ impl Link {
             Some(tls) => Transport::tls_with_config(tls.clone()),
             None => Transport::tcp(),
         };
+        // No Nagle: a PUBLISH goes out when it is written, not when the previous one is
+        // acknowledged at the TCP level (40 ms with delayed ACKs), which is most of a live record's
+        // latency budget.
+        let network = || {
+            let mut n = rumqttc::NetworkOptions::new();
+            n.set_tcp_nodelay(true);
+            n
+        };
         match u.version {
             MqttVersion::V311 => {
                 let mut opts = rumqttc::MqttOptions::new(&u.client_id, &u.host, u.port);
@@ -242,7 +250,8 @@ impl Link {
                 } else if let Some(user) = &u.username {
                     opts.set_credentials(user, "");
                 }
-                let (c, e) = rumqttc::AsyncClient::new(opts, cap);
+                let (c, mut e) = rumqttc::AsyncClient::new(opts, cap);
+                e.set_network_options(network());
                 Link::start(Client::V4(c), EventLoop::V4(Box::new(e)))
             }
             MqttVersion::V5 => {
@@ -251,6 +260,7 @@ impl Link {
                     .set_clean_start(true)
                     .set_outgoing_inflight_upper_limit(u.max_inflight)
                     .set_max_packet_size(Some(1 << 20))
+                    .set_network_options(network())
                     .set_transport(transport)
                     .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
                         &o.will_topic,
