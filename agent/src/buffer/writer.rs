@@ -452,8 +452,9 @@ impl Writer {
         // order, a prefix of its staged ones). Younger ones stay staged while the upstream is up:
         // they are most likely acknowledged before their own commit is due, and writing them now
         // would only make their acknowledgements the next commit's work, and so on. With the
-        // upstream down nothing will be acknowledged: all go.
-        let all = closing || !self.h.stats.upstream_connected.load(Ordering::SeqCst);
+        // upstream down nothing will be acknowledged: all go (and all go when memory is the reason).
+        let all =
+            closing || self.staged_bytes > STAGED_BYTES_MAX || !self.h.stats.upstream_connected.load(Ordering::SeqCst);
         let cutoff = Instant::now().checked_sub(self.opts.commit_interval / 2);
         let mut through: HashMap<ProductKey, MessageId> = HashMap::new();
         let mut down_in: HashMap<(ProductKey, MessageId), u64> = HashMap::new();
