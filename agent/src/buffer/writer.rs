@@ -453,8 +453,15 @@ impl Writer {
         // they are most likely acknowledged before their own commit is due, and writing them now
         // would only make their acknowledgements the next commit's work, and so on. With the
         // upstream down nothing will be acknowledged: all go (and all go when memory is the reason).
-        let all =
-            closing || self.staged_bytes > STAGED_BYTES_MAX || !self.h.stats.upstream_connected.load(Ordering::SeqCst);
+        // A staged message the broker refused must be stored by the commit that dead-letters it.
+        let refused = batch
+            .dead_letters
+            .iter()
+            .any(|(p, id, _)| self.staged.contains_key(&(*p, *id)));
+        let all = closing
+            || refused
+            || self.staged_bytes > STAGED_BYTES_MAX
+            || !self.h.stats.upstream_connected.load(Ordering::SeqCst);
         let cutoff = Instant::now().checked_sub(self.opts.commit_interval / 2);
         let mut through: HashMap<ProductKey, MessageId> = HashMap::new();
         let mut down_in: HashMap<(ProductKey, MessageId), u64> = HashMap::new();
