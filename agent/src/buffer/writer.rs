@@ -458,15 +458,19 @@ impl Writer {
             .dead_letters
             .iter()
             .any(|(p, id, _)| self.staged.contains_key(&(*p, *id)));
+        // With `write = "always"` nothing is sent before its commit, so nothing is acknowledged
+        // before it either: all go too.
         let all = closing
             || refused
+            || self.opts.commit_before_send
             || self.staged_bytes > STAGED_BYTES_MAX
             || !self.h.stats.upstream_connected.load(Ordering::SeqCst);
-        let cutoff = Instant::now().checked_sub(self.opts.commit_interval / 2);
+        let now = Instant::now();
+        let half = self.opts.commit_interval / 2;
         let mut through: HashMap<ProductKey, MessageId> = HashMap::new();
         let mut down_in: HashMap<(ProductKey, MessageId), u64> = HashMap::new();
         while let Some(&(t, p, id)) = self.order.front() {
-            if !all && cutoff.is_none_or(|c| t > c) {
+            if !all && t + half > now {
                 break;
             }
             self.order.pop_front();
@@ -512,6 +516,9 @@ impl Writer {
             && merging.is_empty()
             && !closing;
         if empty {
+            // Nothing to write (a merge whose read failed, say): look again after an interval,
+            // not at once.
+            self.last_commit = Instant::now();
             return Ok(());
         }
         let done = match self.store.commit(batch) {
