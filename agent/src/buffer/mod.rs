@@ -351,7 +351,8 @@ mod tests {
         let (h, writer) = start(
             store,
             vec![slot(FullPolicy::DropOldest, 64 << 20)],
-            opts(Duration::from_millis(300), 1, 1 << 20),
+            // Long enough for a slow machine (the suite also runs this under emulation).
+            opts(Duration::from_millis(1500), 1, 1 << 20),
         );
         h.stats.upstream_connected.store(true, Ordering::SeqCst);
         let key = reader.key("p");
@@ -361,7 +362,7 @@ mod tests {
         }
         wait("4 staged messages", || h.live.after(key, None, 10).0.len() == 4);
         assert!(
-            t0.elapsed() < Duration::from_millis(300),
+            t0.elapsed() < Duration::from_millis(1500),
             "staged before any commit was due"
         );
         let staged = h.live.after(key, None, 10).0;
@@ -377,8 +378,11 @@ mod tests {
             vec![(*staged[1]).clone(), (*staged[3]).clone()],
             "committed as staged"
         );
-        let (left, committed) = h.live.after(key, None, 10);
-        assert!(left.is_empty() && committed, "out of memory once committed");
+        // The writer takes them out of memory just after its commit has returned.
+        wait("out of memory once committed", || {
+            let (left, committed) = h.live.after(key, None, 10);
+            left.is_empty() && committed
+        });
         assert_eq!(h.stats.unwritten_messages.load(Ordering::Relaxed), 2);
         assert_eq!(h.stats.written_messages.load(Ordering::Relaxed), 2);
         drop(h);
@@ -397,7 +401,7 @@ mod tests {
         let reader = store.reader();
         let options = WriterOptions {
             commit_before_send: true,
-            ..opts(Duration::from_millis(600), 1, 1 << 20)
+            ..opts(Duration::from_millis(1200), 1, 1 << 20)
         };
         let (h, writer) = start(store, vec![slot(FullPolicy::DropOldest, 64 << 20)], options);
         h.stats.upstream_connected.store(true, Ordering::SeqCst);
@@ -412,8 +416,8 @@ mod tests {
         // before its commit, so holding it back would only cost a second fsync.
         let commits = h.stats.commits.load(Ordering::Relaxed);
         h.offer(0, 2, b"{}".to_vec());
-        // Past half the interval (300 ms), well before its end.
-        std::thread::sleep(Duration::from_millis(350));
+        // Past half the interval (600 ms), well before its end.
+        std::thread::sleep(Duration::from_millis(700));
         h.offer(0, 3, b"{}".to_vec());
         wait("the next commit", || {
             reader.read_after(key, None, 10).unwrap().len() > 1
