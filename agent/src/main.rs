@@ -168,8 +168,24 @@ fn die_on_closed_pipe() {
     }
 }
 
+/// A panic stops the agent (the service manager restarts it and the durable buffer replays),
+/// rather than one task dying while the rest limps on; except inside
+/// [`plantmesh::buffer::recover::contain`], where redb reads a damaged file that may hold any
+/// bytes and a panic is one more kind of damage.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if plantmesh::buffer::recover::contained() {
+            return;
+        }
+        report(info);
+        std::process::abort();
+    }));
+}
+
 fn main() -> ExitCode {
     allocator::limit_arenas();
+    abort_on_panic();
     let cli = Cli::parse();
     if matches!(
         cli.command,

@@ -167,6 +167,17 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
             },
         })
         .collect();
+    if let Some(damage) = &report.damage {
+        let products: Vec<(String, String)> = slots
+            .iter()
+            .map(|s| (s.id.clone(), s.limits.gap_topic.clone()))
+            .collect();
+        for g in store.record_damage(damage, &products)? {
+            tracing::error!(product = %g.product, through_epoch = g.epoch, salvaged_messages = damage.salvaged_messages,
+                moved_to = %damage.aside.display(),
+                "the damaged buffer file may have held messages of this product that were not delivered: buffer_corrupt gap event recorded (whatever of epochs up to this one has not arrived once the salvaged messages are replayed is lost)");
+        }
+    }
     let reader = store.reader();
     let sli_reader = store.reader();
     let epoch = store.epoch();

@@ -29,6 +29,11 @@ pub enum GapReason {
     /// were numbered but neither committed nor known to be acknowledged: each was either
     /// delivered before the crash or lost with it. The count of records is not known (0).
     Crash,
+    /// The buffer file was found damaged at start and moved aside: every message of the product
+    /// in `epoch` or an earlier epoch that was not received by the end of the replay (of what
+    /// could be salvaged) is lost. `to_seq` is `u64::MAX` (the whole epoch) and the count is not
+    /// known (0).
+    BufferCorrupt,
     /// A reason this build does not know (written by another version).
     Other(String),
 }
@@ -48,6 +53,7 @@ impl GapReason {
             GapReason::SparkplugEncoding => Borrowed("sparkplug_encoding"),
             GapReason::BrokerRejected(code) => format!("broker_rejected_0x{code:02x}").into(),
             GapReason::Crash => Borrowed("crash"),
+            GapReason::BufferCorrupt => Borrowed("buffer_corrupt"),
             GapReason::Other(s) => s.clone().into(),
         }
     }
@@ -64,6 +70,7 @@ impl GapReason {
             "governance_changed" => GapReason::GovernanceChanged,
             "sparkplug_encoding" => GapReason::SparkplugEncoding,
             "crash" => GapReason::Crash,
+            "buffer_corrupt" => GapReason::BufferCorrupt,
             _ => match s.strip_prefix("broker_rejected_0x").map(|h| u8::from_str_radix(h, 16)) {
                 Some(Ok(code)) => GapReason::BrokerRejected(code),
                 _ => GapReason::Other(s.to_string()),
@@ -114,6 +121,7 @@ mod tests {
             GapReason::SparkplugEncoding,
             GapReason::BrokerRejected(0x97),
             GapReason::Crash,
+            GapReason::BufferCorrupt,
             GapReason::Other("from_a_newer_agent".into()),
         ];
         for r in all {

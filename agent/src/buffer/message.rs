@@ -37,13 +37,26 @@ pub struct StoredMessage {
     pub body: Vec<u8>,
 }
 
+/// The checksum of a format 3 value: it binds the bytes to their key, so that a page read at the
+/// wrong place does not pass for another message.
+fn checksum(name: &str, id: MessageId, bytes: &[u8]) -> u64 {
+    crate::config::fnv1a64(&[
+        name.as_bytes(),
+        &[0],
+        &id.epoch.to_le_bytes(),
+        &id.seq.to_le_bytes(),
+        bytes,
+    ])
+}
+
 impl StoredMessage {
-    /// Format 2: `2, created u64, records u32, governance u64, last_seq u64, topic (u16 length),
-    /// version (u8 length), body`, little-endian. Format 1 is `1, created, records, topic, version,
-    /// body` (no governance, `last_seq` its own seq).
+    /// Format 3: `3, created u64, records u32, governance u64, last_seq u64, topic (u16 length),
+    /// version (u8 length), body, checksum u64` (FNV-1a 64 of the key, `name`, epoch and seq, and
+    /// everything before it), little-endian. Format 2 is the same without the checksum; format 1 is `1, created, records,
+    /// topic, version, body` (no governance, `last_seq` its own seq).
     pub(super) fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(32 + self.topic.len() + self.version.len() + self.body.len());
-        v.push(2u8); // format version
+        let mut v = Vec::with_capacity(40 + self.topic.len() + self.version.len() + self.body.len());
+        v.push(3u8); // format version
         v.extend(self.created.to_le_bytes());
         v.extend(self.records.to_le_bytes());
         v.extend(self.governance.to_le_bytes());
@@ -53,13 +66,29 @@ impl StoredMessage {
         v.push(self.version.len() as u8);
         v.extend(self.version.as_bytes());
         v.extend(&self.body);
+        v.extend(checksum(&self.name, self.id, &v).to_le_bytes());
         v
     }
 
+    /// Whether a stored value is as it was written, under this key: its checksum matches
+    /// (formats 1 and 2 have none, and are taken as they are). Checked when a damaged file is
+    /// salvaged.
+    pub(super) fn intact(name: &str, id: MessageId, b: &[u8]) -> bool {
+        match (b.first(), b.len().checked_sub(8)) {
+            (Some(3), Some(end)) if end > 0 => b[end..] == checksum(name, id, &b[..end]).to_le_bytes(),
+            (Some(1 | 2), _) => true,
+            _ => false,
+        }
+    }
+
     pub(super) fn decode(product: ProductKey, name: &Arc<str>, id: MessageId, b: &[u8]) -> Option<StoredMessage> {
+        let b = match b.first() {
+            Some(3) => b.get(..b.len().checked_sub(8)?)?,
+            _ => b,
+        };
         let (governance, last_seq, t) = match b.first() {
             Some(1) => (crate::govern::treatment::UNKNOWN, id.seq, 13),
-            Some(2) => (
+            Some(2 | 3) => (
                 u64::from_le_bytes(b.get(13..21)?.try_into().ok()?),
                 u64::from_le_bytes(b.get(21..29)?.try_into().ok()?).max(id.seq),
                 29,
@@ -88,7 +117,7 @@ impl StoredMessage {
     }
 
     pub(super) fn size(&self) -> u64 {
-        (32 + self.topic.len() + self.version.len() + self.body.len() + self.name.len()) as u64 + PER_MESSAGE_OVERHEAD
+        (40 + self.topic.len() + self.version.len() + self.body.len() + self.name.len()) as u64 + PER_MESSAGE_OVERHEAD
     }
 }
 

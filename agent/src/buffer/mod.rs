@@ -23,6 +23,7 @@
 
 pub mod live;
 mod message;
+pub mod recover;
 pub mod store;
 mod writer;
 pub use live::Live;
@@ -32,7 +33,9 @@ mod gap;
 pub use gap::GapReason;
 mod key;
 pub use key::{Keys, ProductKey};
-pub use store::{Batch, BufferError, GapEvent, MessageId, NewMessage, ProductLimits, Reader, Store, StoredMessage};
+pub use store::{
+    Batch, BufferError, Damage, GapEvent, MessageId, NewMessage, ProductLimits, Reader, Store, StoredMessage,
+};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;

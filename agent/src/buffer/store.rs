@@ -21,7 +21,7 @@
 
 use super::message::PER_MESSAGE_OVERHEAD;
 pub use super::message::{MessageId, NewMessage, StoredMessage};
-use super::{GapReason, Keys, ProductKey};
+use super::{recover, GapReason, Keys, ProductKey};
 use crate::config::FullPolicy;
 use crate::model::Millis;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -36,6 +36,15 @@ const DROPS: TableDefinition<(&str, &str), u64> = TableDefinition::new("drops");
 const DEAD: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("dead_letters");
 const TREATMENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("treatments");
 const SEQS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("seqs");
+const TABLES: recover::Tables = recover::Tables {
+    meta: META,
+    messages: MESSAGES,
+    gaps: GAPS,
+    drops: DROPS,
+    treatments: TREATMENTS,
+    seqs: SEQS,
+    dead: DEAD,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
@@ -137,10 +146,27 @@ pub struct OpenReport {
     pub epoch: u64,
     pub pending_messages: u64,
     pub pending_bytes: u64,
-    /// Set when a corrupt file was moved aside and a fresh buffer started.
-    pub moved_aside: Option<PathBuf>,
+    /// Set when a damaged file was moved aside and a fresh buffer started.
+    pub damage: Option<Damage>,
     /// `crash` gap events this open wrote: seqs of earlier epochs a crash may have lost.
     pub crashed: Vec<GapEvent>,
+}
+
+/// A damaged buffer file found by `open`.
+#[derive(Debug, Clone)]
+pub struct Damage {
+    /// Where the damaged file now is (never written again).
+    pub aside: PathBuf,
+    /// What was wrong with it.
+    pub problem: String,
+    /// redb could open the file at all (if not, nothing was salvaged).
+    pub opened: bool,
+    /// Messages copied into the fresh buffer, with their ids.
+    pub salvaged_messages: u64,
+    /// Gap topics of the products the salvaged `seqs` table names.
+    pub topics: Vec<(String, String)>,
+    /// The epoch before this open: the loss is announced for it and every earlier one.
+    pub last_epoch: u64,
 }
 
 pub struct Store {
@@ -174,15 +200,23 @@ fn decode_seqs(b: &[u8]) -> (u64, u64, String) {
     }
 }
 
-/// Errors that mean "this file is not a usable buffer" (as opposed to an I/O failure of the disk).
+/// Errors that mean "this file is not a usable buffer", as opposed to a failure of the disk (or
+/// another process holding it): anything redb says about the content of the file.
 fn is_corrupt(e: &redb::DatabaseError) -> bool {
+    use std::io::ErrorKind::{InvalidData, UnexpectedEof};
     match e {
-        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) | redb::DatabaseError::UpgradeRequired(_) => {
-            true
-        }
-        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io.kind() == std::io::ErrorKind::InvalidData,
-        _ => false,
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => matches!(io.kind(), InvalidData | UnexpectedEof),
+        redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::RepairAborted => false,
+        _ => true,
     }
+}
+
+/// Stores one gap event under `id`; returns the next id.
+fn insert_gap(gaps: &mut redb::Table<u64, &[u8]>, id: u64, ev: &GapEvent) -> Result<u64, redb::StorageError> {
+    #[allow(clippy::expect_used, reason = "a struct of strings and integers serializes")]
+    let json = serde_json::to_vec(ev).expect("gap events serialize");
+    gaps.insert(id, json.as_slice())?;
+    Ok(id + 1)
 }
 
 fn storage<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> BufferError + '_ {
@@ -193,31 +227,57 @@ fn storage<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> BufferError +
 }
 
 impl Store {
-    /// Opens (or creates) the buffer, bumps and persists the epoch, and scans what is pending.
-    /// A file that redb cannot open as a database is moved aside (`<name>.corrupt-<ms>`) and a fresh
-    /// buffer is started: the agent must come back without a human deleting files.
+    /// Opens (or creates) the buffer, bumps and persists the epoch (in the file and in the epoch
+    /// file beside it, see [`recover`]), and scans what is pending. A damaged file (redb's
+    /// integrity check fails, it is 0 bytes or truncated, or reading it panics) is moved aside
+    /// (`<name>.corrupt-<ms>`), what can be read of it is copied into a fresh buffer, and the
+    /// report says so ([`OpenReport::damage`]; [`Store::record_damage`] announces the loss): the
+    /// agent must come back without a human deleting files, and with ids never used before.
     pub fn open(path: &Path, max_bytes: u64, cache_bytes: usize) -> Result<(Store, OpenReport), BufferError> {
         let builder = || {
             let mut b = Database::builder();
             b.set_cache_size(cache_bytes);
+            b.set_check_integrity_on_open(true);
             b
         };
-        let mut moved_aside = None;
+        let epoch_file = recover::epoch_path(path);
+        let kept_epoch = recover::read_epoch(&epoch_file);
         let mut crashed = Vec::new();
-        let db = match builder().create(path) {
-            Ok(db) => db,
-            Err(e) if is_corrupt(&e) => {
+        let opened = match std::fs::metadata(path) {
+            Ok(m) if m.len() == 0 => Err("the file is empty (0 bytes)".to_string()),
+            _ => match recover::contain(|| builder().create(path)) {
+                Some(Ok(db)) => Ok(db),
+                Some(Err(e)) if is_corrupt(&e) => Err(e.to_string()),
+                Some(Err(e)) => return Err(storage(path)(e)),
+                None => Err("reading it panicked inside redb".to_string()),
+            },
+        };
+        let (db, mut damage, salvaged) = match opened {
+            Ok(db) => (db, None, None),
+            Err(why) => {
                 let aside = path.with_extension(format!("redb.corrupt-{}", crate::model::now_millis()));
-                tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e,
-                    "buffer file is corrupt; moving it aside and starting an empty buffer (its messages are not replayed)");
                 std::fs::rename(path, &aside).map_err(|source| BufferError::MoveAside {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                moved_aside = Some(aside);
-                builder().create(path).map_err(storage(path))?
+                let salvaged = recover::salvage(&aside, &path.with_extension("redb.salvage"), &TABLES);
+                tracing::error!(path = %path.display(), moved_to = %aside.display(), problem = %why,
+                    salvaged_messages = salvaged.messages.len(), salvaged_gap_events = salvaged.gaps.len(),
+                    "buffer file is damaged; moved it aside and copied what could be read into a fresh buffer (what could not is announced as buffer_corrupt gap events)");
+                let damage = Damage {
+                    aside,
+                    problem: why,
+                    opened: salvaged.opened,
+                    salvaged_messages: 0,
+                    topics: Vec::new(),
+                    last_epoch: 0,
+                };
+                (
+                    builder().create(path).map_err(storage(path))?,
+                    Some(damage),
+                    Some(salvaged),
+                )
             }
-            Err(e) => return Err(storage(path)(e)),
         };
         let mut store = Store {
             db: Arc::new(db),
@@ -235,10 +295,28 @@ impl Store {
         tx.set_durability(redb::Durability::Immediate)
             .map_err(|e| storage(path)(redb::Error::from(e)))?;
         {
+            if let (Some(s), Some(d)) = (&salvaged, &mut damage) {
+                store.import(&tx, s, d)?;
+            }
             let mut meta = tx.open_table(META).map_err(storage(path))?;
-            let epoch = meta.get("epoch").map_err(storage(path))?.map_or(0, |v| v.value()) + 1;
+            let in_buffer = meta.get("epoch").map_err(storage(path))?.map(|v| v.value());
+            let epoch = recover::next_epoch(in_buffer, kept_epoch, crate::model::now_millis(), recover::random());
+            if in_buffer.max(kept_epoch).is_none() {
+                tracing::info!(
+                    epoch,
+                    "no earlier epoch found (new data directory, or both copies lost)"
+                );
+            }
+            if let Err(e) = recover::write_epoch(&epoch_file, epoch) {
+                tracing::warn!(path = %epoch_file.display(), error = %e,
+                    "cannot keep the epoch beside the buffer; it is kept in the buffer file only");
+            }
             meta.insert("epoch", epoch).map_err(storage(path))?;
+            recover::pass_clock(epoch);
             store.epoch = epoch;
+            if let Some(d) = &mut damage {
+                d.last_epoch = epoch - 1;
+            }
             tx.open_table(MESSAGES).map_err(storage(path))?;
             tx.open_table(DROPS).map_err(storage(path))?;
             tx.open_table(DEAD).map_err(storage(path))?;
@@ -272,10 +350,7 @@ impl Store {
                     ts: now,
                     topic,
                 };
-                #[allow(clippy::expect_used, reason = "a struct of strings and integers serializes")]
-                let json = serde_json::to_vec(&ev).expect("gap events serialize");
-                gaps.insert(store.next_gap, json.as_slice()).map_err(storage(path))?;
-                store.next_gap += 1;
+                store.next_gap = insert_gap(&mut gaps, store.next_gap, &ev).map_err(storage(path))?;
                 crashed.push(ev);
             }
         }
@@ -302,10 +377,110 @@ impl Store {
             epoch: store.epoch,
             pending_messages: store.queues.values().map(|q| q.messages).sum(),
             pending_bytes: store.total_bytes,
-            moved_aside,
+            damage,
             crashed,
         };
         Ok((store, report))
+    }
+
+    /// Copies what was salvaged from a damaged file into the fresh one (in `open`'s transaction):
+    /// messages that decode whole keep their ids; pending gap events, drop counters, treatments,
+    /// dead letters and seq reservations (so the crash report of the last run still comes).
+    fn import(&self, tx: &redb::WriteTransaction, s: &recover::Salvaged, d: &mut Damage) -> Result<(), BufferError> {
+        let path = &self.path;
+        let mut meta = tx.open_table(META).map_err(storage(path))?;
+        if let Some(e) = s.epoch {
+            meta.insert("epoch", e).map_err(storage(path))?;
+        }
+        let mut messages = tx.open_table(MESSAGES).map_err(storage(path))?;
+        for ((name, epoch, seq), v) in &s.messages {
+            let id = MessageId {
+                epoch: *epoch,
+                seq: *seq,
+            };
+            let whole = StoredMessage::intact(name, id, v)
+                && StoredMessage::decode(self.keys.intern(name), &Arc::from(name.as_str()), id, v)
+                    .is_some_and(|m| serde_json::from_slice::<serde::de::IgnoredAny>(&m.body).is_ok());
+            if whole {
+                messages
+                    .insert((name.as_str(), *epoch, *seq), v.as_slice())
+                    .map_err(storage(path))?;
+                d.salvaged_messages += 1;
+            }
+        }
+        let mut gaps = tx.open_table(GAPS).map_err(storage(path))?;
+        for (id, v) in &s.gaps {
+            if serde_json::from_slice::<GapEvent>(v).is_ok() {
+                gaps.insert(*id, v.as_slice()).map_err(storage(path))?;
+            }
+        }
+        let mut drops = tx.open_table(DROPS).map_err(storage(path))?;
+        for ((p, r), n) in &s.drops {
+            drops.insert((p.as_str(), r.as_str()), *n).map_err(storage(path))?;
+        }
+        let mut treatments = tx.open_table(TREATMENTS).map_err(storage(path))?;
+        for ((p, f), v) in &s.treatments {
+            treatments
+                .insert((p.as_str(), *f), v.as_slice())
+                .map_err(storage(path))?;
+        }
+        let mut dead = tx.open_table(DEAD).map_err(storage(path))?;
+        for ((p, e, q), v) in &s.dead {
+            dead.insert((p.as_str(), *e, *q), v.as_slice()).map_err(storage(path))?;
+        }
+        let mut seqs = tx.open_table(SEQS).map_err(storage(path))?;
+        for ((p, e), v) in &s.seqs {
+            let (_, _, topic) = decode_seqs(v);
+            if !topic.is_empty() && !d.topics.iter().any(|(n, _)| n == p) {
+                d.topics.push((p.clone(), topic));
+            }
+            seqs.insert((p.as_str(), *e), v.as_slice()).map_err(storage(path))?;
+        }
+        Ok(())
+    }
+
+    /// Announces what a damaged file may have lost: one `buffer_corrupt` gap event per product
+    /// (those given, `(name, gap topic)`, and those the salvaged file named) for the epoch before
+    /// this one and every earlier one (`from_seq` 1, `to_seq` `u64::MAX`, count unknown: 0).
+    pub fn record_damage(
+        &mut self,
+        damage: &Damage,
+        products: &[(String, String)],
+    ) -> Result<Vec<GapEvent>, BufferError> {
+        let path = self.path.clone();
+        let mut all: Vec<(String, String)> = products.to_vec();
+        for t in &damage.topics {
+            if !all.iter().any(|(n, _)| *n == t.0) {
+                all.push(t.clone());
+            }
+        }
+        let now = crate::model::now_millis();
+        let events: Vec<GapEvent> = all
+            .into_iter()
+            .map(|(product, topic)| GapEvent {
+                product,
+                epoch: damage.last_epoch,
+                from_seq: 1,
+                to_seq: u64::MAX,
+                count: 0,
+                reason: GapReason::BufferCorrupt,
+                ts: now,
+                topic,
+            })
+            .collect();
+        let mut tx = self.db.begin_write().map_err(storage(&path))?;
+        tx.set_durability(redb::Durability::Immediate)
+            .map_err(|e| storage(&path)(redb::Error::from(e)))?;
+        let mut next = self.next_gap;
+        {
+            let mut gaps = tx.open_table(GAPS).map_err(storage(&path))?;
+            for ev in &events {
+                next = insert_gap(&mut gaps, next, ev).map_err(storage(&path))?;
+            }
+        }
+        tx.commit().map_err(storage(&path))?;
+        self.next_gap = next;
+        Ok(events)
     }
 
     /// Opens an existing buffer for reading only (the `buffer` command; the agent must not be running).
@@ -461,9 +636,7 @@ impl Store {
                                   drops: &mut redb::Table<(&str, &str), u64>,
                                   ev: GapEvent|
              -> Result<(), BufferError> {
-                #[allow(clippy::expect_used, reason = "a struct of strings and integers serializes")]
-                let json = serde_json::to_vec(&ev).expect("gap events serialize");
-                gaps.insert(next_gap, json.as_slice()).map_err(storage(&path))?;
+                insert_gap(gaps, next_gap, &ev).map_err(storage(&path))?;
                 let prev = drops
                     .get((ev.product.as_str(), &*ev.reason.as_str()))
                     .map_err(storage(&path))?
@@ -950,6 +1123,9 @@ impl Reader {
     }
 }
 
+#[cfg(test)]
+#[path = "damage_tests.rs"]
+mod damage_tests;
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;

@@ -66,7 +66,7 @@ const SHARE: u64 = 1500;
 const TOTAL: u64 = 2400;
 
 fn size(product: &str, body: usize) -> u64 {
-    (32 + TOPIC.len() + VERSION.len() + body + product.len()) as u64 + PER_MESSAGE_OVERHEAD
+    (40 + TOPIC.len() + VERSION.len() + body + product.len()) as u64 + PER_MESSAGE_OVERHEAD
 }
 
 fn open(path: &Path) -> Store {
@@ -165,6 +165,7 @@ impl Model {
     }
 
     /// A new epoch after a stop: what a crash may have lost is covered by a `crash` gap event.
+    /// A reopen; the store's new epoch must be above every earlier one (`then`).
     fn reopen(&mut self) {
         for p in 0..2 {
             for seq in self.sealed[p] + 1..=self.reserved[p] {
@@ -172,7 +173,6 @@ impl Model {
             }
         }
         self.staged.clear();
-        self.epoch += 1;
         self.next_seq = [1, 1];
         self.sealed = [0, 0];
         self.reserved = [0, 0];
@@ -208,7 +208,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("buffer.redb");
         let mut store = open(&path);
-        let mut m = Model { epoch: 1, next_seq: [1, 1], ..Default::default() };
+        let mut m = Model { epoch: store.epoch(), next_seq: [1, 1], ..Default::default() };
         for op in ops {
             match op {
                 Op::Append { product, records, body } => {
@@ -285,17 +285,20 @@ proptest! {
                     m.reopen();
                     let (s, report) = Store::open(&path, TOTAL, 1 << 20).unwrap();
                     prop_assert!(report.crashed.is_empty(), "a clean stop announces no crash: {:?}", report.crashed);
-                    drop(s);
                     // (That open was an epoch too.)
-                    m.epoch += 1;
+                    prop_assert!(s.epoch() > m.epoch);
+                    m.epoch = s.epoch();
+                    drop(s);
                     store = open(&path);
-                    prop_assert_eq!(store.epoch(), m.epoch);
+                    prop_assert!(store.epoch() > m.epoch);
+                    m.epoch = store.epoch();
                 }
                 Op::Reopen => {
                     drop(store);
                     m.reopen();
                     store = open(&path);
-                    prop_assert_eq!(store.epoch(), m.epoch);
+                    prop_assert!(store.epoch() > m.epoch);
+                    m.epoch = store.epoch();
                 }
             }
             let reader = store.reader();
@@ -338,9 +341,14 @@ fn corrupt_file_is_moved_aside() {
     let path = dir.path().join("buffer.redb");
     std::fs::write(&path, vec![0xA5u8; 8192]).unwrap();
     let (store, report) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
-    let aside = report.moved_aside.expect("moved aside");
-    assert!(aside.exists());
-    assert_eq!(store.epoch(), 1);
+    let damage = report.damage.expect("moved aside");
+    assert!(damage.aside.exists());
+    assert_eq!(
+        std::fs::read(&damage.aside).unwrap(),
+        vec![0xA5u8; 8192],
+        "kept as it was"
+    );
+    assert!(store.epoch() >= recover::CLOCK_FLOOR, "no copy of the epoch: the clock");
     assert!(store.reader().is_empty().unwrap());
 }
 
@@ -349,7 +357,7 @@ fn epoch_bumps_and_messages_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("buffer.redb");
     let (mut s, r) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
-    assert_eq!(r.epoch, 1);
+    let e1 = r.epoch;
     let p = s.key("p");
     let new = NewMessage {
         product: p,
@@ -366,10 +374,11 @@ fn epoch_bumps_and_messages_survive_reopen() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(done.appended, vec![(p, MessageId { epoch: 1, seq: 1 }, 2)]);
+    assert_eq!(done.appended, vec![(p, MessageId { epoch: e1, seq: 1 }, 2)]);
     drop(s);
     let (s, r) = Store::open(&path, 1 << 20, 1 << 20).unwrap();
-    assert_eq!((r.epoch, r.pending_messages), (2, 1));
+    assert!(r.epoch > e1);
+    assert_eq!(r.pending_messages, 1);
     let reader = s.reader();
     let m = &reader.read_after(reader.key("p"), None, 10).unwrap()[0];
     assert_eq!(
@@ -382,7 +391,7 @@ fn epoch_bumps_and_messages_survive_reopen() {
 }
 
 #[test]
-fn format_1_messages_read_back_with_an_unknown_treatment() {
+fn older_formats_read_back_and_the_checksum_sees_every_flipped_byte() {
     let name: Arc<str> = "p".into();
     let key = Keys::default().intern("p");
     let m = StoredMessage {
@@ -397,18 +406,36 @@ fn format_1_messages_read_back_with_an_unknown_treatment() {
         last_seq: 1,
         body: b"[{},{}]".to_vec(),
     };
-    let v2 = m.encode();
-    // Format 1: the same without the governance fingerprint.
+    let v3 = m.encode();
+    assert!(StoredMessage::intact(&name, m.id, &v3));
+    assert!(!StoredMessage::intact("q", m.id, &v3), "bound to its key");
+    assert!(
+        !StoredMessage::intact(&name, MessageId { epoch: 1, seq: 2 }, &v3),
+        "bound to its key"
+    );
+    // Format 2: the same without the checksum; format 1 without the governance fingerprint too.
+    let mut v2 = v3[..v3.len() - 8].to_vec();
+    v2[0] = 2;
     let mut v1 = v2.clone();
     v1[0] = 1;
     v1.drain(13..29);
+    assert_eq!(StoredMessage::decode(m.product, &name, m.id, &v2), Some(m.clone()));
+    for at in 0..v3.len() {
+        let mut rotten = v3.clone();
+        rotten[at] ^= 0x04;
+        assert!(
+            !StoredMessage::intact(&name, m.id, &rotten),
+            "a flip at byte {at} goes unseen"
+        );
+    }
     let old = StoredMessage::decode(m.product, &name, m.id, &v1).unwrap();
     assert_eq!(old.governance, crate::govern::treatment::UNKNOWN);
     assert_eq!((old.topic.as_str(), old.body.as_slice()), ("a/b", &b"[{},{}]"[..]));
-    assert_eq!(StoredMessage::decode(m.product, &name, m.id, &v2), Some(m));
-    for cut in 0..v2.len() - 7 {
+    assert_eq!(StoredMessage::decode(m.product, &name, m.id, &v3), Some(m.clone()));
+    for cut in 0..v3.len() {
         // Truncated bytes never panic; too short for the header reads as nothing.
-        let _ = StoredMessage::decode(key, &name, MessageId { epoch: 1, seq: 1 }, &v2[..cut]);
+        let _ = StoredMessage::decode(key, &name, MessageId { epoch: 1, seq: 1 }, &v3[..cut]);
+        assert!(!StoredMessage::intact(&name, m.id, &v3[..cut]));
     }
 }
 
@@ -452,7 +479,7 @@ fn a_merged_run_is_one_message_standing_for_all_its_seqs() {
         ..Default::default()
     })
     .unwrap();
-    let ids: Vec<MessageId> = (1..=5).map(|seq| MessageId { epoch: 1, seq }).collect();
+    let ids: Vec<MessageId> = (1..=5).map(|seq| MessageId { epoch: s.epoch(), seq }).collect();
     // A run with a hole is left alone.
     let holed = vec![ids[0], ids[2]];
     let done = s

@@ -9,7 +9,6 @@
 use crate::config::{EdgeAction, FieldPlan, ProductPlan};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// One field as consumers see it.
@@ -104,15 +103,7 @@ pub fn save(dir: &Path, key: &str, descriptor: &[u8]) -> std::io::Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{key}.json.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(descriptor)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::fsutil::write_atomic(&path, descriptor)
 }
 
 /// One difference between the last published contract and the new one.

@@ -17,7 +17,6 @@ use crate::model::{now_millis, parse_rfc3339_millis};
 use crate::sparkplug::{self as sp, datatype, Kind, Metric, MetricValue, Payload, PropertyValueKind};
 use prost::Message;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The Sparkplug identity and products of the agent.
@@ -290,18 +289,7 @@ pub fn next_bd_seq(path: &Path) -> std::io::Result<u64> {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());
     let next = last.map_or(0, |l| (l + 1) % 256);
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{next}")?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
+    crate::fsutil::write_atomic(path, format!("{next}\n").as_bytes())?;
     Ok(next)
 }
 

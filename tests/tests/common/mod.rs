@@ -7,6 +7,8 @@
 )]
 #![allow(dead_code)]
 
+pub mod plant;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -439,6 +441,25 @@ impl Agent {
     pub fn restart(&mut self) {
         assert!(self.child.is_none());
         self.spawn();
+    }
+
+    /// The epoch of the agent's current (or last) start, from the copy kept beside the buffer.
+    pub fn epoch(&self) -> Option<u64> {
+        std::fs::read_to_string(self.data_dir.join("buffer.redb.epoch"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Waits for the start after one with epoch `after` and returns its epoch (always larger).
+    pub fn next_epoch(&self, after: Option<u64>) -> u64 {
+        let mut e = None;
+        wait_for("the agent's next epoch", Duration::from_secs(30), || {
+            e = self.epoch().filter(|&e| Some(e) > after);
+            e.is_some()
+        });
+        e.unwrap()
     }
 
     pub fn is_running(&mut self) -> bool {
