@@ -43,6 +43,7 @@ fn main() {
             max_records_per_message: 100,
             max_message_bytes: 256 << 10,
             commit_before_send: false,
+            max_staged_bytes: buffer::STAGED_BYTES_MAX,
         };
         // Nothing acknowledges: every record is committed (the broker-down case).
         let (h, writer) = buffer::start(store, products, opts);

@@ -16,6 +16,7 @@ pub mod buffer;
 pub mod catalog;
 pub mod config;
 pub mod discover;
+pub mod disk;
 pub mod fsutil;
 pub mod govern;
 pub mod map;

@@ -256,10 +256,13 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn"));
     // Colours only on a terminal: journald and log files get plain text.
     use std::io::IsTerminal;
+    // A log that cannot be written (stderr a file on a full disk) is not reported on stderr
+    // again: that report would panic, and a panic stops the agent.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .init();
 }
 

@@ -1,7 +1,9 @@
 //! `/metrics` (Prometheus text format) and `/health` on a loopback address.
 //!
 //! A deliberately small HTTP/1.1 responder: one request per connection, GET only. `/health` is 200
-//! `ok` while the buffer writer runs and 503 once it has stopped (the agent is about to exit).
+//! `ok` while the buffer writer runs, 200 `degraded: <reason>` (a line each) while buffer commits
+//! fail or the data directory is nearly full, and 503 once the writer has stopped (the agent is
+//! about to exit).
 
 use crate::buffer::BufferStats;
 use crate::config::DeviceKind;
@@ -77,7 +79,7 @@ pub async fn serve(addr: std::net::SocketAddr, r: Running) -> std::io::Result<st
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
                 let (status, body) = match path {
                     "/metrics" => ("200 OK", metrics(&r)),
-                    "/health" if r.writer_alive.load(Relaxed) => ("200 OK", "ok\n".to_string()),
+                    "/health" if r.writer_alive.load(Relaxed) => ("200 OK", health(&r.buffer)),
                     "/health" => ("503 Service Unavailable", "buffer writer stopped\n".to_string()),
                     _ => ("404 Not Found", "try /metrics or /health\n".to_string()),
                 };
@@ -91,6 +93,27 @@ pub async fn serve(addr: std::net::SocketAddr, r: Running) -> std::io::Result<st
         }
     });
     Ok(bound)
+}
+
+/// `ok`, or `degraded: <why>` (still 200: the agent runs and sends live data, a restart would not
+/// help), one reason a line.
+fn health(b: &BufferStats) -> String {
+    let mut why = Vec::new();
+    if b.degraded.load(Relaxed) {
+        let error = b.storage_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
+        why.push(format!("buffer storage failing, nothing new is made durable: {error}"));
+    }
+    if b.disk_low.load(Relaxed) {
+        why.push(format!(
+            "data directory nearly full: {} bytes free",
+            b.disk_free_bytes.load(Relaxed)
+        ));
+    }
+    if why.is_empty() {
+        "ok\n".to_string()
+    } else {
+        why.iter().map(|w| format!("degraded: {w}\n")).collect()
+    }
 }
 
 fn metrics(r: &Running) -> String {
@@ -111,6 +134,36 @@ fn metrics(r: &Running) -> String {
         "Bytes in the buffer awaiting PUBACK.",
         "gauge",
         b.pending_bytes.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_degraded",
+        "1 while buffer commits fail (disk full, I/O errors): live data flows from memory, nothing new is made durable.",
+        "gauge",
+        u8::from(b.degraded.load(Relaxed)).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_failed_commits_total",
+        "Buffer commits that failed (each retried with backoff).",
+        "counter",
+        b.failed_commits.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_dropped_from_memory_messages_total",
+        "Messages dropped from memory while storage failed and nothing was acknowledged (storage_unavailable gap events).",
+        "counter",
+        b.shed_messages.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_disk_free_bytes",
+        "Free bytes on the data directory's file system.",
+        "gauge",
+        b.disk_free_bytes.load(Relaxed).to_string(),
+    );
+    gauge(
+        "plantmesh_buffer_disk_low",
+        "1 while free space on the data directory is below [buffer] free_space_warning.",
+        "gauge",
+        u8::from(b.disk_low.load(Relaxed)).to_string(),
     );
     gauge(
         "plantmesh_records_accepted_total",

@@ -65,7 +65,7 @@ fn reference(path: &Path) -> (Vec<u64>, Raw, Raw) {
                 ..Default::default()
             })
             .unwrap();
-        let tx = s.db.begin_read().unwrap();
+        let tx = s.db.get().unwrap().begin_read().unwrap();
         for e in tx.open_table(MESSAGES).unwrap().iter().unwrap() {
             let (k, v) = e.unwrap();
             let (p, e, q) = k.value();
@@ -193,7 +193,7 @@ fn mutate(bytes: &mut Vec<u8>, kind: Mutation, rng: &mut Rng) {
 }
 
 fn reopened_messages(store: &Store) -> Raw {
-    let tx = store.db.begin_read().unwrap();
+    let tx = store.db.get().unwrap().begin_read().unwrap();
     let t = tx.open_table(MESSAGES).unwrap();
     t.iter()
         .unwrap()

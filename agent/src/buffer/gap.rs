@@ -29,6 +29,10 @@ pub enum GapReason {
     /// were numbered but neither committed nor known to be acknowledged: each was either
     /// delivered before the crash or lost with it. The count of records is not known (0).
     Crash,
+    /// Storage failed (disk full, I/O errors) while the broker did not acknowledge: messages held
+    /// in memory beyond its bound were dropped before any commit could take them. Each was
+    /// either delivered before (keep it) or lost.
+    StorageUnavailable,
     /// The buffer file was found damaged at start and moved aside: every message of the product
     /// in `epoch` or an earlier epoch that was not received by the end of the replay (of what
     /// could be salvaged) is lost. `to_seq` is `u64::MAX` (the whole epoch) and the count is not
@@ -54,6 +58,7 @@ impl GapReason {
             GapReason::BrokerRejected(code) => format!("broker_rejected_0x{code:02x}").into(),
             GapReason::Crash => Borrowed("crash"),
             GapReason::BufferCorrupt => Borrowed("buffer_corrupt"),
+            GapReason::StorageUnavailable => Borrowed("storage_unavailable"),
             GapReason::Other(s) => s.clone().into(),
         }
     }
@@ -71,6 +76,7 @@ impl GapReason {
             "sparkplug_encoding" => GapReason::SparkplugEncoding,
             "crash" => GapReason::Crash,
             "buffer_corrupt" => GapReason::BufferCorrupt,
+            "storage_unavailable" => GapReason::StorageUnavailable,
             _ => match s.strip_prefix("broker_rejected_0x").map(|h| u8::from_str_radix(h, 16)) {
                 Some(Ok(code)) => GapReason::BrokerRejected(code),
                 _ => GapReason::Other(s.to_string()),
@@ -122,6 +128,7 @@ mod tests {
             GapReason::BrokerRejected(0x97),
             GapReason::Crash,
             GapReason::BufferCorrupt,
+            GapReason::StorageUnavailable,
             GapReason::Other("from_a_newer_agent".into()),
         ];
         for r in all {

@@ -24,10 +24,12 @@
 pub mod live;
 mod message;
 pub mod recover;
+#[cfg(test)]
+pub mod sim_disk;
 pub mod store;
 mod writer;
 pub use live::Live;
-pub use writer::WriterOptions;
+pub use writer::{WriterOptions, STAGED_BYTES_MAX};
 
 mod gap;
 pub use gap::GapReason;
@@ -109,6 +111,18 @@ pub struct BufferStats {
     pub upstream_connected: std::sync::atomic::AtomicBool,
     /// Bumped by the publisher on every connect, before `upstream_connected` is set.
     pub upstream_sessions: AtomicU64,
+    /// Set while commits fail (storage full, I/O errors): live data flows from memory, nothing
+    /// new is made durable. The reason is in `storage_error`.
+    pub degraded: AtomicBool,
+    pub storage_error: std::sync::Mutex<Option<String>>,
+    /// Commits that failed.
+    pub failed_commits: AtomicU64,
+    /// Messages dropped from memory while storage failed (`storage_unavailable` gap events).
+    pub shed_messages: AtomicU64,
+    /// Free bytes on the data directory's file system (0 until first checked, see [`crate::disk`]).
+    pub disk_free_bytes: AtomicU64,
+    /// Set while that is below `[buffer] free_space_warning`.
+    pub disk_low: AtomicBool,
     /// The last backlog merge request done, per product (see [`BufferHandle::merge_backlog`]).
     pub merged: std::sync::Mutex<std::collections::HashMap<ProductKey, u64>>,
 }
@@ -265,6 +279,7 @@ mod tests {
             max_records_per_message,
             max_message_bytes,
             commit_before_send: false,
+            max_staged_bytes: STAGED_BYTES_MAX,
         }
     }
 

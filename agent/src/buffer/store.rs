@@ -48,7 +48,7 @@ const TABLES: recover::Tables = recover::Tables {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
-    #[error("buffer storage error in {path}: {source}; stopping: nothing more can be accepted safely")]
+    #[error("buffer storage error in {path}: {source}")]
     Storage { path: PathBuf, source: redb::Error },
     #[error("cannot move the corrupt buffer {path} aside: {source}")]
     MoveAside { path: PathBuf, source: std::io::Error },
@@ -128,6 +128,8 @@ pub struct Committed {
     pub blocked_records: Vec<(ProductKey, u64)>,
     /// The same for numbered messages: `(product, seq, records)`; their seqs are part of the stretch.
     pub blocked_seqs: Vec<(ProductKey, u64, u64)>,
+    /// `crash` gap events of an open that could not write them (storage failing at start).
+    pub crashed: Vec<GapEvent>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -138,6 +140,8 @@ struct Queue {
     /// As durable in `seqs` for this epoch.
     sealed: u64,
     reserved: u64,
+    /// Reserved in memory only, above `reserved` ([`Store::reserve_in_memory`]).
+    unsaved: u64,
 }
 
 /// What `open` found.
@@ -150,6 +154,42 @@ pub struct OpenReport {
     pub damage: Option<Damage>,
     /// `crash` gap events this open wrote: seqs of earlier epochs a crash may have lost.
     pub crashed: Vec<GapEvent>,
+}
+
+/// The open database, shared by the store and its readers; replaced when the store reopens it
+/// after a storage error ([`Store::reopen`]).
+#[derive(Default)]
+pub(super) struct DbSlot {
+    slot: std::sync::RwLock<Option<Arc<Database>>>,
+    reopening: std::sync::atomic::AtomicBool,
+}
+
+impl DbSlot {
+    fn new(db: Option<Database>) -> Arc<DbSlot> {
+        Arc::new(DbSlot {
+            slot: std::sync::RwLock::new(db.map(Arc::new)),
+            reopening: Default::default(),
+        })
+    }
+
+    /// The database; while it is being reopened, the new one (waiting up to 2 s).
+    pub(super) fn get(&self) -> Result<Arc<Database>, redb::Error> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            if let Some(db) = self
+                .slot
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+            {
+                return Ok(db.clone());
+            }
+            if !self.reopening.load(std::sync::atomic::Ordering::SeqCst) || std::time::Instant::now() > deadline {
+                return Err(redb::Error::PreviousIo);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 }
 
 /// A damaged buffer file found by `open`.
@@ -169,8 +209,40 @@ pub struct Damage {
     pub last_epoch: u64,
 }
 
+/// No backend: the file at the path (`Store::open`). Uninhabited.
+#[derive(Debug, Clone)]
+enum NoBackend {}
+
+impl redb::StorageBackend for NoBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        match *self {}
+    }
+    fn read(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+        match *self {}
+    }
+    fn set_len(&self, _: u64) -> std::io::Result<()> {
+        match *self {}
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        match *self {}
+    }
+    fn write(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
+        match *self {}
+    }
+}
+
+/// An open whose commit could not be made (storage failing at start).
+struct Deferred {
+    salvaged: Option<recover::Salvaged>,
+    error: String,
+}
+
+type Reopen = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send>;
+
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
+    /// Opens the database again ([`Store::reopen`]).
+    reopen_fn: Reopen,
     path: PathBuf,
     epoch: u64,
     max_bytes: u64,
@@ -180,6 +252,10 @@ pub struct Store {
     limits: HashMap<ProductKey, ProductLimits>,
     keys: Keys,
     next_gap: u64,
+    /// The open's own commit, still to do.
+    deferred: Option<Deferred>,
+    /// Governance treatments still to store: `(product, fingerprint, bytes)`.
+    treatments: Vec<(String, u64, Vec<u8>)>,
 }
 
 /// A `seqs` value: `sealed u64, reserved u64` little-endian, then the gap topic.
@@ -234,21 +310,56 @@ impl Store {
     /// report says so ([`OpenReport::damage`]; [`Store::record_damage`] announces the loss): the
     /// agent must come back without a human deleting files, and with ids never used before.
     pub fn open(path: &Path, max_bytes: u64, cache_bytes: usize) -> Result<(Store, OpenReport), BufferError> {
+        Store::open_with(path, max_bytes, cache_bytes, None::<NoBackend>)
+    }
+
+    /// [`Store::open`] on a storage backend of the caller's (the tests' simulated disk): `path`
+    /// only names the buffer and places the epoch file. A damaged backend is an error here.
+    pub fn open_backend<B: redb::StorageBackend + Clone>(
+        path: &Path,
+        max_bytes: u64,
+        cache_bytes: usize,
+        backend: B,
+    ) -> Result<(Store, OpenReport), BufferError> {
+        Store::open_with(path, max_bytes, cache_bytes, Some(backend))
+    }
+
+    fn open_with<B: redb::StorageBackend + Clone>(
+        path: &Path,
+        max_bytes: u64,
+        cache_bytes: usize,
+        backend: Option<B>,
+    ) -> Result<(Store, OpenReport), BufferError> {
         let builder = || {
             let mut b = Database::builder();
             b.set_cache_size(cache_bytes);
             b.set_check_integrity_on_open(true);
             b
         };
+        let reopen_fn: Reopen = {
+            let path = path.to_path_buf();
+            let backend = backend.clone();
+            Box::new(move || {
+                let mut b = Database::builder();
+                b.set_cache_size(cache_bytes);
+                b.set_check_integrity_on_open(true);
+                match &backend {
+                    Some(backend) => b.create_with_backend(backend.clone()),
+                    None => b.create(&path),
+                }
+            })
+        };
         let epoch_file = recover::epoch_path(path);
         let kept_epoch = recover::read_epoch(&epoch_file);
-        let mut crashed = Vec::new();
-        let opened = match std::fs::metadata(path) {
-            Ok(m) if m.len() == 0 => Err("the file is empty (0 bytes)".to_string()),
-            _ => match recover::contain(|| builder().create(path)) {
-                Some(Ok(db)) => Ok(db),
+        let opened = match (backend, std::fs::metadata(path)) {
+            (Some(b), _) => Ok(Ok(recover::contain(|| builder().create_with_backend(b))
+                .unwrap_or_else(|| Err(redb::StorageError::Corrupted("redb panicked".into()).into()))
+                .map_err(storage(path))?)),
+            (None, Ok(m)) if m.len() == 0 => Err("the file is empty (0 bytes)".to_string()),
+            (None, _) => match recover::contain(|| builder().create(path)) {
+                Some(Ok(db)) => Ok(Ok(db)),
                 Some(Err(e)) if is_corrupt(&e) => Err(e.to_string()),
-                Some(Err(e)) => return Err(storage(path)(e)),
+                Some(Err(e)) => Ok(Err(storage(path)(e))),
                 None => Err("reading it panicked inside redb".to_string()),
             },
         };
@@ -273,16 +384,42 @@ impl Store {
                     last_epoch: 0,
                 };
                 (
-                    builder().create(path).map_err(storage(path))?,
+                    builder().create(path).map_err(storage(path)),
                     Some(damage),
                     Some(salvaged),
                 )
             }
         };
+        // The epoch first, from what can be read: written beside the buffer before it is used.
+        let in_buffer = match &db {
+            Ok(db) => db
+                .begin_read()
+                .ok()
+                .and_then(|rx| rx.open_table(META).ok()?.get("epoch").ok()?.map(|v| v.value())),
+            Err(_) => None,
+        }
+        .max(salvaged.as_ref().and_then(|s| s.epoch));
+        let epoch = recover::next_epoch(in_buffer, kept_epoch, crate::model::now_millis(), recover::random());
+        if in_buffer.max(kept_epoch).is_none() {
+            tracing::info!(
+                epoch,
+                "no earlier epoch found (new data directory, or both copies lost)"
+            );
+        }
+        if let Err(e) = recover::write_epoch(&epoch_file, epoch) {
+            tracing::warn!(path = %epoch_file.display(), error = %e,
+                "cannot keep the epoch beside the buffer; it is kept in the buffer file only");
+        }
+        recover::pass_clock(epoch);
+        if let Some(d) = &mut damage {
+            d.last_epoch = epoch - 1;
+        }
+        let open_error = db.as_ref().err().map(ToString::to_string);
         let mut store = Store {
-            db: Arc::new(db),
+            db: DbSlot::new(db.ok()),
+            reopen_fn,
             path: path.to_path_buf(),
-            epoch: 0,
+            epoch,
             max_bytes,
             total_bytes: 0,
             queues: HashMap::new(),
@@ -290,86 +427,39 @@ impl Store {
             limits: HashMap::new(),
             keys: Keys::default(),
             next_gap: 1,
+            deferred: None,
+            treatments: Vec::new(),
         };
-        let mut tx = store.db.begin_write().map_err(storage(path))?;
-        tx.set_durability(redb::Durability::Immediate)
-            .map_err(|e| storage(path)(redb::Error::from(e)))?;
-        {
-            if let (Some(s), Some(d)) = (&salvaged, &mut damage) {
-                store.import(&tx, s, d)?;
+        let opened = (|| -> Result<Vec<GapEvent>, BufferError> {
+            let mut tx = store
+                .db
+                .get()
+                .map_err(storage(path))?
+                .begin_write()
+                .map_err(storage(path))?;
+            tx.set_durability(redb::Durability::Immediate)
+                .map_err(|e| storage(path)(redb::Error::from(e)))?;
+            let (crashed, next_gap) = store.settle_open(&tx, salvaged.as_ref(), damage.as_mut())?;
+            tx.commit().map_err(storage(path))?;
+            store.next_gap = next_gap;
+            Ok(crashed)
+        })();
+        let crashed = match opened {
+            Ok(crashed) => {
+                store.scan()?;
+                crashed
             }
-            let mut meta = tx.open_table(META).map_err(storage(path))?;
-            let in_buffer = meta.get("epoch").map_err(storage(path))?.map(|v| v.value());
-            let epoch = recover::next_epoch(in_buffer, kept_epoch, crate::model::now_millis(), recover::random());
-            if in_buffer.max(kept_epoch).is_none() {
-                tracing::info!(
-                    epoch,
-                    "no earlier epoch found (new data directory, or both copies lost)"
-                );
+            Err(e) => {
+                // Storage failing (a full disk, say): the agent starts all the same, degraded; the
+                // first commit that works does what this one could not.
+                let error = open_error.unwrap_or_else(|| e.to_string());
+                tracing::error!(path = %path.display(), error = %error,
+                    "cannot write the buffer file: starting degraded (live data only, nothing made durable until storage works)");
+                store.deferred = Some(Deferred { salvaged, error });
+                let _ = store.scan();
+                Vec::new()
             }
-            if let Err(e) = recover::write_epoch(&epoch_file, epoch) {
-                tracing::warn!(path = %epoch_file.display(), error = %e,
-                    "cannot keep the epoch beside the buffer; it is kept in the buffer file only");
-            }
-            meta.insert("epoch", epoch).map_err(storage(path))?;
-            recover::pass_clock(epoch);
-            store.epoch = epoch;
-            if let Some(d) = &mut damage {
-                d.last_epoch = epoch - 1;
-            }
-            tx.open_table(MESSAGES).map_err(storage(path))?;
-            tx.open_table(DROPS).map_err(storage(path))?;
-            tx.open_table(DEAD).map_err(storage(path))?;
-            tx.open_table(TREATMENTS).map_err(storage(path))?;
-            let mut gaps = tx.open_table(GAPS).map_err(storage(path))?;
-            store.next_gap = gaps.last().map_err(storage(path))?.map_or(1, |(k, _)| k.value() + 1);
-            // What the last run numbered and may have sent, but neither committed nor saw
-            // acknowledged, is reported now: one `crash` gap event per product and epoch.
-            let mut seqs = tx.open_table(SEQS).map_err(storage(path))?;
-            let mut earlier = Vec::new();
-            for entry in seqs.iter().map_err(storage(path))? {
-                let (k, v) = entry.map_err(storage(path))?;
-                let (name, e) = k.value();
-                if e < epoch {
-                    earlier.push((name.to_string(), e, decode_seqs(v.value())));
-                }
-            }
-            let now = crate::model::now_millis();
-            for (name, e, (sealed, reserved, topic)) in earlier {
-                seqs.remove((name.as_str(), e)).map_err(storage(path))?;
-                if reserved <= sealed {
-                    continue;
-                }
-                let ev = GapEvent {
-                    product: name,
-                    epoch: e,
-                    from_seq: sealed + 1,
-                    to_seq: reserved,
-                    count: 0,
-                    reason: GapReason::Crash,
-                    ts: now,
-                    topic,
-                };
-                store.next_gap = insert_gap(&mut gaps, store.next_gap, &ev).map_err(storage(path))?;
-                crashed.push(ev);
-            }
-        }
-        tx.commit().map_err(storage(path))?;
-        // Scan what is pending to rebuild the byte accounting.
-        let rx = store.db.begin_read().map_err(storage(path))?;
-        let table = rx.open_table(MESSAGES).map_err(storage(path))?;
-        for entry in table.iter().map_err(storage(path))? {
-            let (k, v) = entry.map_err(storage(path))?;
-            let (product, epoch, seq) = k.value();
-            let id = MessageId { epoch, seq };
-            let size = v.value().len() as u64 + product.len() as u64 + PER_MESSAGE_OVERHEAD;
-            let key = store.keys.intern(product);
-            let q = store.queues.entry(key).or_default();
-            q.bytes += size;
-            q.messages += 1;
-            store.total_bytes += size;
-            store.sizes.insert((key, id), size);
-        }
+        };
         for q in store.queues.values_mut() {
             q.next_seq = 1;
         }
@@ -381,6 +471,127 @@ impl Store {
             crashed,
         };
         Ok((store, report))
+    }
+
+    /// Set while the open's own commit has not happened (storage failed at start): why.
+    pub fn deferred(&self) -> Option<&str> {
+        self.deferred.as_ref().map(|d| d.error.as_str())
+    }
+
+    /// What an open writes, in `tx`: the salvage of a damaged file, the epoch, and one `crash`
+    /// gap event per product and earlier epoch for what the last run numbered and may have sent,
+    /// but neither committed nor saw acknowledged. Returns those and the next gap id.
+    fn settle_open(
+        &self,
+        tx: &redb::WriteTransaction,
+        salvaged: Option<&recover::Salvaged>,
+        damage: Option<&mut Damage>,
+    ) -> Result<(Vec<GapEvent>, u64), BufferError> {
+        let path = &self.path;
+        if let (Some(s), Some(d)) = (salvaged, damage) {
+            self.import(tx, s, d)?;
+        }
+        let epoch = self.epoch;
+        let mut meta = tx.open_table(META).map_err(storage(path))?;
+        meta.insert("epoch", epoch).map_err(storage(path))?;
+        tx.open_table(MESSAGES).map_err(storage(path))?;
+        tx.open_table(DROPS).map_err(storage(path))?;
+        tx.open_table(DEAD).map_err(storage(path))?;
+        tx.open_table(TREATMENTS).map_err(storage(path))?;
+        let mut gaps = tx.open_table(GAPS).map_err(storage(path))?;
+        let mut next_gap = gaps.last().map_err(storage(path))?.map_or(1, |(k, _)| k.value() + 1);
+        let mut seqs = tx.open_table(SEQS).map_err(storage(path))?;
+        let mut earlier = Vec::new();
+        for entry in seqs.iter().map_err(storage(path))? {
+            let (k, v) = entry.map_err(storage(path))?;
+            let (name, e) = k.value();
+            if e < epoch {
+                earlier.push((name.to_string(), e, decode_seqs(v.value())));
+            }
+        }
+        let now = crate::model::now_millis();
+        let mut crashed = Vec::new();
+        for (name, e, (sealed, reserved, topic)) in earlier {
+            seqs.remove((name.as_str(), e)).map_err(storage(path))?;
+            if reserved <= sealed {
+                continue;
+            }
+            let ev = GapEvent {
+                product: name,
+                epoch: e,
+                from_seq: sealed + 1,
+                to_seq: reserved,
+                count: 0,
+                reason: GapReason::Crash,
+                ts: now,
+                topic,
+            };
+            next_gap = insert_gap(&mut gaps, next_gap, &ev).map_err(storage(path))?;
+            crashed.push(ev);
+        }
+        Ok((crashed, next_gap))
+    }
+
+    /// Rebuilds the byte accounting from what is pending in the file.
+    fn scan(&mut self) -> Result<(), BufferError> {
+        let path = &self.path;
+        for q in self.queues.values_mut() {
+            q.bytes = 0;
+            q.messages = 0;
+        }
+        self.total_bytes = 0;
+        self.sizes.clear();
+        let rx = self
+            .db
+            .get()
+            .map_err(storage(path))?
+            .begin_read()
+            .map_err(storage(path))?;
+        let table = rx.open_table(MESSAGES).map_err(storage(path))?;
+        for entry in table.iter().map_err(storage(path))? {
+            let (k, v) = entry.map_err(storage(path))?;
+            let (product, epoch, seq) = k.value();
+            let id = MessageId { epoch, seq };
+            let size = v.value().len() as u64 + product.len() as u64 + PER_MESSAGE_OVERHEAD;
+            let key = self.keys.intern(product);
+            let q = self.queues.entry(key).or_default();
+            q.bytes += size;
+            q.messages += 1;
+            self.total_bytes += size;
+            self.sizes.insert((key, id), size);
+        }
+        Ok(())
+    }
+
+    /// Opens the database again after a storage error: redb refuses every transaction after a
+    /// failed write until it is reopened (and its recovery has rolled the file back to the last
+    /// commit that returned). Readers wait for the new one (up to 2 s) meanwhile.
+    pub fn reopen(&mut self) -> Result<(), BufferError> {
+        let path = self.path.clone();
+        self.db.reopening.store(true, std::sync::atomic::Ordering::SeqCst);
+        let old = self
+            .db
+            .slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(old) = old {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        let opened = recover::contain(|| (self.reopen_fn)())
+            .unwrap_or_else(|| Err(redb::StorageError::Corrupted("redb panicked reopening the file".into()).into()));
+        let result = match opened {
+            Ok(db) => {
+                *self.db.slot.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(db));
+                self.scan()
+            }
+            Err(e) => Err(storage(&path)(e)),
+        };
+        self.db.reopening.store(false, std::sync::atomic::Ordering::SeqCst);
+        result
     }
 
     /// Copies what was salvaged from a damaged file into the fresh one (in `open`'s transaction):
@@ -468,7 +679,12 @@ impl Store {
                 topic,
             })
             .collect();
-        let mut tx = self.db.begin_write().map_err(storage(&path))?;
+        let mut tx = self
+            .db
+            .get()
+            .map_err(storage(&path))?
+            .begin_write()
+            .map_err(storage(&path))?;
         tx.set_durability(redb::Durability::Immediate)
             .map_err(|e| storage(&path)(redb::Error::from(e)))?;
         let mut next = self.next_gap;
@@ -487,7 +703,7 @@ impl Store {
     pub fn open_reader(path: &Path) -> Result<Reader, BufferError> {
         let db = Database::builder().open(path).map_err(storage(path))?;
         Ok(Reader {
-            db: Arc::new(db),
+            db: DbSlot::new(Some(db)),
             path: path.to_path_buf(),
             keys: Keys::default(),
         })
@@ -521,27 +737,55 @@ impl Store {
         &mut self,
         treatments: impl IntoIterator<Item = (&'a str, &'a crate::govern::Treatment)>,
     ) -> Result<(), BufferError> {
+        self.treatments.extend(
+            treatments
+                .into_iter()
+                .map(|(name, t)| (name.to_string(), t.fingerprint(), t.bytes().to_vec())),
+        );
+        if self.deferred.is_some() {
+            return Ok(()); // the first commit that works stores them
+        }
         let path = &self.path;
-        let mut tx = self.db.begin_write().map_err(storage(path))?;
+        let mut tx = self
+            .db
+            .get()
+            .map_err(storage(path))?
+            .begin_write()
+            .map_err(storage(path))?;
         tx.set_durability(redb::Durability::Immediate)
             .map_err(|e| storage(path)(redb::Error::from(e)))?;
-        {
-            let mut table = tx.open_table(TREATMENTS).map_err(storage(path))?;
-            for (name, t) in treatments {
-                let key = (name, t.fingerprint());
-                if table.get(key).map_err(storage(path))?.is_none() {
-                    table.insert(key, t.bytes()).map_err(storage(path))?;
-                }
+        self.write_treatments(&tx)?;
+        tx.commit().map_err(storage(path))?;
+        self.treatments.clear();
+        Ok(())
+    }
+
+    /// Stores the treatments not yet stored (those already kept stay as they are).
+    fn write_treatments(&self, tx: &redb::WriteTransaction) -> Result<(), BufferError> {
+        let path = &self.path;
+        let mut table = tx.open_table(TREATMENTS).map_err(storage(path))?;
+        for (name, fingerprint, bytes) in &self.treatments {
+            let key = (name.as_str(), *fingerprint);
+            if table.get(key).map_err(storage(path))?.is_none() {
+                table.insert(key, bytes.as_slice()).map_err(storage(path))?;
             }
         }
-        tx.commit().map_err(storage(path))
+        Ok(())
     }
 
     /// Seqs `product` may still number before a commit reserves more ([`Batch::reserve`]).
     pub fn reserved_left(&self, product: ProductKey) -> u64 {
         self.queues
             .get(&product)
-            .map_or(0, |q| q.reserved.saturating_sub(q.next_seq.max(1) - 1))
+            .map_or(0, |q| (q.reserved + q.unsaved).saturating_sub(q.next_seq.max(1) - 1))
+    }
+
+    /// Reserves `n` more seqs for `product` in memory only, while commits fail: live data goes
+    /// on. A crash before the next commit announces only the reservation that was durable
+    /// (`crash` gap event); the seqs above it that you have not received are lost too.
+    pub fn reserve_in_memory(&mut self, product: ProductKey, n: u64) {
+        let q = self.queues.entry(product).or_default();
+        q.unsaved = (q.reserved + q.unsaved).max(q.next_seq.max(1) - 1) + n - q.reserved;
     }
 
     /// Numbers the next message of `product` in memory, within its reservation (`None`: a commit
@@ -549,7 +793,7 @@ impl Store {
     pub fn number(&mut self, product: ProductKey) -> Option<MessageId> {
         let q = self.queues.entry(product).or_default();
         q.next_seq = q.next_seq.max(1);
-        if q.next_seq > q.reserved {
+        if q.next_seq > q.reserved + q.unsaved {
             return None;
         }
         let seq = q.next_seq;
@@ -593,9 +837,19 @@ impl Store {
         let mut next_gap = self.next_gap;
         let now = crate::model::now_millis();
 
-        let mut tx = self.db.begin_write().map_err(storage(&path))?;
+        let mut tx = self
+            .db
+            .get()
+            .map_err(storage(&path))?
+            .begin_write()
+            .map_err(storage(&path))?;
         tx.set_durability(redb::Durability::Immediate)
             .map_err(|e| storage(&path)(redb::Error::from(e)))?;
+        // What an open that met failing storage could not write comes first.
+        if let Some(d) = &self.deferred {
+            (out.crashed, next_gap) = self.settle_open(&tx, d.salvaged.as_ref(), None)?;
+        }
+        self.write_treatments(&tx)?;
         {
             let mut messages = tx.open_table(MESSAGES).map_err(storage(&path))?;
             let mut gaps = tx.open_table(GAPS).map_err(storage(&path))?;
@@ -810,12 +1064,16 @@ impl Store {
 
                 if fits(q, total) {
                     let bytes = stored.encode();
-                    messages
+                    let again = messages
                         .insert((&*name, id.epoch, id.seq), bytes.as_slice())
-                        .map_err(storage(&path))?;
-                    q.bytes += size;
-                    q.messages += 1;
-                    total += size;
+                        .map_err(storage(&path))?
+                        .is_some();
+                    // Already there: a commit that reported a failed fsync had written it after all.
+                    if !again {
+                        q.bytes += size;
+                        q.messages += 1;
+                        total += size;
+                    }
                     size_changes.push(((m.product, id), Some(size)));
                     out.appended.push((m.product, id, stored.records));
                 } else {
@@ -901,8 +1159,9 @@ impl Store {
                 let reserved = if batch.release {
                     sealed
                 } else {
-                    q.reserved.max(numbered + reserve.get(&product).copied().unwrap_or(0))
+                    (q.reserved + q.unsaved).max(numbered + reserve.get(&product).copied().unwrap_or(0))
                 };
+                q.unsaved = 0;
                 if (sealed, reserved) == (q.sealed, q.reserved) {
                     continue;
                 }
@@ -914,6 +1173,8 @@ impl Store {
             }
         }
         tx.commit().map_err(storage(&path))?;
+        self.deferred = None;
+        self.treatments.clear();
         // Durable: now make memory match.
         self.queues = queues;
         self.total_bytes = total;
@@ -971,7 +1232,7 @@ impl Store {
 /// Read access for the publisher and the `buffer` command; safe beside the writer (MVCC).
 #[derive(Clone)]
 pub struct Reader {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     path: PathBuf,
     keys: Keys,
 }
@@ -996,7 +1257,12 @@ impl Reader {
     ) -> Result<Vec<StoredMessage>, BufferError> {
         let path = &self.path;
         let name = self.keys.name(product);
-        let rx = self.db.begin_read().map_err(storage(path))?;
+        let rx = self
+            .db
+            .get()
+            .map_err(storage(path))?
+            .begin_read()
+            .map_err(storage(path))?;
         let table = rx.open_table(MESSAGES).map_err(storage(path))?;
         let start = after.map_or((0, 0), |a| {
             if a.seq == u64::MAX {
@@ -1033,7 +1299,12 @@ impl Reader {
     ) -> Result<Option<crate::govern::Treatment>, BufferError> {
         let path = &self.path;
         let name = self.keys.name(product);
-        let rx = self.db.begin_read().map_err(storage(path))?;
+        let rx = self
+            .db
+            .get()
+            .map_err(storage(path))?
+            .begin_read()
+            .map_err(storage(path))?;
         let table = match rx.open_table(TREATMENTS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -1047,7 +1318,12 @@ impl Reader {
     pub fn last_id(&self, product: ProductKey) -> Result<Option<MessageId>, BufferError> {
         let path = &self.path;
         let name = self.keys.name(product);
-        let rx = self.db.begin_read().map_err(storage(path))?;
+        let rx = self
+            .db
+            .get()
+            .map_err(storage(path))?
+            .begin_read()
+            .map_err(storage(path))?;
         let table = rx.open_table(MESSAGES).map_err(storage(path))?;
         let last = table
             .range((&*name, 0u64, 0u64)..=(&*name, u64::MAX, u64::MAX))
@@ -1066,7 +1342,12 @@ impl Reader {
     /// Products that have pending messages, in name order.
     pub fn products(&self) -> Result<Vec<ProductKey>, BufferError> {
         let path = &self.path;
-        let rx = self.db.begin_read().map_err(storage(path))?;
+        let rx = self
+            .db
+            .get()
+            .map_err(storage(path))?
+            .begin_read()
+            .map_err(storage(path))?;
         let table = rx.open_table(MESSAGES).map_err(storage(path))?;
         let mut out: Vec<ProductKey> = Vec::new();
         let mut last = String::new();
@@ -1084,7 +1365,12 @@ impl Reader {
     /// Pending gap events, oldest first.
     pub fn gaps(&self, limit: usize) -> Result<Vec<(u64, GapEvent)>, BufferError> {
         let path = &self.path;
-        let rx = self.db.begin_read().map_err(storage(path))?;
+        let rx = self
+            .db
+            .get()
+            .map_err(storage(path))?
+            .begin_read()
+            .map_err(storage(path))?;
         let table = rx.open_table(GAPS).map_err(storage(path))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(storage(path))?.take(limit) {
@@ -1099,7 +1385,12 @@ impl Reader {
     /// Records dropped so far, by product and reason.
     pub fn drops(&self) -> Result<Vec<(String, String, u64)>, BufferError> {
         let path = &self.path;
-        let rx = self.db.begin_read().map_err(storage(path))?;
+        let rx = self
+            .db
+            .get()
+            .map_err(storage(path))?
+            .begin_read()
+            .map_err(storage(path))?;
         let table = rx.open_table(DROPS).map_err(storage(path))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(storage(path))? {
@@ -1113,7 +1404,12 @@ impl Reader {
     /// Number of pending messages in all products.
     pub fn len(&self) -> Result<u64, BufferError> {
         let path = &self.path;
-        let rx = self.db.begin_read().map_err(storage(path))?;
+        let rx = self
+            .db
+            .get()
+            .map_err(storage(path))?
+            .begin_read()
+            .map_err(storage(path))?;
         let table = rx.open_table(MESSAGES).map_err(storage(path))?;
         table.len().map_err(storage(path))
     }
@@ -1126,6 +1422,9 @@ impl Reader {
 #[cfg(test)]
 #[path = "damage_tests.rs"]
 mod damage_tests;
+#[cfg(test)]
+#[path = "fault_tests.rs"]
+mod fault_tests;
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;

@@ -28,6 +28,9 @@ pub struct WriterOptions {
     pub max_message_bytes: usize,
     /// Commit every message before the publisher may send it (`[buffer] write = "always"`).
     pub commit_before_send: bool,
+    /// Staged bytes beyond which a commit is due at once (memory stays bounded when nothing is
+    /// acknowledged); while storage fails, the oldest are dropped instead. [`STAGED_BYTES_MAX`].
+    pub max_staged_bytes: usize,
 }
 
 /// Most backlog messages one commit reads for merging: the merge happens between commits of live
@@ -39,8 +42,13 @@ const MERGE_PER_COMMIT: usize = 4_000;
 const STRETCH_REPORT: Duration = Duration::from_secs(60);
 
 /// Staged bytes beyond which a commit is due at once (memory stays bounded when nothing is
-/// acknowledged and records arrive faster than one interval's worth fits).
-const STAGED_BYTES_MAX: usize = 32 << 20;
+/// acknowledged and records arrive faster than one interval's worth fits): the default of
+/// [`WriterOptions::max_staged_bytes`].
+pub const STAGED_BYTES_MAX: usize = 32 << 20;
+
+/// Commits are retried this long after one failed, doubling up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Seqs reserved per product at first; the block doubles while it lasts less than
 /// [`BLOCK_TARGET`], up to [`BLOCK_MAX`].
@@ -78,6 +86,28 @@ impl Durable {
     fn is_empty(&self) -> bool {
         self.acks.is_empty() && self.gap_acks.is_empty() && self.dead_letters.is_empty()
     }
+}
+
+/// Storage is failing: commits are retried with backoff, live data flows from memory.
+struct Degraded {
+    retry_at: Instant,
+    delay: Duration,
+}
+
+/// Records refused before they reached a message ([`Batch::refused`]).
+type Refused = (ProductKey, u64, GapReason);
+/// Numbered messages refused ([`Batch::refused_seqs`]).
+type RefusedSeqs = (ProductKey, (u64, u64), u64, GapReason);
+
+/// What a failed commit had taken, put back for the next one.
+struct Taken {
+    numbered: Vec<Arc<StoredMessage>>,
+    down_in: HashMap<(ProductKey, MessageId), u64>,
+    acks: Vec<(ProductKey, MessageId)>,
+    gap_acks: Vec<u64>,
+    dead_letters: Vec<(ProductKey, MessageId, GapReason)>,
+    refused: Vec<Refused>,
+    refused_seqs: Vec<RefusedSeqs>,
 }
 
 /// A product's backlog merge: messages in `from..=through`, read on from `after`.
@@ -126,6 +156,15 @@ pub(super) struct Writer {
     last_commit: Instant,
     last_settle: Instant,
     signals: u64,
+    /// Set while commits fail.
+    degraded: Option<Degraded>,
+    /// Gap events a failed commit did not write, and messages dropped from memory while storage
+    /// failed: written by the next commit that succeeds.
+    carried: (Vec<Refused>, Vec<RefusedSeqs>),
+    /// Staged messages a failed commit had taken (it may have written them after all: a failed
+    /// fsync), and those of them acknowledged since: deleted by the next commit, if there.
+    put_back: std::collections::HashSet<(ProductKey, MessageId)>,
+    recheck: Vec<(ProductKey, MessageId)>,
 }
 
 impl Writer {
@@ -140,7 +179,7 @@ impl Writer {
     ) -> Writer {
         let n = products.len();
         let now = Instant::now();
-        Writer {
+        let mut w = Writer {
             slot_of: keys.iter().enumerate().map(|(i, &k)| (k, i)).collect(),
             keys,
             store,
@@ -166,7 +205,23 @@ impl Writer {
             last_commit: now,
             last_settle: now,
             signals: 0,
+            degraded: None,
+            carried: Default::default(),
+            put_back: Default::default(),
+            recheck: Vec::new(),
+        };
+        if let Some(error) = w.store.deferred() {
+            // The open could not write: start as after a failed commit, retrying at once.
+            w.h.stats.degraded.store(true, Ordering::SeqCst);
+            if let Ok(mut reason) = w.h.stats.storage_error.lock() {
+                *reason = Some(error.to_string());
+            }
+            w.degraded = Some(Degraded {
+                retry_at: now,
+                delay: RETRY_MIN,
+            });
         }
+        w
     }
 
     pub(super) fn run(&mut self) -> Result<(), BufferError> {
@@ -193,6 +248,9 @@ impl Writer {
                 }
             }
             let formed = self.form()?;
+            if self.degraded.is_some() && self.staged_bytes > self.opts.max_staged_bytes {
+                self.shed();
+            }
             let acked = !self.unstaged.is_empty();
             self.live.unstage(&std::mem::take(&mut self.unstaged));
             if closed {
@@ -227,6 +285,10 @@ impl Writer {
                     self.staged_bytes = self.staged_bytes.saturating_sub(s.msg.body.len());
                     self.unstaged.push((product, id));
                     self.h.stats.unwritten_messages.fetch_add(1, Ordering::Relaxed);
+                    if self.put_back.remove(&(product, id)) {
+                        // A commit that failed (its fsync) may have written it after all.
+                        self.recheck.push((product, id));
+                    }
                 }
                 None => {
                     self.durable.acks.push((product, id));
@@ -323,6 +385,11 @@ impl Writer {
                 Some(id) => id,
                 None => {
                     self.commit(false, &[(i, 1)])?;
+                    if self.degraded.is_some() && self.store.reserved_left(key) == 0 {
+                        // Storage is failing: live data goes on with seqs reserved in memory
+                        // only (see `Store::reserve_in_memory`).
+                        self.store.reserve_in_memory(key, self.blocks[i].0);
+                    }
                     self.store.number(key).ok_or_else(|| BufferError::Storage {
                         path: Default::default(),
                         source: redb::Error::Corrupted("no seq could be reserved".into()),
@@ -378,6 +445,9 @@ impl Writer {
     /// When the writer must look again, at the latest (a commit may be due then).
     fn deadline(&mut self) -> Instant {
         let interval = self.opts.commit_interval;
+        if let Some(d) = &self.degraded {
+            return d.retry_at.min(Instant::now() + interval.max(Duration::from_millis(50)));
+        }
         let mut at = self.last_settle + interval.max(Duration::from_millis(50));
         if let Some(t) = self.oldest_staged() {
             at = at.min(t + interval);
@@ -393,7 +463,10 @@ impl Writer {
 
     fn due(&mut self, now: Instant) -> bool {
         let interval = self.opts.commit_interval;
-        if self.staged_bytes > STAGED_BYTES_MAX
+        if let Some(d) = &self.degraded {
+            return now >= d.retry_at;
+        }
+        if self.staged_bytes > self.opts.max_staged_bytes
             || self.oldest_staged().is_some_and(|t| now >= t + interval)
             || self.durable.since.is_some_and(|t| now >= t + interval)
             || ((!self.jobs.is_empty() || !self.done.is_empty()) && now >= self.last_commit + interval)
@@ -440,6 +513,19 @@ impl Writer {
     /// One group commit: every staged message, the durable work, the counts to settle, and more
     /// seqs for the products in `short` (and for any whose reservation runs low).
     fn commit(&mut self, closing: bool, short: &[(usize, u64)]) -> Result<(), BufferError> {
+        if let Some(d) = &self.degraded {
+            if !closing && Instant::now() < d.retry_at {
+                return Ok(());
+            }
+            // redb refuses every transaction after a failed write until the file is reopened.
+            if let Err(e) = self.store.reopen() {
+                if closing {
+                    return Err(e);
+                }
+                self.failed(e);
+                return Ok(());
+            }
+        }
         let durable = std::mem::take(&mut self.durable);
         let mut batch = Batch {
             acks: durable.acks,
@@ -463,7 +549,7 @@ impl Writer {
         let all = closing
             || refused
             || self.opts.commit_before_send
-            || self.staged_bytes > STAGED_BYTES_MAX
+            || self.staged_bytes > self.opts.max_staged_bytes
             || !self.h.stats.upstream_connected.load(Ordering::SeqCst);
         let now = Instant::now();
         let half = self.opts.commit_interval / 2;
@@ -491,6 +577,9 @@ impl Writer {
                 None => batch.unsealed.push((*p, id.seq)),
             }
         }
+        batch.acks.append(&mut self.recheck);
+        batch.refused.append(&mut self.carried.0);
+        batch.refused_seqs.append(&mut self.carried.1);
         let spilled = batch.numbered.len() as u64;
         if let Some(first) = batch.numbered.first() {
             tracing::debug!(
@@ -521,13 +610,41 @@ impl Writer {
             self.last_commit = Instant::now();
             return Ok(());
         }
+        let taken = Taken {
+            numbered: batch.numbered.clone(),
+            down_in: down_in.clone(),
+            acks: batch.acks.clone(),
+            gap_acks: batch.gap_acks.clone(),
+            dead_letters: batch.dead_letters.clone(),
+            refused: batch.refused.clone(),
+            refused_seqs: batch.refused_seqs.clone(),
+        };
         let done = match self.store.commit(batch) {
             Ok(done) => done,
-            Err(e) => {
-                error!(error = %e, "buffer commit failed; no further records are accepted");
+            Err(e) if closing => {
+                error!(error = %e, "the last buffer commit failed: what it held is lost (the next start announces it)");
                 return Err(e);
             }
+            Err(e) => {
+                self.put_back(taken);
+                // Merges are an optimisation: those under way are given up, not waited for.
+                if let Ok(mut merged) = self.h.stats.merged.lock() {
+                    merged.extend(merging);
+                }
+                self.jobs.clear();
+                self.failed(e);
+                self.signal();
+                return Ok(());
+            }
         };
+        if self.degraded.take().is_some() {
+            self.put_back.clear();
+            self.h.stats.degraded.store(false, Ordering::SeqCst);
+            if let Ok(mut reason) = self.h.stats.storage_error.lock() {
+                *reason = None;
+            }
+            info!(messages = spilled, "buffer storage works again: commits resumed");
+        }
         self.last_commit = Instant::now();
         let through: Vec<(ProductKey, MessageId)> = through.into_iter().collect();
         let s = &self.h.stats;
@@ -550,7 +667,12 @@ impl Writer {
                 merged.insert(p, token);
             }
         }
-        s.pending_gaps.fetch_add(done.gaps.len() as u64, Ordering::Relaxed);
+        s.pending_gaps
+            .fetch_add((done.gaps.len() + done.crashed.len()) as u64, Ordering::Relaxed);
+        for g in &done.crashed {
+            warn!(product = %g.product, epoch = g.epoch, from_seq = g.from_seq, to_seq = g.to_seq,
+                "the last run stopped without a clean shutdown: these seqs were numbered but neither committed nor seen acknowledged (each delivered or lost); crash gap event recorded");
+        }
         let _ = s.pending_gaps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| {
             Some(g.saturating_sub(done.gaps_deleted as u64))
         });
@@ -596,6 +718,87 @@ impl Writer {
         self.publish_stats();
         self.signal();
         Ok(())
+    }
+
+    /// A commit failed (disk full, I/O error, read-only file system): live data goes on from
+    /// memory, the commit is retried with backoff, and `/health` says why.
+    fn failed(&mut self, e: BufferError) {
+        let s = &self.h.stats;
+        s.failed_commits.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut reason) = s.storage_error.lock() {
+            *reason = Some(e.to_string());
+        }
+        let delay = match &self.degraded {
+            Some(d) => (d.delay * 2).min(RETRY_MAX),
+            None => {
+                s.degraded.store(true, Ordering::SeqCst);
+                error!(error = %e, "buffer commit failed: running degraded (live data is sent from memory, nothing new is made durable); retrying");
+                RETRY_MIN
+            }
+        };
+        tracing::debug!(retry_in = ?delay, error = %e, "buffer commit failed");
+        self.degraded = Some(Degraded {
+            retry_at: Instant::now() + delay,
+            delay,
+        });
+    }
+
+    /// Puts back what a failed commit had taken: its messages staged again (oldest first, due
+    /// at once), its durable work and its gap events for the next commit.
+    fn put_back(&mut self, t: Taken) {
+        let due = Instant::now()
+            .checked_sub(self.opts.commit_interval)
+            .unwrap_or_else(Instant::now);
+        for m in t.numbered.into_iter().rev() {
+            let key = (m.product, m.id);
+            self.put_back.insert(key);
+            self.staged_bytes += m.body.len();
+            self.order.push_front((due, m.product, m.id));
+            self.staged.insert(
+                key,
+                Staged {
+                    down_in: t.down_in.get(&key).copied(),
+                    msg: m,
+                },
+            );
+        }
+        self.durable.acks.extend(t.acks);
+        self.durable.gap_acks.extend(t.gap_acks);
+        self.durable.dead_letters.extend(t.dead_letters);
+        self.durable.since.get_or_insert(due);
+        self.carried.0.extend(t.refused);
+        self.carried.1.extend(t.refused_seqs);
+    }
+
+    /// While storage fails, memory holds what is not acknowledged: beyond `max_staged_bytes`
+    /// the oldest messages are dropped (down to three quarters), each reported as a
+    /// `storage_unavailable` gap event once a commit works again.
+    fn shed(&mut self) {
+        let mut gone = Vec::new();
+        while self.staged_bytes > self.opts.max_staged_bytes / 4 * 3 {
+            let Some((_, p, id)) = self.order.pop_front() else {
+                break;
+            };
+            let Some(s) = self.staged.remove(&(p, id)) else {
+                continue;
+            };
+            self.staged_bytes = self.staged_bytes.saturating_sub(s.msg.body.len());
+            self.carried.1.push((
+                p,
+                (id.seq, s.msg.last_seq),
+                u64::from(s.msg.records),
+                GapReason::StorageUnavailable,
+            ));
+            gone.push((p, id));
+        }
+        if !gone.is_empty() {
+            self.h
+                .stats
+                .shed_messages
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
+            warn!(messages = gone.len(), "storage failing and nothing acknowledged: oldest messages dropped from memory (storage_unavailable gap events follow once storage works)");
+            self.live.unstage(&gone);
+        }
     }
 
     /// Settles what was refused since the last commit into `batch` (`closing`: every stretch

@@ -142,6 +142,9 @@ pub struct BufferPlan {
     pub commit_interval: Duration,
     /// `[buffer] write = "always"`: every record is committed before it may be sent.
     pub commit_before_send: bool,
+    /// `[buffer] free_space_warning`: bytes free on the data directory's file system below which
+    /// the agent warns (and `plantmesh_buffer_disk_low` is 1).
+    pub free_space_warning: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

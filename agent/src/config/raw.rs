@@ -109,6 +109,9 @@ pub struct Buffer {
     /// `unacknowledged` (default): write only what the broker has not acknowledged within
     /// `commit_interval`; `always`: commit every record before it may be sent.
     pub write: Option<Spanned<String>>,
+    /// Free space on the data directory's file system below which a WARN and a metric say so,
+    /// before the disk is full; default 64MiB.
+    pub free_space_warning: Option<Spanned<ByteSize>>,
 }
 
 #[derive(Debug, Deserialize)]

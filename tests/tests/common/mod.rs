@@ -391,6 +391,19 @@ impl Agent {
         a
     }
 
+    /// With its log at `log` (not beside the data directory: on a disk the test fills, say).
+    pub fn start_logging_to(config: &Path, data_dir: &Path, log: &Path) -> Agent {
+        let mut a = Agent {
+            child: None,
+            env: Vec::new(),
+            config: config.into(),
+            data_dir: data_dir.into(),
+            stderr: log.into(),
+        };
+        a.spawn();
+        a
+    }
+
     /// With extra environment variables for the agent process only.
     pub fn start_with_env(config: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Agent {
         let mut a = Agent {

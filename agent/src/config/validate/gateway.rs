@@ -92,10 +92,19 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
         cx.choice(w, "buffer.write", &[("unacknowledged", false), ("always", true)])
             .unwrap_or(false)
     });
+    let free_space_warning = match &gw.buffer.free_space_warning {
+        Some(v) => {
+            let b = Spanned::new(v.span(), v.get_ref().0);
+            cx.range(&b, "buffer.free_space_warning", 0, 1 << 40)
+                .unwrap_or(64 << 20)
+        }
+        None => 64 << 20,
+    };
     let buffer = BufferPlan {
         max_bytes,
         commit_interval,
         commit_before_send,
+        free_space_warning,
     };
 
     let mut devices = Vec::new();
