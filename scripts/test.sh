@@ -107,8 +107,9 @@ if [ -z "$declared" ] || [ "$(printf '%s\n%s\n' "$need" "$declared" | sort -V | 
   echo "the package declares libc6 >= '${declared}' but the binary needs GLIBC_${need} (agent/Cargo.toml)"; exit 1
 fi
 echo "glibc: binary needs $need, package declares >= $declared"
-# The governance property runs on fewer policies under emulation (the million records run natively above).
-PLANTMESH_GOVERN_CASES=8 cargo test --target aarch64-unknown-linux-gnu -p plantmesh-protocol -p plantmesh \
+# The property tests run fewer cases under emulation (the governance one: policies, the million
+# records run natively above; power cuts; damaged files; file size).
+PLANTMESH_GOVERN_CASES=8 PLANTMESH_POWER_CUTS=40 PLANTMESH_DAMAGE_CASES=12 PLANTMESH_FILE_FILLS=1 cargo test --target aarch64-unknown-linux-gnu -p plantmesh-protocol -p plantmesh \
   --no-default-features --lib -- --test-threads=2
 
 disk

@@ -24,6 +24,8 @@ struct State {
     volatile: Vec<u8>,
     fail_writes: Option<i32>,
     fail_syncs: Option<i32>,
+    /// Operations (writes, resizes, syncs) left before the power goes (`None`: it stays on).
+    power_left: Option<u64>,
     writes: u64,
     syncs: u64,
 }
@@ -52,6 +54,18 @@ impl SimDisk {
     /// From now on every sync fails with this OS error (`None`: syncs work again).
     pub fn fail_syncs(&self, errno: Option<i32>) {
         self.state().fail_syncs = errno;
+    }
+
+    /// The power goes after `ops` more writes, resizes or syncs: from then on every one fails
+    /// (EIO) and changes nothing, as on a machine that has stopped. [`SimDisk::power_cut`] then
+    /// gives the disk as the next boot finds it.
+    pub fn power_off_after(&self, ops: u64) {
+        self.state().power_left = Some(ops);
+    }
+
+    /// Whether the power has gone.
+    pub fn is_off(&self) -> bool {
+        self.state().power_left == Some(0)
     }
 
     /// Syncs done (each is one fsync of a real file).
@@ -98,6 +112,20 @@ impl SimDisk {
     }
 }
 
+impl State {
+    /// Counts one operation against the power left; false once it is gone.
+    fn powered(&mut self) -> bool {
+        match &mut self.power_left {
+            Some(0) => false,
+            Some(n) => {
+                *n -= 1;
+                true
+            }
+            None => true,
+        }
+    }
+}
+
 impl redb::StorageBackend for SimDisk {
     fn len(&self) -> io::Result<u64> {
         Ok(self.state().volatile.len() as u64)
@@ -116,6 +144,9 @@ impl redb::StorageBackend for SimDisk {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut s = self.state();
+        if !s.powered() {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         if let Some(e) = s.fail_writes.filter(|_| len > s.volatile.len() as u64) {
             return Err(io::Error::from_raw_os_error(e));
         }
@@ -126,6 +157,9 @@ impl redb::StorageBackend for SimDisk {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.state();
+        if !s.powered() {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         if let Some(e) = s.fail_syncs {
             return Err(io::Error::from_raw_os_error(e));
         }
@@ -137,6 +171,9 @@ impl redb::StorageBackend for SimDisk {
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut s = self.state();
+        if !s.powered() {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         if let Some(e) = s.fail_writes {
             return Err(io::Error::from_raw_os_error(e));
         }

@@ -36,6 +36,8 @@ const DROPS: TableDefinition<(&str, &str), u64> = TableDefinition::new("drops");
 const DEAD: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("dead_letters");
 const TREATMENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("treatments");
 const SEQS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("seqs");
+/// How far the file may grow beyond `max_bytes` (redb's own tables and free-space state).
+pub const FILE_MARGIN: u64 = 1 << 20;
 const TABLES: recover::Tables = recover::Tables {
     meta: META,
     messages: MESSAGES,
@@ -238,11 +240,20 @@ struct Deferred {
 }
 
 type Reopen = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send>;
+type FileLen = Box<dyn Fn() -> Option<u64> + Send>;
 
 pub struct Store {
     db: Arc<DbSlot>,
     /// Opens the database again ([`Store::reopen`]).
     reopen_fn: Reopen,
+    /// The file's length now.
+    file_len: FileLen,
+    /// The bytes of messages the file can hold within `max_bytes` (lowered when the file grows
+    /// near it: what redb's pages, tree and free space cost on top, learnt from the file).
+    usable: u64,
+    last_len: u64,
+    /// Bytes of file per byte of messages, learnt when the file grew (it was full then).
+    ratio: f64,
     path: PathBuf,
     epoch: u64,
     max_bytes: u64,
@@ -349,6 +360,14 @@ impl Store {
                 }
             })
         };
+        let file_len: FileLen = {
+            let path = path.to_path_buf();
+            let backend = backend.clone();
+            Box::new(move || match &backend {
+                Some(b) => b.len().ok(),
+                None => std::fs::metadata(&path).ok().map(|m| m.len()),
+            })
+        };
         let epoch_file = recover::epoch_path(path);
         let kept_epoch = recover::read_epoch(&epoch_file);
         let opened = match (backend, std::fs::metadata(path)) {
@@ -418,6 +437,10 @@ impl Store {
         let mut store = Store {
             db: DbSlot::new(db.ok()),
             reopen_fn,
+            file_len,
+            usable: max_bytes,
+            last_len: 0,
+            ratio: 2.0,
             path: path.to_path_buf(),
             epoch,
             max_bytes,
@@ -992,14 +1015,16 @@ impl Store {
                 let m = &*stored;
                 let id = m.id;
                 let name = m.name.clone();
-                let limits = self.limits.get(&m.product).cloned().unwrap_or(ProductLimits {
+                let mut limits = self.limits.get(&m.product).cloned().unwrap_or(ProductLimits {
                     max_bytes: self.max_bytes,
                     policy: FullPolicy::DropOldest,
                     gap_topic: String::new(),
                 });
+                limits.max_bytes = self.scaled(limits.max_bytes);
+                let cap = self.usable;
                 let q = queues.entry(m.product).or_default();
                 let size = stored.size();
-                let fits = |q: &Queue, total: u64| q.bytes + size <= limits.max_bytes && total + size <= self.max_bytes;
+                let fits = |q: &Queue, total: u64| q.bytes + size <= limits.max_bytes && total + size <= cap;
 
                 if !fits(q, total) && limits.policy == FullPolicy::DropOldest {
                     // Delete this product's oldest messages until the new one fits.
@@ -1011,7 +1036,7 @@ impl Store {
                             .range((&*name, 0u64, 0u64)..=(&*name, u64::MAX, u64::MAX))
                             .map_err(storage(&path))?;
                         for entry in range {
-                            if q_bytes + size <= limits.max_bytes && t + size <= self.max_bytes {
+                            if q_bytes + size <= limits.max_bytes && t + size <= cap {
                                 break;
                             }
                             let (k, v) = entry.map_err(storage(&path))?;
@@ -1026,7 +1051,7 @@ impl Store {
                             dropped.push((MessageId { epoch: e, seq: s }, last, u64::from(records)));
                         }
                     }
-                    if q_bytes + size <= limits.max_bytes && t + size <= self.max_bytes {
+                    if q_bytes + size <= limits.max_bytes && t + size <= cap {
                         for (did, _, _) in &dropped {
                             messages.remove((&*name, did.epoch, did.seq)).map_err(storage(&path))?;
                             size_changes.push(((m.product, *did), None));
@@ -1175,9 +1200,11 @@ impl Store {
         tx.commit().map_err(storage(&path))?;
         self.deferred = None;
         self.treatments.clear();
+        let before = self.total_bytes;
         // Durable: now make memory match.
         self.queues = queues;
         self.total_bytes = total;
+        self.watch_file(before);
         self.next_gap = next_gap;
         for (key, size) in size_changes {
             match size {
@@ -1225,7 +1252,41 @@ impl Store {
             return true;
         };
         let q = self.queues.get(&product).copied().unwrap_or_default();
-        q.bytes <= l.max_bytes / 2 && self.total_bytes <= self.max_bytes / 2 + self.max_bytes / 4
+        q.bytes <= self.scaled(l.max_bytes) / 2 && self.total_bytes <= self.usable / 2 + self.usable / 4
+    }
+
+    /// A share of `max_bytes` scaled to what the file can hold ([`Store::usable`]).
+    fn scaled(&self, share: u64) -> u64 {
+        (u128::from(share) * u128::from(self.usable) / u128::from(self.max_bytes.max(1))) as u64
+    }
+
+    /// After a commit that held `before` bytes of messages before it: redb grows the file by at
+    /// least doubling it, once its free pages run out. A file whose next growth would pass
+    /// `max_bytes` must not grow again: what may be buffered is held to what fits in it, at the
+    /// cost per byte the file showed when it last grew (its pages, tree and free space on top of
+    /// the messages), with a tenth to spare. Deleting (drop_oldest) or refusing (block,
+    /// reject_new) then keeps the file where it is: freed pages are reused.
+    fn watch_file(&mut self, before: u64) {
+        let Some(len) = (self.file_len)() else { return };
+        if len > self.last_len && self.last_len > 0 && before >= self.last_len / 8 {
+            self.ratio = self.ratio.max(self.last_len as f64 / before as f64);
+        }
+        self.last_len = len;
+        let usable = if 2 * len > self.max_bytes + FILE_MARGIN {
+            ((len as f64 * 0.9 / self.ratio) as u64).clamp(self.max_bytes / 16, self.max_bytes)
+        } else {
+            self.max_bytes
+        };
+        if usable != self.usable {
+            tracing::debug!(
+                file_bytes = len,
+                buffered = self.total_bytes,
+                usable,
+                ratio = self.ratio,
+                "buffer file sized: what may be buffered follows"
+            );
+            self.usable = usable;
+        }
     }
 }
 

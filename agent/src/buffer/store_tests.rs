@@ -508,3 +508,71 @@ fn a_merged_run_is_one_message_standing_for_all_its_seqs() {
     assert_eq!((g.from_seq, g.to_seq, g.count), (2, 5, 4));
     assert_eq!(s.depth(p).0, 1);
 }
+
+/// `max_bytes` bounds the file on disk, not only the bytes of the messages: a product filled to
+/// its cap again and again (drop_oldest, small and large messages, commits of a few hundred KiB
+/// at most as a commit interval makes them) leaves a file no larger than `max_bytes` plus the
+/// margin docs/configuration.md states.
+#[test]
+fn the_file_stays_within_max_bytes_and_its_margin() {
+    // How many times each cap is written over (fewer under emulation).
+    let fills: u64 = std::env::var("PLANTMESH_FILE_FILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for (cap, size_max, per_commit) in [
+        (4u64 << 20, 3_000usize, 20),
+        (16 << 20, 300_000, 2),
+        (16 << 20, 40_000, 10),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.redb");
+        let (mut s, _) = Store::open(&path, cap, 1 << 20).unwrap();
+        let p = s.key("p");
+        s.set_limits(
+            p,
+            ProductLimits {
+                max_bytes: cap,
+                policy: FullPolicy::DropOldest,
+                gap_topic: "g".into(),
+            },
+        );
+        let mut rng = 0x1234_5678_9abc_def1_u64;
+        let mut largest = 0;
+        let mut written = 0u64;
+        while written < cap * fills {
+            let mut appends = Vec::new();
+            for _ in 0..per_commit {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let n = 10 + (rng % size_max as u64) as usize;
+                written += n as u64;
+                appends.push(NewMessage {
+                    product: p,
+                    created: 1,
+                    records: 1,
+                    topic: TOPIC.into(),
+                    version: VERSION.into(),
+                    governance: 1,
+                    body: vec![b'x'; n],
+                });
+            }
+            s.commit(Batch {
+                appends,
+                ..Default::default()
+            })
+            .unwrap();
+            largest = largest.max(std::fs::metadata(&path).unwrap().len());
+        }
+        eprintln!(
+            "cap {cap}, messages up to {size_max} B: file at most {largest} B ({:.2}x), {} B of messages held",
+            largest as f64 / cap as f64,
+            s.total_bytes()
+        );
+        assert!(
+            largest <= cap + super::FILE_MARGIN,
+            "cap {cap}, messages up to {size_max} B: the file reached {largest} B"
+        );
+    }
+}
