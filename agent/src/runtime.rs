@@ -1,9 +1,10 @@
-//! Wiring: builds the tasks of a [`Plan`] and runs them until a signal or a fatal storage error.
+//! Wiring: builds the tasks of a [`Plan`] and runs them until a signal (or the writer stops).
 //!
 //! Tasks: one per device (sources), one map task (readings -> encoded records -> buffer), the buffer
 //! writer thread, and the publisher. Shutdown order: sources stop, map drains into the buffer, the
 //! publisher finishes in-flight messages (up to 3 s) and says `offline`, the writer commits what is
-//! left and exits. A storage failure skips all that: exit non-zero at once, nothing reported accepted.
+//! left and exits. Failing storage does not stop anything: the writer runs degraded (see
+//! [`crate::buffer`]); only a writer that stopped (it panicked) makes the agent exit at once.
 
 use crate::buffer::{self, ProductLimits, ProductSlot, Store};
 use crate::config::{MqttVersion, Plan, UpstreamPlan};

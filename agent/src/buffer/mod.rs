@@ -18,8 +18,11 @@
 //! 1/commit_interval at any rate. `[buffer] write = "always"` commits every message before it may
 //! be sent, as earlier versions did.
 //!
-//! Failure: a storage error stops the writer; the agent raises an alarm and exits non-zero so the
-//! service manager restarts it.
+//! Failure: a storage error does not stop the writer. It runs degraded: live messages go on being
+//! staged (and sent) from memory, bounded; the commit is retried with backoff after reopening the
+//! file; `BufferStats::degraded` and `/health` say so ([`writer`]). The file on disk stays within
+//! `max_bytes` ([`store`]); a damaged one is salvaged at open and the epoch never repeats
+//! ([`recover`]).
 
 pub mod live;
 mod message;
