@@ -48,17 +48,22 @@ fn a_rotten_buffer_file_is_salvaged_and_its_loss_announced() {
         .map(|m| ((m["epoch"].as_u64().unwrap(), m["seq"].as_u64().unwrap()), m))
         .collect();
     assert!(pending.len() >= 20, "a backlog to salvage: {}", pending.len());
-    // 2. Rot: one byte in the middle of a message page, and the epoch file deleted too.
+    // 2. Rot: one message in the middle of the backlog damaged wherever its bytes are (the live
+    // page and stale copies of it in free pages), and the epoch file deleted too.
     let file = data.join("buffer.redb");
     let mut bytes = std::fs::read(&file).unwrap();
+    let middle = pending.values().nth(pending.len() / 2).unwrap();
+    let ts = middle["records"][0]["ts"].as_str().unwrap().as_bytes().to_vec();
     let hits: Vec<usize> = bytes
-        .windows(5)
+        .windows(ts.len())
         .enumerate()
-        .filter(|(_, w)| *w == b"\"r0\":")
+        .filter(|(_, w)| *w == ts.as_slice())
         .map(|(i, _)| i)
         .collect();
-    let at = hits[hits.len() / 2];
-    bytes[at + 2] ^= 0x20;
+    assert!(!hits.is_empty(), "the message's bytes are in the file");
+    for at in hits {
+        bytes[at + 3] ^= 0x01;
+    }
     std::fs::write(&file, &bytes).unwrap();
     std::fs::remove_file(data.join("buffer.redb.epoch")).unwrap();
     // 3. Up again.

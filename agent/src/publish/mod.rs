@@ -506,12 +506,25 @@ impl Publisher {
         refill.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping: Option<Instant> = None;
         let mut dirty = true;
+        let mut read_failed = Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .unwrap_or_else(Instant::now);
         loop {
             if connected && stopping.is_none() && std::mem::take(&mut dirty) {
                 let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
                 acked.retain(|_, g| *g + 2 > generation);
                 acked_gaps.retain(|_, g| *g + 2 > generation);
-                self.fill(&link, &mut session, &mut acked, &acked_gaps)?;
+                match self.fill(&link, &mut session, &mut acked, &acked_gaps) {
+                    // The buffer could not be read (storage failing, the file being reopened):
+                    // live data staged in memory and the rest wait for the next tick.
+                    Err(PublishError::Buffer(e)) => {
+                        if read_failed.elapsed() > Duration::from_secs(10) {
+                            warn!(error = %e, "cannot read the buffer; retrying");
+                            read_failed = Instant::now();
+                        }
+                    }
+                    other => other?,
+                }
             }
             if let Some(since) = stopping {
                 let settled = session.inflight.is_empty() && session.sp.unconfirmed() == 0;
