@@ -112,6 +112,42 @@ fn a_failing_disk_degrades_the_writer_and_it_recovers_by_itself() {
     writer.join().unwrap().unwrap();
 }
 
+/// Degraded with nothing left to write (everything acknowledged since): the retry still probes
+/// the disk, and the writer leaves the degraded state once it works.
+#[test]
+fn a_degraded_writer_with_nothing_to_write_still_notices_storage_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimDisk::new();
+    let (store, _) = Store::open_backend(&dir.path().join("b.redb"), 64 << 20, 1 << 20, disk.clone()).unwrap();
+    let reader = store.reader();
+    let opts = WriterOptions {
+        commit_interval: Duration::from_millis(50),
+        max_records_per_message: 1,
+        max_message_bytes: 1 << 20,
+        commit_before_send: false,
+        max_staged_bytes: STAGED_BYTES_MAX,
+    };
+    // The writer's very first commit (its seq reservation) fails: seqs are then reserved in
+    // memory, and a message acknowledged at once leaves nothing to write.
+    disk.fail_writes(Some(ENOSPC));
+    let (h, writer) = start(store, vec![slot()], opts);
+    let key = reader.key("p");
+    wait("degraded", 10, || h.stats.degraded.load(Ordering::SeqCst));
+    h.offer(0, 1, b"{\"i\":1}".to_vec());
+    wait("staged", 10, || !h.live.after(key, None, usize::MAX).0.is_empty());
+    for m in h.live.after(key, None, usize::MAX).0 {
+        h.ack(key, m.id);
+    }
+    wait("nothing staged", 10, || {
+        h.live.after(key, None, usize::MAX).0.is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    disk.fail_writes(None);
+    wait("recovered", 40, || !h.stats.degraded.load(Ordering::SeqCst));
+    drop(h);
+    writer.join().unwrap().unwrap();
+}
+
 /// With storage failing and nothing acknowledged, memory stays bounded: the oldest messages are
 /// dropped, and once storage works each is reported in a `storage_unavailable` gap event, with
 /// the exact records; every seq is a stored message or in a gap event.

@@ -604,7 +604,8 @@ impl Writer {
             && batch.reserve.is_empty()
             && merging.is_empty()
             && !closing;
-        if empty {
+        // While degraded even an empty commit goes ahead: it is the probe that storage works again.
+        if empty && self.degraded.is_none() {
             // Nothing to write (a merge whose read failed, say): look again after an interval,
             // not at once.
             self.last_commit = Instant::now();
