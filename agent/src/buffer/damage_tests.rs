@@ -2,6 +2,7 @@
 //! `PLANTMESH_DAMAGE_CASES` sets how many mutated files the property test opens (default 60).
 
 use super::*;
+use crate::buffer::sim_disk::Rng;
 use std::collections::BTreeMap;
 
 const PAGE: usize = 4096;
@@ -125,20 +126,6 @@ fn survivors(path: &Path, expected: &Raw) -> Vec<(String, u64, u64)> {
     found
 }
 
-/// A small deterministic generator (the cases are reproducible from their number).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Mutation {
     BitFlips,
@@ -158,23 +145,23 @@ fn mutate(bytes: &mut Vec<u8>, kind: Mutation, rng: &mut Rng) {
         .collect();
     let pages = bytes.len() / PAGE;
     let page = |rng: &mut Rng| {
-        if !hot.is_empty() && rng.next().is_multiple_of(2) {
-            hot[rng.below(hot.len())]
+        if !hot.is_empty() && rng.next_u64().is_multiple_of(2) {
+            hot[rng.index(hot.len())]
         } else {
-            rng.below(pages)
+            rng.index(pages)
         }
     };
     match kind {
         Mutation::BitFlips => {
-            for _ in 0..1 + rng.below(8) {
-                let at = page(rng) * PAGE + rng.below(PAGE);
+            for _ in 0..1 + rng.index(8) {
+                let at = page(rng) * PAGE + rng.index(PAGE);
                 if at < bytes.len() {
-                    bytes[at] ^= 1 << rng.below(8);
+                    bytes[at] ^= 1 << rng.index(8);
                 }
             }
         }
         Mutation::Truncate => {
-            let at = rng.below(bytes.len());
+            let at = rng.index(bytes.len());
             bytes.truncate(at);
         }
         Mutation::ZeroPage => {

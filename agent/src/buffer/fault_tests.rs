@@ -1,7 +1,7 @@
 //! The store and the writer on a simulated disk: writes and syncs that fail (a full disk, I/O
 //! errors), and power cuts at random points.
 
-use crate::buffer::sim_disk::SimDisk;
+use crate::buffer::sim_disk::{Rng, SimDisk};
 use crate::buffer::store::OpenReport;
 use crate::buffer::*;
 use crate::config::FullPolicy;
@@ -17,6 +17,16 @@ fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn opts(commit_interval_ms: u64, max_staged_bytes: usize) -> WriterOptions {
+    WriterOptions {
+        commit_interval: Duration::from_millis(commit_interval_ms),
+        max_records_per_message: 1,
+        max_message_bytes: 1 << 20,
+        commit_before_send: false,
+        max_staged_bytes,
     }
 }
 
@@ -44,13 +54,7 @@ fn a_failing_disk_degrades_the_writer_and_it_recovers_by_itself() {
     let disk = SimDisk::new();
     let (store, _) = Store::open_backend(&dir.path().join("b.redb"), 64 << 20, 1 << 20, disk.clone()).unwrap();
     let reader = store.reader();
-    let opts = WriterOptions {
-        commit_interval: Duration::from_millis(100),
-        max_records_per_message: 1,
-        max_message_bytes: 1 << 20,
-        commit_before_send: false,
-        max_staged_bytes: STAGED_BYTES_MAX,
-    };
+    let opts = opts(100, STAGED_BYTES_MAX);
     let (h, writer) = start(store, vec![slot()], opts);
     h.stats.upstream_connected.store(true, Ordering::SeqCst);
     let key = reader.key("p");
@@ -120,13 +124,7 @@ fn a_degraded_writer_with_nothing_to_write_still_notices_storage_is_back() {
     let disk = SimDisk::new();
     let (store, _) = Store::open_backend(&dir.path().join("b.redb"), 64 << 20, 1 << 20, disk.clone()).unwrap();
     let reader = store.reader();
-    let opts = WriterOptions {
-        commit_interval: Duration::from_millis(50),
-        max_records_per_message: 1,
-        max_message_bytes: 1 << 20,
-        commit_before_send: false,
-        max_staged_bytes: STAGED_BYTES_MAX,
-    };
+    let opts = opts(50, STAGED_BYTES_MAX);
     // The writer's very first commit (its seq reservation) fails: seqs are then reserved in
     // memory, and a message acknowledged at once leaves nothing to write.
     disk.fail_writes(Some(ENOSPC));
@@ -157,13 +155,7 @@ fn memory_stays_bounded_while_storage_fails_and_what_is_dropped_is_reported() {
     let disk = SimDisk::new();
     let (store, _) = Store::open_backend(&dir.path().join("b.redb"), 64 << 20, 1 << 20, disk.clone()).unwrap();
     let reader = store.reader();
-    let opts = WriterOptions {
-        commit_interval: Duration::from_millis(50),
-        max_records_per_message: 1,
-        max_message_bytes: 1 << 20,
-        commit_before_send: false,
-        max_staged_bytes: 64 << 10,
-    };
+    let opts = opts(50, 64 << 10);
     let (h, writer) = start(store, vec![slot()], opts);
     let key = reader.key("p");
     disk.fail_writes(Some(ENOSPC));
@@ -202,20 +194,6 @@ fn memory_stays_bounded_while_storage_fails_and_what_is_dropped_is_reported() {
     }
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=200).collect::<Vec<_>>(), "every seq explained once");
-}
-
-/// A small deterministic generator (cases reproduce from their number).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 type Raw = std::collections::BTreeMap<(String, u64, u64), Vec<u8>>;
@@ -265,7 +243,7 @@ fn random_batch(store: &mut Store, rng: &mut Rng, stored: &Raw) -> (Batch, Vec<P
         touched.push(key);
         let body = format!(
             "[{{\"n\":{},\"pad\":\"{}\"}}]",
-            rng.next(),
+            rng.next_u64(),
             "x".repeat(rng.below(700) as usize)
         )
         .into_bytes();
@@ -389,7 +367,7 @@ fn simulated_power_cuts_lose_nothing_committed_and_replay_nothing_acknowledged()
                 stored = raw(&store);
             }
             drop(store);
-            let mut pick = || rng.next();
+            let mut pick = || rng.next_u64();
             disk = disk.power_cut(&mut pick);
             let (recovered, r) = open_on(dir.path(), &disk)
                 .unwrap_or_else(|e| panic!("case {case}: the file does not open after the power cut: {e}"));
