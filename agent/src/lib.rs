@@ -24,6 +24,7 @@ pub mod model;
 pub mod preview;
 pub mod produce;
 pub mod publish;
+pub mod reload;
 pub mod runtime;
 pub mod sim;
 pub mod sources;

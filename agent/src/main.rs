@@ -27,6 +27,17 @@ enum Command {
         #[arg(long)]
         view: bool,
     },
+    /// Reload the running agent's configuration (what SIGHUP does), printing what changed and every
+    /// error; exits non-zero if anything was refused. Talks to the agent over
+    /// `<data_dir>/control.sock` (only the agent's user may).
+    Reload {
+        /// The agent's config (to find its data_dir).
+        #[arg(short, long, env = "PLANTMESH_CONFIG", value_delimiter = ',')]
+        config: Vec<PathBuf>,
+        /// The agent's data directory (default: agent.data_dir of the config).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Validate config offline; prints every problem as file:line:column and exits non-zero.
     Check {
         #[arg(required = true)]
@@ -196,6 +207,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Some(Command::Check { paths, data_dir }) => check(&paths, data_dir.as_deref()),
+        Some(Command::Reload { config, data_dir }) => reload(&config, data_dir),
         Some(Command::Simulate {
             sensor_node: true,
             link,
@@ -266,6 +278,58 @@ fn init_logging() {
         .init();
 }
 
+/// Asks the running agent to reload; prints its report.
+fn reload(config: &[PathBuf], data_dir: Option<PathBuf>) -> ExitCode {
+    use std::io::{Read, Write};
+    let Some(data_dir) = data_dir.or_else(|| data_dir_of(config)) else {
+        eprintln!("plantmesh reload: give --data-dir, or --config with an agent.toml that sets agent.data_dir");
+        return ExitCode::from(2);
+    };
+    let socket = data_dir.join("control.sock");
+    let mut stream = match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("plantmesh reload: cannot reach the agent at {}: {e} (is it running, and are you its user?)", socket.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut answer = String::new();
+    if let Err(e) = stream.write_all(b"reload\n").and_then(|()| stream.read_to_string(&mut answer)) {
+        eprintln!("plantmesh reload: {e}");
+        return ExitCode::from(2);
+    }
+    let (status, text) = answer.split_once('\n').unwrap_or((answer.as_str(), ""));
+    print!("{text}");
+    if status == "ok" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `agent.data_dir` of the gateway file among `paths`, read leniently: a reload must find the
+/// agent even when the file it is asked to load is broken.
+fn data_dir_of(paths: &[PathBuf]) -> Option<PathBuf> {
+    let files = paths.iter().flat_map(|p| if p.is_dir() { vec![p.join("agent.toml")] } else { vec![p.clone()] });
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let Ok(value) = text.parse::<toml::Table>() else {
+            // A broken file: look for the key by line.
+            if let Some(dir) = text.lines().find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "data_dir").then(|| v.trim().trim_matches('"').to_string())
+            }) {
+                return Some(PathBuf::from(dir));
+            }
+            continue;
+        };
+        if let Some(dir) = value.get("agent").and_then(|a| a.get("data_dir")).and_then(|d| d.as_str()) {
+            return Some(PathBuf::from(dir));
+        }
+    }
+    None
+}
+
 fn check(paths: &[PathBuf], data_dir: Option<&std::path::Path>) -> ExitCode {
     match config::load_with(paths, data_dir) {
         Ok(plan) => {
@@ -306,12 +370,18 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             None => demo(None).await,
             Some(Command::Demo { data_dir }) => demo(data_dir).await,
             Some(Command::Run { config, data_dir, view }) if !config.is_empty() => {
-                let plan = config::load_with(&config, data_dir.as_deref())
+                let texts = config::read(&config).map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
+                let plan = config::validate_texts(&texts, data_dir.as_deref())
                     .map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
+                let source = plantmesh::runtime::ConfigSource {
+                    paths: config,
+                    data_dir,
+                    texts,
+                };
                 // Parsing a large config leaves freed memory behind; hand it back before running.
                 allocator::trim();
                 tracing::info!(agent = %plan.agent.id, config_hash = %plan.config_hash, files = plan.files.len(), "config loaded");
-                plantmesh::runtime::run(plan, view, |r| {
+                plantmesh::runtime::run(plan, Some(source), view, |r| {
                     if view {
                         plantmesh::view::spawn(r)
                     }
@@ -412,7 +482,7 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Some(Command::Check { .. }) => unreachable!("handled before the runtime starts"),
+            Some(Command::Check { .. } | Command::Reload { .. }) => unreachable!("handled before the runtime starts"),
         }
     })
 }
@@ -512,7 +582,7 @@ fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
 async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let data_dir = data_dir.unwrap_or_else(|| std::env::temp_dir().join("plantmesh-demo"));
     let (plan, _sims) = demo_plan(&data_dir).await?;
-    plantmesh::runtime::run(plan, true, plantmesh::view::spawn).await?;
+    plantmesh::runtime::run(plan, None, true, plantmesh::view::spawn).await?;
     Ok(())
 }
 

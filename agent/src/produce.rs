@@ -18,11 +18,19 @@ use crate::govern::{Counts, Decision, Governor};
 use crate::map::Mapper;
 use crate::model::{now_millis, ReadingBatch, Record};
 use crate::publish::envelope::RecordEncoder;
+use crate::telemetry::{Current, Now};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::info;
+
+fn swap(current: &Current, now: Arc<Now>) {
+    match current.write() {
+        Ok(mut c) => *c = now,
+        Err(poisoned) => *poisoned.into_inner() = now,
+    }
+}
 
 /// The latest record per product, rendered, for the status view.
 pub type LastRecords = Arc<Mutex<Vec<Option<String>>>>;
@@ -37,6 +45,61 @@ pub struct Outputs {
     pub last: Option<LastRecords>,
 }
 
+/// A reload, as the produce stage takes it: between two batches, so every record is mapped and
+/// governed wholly under one configuration.
+pub struct Reconfigure {
+    pub now: Arc<Now>,
+    pub governor: Governor,
+    /// The buffer handle with the new slot table ([`BufferHandle::reconfigure`]).
+    pub buffer: BufferHandle,
+    /// Pairs `(new, old)` of product indexes with the same key: their counts carry over.
+    pub same_key: Vec<(usize, usize)>,
+    /// Pairs `(new, old)` whose fields and publish mode are unchanged: their state (last values,
+    /// the open window) carries over, so a reload neither repeats nor loses a record of theirs.
+    pub same_state: Vec<(usize, usize)>,
+    /// Per source task: how its readings' tag indexes translate into the new plan's.
+    pub remap: Vec<Option<Arc<Remap>>>,
+    /// Swapped for `now` under the SLI lock.
+    pub current: Current,
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Tag indexes of a source task started under an earlier plan -> the current plan's (an unchanged
+/// device keeps running across reloads; its tags may have moved in the table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remap {
+    base: usize,
+    to: Vec<u32>,
+}
+
+impl Remap {
+    /// `from[k]` becomes `to[k]`; any other index maps to none (the task's device is gone).
+    pub fn new(from: &[usize], to: &[usize]) -> Remap {
+        let base = from.iter().copied().min().unwrap_or(0);
+        let top = from.iter().copied().max().map_or(0, |m| m + 1 - base);
+        let mut table = vec![u32::MAX; top];
+        for (&f, &t) in from.iter().zip(to) {
+            table[f - base] = t as u32;
+        }
+        Remap { base, to: table }
+    }
+
+    /// Drops every reading (a removed or restarted device's last batches).
+    pub fn none() -> Remap {
+        Remap { base: 0, to: Vec::new() }
+    }
+
+    fn apply(&self, b: &mut ReadingBatch) {
+        for r in &mut b.readings {
+            r.tag = r
+                .tag
+                .checked_sub(self.base)
+                .and_then(|i| self.to.get(i))
+                .map_or(usize::MAX, |&t| if t == u32::MAX { usize::MAX } else { t as usize });
+        }
+    }
+}
+
 pub struct Produce {
     plan: Arc<Plan>,
     mapper: Mapper,
@@ -44,6 +107,9 @@ pub struct Produce {
     encoders: Vec<RecordEncoder>,
     counts: Counts,
     out: Outputs,
+    /// Per product of the plan: its buffer slot.
+    slots: Vec<usize>,
+    remap: Vec<Option<Arc<Remap>>>,
 }
 
 impl Produce {
@@ -54,36 +120,96 @@ impl Produce {
             governor,
             counts: Counts::default(),
             out,
+            slots: (0..plan.products.len()).collect(),
+            remap: Vec::new(),
             plan,
         }
     }
 
-    /// Runs until every source has stopped (`batches` closed).
-    pub async fn run(mut self, mut batches: mpsc::Receiver<ReadingBatch>) {
+    /// Runs until every source has stopped (`batches` closed), taking reloads as they come.
+    pub async fn run(
+        mut self,
+        mut batches: mpsc::Receiver<ReadingBatch>,
+        mut reloads: mpsc::UnboundedReceiver<Reconfigure>,
+    ) {
         let mut records = Vec::new();
-        let tick = self.mapper.next_tick().unwrap_or(Duration::from_secs(3600));
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticker = self.ticker();
         loop {
             tokio::select! {
                 b = batches.recv() => match b {
-                    Some(b) => self.mapper.on_batch(&b, &mut records),
+                    Some(mut b) => {
+                        if let Some(Some(r)) = self.remap.get(b.device) {
+                            r.apply(&mut b);
+                        }
+                        self.mapper.on_batch(&b, &mut records)
+                    }
                     None => break,
                 },
                 _ = ticker.tick() => self.mapper.on_tick(now_millis(), &mut records),
+                Some(r) = reloads.recv() => {
+                    self.reconfigure(r);
+                    ticker = self.ticker();
+                }
             }
             for (product, record) in records.drain(..) {
                 self.govern_and_offer(product, record);
             }
         }
-        self.audit();
+        self.audit("run_end");
+    }
+
+    fn ticker(&self) -> tokio::time::Interval {
+        let tick = self.mapper.next_tick().unwrap_or(Duration::from_secs(3600));
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    }
+
+    fn reconfigure(&mut self, r: Reconfigure) {
+        // The decisions so far belong to the configuration they were made under.
+        self.audit("config_replaced");
+        self.counts = Counts::default();
+        let plan = r.now.plan.clone();
+        let mut mapper = Mapper::new(&plan);
+        mapper.carry_over(&mut self.mapper, &r.same_state);
+        self.mapper = mapper;
+        self.encoders = plan.products.iter().map(RecordEncoder::new).collect();
+        self.governor = r.governor;
+        self.out.buffer = r.buffer;
+        for &(new, old) in &r.same_key {
+            if let (Some(n), Some(o)) = (r.now.produced.get(new), self.out.produced.get(old)) {
+                n.store(o.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        self.out.produced = r.now.produced.clone();
+        if let Some(last) = &self.out.last {
+            if let Ok(mut l) = last.lock() {
+                let mut next = vec![None; plan.products.len()];
+                for &(new, old) in &r.same_key {
+                    next[new] = l.get(old).cloned().flatten();
+                }
+                *l = next;
+            }
+        }
+        self.slots = r.now.slots.clone();
+        self.remap = r.remap;
+        match self.out.slis.lock() {
+            Ok(mut slis) => {
+                slis.remap(plan.products.len(), &r.same_key);
+                swap(&r.current, r.now);
+            }
+            Err(_) => swap(&r.current, r.now),
+        }
+        self.plan = plan;
+        let _ = r.done.send(());
     }
 
     fn govern_and_offer(&mut self, product: usize, record: Record) {
+        let slot = self.slots[product];
         let governed = match self.governor.apply(product, record, &mut self.counts) {
             Decision::Publish(g) => g,
             Decision::Drop { .. } => {
-                self.out.buffer.refuse_contract(product);
+                self.out.buffer.refuse_contract(slot);
                 return;
             }
         };
@@ -97,11 +223,12 @@ impl Produce {
             }
         }
         self.out.produced[product].fetch_add(1, Ordering::Relaxed);
-        self.out.buffer.offer(product, governed.ts, json);
+        self.out.buffer.offer(slot, governed.ts, json);
     }
 
-    /// The run's governance decisions, per product and rule, in the log and the audit trail.
-    fn audit(&self) {
+    /// The governance decisions since the start or the last reload, per product and rule, in the
+    /// log and the audit trail (`event`: `run_end` or `config_replaced`).
+    fn audit(&self, event: &str) {
         let mut summary = serde_json::Map::new();
         for ((product, rule), n) in &self.counts.0 {
             let p = &self.plan.products[*product];
@@ -109,7 +236,7 @@ impl Produce {
             summary.insert(format!("{}:{}", p.key, rule.as_str()), (*n).into());
         }
         let entry = serde_json::json!({"config_hash": self.plan.config_hash, "governance": summary});
-        if let Err(e) = crate::audit::append(&self.plan.agent.data_dir, "run_end", entry) {
+        if let Err(e) = crate::audit::append(&self.plan.agent.data_dir, event, entry) {
             tracing::warn!(error = %e, "cannot write the audit trail");
         }
     }

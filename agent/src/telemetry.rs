@@ -16,15 +16,53 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// What the agent runs now: the plan and what is counted per device and product of it. A reload
+/// replaces it as a whole (see [`crate::reload`]); readers take one [`Running::now`] and use it
+/// throughout, so every index they use is of one plan.
+pub struct Now {
+    pub plan: Arc<Plan>,
+    /// Per device of the plan.
+    pub devices: Vec<Arc<DeviceStats>>,
+    /// Records produced per product of the plan.
+    pub produced: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    /// Per product of the plan: its slot in the buffer and the publisher (stable across reloads).
+    pub slots: Vec<usize>,
+    /// Product files the last reload refused (their products run on their previous version):
+    /// `(file, first problem)`.
+    pub refused: Vec<(String, String)>,
+}
+
+impl Now {
+    /// A plan just started: slots in plan order, nothing refused.
+    pub fn start(plan: Arc<Plan>, devices: Vec<Arc<DeviceStats>>) -> Now {
+        Now {
+            produced: Arc::new(plan.products.iter().map(|_| Default::default()).collect()),
+            slots: (0..plan.products.len()).collect(),
+            refused: Vec::new(),
+            devices,
+            plan,
+        }
+    }
+}
+
+/// Reloads, for metrics.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub accepted: std::sync::atomic::AtomicU64,
+    /// Reloads that refused anything (a whole config or one product file).
+    pub refused: std::sync::atomic::AtomicU64,
+}
+
+/// The current [`Now`], shared.
+pub type Current = Arc<std::sync::RwLock<Arc<Now>>>;
+
 /// Handles to what is running, for the status view.
 #[derive(Clone)]
 pub struct Running {
-    pub plan: Arc<Plan>,
+    pub current: Current,
     pub buffer: Arc<BufferStats>,
-    /// Records produced per product.
-    pub produced: Arc<Vec<std::sync::atomic::AtomicU64>>,
     pub publish: Arc<PublishStats>,
-    pub devices: Vec<Arc<DeviceStats>>,
+    pub reloads: Arc<ReloadStats>,
     pub epoch: u64,
     pub broker: String,
     /// Latest record per product, rendered, for the view.
@@ -35,20 +73,28 @@ pub struct Running {
 }
 
 impl Running {
+    /// What runs now.
+    pub fn now(&self) -> Arc<Now> {
+        match self.current.read() {
+            Ok(n) => n.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// A `Running` with no tasks behind it (unit tests of the endpoints).
     #[cfg(test)]
     pub fn for_tests(plan: Arc<Plan>) -> Running {
+        let devices = plan.devices.iter().map(|_| Arc::new(DeviceStats::default())).collect();
         Running {
             buffer: Arc::new(BufferStats::default()),
-            produced: Arc::new(plan.products.iter().map(|_| Default::default()).collect()),
             publish: Arc::new(PublishStats::default()),
-            devices: plan.devices.iter().map(|_| Arc::new(DeviceStats::default())).collect(),
+            reloads: Arc::default(),
             epoch: 1,
             broker: String::new(),
             last: Arc::new(std::sync::Mutex::new(Vec::new())),
             slis: Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len()))),
             writer_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            plan,
+            current: Arc::new(std::sync::RwLock::new(Arc::new(Now::start(plan, devices)))),
         }
     }
 }
@@ -117,6 +163,7 @@ fn health(b: &BufferStats) -> String {
 }
 
 fn metrics(r: &Running) -> String {
+    let now = r.now();
     let mut s = String::new();
     let b = &r.buffer;
     let p = &r.publish;
@@ -244,7 +291,7 @@ fn metrics(r: &Running) -> String {
     }
     let total = p.latency_total();
     let _ = writeln!(s, "plantmesh_publish_latency_window_ms_bucket{{le=\"+Inf\"}} {total}");
-    let devices = &r.plan.devices;
+    let devices = &now.plan.devices;
     let per_device = |f: &dyn Fn(usize) -> u64| -> Vec<(String, String)> {
         devices
             .iter()
@@ -257,20 +304,20 @@ fn metrics(r: &Running) -> String {
         "plantmesh_device_connected",
         "1 while the device's connection is up.",
         "gauge",
-        per_device(&|i| r.devices[i].connected.load(Relaxed)).into_iter(),
+        per_device(&|i| now.devices[i].connected.load(Relaxed)).into_iter(),
     );
     family(
         &mut s,
         "plantmesh_device_polls_total",
         "Polls (or notification batches; MQTT devices: messages) per device.",
         "counter",
-        per_device(&|i| r.devices[i].polls.load(Relaxed)).into_iter(),
+        per_device(&|i| now.devices[i].polls.load(Relaxed)).into_iter(),
     );
     // By reason: `request` (Modbus, OPC UA: a failed request), `framing` (sensor nodes: byte runs
     // on the link that were not frames), `unreadable` and `oversize` (MQTT devices: messages that
     // could not be read, and messages over max_message_bytes, skipped).
-    let errors = r.plan.devices.iter().enumerate().flat_map(|(i, d)| {
-        let stats = &r.devices[i];
+    let errors = now.plan.devices.iter().enumerate().flat_map(|(i, d)| {
+        let stats = &now.devices[i];
         let (all, oversize) = (stats.errors.load(Relaxed), stats.oversize.load(Relaxed));
         let reason = match d.kind {
             DeviceKind::Sensor(_) => "framing",
@@ -294,7 +341,7 @@ fn metrics(r: &Running) -> String {
         errors,
     );
     let sensor = |i: &(String, String)| {
-        r.plan
+        now.plan
             .devices
             .iter()
             .any(|d| matches!(d.kind, DeviceKind::Sensor(_)) && i.0 == format!("device=\"{}\"", d.id))
@@ -304,7 +351,7 @@ fn metrics(r: &Running) -> String {
         "plantmesh_sensor_crc_errors_total",
         "Sensor-node frames that failed their CRC.",
         "counter",
-        per_device(&|i| r.devices[i].crc_errors.load(Relaxed))
+        per_device(&|i| now.devices[i].crc_errors.load(Relaxed))
             .into_iter()
             .filter(sensor),
     );
@@ -313,7 +360,7 @@ fn metrics(r: &Running) -> String {
         "plantmesh_sensor_lost_frames_total",
         "Sensor-node frames lost on the link (gaps in the node's sequence numbers).",
         "counter",
-        per_device(&|i| r.devices[i].lost_frames.load(Relaxed))
+        per_device(&|i| now.devices[i].lost_frames.load(Relaxed))
             .into_iter()
             .filter(sensor),
     );
@@ -322,12 +369,12 @@ fn metrics(r: &Running) -> String {
         "plantmesh_sensor_restarts_total",
         "Sensor-node restarts seen.",
         "counter",
-        per_device(&|i| r.devices[i].reboots.load(Relaxed))
+        per_device(&|i| now.devices[i].reboots.load(Relaxed))
             .into_iter()
             .filter(sensor),
     );
     let mqtt = |i: &(String, String)| {
-        r.plan
+        now.plan
             .devices
             .iter()
             .any(|d| matches!(d.kind, DeviceKind::Mqtt(_)) && i.0 == format!("device=\"{}\"", d.id))
@@ -337,7 +384,7 @@ fn metrics(r: &Running) -> String {
         "plantmesh_mqtt_sequence_lost_total",
         "Sparkplug messages missing from edge nodes' sequences (MQTT devices).",
         "counter",
-        per_device(&|i| r.devices[i].lost_frames.load(Relaxed))
+        per_device(&|i| now.devices[i].lost_frames.load(Relaxed))
             .into_iter()
             .filter(mqtt),
     );
@@ -346,12 +393,12 @@ fn metrics(r: &Running) -> String {
         "plantmesh_mqtt_rebirth_requests_total",
         "Rebirth requests sent to Sparkplug edge nodes (MQTT devices).",
         "counter",
-        per_device(&|i| r.devices[i].requests.load(Relaxed))
+        per_device(&|i| now.devices[i].requests.load(Relaxed))
             .into_iter()
             .filter(mqtt),
     );
     if let Ok(slis) = r.slis.lock() {
-        let products = &r.plan.products;
+        let products = &now.plan.products;
         let label = |i: usize| format!("product=\"{}\",major=\"{}\"", products[i].id, products[i].major);
         family(
             &mut s,
@@ -375,6 +422,26 @@ fn metrics(r: &Running) -> String {
             (0..products.len()).map(|i| (label(i), slis.last(i).2.to_string())),
         );
     }
+    family(
+        &mut s,
+        "plantmesh_config_reloads_total",
+        "Reloads of the configuration, by outcome (refused: anything of it was not applied).",
+        "counter",
+        [
+            ("outcome=\"accepted\"".to_string(), r.reloads.accepted.load(Relaxed).to_string()),
+            ("outcome=\"refused\"".to_string(), r.reloads.refused.load(Relaxed).to_string()),
+        ]
+        .into_iter(),
+    );
+    family(
+        &mut s,
+        "plantmesh_config_refused_files",
+        "Product files the last reload refused: their products run on their previous version.",
+        "gauge",
+        now.refused
+            .iter()
+            .map(|(file, _)| (format!("file=\"{}\"", file.replace('\\', "\\\\").replace('"', "\\\"")), "1".to_string())),
+    );
     s
 }
 

@@ -16,15 +16,16 @@ pub fn spawn(r: Running) {
             Duration::from_secs(10)
         };
         let started = Instant::now();
-        let mut prev = (0u64, 0u64, Instant::now(), vec![0u64; r.plan.products.len()]);
+        let mut prev = (0u64, 0u64, Instant::now(), vec![0u64; r.now().plan.products.len()]);
         let mut ticker = tokio::time::interval(period);
         loop {
             ticker.tick().await;
+            let running = r.now();
             let now = Instant::now();
             let dt = now.duration_since(prev.2).as_secs_f64().max(0.001);
             let msgs = r.publish.messages_acked.load(Relaxed);
             let recs = r.publish.records_acked.load(Relaxed);
-            let produced: Vec<u64> = r.produced.iter().map(|c| c.load(Relaxed)).collect();
+            let produced: Vec<u64> = running.produced.iter().map(|c| c.load(Relaxed)).collect();
             let (msg_rate, rec_rate) = ((msgs - prev.0) as f64 / dt, (recs - prev.1) as f64 / dt);
             let depth = r.buffer.pending_messages.load(Relaxed);
             let depth_bytes = r.buffer.pending_bytes.load(Relaxed);
@@ -40,7 +41,7 @@ pub fn spawn(r: Running) {
                     s,
                     "plantmesh {} | agent {} | epoch {} | up {}s",
                     env!("CARGO_PKG_VERSION"),
-                    r.plan.agent.id,
+                    running.plan.agent.id,
                     r.epoch,
                     started.elapsed().as_secs()
                 );
@@ -57,8 +58,8 @@ pub fn spawn(r: Running) {
                     depth_bytes / 1024,
                     r.buffer.dropped_records.load(Relaxed)
                 );
-                for (i, d) in r.plan.devices.iter().enumerate() {
-                    let st = &r.devices[i];
+                for (i, d) in running.plan.devices.iter().enumerate() {
+                    let st = &running.devices[i];
                     let _ = writeln!(
                         s,
                         "device {:<14} {:<22} {} polls {} requests {} errors {}",
@@ -75,8 +76,8 @@ pub fn spawn(r: Running) {
                     );
                 }
                 let last = r.last.lock().map(|l| l.clone()).unwrap_or_default();
-                for (i, p) in r.plan.products.iter().enumerate() {
-                    let rate = (produced[i] - prev.3[i]) as f64 / dt;
+                for (i, p) in running.plan.products.iter().enumerate() {
+                    let rate = produced[i].saturating_sub(prev.3.get(i).copied().unwrap_or(0)) as f64 / dt;
                     let _ = writeln!(
                         s,
                         "\nproduct {} v{} ({}) -> {}  {rate:.1} records/s",

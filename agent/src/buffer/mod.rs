@@ -74,6 +74,12 @@ pub enum WriterMsg {
         through: Option<MessageId>,
         token: u64,
     },
+    /// A reload changed the products (see [`BufferHandle::reconfigure`]).
+    Products {
+        products: Vec<ProductSlot>,
+        counters: Counters,
+        treatments: Vec<(String, crate::govern::Treatment)>,
+    },
 }
 
 /// A product as the writer needs it.
@@ -136,43 +142,84 @@ pub struct BufferHandle {
     tx: mpsc::Sender<WriterMsg>,
     queued_records: Arc<AtomicU64>,
     max_queued: u64,
-    /// Per product: set while a `block` product's share is full.
-    pub blocked: Arc<Vec<AtomicBool>>,
-    /// Per product: records not taken because the product was blocked, since the last commit.
-    pub lost: Arc<Vec<AtomicU64>>,
-    /// Per product: records not taken because the writer was too far behind, since the last commit.
-    pub overloaded: Arc<Vec<AtomicU64>>,
-    /// Per product: records governance dropped for breaking the contract, since the last commit.
-    pub violations: Arc<Vec<AtomicU64>>,
+    /// Per product slot. A reload that adds products hands out a handle with a longer table (the
+    /// same counters first, see [`BufferHandle::reconfigure`]).
+    pub counters: Counters,
     pub stats: Arc<BufferStats>,
     /// Messages numbered and not yet committed (the publisher reads them here first).
     pub live: Arc<Live>,
     pub notify: tokio::sync::watch::Receiver<u64>,
 }
 
+/// The counters of every product slot, shared by the handles and the writer.
+pub type Counters = Arc<Vec<Arc<ProductCounters>>>;
+
+/// What the producer side counts for one product between commits.
+#[derive(Debug, Default)]
+pub struct ProductCounters {
+    /// Set while a `block` product's share is full.
+    pub blocked: AtomicBool,
+    /// Records not taken because the product was blocked, since the last commit.
+    pub lost: AtomicU64,
+    /// Records not taken because the writer was too far behind, since the last commit.
+    pub overloaded: AtomicU64,
+    /// Records governance dropped for breaking the contract, since the last commit.
+    pub violations: AtomicU64,
+}
+
+fn counters(n: usize) -> Counters {
+    Arc::new((0..n).map(|_| Arc::default()).collect())
+}
+
 impl BufferHandle {
     /// Offers one record; a record refused here (product blocked, writer far behind) is counted and
     /// becomes a gap event at the next commit.
     pub fn offer(&self, product: usize, created: u64, json: Vec<u8>) {
-        if self.blocked[product].load(Ordering::Relaxed) {
-            self.lost[product].fetch_add(1, Ordering::Relaxed);
+        let Some(c) = self.counters.get(product) else { return };
+        if c.blocked.load(Ordering::Relaxed) {
+            c.lost.fetch_add(1, Ordering::Relaxed);
             return;
         }
         if self.queued_records.load(Ordering::Relaxed) >= self.max_queued {
-            self.overloaded[product].fetch_add(1, Ordering::Relaxed);
+            c.overloaded.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.queued_records.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(WriterMsg::Record { product, created, json }).is_err() {
             // The writer has stopped (storage failure); the agent is exiting. Counted all the same.
-            self.overloaded[product].fetch_add(1, Ordering::Relaxed);
+            c.overloaded.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// A record governance dropped (contract violation, `on_violation = "drop"`): counted and reported
     /// as a gap like every other drop.
     pub fn refuse_contract(&self, product: usize) {
-        self.violations[product].fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = self.counters.get(product) {
+            c.violations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Changes the products in place (a reload): `products` is the whole slot table, the slots of
+    /// this handle first (same order, maybe changed: topic, limits, governance), then new ones. No
+    /// slot is ever removed: a product that left the config keeps its slot while its backlog
+    /// drains. `treatments` are kept in the buffer like those of the start. Returns the handle the
+    /// produce stage offers to from now on; records offered to the new slots reach the writer
+    /// after the change (one channel, in order).
+    pub fn reconfigure(
+        &self,
+        products: Vec<ProductSlot>,
+        treatments: Vec<(String, crate::govern::Treatment)>,
+    ) -> BufferHandle {
+        let mut table: Vec<Arc<ProductCounters>> = self.counters.iter().cloned().collect();
+        table.resize_with(products.len().max(table.len()), Arc::default);
+        let mut handle = self.clone();
+        handle.counters = Arc::new(table);
+        let _ = self.tx.send(WriterMsg::Products {
+            products,
+            counters: handle.counters.clone(),
+            treatments,
+        });
+        handle
     }
 
     pub fn ack(&self, product: ProductKey, id: MessageId) {
@@ -229,10 +276,7 @@ fn start_with_queue_limit(
         tx,
         queued_records: Arc::new(AtomicU64::new(0)),
         max_queued,
-        blocked: Arc::new(products.iter().map(|_| AtomicBool::new(false)).collect()),
-        lost: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
-        overloaded: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
-        violations: Arc::new(products.iter().map(|_| AtomicU64::new(0)).collect()),
+        counters: counters(products.len()),
         stats: stats.clone(),
         live: Arc::new(Live::default()),
         notify: notify_rx,
@@ -241,10 +285,7 @@ fn start_with_queue_limit(
     // (map, publisher) is gone, which is how the writer knows to make its final commit and stop.
     let shared = Shared {
         queued_records: handle.queued_records.clone(),
-        blocked: handle.blocked.clone(),
-        lost: handle.lost.clone(),
-        overloaded: handle.overloaded.clone(),
-        violations: handle.violations.clone(),
+        counters: handle.counters.clone(),
         stats: handle.stats.clone(),
         live: handle.live.clone(),
     };
@@ -262,10 +303,7 @@ fn start_with_queue_limit(
 /// What the writer shares with the handles.
 struct Shared {
     queued_records: Arc<AtomicU64>,
-    blocked: Arc<Vec<AtomicBool>>,
-    lost: Arc<Vec<AtomicU64>>,
-    overloaded: Arc<Vec<AtomicU64>>,
-    violations: Arc<Vec<AtomicU64>>,
+    counters: Counters,
     stats: Arc<BufferStats>,
     live: Arc<Live>,
 }
@@ -490,7 +528,7 @@ mod tests {
         let record = vec![b'x'; 1000];
         // Fill the share: about 7 one-record messages fit in 8 KiB.
         let mut offered = 0u64;
-        while !h.blocked[0].load(Ordering::Relaxed) {
+        while !h.counters[0].blocked.load(Ordering::Relaxed) {
             h.offer(0, 1, record.clone());
             offered += 1;
             std::thread::sleep(Duration::from_millis(2));
@@ -524,7 +562,7 @@ mod tests {
         for m in &pending {
             h.ack(m.product, m.id);
         }
-        wait("unblock", || !h.blocked[0].load(Ordering::Relaxed));
+        wait("unblock", || !h.counters[0].blocked.load(Ordering::Relaxed));
         wait("the stretch's gap event", || !blocked_gaps().is_empty());
         let gaps = blocked_gaps();
         assert_eq!(gaps.len(), 1, "{gaps:?}");

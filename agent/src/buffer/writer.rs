@@ -326,6 +326,52 @@ impl Writer {
                     _ => self.done.push((product, token)),
                 }
             }
+            WriterMsg::Products {
+                products,
+                counters,
+                treatments,
+            } => self.reconfigure(products, counters, treatments),
+        }
+    }
+
+    /// A reload: the slots keep their places (a removed product's slot stays while its backlog
+    /// drains), changed ones take their new topic, version, limits and governance, new ones are
+    /// appended and get their first block of seqs with the next commit.
+    fn reconfigure(
+        &mut self,
+        products: Vec<ProductSlot>,
+        counters: super::Counters,
+        treatments: Vec<(String, crate::govern::Treatment)>,
+    ) {
+        let now = Instant::now();
+        for (i, slot) in products.iter().enumerate() {
+            let key = match self.keys.get(i) {
+                Some(&key) => key,
+                None => {
+                    let key = self.store.key(&slot.id);
+                    self.keys.push(key);
+                    self.slot_of.insert(key, i);
+                    self.forming.push((0, Vec::new()));
+                    self.blocks
+                        .push((BLOCK_MIN, now.checked_sub(BLOCK_TARGET).unwrap_or(now)));
+                    self.stretches.push(Stretch::default());
+                    self.eligible.push(None);
+                    key
+                }
+            };
+            self.store.set_limits(key, slot.limits.clone());
+        }
+        if products.len() >= self.products.len() && counters.len() >= products.len() {
+            self.products = products;
+            self.h.counters = counters;
+        }
+        if !treatments.is_empty() {
+            if let Err(e) = self
+                .store
+                .record_treatments(treatments.iter().map(|(name, t)| (name.as_str(), t)))
+            {
+                warn!(error = %e, "cannot store the reloaded governance treatments yet; the next commit that works does");
+            }
         }
     }
 
@@ -486,12 +532,12 @@ impl Writer {
         let h = &self.h;
         (0..self.products.len()).any(|i| {
             let st = &self.stretches[i];
-            (h.blocked[i].load(Ordering::Relaxed) && self.store.has_room(self.keys[i]))
-                || h.lost[i].load(Ordering::Relaxed) > 0
-                || h.overloaded[i].load(Ordering::Relaxed) > 0
-                || h.violations[i].load(Ordering::Relaxed) > 0
+            (h.counters[i].blocked.load(Ordering::Relaxed) && self.store.has_room(self.keys[i]))
+                || h.counters[i].lost.load(Ordering::Relaxed) > 0
+                || h.counters[i].overloaded.load(Ordering::Relaxed) > 0
+                || h.counters[i].violations.load(Ordering::Relaxed) > 0
                 || ((st.records > 0 || st.seqs.is_some())
-                    && (!h.blocked[i].load(Ordering::Relaxed)
+                    && (!h.counters[i].blocked.load(Ordering::Relaxed)
                         || st.since.is_some_and(|t| t.elapsed() >= STRETCH_REPORT)))
         })
     }
@@ -686,7 +732,7 @@ impl Writer {
         }
         for p in &done.now_blocked {
             if let Some(&i) = self.slot_of.get(p) {
-                if !self.h.blocked[i].swap(true, Ordering::Relaxed) {
+                if !self.h.counters[i].blocked.swap(true, Ordering::Relaxed) {
                     warn!(product = %self.products[i].id, "buffer share full: product blocked until the backlog drains");
                 }
             }
@@ -815,11 +861,11 @@ impl Writer {
             let h = &self.h;
             // A blocked product unblocks once half its share is free; what it did not take
             // meanwhile becomes one gap event.
-            if h.blocked[i].load(Ordering::Relaxed) && self.store.has_room(key) {
-                h.blocked[i].store(false, Ordering::Relaxed);
+            if h.counters[i].blocked.load(Ordering::Relaxed) && self.store.has_room(key) {
+                h.counters[i].blocked.store(false, Ordering::Relaxed);
                 info!(product = %self.products[i].id, "buffer share has room again: product unblocked");
             }
-            let lost = h.lost[i].swap(0, Ordering::Relaxed);
+            let lost = h.counters[i].lost.swap(0, Ordering::Relaxed);
             let st = &mut self.stretches[i];
             if lost > 0 {
                 st.records += lost;
@@ -827,7 +873,7 @@ impl Writer {
             }
             let over = st.since.is_some_and(|t| t.elapsed() >= STRETCH_REPORT);
             let open = st.records > 0 || st.seqs.is_some();
-            if open && (closing || over || !h.blocked[i].load(Ordering::Relaxed)) {
+            if open && (closing || over || !h.counters[i].blocked.load(Ordering::Relaxed)) {
                 match st.seqs {
                     Some(seqs) => batch
                         .refused_seqs
@@ -836,11 +882,11 @@ impl Writer {
                 }
                 *st = Stretch::default();
             }
-            let overloaded = h.overloaded[i].swap(0, Ordering::Relaxed);
+            let overloaded = h.counters[i].overloaded.swap(0, Ordering::Relaxed);
             if overloaded > 0 {
                 batch.refused.push((key, overloaded, GapReason::WriterOverload));
             }
-            let violations = h.violations[i].swap(0, Ordering::Relaxed);
+            let violations = h.counters[i].violations.swap(0, Ordering::Relaxed);
             if violations > 0 {
                 batch.refused.push((key, violations, GapReason::ContractViolation));
             }

@@ -53,7 +53,7 @@ impl Slis {
 
     /// Counts one record that will be published.
     pub fn record(&mut self, product: usize, r: &Governed) {
-        let p = &mut self.products[product];
+        let Some(p) = self.products.get_mut(product) else { return };
         let good = r.fields.iter().filter(|(_, v, q)| v.is_some() && q.is_good()).count() as u64;
         p.window_records += 1;
         p.records_total += 1;
@@ -92,8 +92,21 @@ impl Slis {
 
     /// The figures of the last closed interval (for metrics between emissions).
     pub fn last(&self, product: usize) -> (Option<u64>, f64, u64) {
-        let p = &self.products[product];
-        (p.last_freshness_ms, p.last_completeness, p.records_total)
+        self.products
+            .get(product)
+            .map_or((None, 0.0, 0), |p| (p.last_freshness_ms, p.last_completeness, p.records_total))
+    }
+
+    /// A reload: `kept` pairs each product of the new plan with its place in the old one (same
+    /// product key); the others start afresh.
+    pub fn remap(&mut self, products: usize, kept: &[(usize, usize)]) {
+        let mut next = vec![ProductSli::default(); products];
+        for &(new, old) in kept {
+            if let (Some(n), Some(o)) = (next.get_mut(new), self.products.get(old)) {
+                *n = o.clone();
+            }
+        }
+        self.products = next;
     }
 }
 
@@ -106,14 +119,18 @@ fn met(target: Option<f64>, measured: Option<f64>, higher_is_better: bool) -> Op
 /// Every `sli_interval`, one retained SLI document per product to `retained` (the publisher),
 /// until `shutdown`.
 pub async fn publish_slis(
-    plan: std::sync::Arc<crate::config::Plan>,
+    current: crate::telemetry::Current,
     slis: std::sync::Arc<std::sync::Mutex<Slis>>,
     stats: std::sync::Arc<crate::publish::PublishStats>,
     reader: crate::buffer::Reader,
     retained: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let every = plan.agent.sli_interval;
+    let now_of = || match current.read() {
+        Ok(n) => n.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    let every = now_of().plan.agent.sli_interval;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -122,22 +139,29 @@ pub async fn publish_slis(
             _ = shutdown.changed() => return,
         }
         let now = crate::model::now_millis();
-        let snapshots = match slis.lock() {
-            Ok(mut s) => s.snapshot(now),
+        // A reload swaps the plan while holding this lock: the snapshots and the plan match.
+        let (snapshots, running) = match slis.lock() {
+            Ok(mut s) => (s.snapshot(now), now_of()),
             Err(_) => return,
         };
+        let plan = &running.plan;
         // Drops by product key, so each product takes its own without a scan over all of them.
         let mut drops: std::collections::HashMap<String, Vec<(String, u64)>> = std::collections::HashMap::new();
         for (key, reason, n) in reader.drops().unwrap_or_default() {
             drops.entry(key).or_default().push((reason, n));
         }
         for (i, (p, s)) in plan.products.iter().zip(&snapshots).enumerate() {
-            let latency = stats.take_product_latency(i);
+            let latency = stats.take_product_latency(running.slots.get(i).copied().unwrap_or(usize::MAX));
             let mine = drops.get(&p.key).map_or(&[][..], Vec::as_slice);
             let doc = sli_document(p, &plan.agent.id, every.as_millis() as u64, s, latency, mine, now);
-            let _ = retained.send((format!("{}/_sli", p.topic), doc));
+            let _ = retained.send((sli_topic(p), doc));
         }
     }
+}
+
+/// Where a product's SLI document is retained.
+pub fn sli_topic(p: &ProductPlan) -> String {
+    format!("{}/_sli", p.topic)
 }
 
 /// The `_sli` document: measured figures beside the targets the contract promises.

@@ -740,39 +740,52 @@ pub fn load(paths: &[PathBuf]) -> Result<Plan, Diagnostics> {
 /// [`load`], with `agent.data_dir` overridden (it holds the last published contracts that product
 /// versions are checked against).
 pub fn load_with(paths: &[PathBuf], data_dir: Option<&Path>) -> Result<Plan, Diagnostics> {
+    validate_texts(&read(paths)?, data_dir)
+}
+
+/// The bytes of a configuration, file by file: what a reload validates, and what it falls back to
+/// for a product file that became invalid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Texts {
+    pub gateway: (PathBuf, String),
+    pub governance: Option<(PathBuf, String)>,
+    pub products: Vec<(PathBuf, String)>,
+}
+
+/// Reads the files of a config (see [`FileSet::discover`]).
+pub fn read(paths: &[PathBuf]) -> Result<Texts, Diagnostics> {
     let set = FileSet::discover(paths)?;
-    let mut texts = Vec::new();
     let mut problems = Vec::new();
-    let all: Vec<PathBuf> = set
-        .gateway
-        .iter()
-        .chain(set.governance.iter())
-        .chain(set.products.iter())
-        .cloned()
-        .collect();
-    for path in &all {
-        match std::fs::read_to_string(path) {
-            Ok(text) => texts.push((path.clone(), text)),
-            Err(e) => problems.push(Diagnostic {
+    let mut read = |path: &PathBuf| match std::fs::read_to_string(path) {
+        Ok(text) => Some((path.clone(), text)),
+        Err(e) => {
+            problems.push(Diagnostic {
                 file: path.clone(),
                 line: 0,
                 column: 0,
                 key: String::new(),
                 message: format!("cannot read: {e}"),
                 help: None,
-            }),
+            });
+            None
         }
-    }
-    if !problems.is_empty() {
-        return Err(Diagnostics(problems));
-    }
-    let gateway = texts.remove(0);
-    let governance = if set.governance.is_some() {
-        Some(texts.remove(0))
-    } else {
-        None
     };
-    validate::validate(&gateway, governance.as_ref(), &texts, data_dir)
+    let gateway = set.gateway.as_ref().and_then(&mut read);
+    let governance = set.governance.as_ref().and_then(&mut read);
+    let products: Vec<(PathBuf, String)> = set.products.iter().filter_map(&mut read).collect();
+    match gateway {
+        Some(gateway) if problems.is_empty() => Ok(Texts {
+            gateway,
+            governance,
+            products,
+        }),
+        _ => Err(Diagnostics(problems)),
+    }
+}
+
+/// Validates texts read by [`read`].
+pub fn validate_texts(texts: &Texts, data_dir: Option<&Path>) -> Result<Plan, Diagnostics> {
+    validate::validate(&texts.gateway, texts.governance.as_ref(), &texts.products, data_dir)
 }
 
 /// Loads config from in-memory texts (the embedded demo plant). Paths are only used in messages.

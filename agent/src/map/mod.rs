@@ -160,11 +160,32 @@ impl Mapper {
         }
     }
 
+    /// Takes over the state of products a reload left unchanged: `pairs` of `(index here, index
+    /// in old)`. Their last values, last emitted record and open window go on as if there had been
+    /// no reload.
+    pub fn carry_over(&mut self, old: &mut Mapper, pairs: &[(usize, usize)]) {
+        for &(new, was) in pairs {
+            let (Some(n), Some(o)) = (self.products.get_mut(new), old.products.get_mut(was)) else {
+                continue;
+            };
+            if n.current.len() != o.current.len() || n.acc.len() != o.acc.len() || n.mode != o.mode {
+                continue;
+            }
+            n.current = std::mem::take(&mut o.current);
+            n.last_emitted = o.last_emitted.take();
+            n.latest_ts = o.latest_ts;
+            n.next_due = o.next_due;
+            n.seen_any = o.seen_any;
+            n.acc = std::mem::take(&mut o.acc);
+        }
+    }
+
     /// Applies one poll's readings; pushes the records it produces.
     pub fn on_batch(&mut self, batch: &ReadingBatch, out: &mut Vec<(usize, Record)>) {
         let mut touched: Vec<usize> = Vec::new();
         for r in &batch.readings {
-            let (Some(&from), Some(&to)) = (self.feed_start.get(r.tag), self.feed_start.get(r.tag + 1)) else {
+            let next = r.tag.saturating_add(1);
+            let (Some(&from), Some(&to)) = (self.feed_start.get(r.tag), self.feed_start.get(next)) else {
                 continue;
             };
             for &(pi, fi) in &self.feeds[from as usize..to as usize] {

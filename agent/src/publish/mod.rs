@@ -41,6 +41,8 @@ pub struct Announced {
     /// QoS of its messages.
     pub qos: crate::config::Qos,
     pub descriptor_topic: String,
+    /// Where its SLI document is retained (cleared with the descriptor when the product is removed).
+    pub sli_topic: String,
     /// Builds the descriptor when it is published (on each connect), instead of holding it: with
     /// thousands of fields it is hundreds of KiB per product.
     pub descriptor: std::sync::Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
@@ -91,6 +93,14 @@ impl Products {
         Products { list, keys, by_key }
     }
 
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// The index of the product with this key.
     pub fn index(&self, key: ProductKey) -> Option<usize> {
         self.by_key.get(&key).copied()
@@ -120,8 +130,8 @@ pub struct PublishStats {
     pub resent: AtomicU64,
     /// Read-to-PUBACK latency of acknowledged messages (oldest record), all products.
     latency: Histogram,
-    /// The same per announced product (by index).
-    product_latency: Vec<Histogram>,
+    /// The same per announced product (by slot; a reload appends).
+    product_latency: std::sync::RwLock<Vec<Histogram>>,
 }
 
 impl Default for PublishStats {
@@ -141,14 +151,25 @@ impl PublishStats {
             dead_lettered: AtomicU64::new(0),
             resent: AtomicU64::new(0),
             latency: Histogram::default(),
-            product_latency: (0..products).map(|_| Histogram::default()).collect(),
+            product_latency: std::sync::RwLock::new((0..products).map(|_| Histogram::default()).collect()),
         }
     }
 
     fn record_latency(&self, product: Option<usize>, ms: u64) {
         self.latency.record(ms);
-        if let Some(h) = product.and_then(|i| self.product_latency.get(i)) {
-            h.record(ms);
+        if let (Some(i), Ok(hs)) = (product, self.product_latency.read()) {
+            if let Some(h) = hs.get(i) {
+                h.record(ms);
+            }
+        }
+    }
+
+    /// Room for `products` slots (a reload added products).
+    pub fn grow(&self, products: usize) {
+        if let Ok(mut hs) = self.product_latency.write() {
+            while hs.len() < products {
+                hs.push(Histogram::default());
+            }
         }
     }
 
@@ -176,7 +197,10 @@ impl PublishStats {
     /// p50 and p99 of one announced product since the last call (the SLI interval), and starts the
     /// next interval.
     pub fn take_product_latency(&self, product: usize) -> (Option<u64>, Option<u64>) {
-        match self.product_latency.get(product) {
+        let Ok(hs) = self.product_latency.read() else {
+            return (None, None);
+        };
+        match hs.get(product) {
             Some(h) => {
                 let q = (h.quantile(0.5), h.quantile(0.99));
                 h.reset();
@@ -282,6 +306,28 @@ pub struct Publisher {
     pub retained: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     /// Publish product data as a Sparkplug B edge node instead of JSON envelopes.
     pub sparkplug: Option<SparkplugOut>,
+    /// Reloads: what is announced changes in place ([`Change`]).
+    pub changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    /// Per product slot: removed from the config by a reload (its backlog still drains).
+    pub retired: Vec<bool>,
+    /// Retired slots whose retained descriptor and SLI are still to be cleared once drained.
+    pub clearing: Vec<usize>,
+}
+
+/// A reload's change to what the publisher announces. Slots keep their places: `products` is the
+/// whole table, the current slots first (maybe changed), then new ones.
+pub struct Change {
+    pub products: Vec<Announced>,
+    /// Per slot: its product left the config. Its backlog drains, then its retained descriptor
+    /// and SLI are cleared (an empty retained message on each).
+    pub retired: Vec<bool>,
+    /// Slots whose descriptor is published now (new or changed).
+    pub announce: Vec<usize>,
+    pub egress: Egress,
+    pub online: Vec<u8>,
+    pub offline: Vec<u8>,
+    /// `Some`: the upstream connection changed; reconnect once with these.
+    pub options: Option<LinkOptions>,
 }
 
 /// The Sparkplug B encoding and where its `bdSeq` is kept.
@@ -514,6 +560,11 @@ impl Publisher {
                 let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
                 acked.retain(|_, g| *g + 2 > generation);
                 acked_gaps.retain(|_, g| *g + 2 > generation);
+                if !self.clearing.is_empty() {
+                    if let Err(e) = self.clear_retired(&link, &mut session) {
+                        warn!(error = %e, "cannot check whether removed products have drained; retrying");
+                    }
+                }
                 match self.fill(&link, &mut session, &mut acked, &acked_gaps) {
                     // The buffer could not be read (storage failing, the file being reopened):
                     // live data staged in memory and the rest wait for the next tick.
@@ -677,6 +728,21 @@ impl Publisher {
                         }
                     }
                 },
+                Some(change) = self.changes.recv() => {
+                    dirty = true;
+                    if self.change(change, connected.then_some(&link), &mut session)? {
+                        // The upstream connection changed: one reconnect, everything unacknowledged
+                        // is sent again from the buffer on the new connection.
+                        let unacked = session.inflight.reset();
+                        self.stats.resent.fetch_add(unacked.len() as u64, Ordering::Relaxed);
+                        link.disconnect();
+                        (link, bd_seq) = self.new_link()?;
+                        connected = false;
+                        self.stats.connected.store(0, Ordering::Relaxed);
+                        self.buffer.stats.upstream_connected.store(false, Ordering::SeqCst);
+                        info!(broker = %format!("{}:{}", self.options.upstream.host, self.options.upstream.port), "upstream settings reloaded: reconnecting");
+                    }
+                }
                 Some((topic, payload)) = self.retained.recv() => {
                     if connected && stopping.is_none() && link.publish(&topic, true, payload, vec![]).is_ok() {
                         session.inflight.queued(Sent::Control);
@@ -689,6 +755,84 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// Takes a reload's [`Change`]; true when the upstream connection must be made again.
+    fn change(&mut self, c: Change, link: Option<&Link>, s: &mut Session) -> Result<bool, PublishError> {
+        let before = self.products.len();
+        self.products = Products::new(c.products, &self.reader);
+        for i in 0..self.products.len() {
+            let retired = c.retired.get(i).copied().unwrap_or(false);
+            let was = self.retired.get(i).copied().unwrap_or(false);
+            if retired && !was && !self.clearing.contains(&i) {
+                self.clearing.push(i);
+            }
+            if !retired {
+                self.clearing.retain(|&x| x != i);
+            }
+        }
+        self.retired = c.retired;
+        self.egress = c.egress;
+        self.online = c.online;
+        self.offline = c.offline;
+        // Treatments may have changed: judge buffered messages again.
+        s.verdicts.clear();
+        if let Some(link) = link {
+            link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
+            s.inflight.queued(Sent::Control);
+            for &i in &c.announce {
+                if let Some(p) = self.products.get(i) {
+                    link.publish(&p.descriptor_topic, true, (p.descriptor)(), vec![])?;
+                    s.inflight.queued(Sent::Descriptor(i));
+                }
+            }
+            // New slots get cursors as a connect would give them (their backlog, if the buffer
+            // held one from an earlier run, drains beside their live messages).
+            for i in before..self.products.len() {
+                let p = self.products.keys()[i];
+                if let std::collections::hash_map::Entry::Vacant(e) = s.cursors.entry(p) {
+                    let end = self.reader.last_id(p)?;
+                    e.insert(Cursor {
+                        live_after: end,
+                        backlog_after: None,
+                        backlog_end: end,
+                    });
+                }
+            }
+        }
+        Ok(match c.options {
+            Some(options) => {
+                self.options = options;
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Clears the retained descriptor and SLI of each removed product whose backlog has drained.
+    fn clear_retired(&mut self, link: &Link, s: &mut Session) -> Result<(), PublishError> {
+        let mut i = 0;
+        while i < self.clearing.len() {
+            let slot = self.clearing[i];
+            let (Some(&key), Some(p)) = (self.products.keys().get(slot), self.products.get(slot)) else {
+                self.clearing.swap_remove(i);
+                continue;
+            };
+            let drained = self.reader.last_id(key)?.is_none()
+                && self.buffer.live.after(key, None, 1).0.is_empty()
+                && !s.sent.keys().any(|k| k.0 == key);
+            if !drained {
+                i += 1;
+                continue;
+            }
+            for topic in [&p.descriptor_topic, &p.sli_topic] {
+                link.publish(topic, true, Vec::new(), vec![])?;
+                s.inflight.queued(Sent::Control);
+            }
+            info!(product = %p.id, "removed product drained: its retained descriptor and SLI are cleared");
+            self.clearing.swap_remove(i);
+        }
+        Ok(())
     }
 
     fn new_session(&self) -> Session {
@@ -709,6 +853,9 @@ impl Publisher {
         link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
         s.inflight.queued(Sent::Control);
         for (i, p) in self.products.iter().enumerate() {
+            if self.retired.get(i).copied().unwrap_or(false) {
+                continue; // still retained at the broker until it is cleared
+            }
             link.publish(&p.descriptor_topic, true, (p.descriptor)(), vec![])?;
             s.inflight.queued(Sent::Descriptor(i));
         }

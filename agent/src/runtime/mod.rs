@@ -6,11 +6,15 @@
 //! left and exits. Failing storage does not stop anything: the writer runs degraded (see
 //! [`crate::buffer`]); only a writer that stopped (it panicked) makes the agent exit at once.
 
-use crate::buffer::{self, ProductLimits, ProductSlot, Store};
+mod control;
+pub mod parts;
+
+use crate::buffer::{self, ProductSlot, Store};
 use crate::config::{MqttVersion, Plan, UpstreamPlan};
 use crate::govern::GovernError;
 use crate::produce::{self, Produce};
-use crate::publish::{envelope, link::LinkError, link::LinkOptions, Announced, PublishStats, Publisher};
+pub use parts::{ConfigSource, Parts, Report};
+use crate::publish::{envelope, link::LinkError, link::LinkOptions, PublishStats, Publisher};
 use crate::sources::{DeviceStats, OpcUaIdentityFiles, SourceCtx};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,16 +76,14 @@ pub fn local_upstream(port: u16, client_id: String) -> UpstreamPlan {
     }
 }
 
-/// Starts one task per device, sending every poll's readings to `out` until `shutdown`.
+/// Starts one task per device, sending every poll's readings to `out` until `shutdown` (a plan
+/// that is not reloaded: `plantmesh preview`).
 pub fn spawn_sources(
     plan: &Plan,
     out: mpsc::Sender<crate::model::ReadingBatch>,
     shutdown: &watch::Receiver<bool>,
 ) -> (Vec<tokio::task::JoinHandle<()>>, Vec<Arc<DeviceStats>>) {
-    let opcua = OpcUaIdentityFiles {
-        pki_dir: plan.agent.data_dir.join("pki"),
-        application_uri: application_uri(plan),
-    };
+    let opcua = opcua_identity(plan);
     let mut device_stats = Vec::new();
     let mut sources = Vec::new();
     for (index, d) in plan.devices.iter().enumerate() {
@@ -101,8 +103,23 @@ pub fn spawn_sources(
     (sources, device_stats)
 }
 
-/// Runs the agent. `on_start` is called once everything is running (the demo's view hooks in here). `view`: keep the latest record per product for the status view (a copy per record).
-pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> Result<(), RunError> {
+fn opcua_identity(plan: &Plan) -> OpcUaIdentityFiles {
+    OpcUaIdentityFiles {
+        pki_dir: plan.agent.data_dir.join("pki"),
+        application_uri: application_uri(plan),
+    }
+}
+
+/// Runs the agent. `config`: where the plan came from, so that SIGHUP and `plantmesh reload` can
+/// reload it (`None`: the embedded demo plant, nothing to reload). `on_start` is called once
+/// everything is running (the demo's view hooks in here). `view`: keep the latest record per
+/// product for the status view (a copy per record).
+pub async fn run(
+    mut plan: Plan,
+    config: Option<ConfigSource>,
+    view: bool,
+    on_start: impl FnOnce(Running),
+) -> Result<(), RunError> {
     std::fs::create_dir_all(&plan.agent.data_dir).map_err(|source| RunError::DataDir {
         path: plan.agent.data_dir.clone(),
         source,
@@ -131,6 +148,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
             "the last run stopped without a clean shutdown: these seqs were numbered but neither committed nor seen acknowledged (each delivered or lost); crash gap event recorded");
     }
 
+    let embedded = plan.upstream.is_none();
     let upstream = match &plan.upstream {
         Some(u) => u.clone(),
         None => {
@@ -145,31 +163,14 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
 
     // What governance does to each product's fields now: kept in the buffer, stamped on every
     // message, so that what was buffered under older rules is judged against these before it goes.
-    let governance: Vec<u64> = {
+    {
         let treatments: Vec<crate::govern::Treatment> =
             plan.products.iter().map(crate::govern::Treatment::of).collect();
         if let Err(e) = store.record_treatments(plan.products.iter().map(|p| p.key.as_str()).zip(&treatments)) {
             tracing::warn!(error = %e, "cannot store the governance treatments yet; the next commit that works does");
         }
-        treatments.iter().map(crate::govern::Treatment::fingerprint).collect()
-    };
-    let slots: Vec<ProductSlot> = plan
-        .products
-        .iter()
-        .zip(&governance)
-        .map(|(p, &governance)| ProductSlot {
-            id: p.key.clone(),
-            governance,
-            topic: p.topic.clone(),
-            version: p.version.clone(),
-            max_records: p.max_records_per_message,
-            limits: ProductLimits {
-                max_bytes: p.max_bytes,
-                policy: p.full_policy,
-                gap_topic: envelope::gaps_topic(p),
-            },
-        })
-        .collect();
+    }
+    let slots: Vec<ProductSlot> = plan.products.iter().map(parts::buffer_slot).collect();
     if let Some(damage) = &report.damage {
         let products: Vec<(String, String)> = slots
             .iter()
@@ -238,24 +239,10 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         bd_seq_file: crate::publish::sparkplug::bd_seq_path(&plan.agent.data_dir),
     });
     let products = crate::publish::Products::new(
-        plan.products
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let plan = plan.clone();
-                let treatment_plan = plan.clone();
-                Announced {
-                    id: p.key.clone(),
-                    qos: p.qos,
-                    descriptor_topic: envelope::descriptor_topic(p),
-                    descriptor: Arc::new(move || envelope::descriptor(&plan, &plan.products[i])),
-                    governance: governance[i],
-                    treatment: Arc::new(move || crate::govern::Treatment::of(&treatment_plan.products[i])),
-                }
-            })
-            .collect(),
+        (0..plan.products.len()).map(|i| parts::announced(&plan, i)).collect(),
         &reader,
     );
+    let (change_tx, change_rx) = mpsc::unbounded_channel();
     let publisher = Publisher {
         sparkplug,
         options,
@@ -270,10 +257,10 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
         shutdown: shutdown.clone(),
         retained: retained_rx,
         contracts_dir: Some(crate::config::contract::dir(&plan.agent.data_dir)),
-        egress: crate::publish::Egress {
-            topic_prefixes: plan.governance.allow_topic_prefixes.clone(),
-            products: plan.products.iter().map(|p| p.key.clone()).collect(),
-        },
+        egress: parts::egress(&plan, []),
+        changes: change_rx,
+        retired: vec![false; plan.products.len()],
+        clearing: Vec::new(),
     };
     if upstream.insecure_credentials {
         tracing::warn!(broker = %broker, "the upstream password crosses plain MQTT readable on the network (allow_insecure_credentials = true)");
@@ -282,7 +269,6 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
 
     // Sources -> map.
     let (batch_tx, batch_rx) = mpsc::channel(1024);
-    let (sources, device_stats) = spawn_sources(&plan, batch_tx, &shutdown);
 
     // Governance: the site secret is read now; a product that must pseudonymise cannot run without it.
     let key = match &plan.governance.key_file {
@@ -292,23 +278,37 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     let governor = crate::govern::Governor::new(&plan, key)?;
     let last = Arc::new(std::sync::Mutex::new(vec![None; plan.products.len()]));
     let slis = Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len())));
-    let produced: Arc<Vec<std::sync::atomic::AtomicU64>> =
-        Arc::new(plan.products.iter().map(|_| Default::default()).collect());
+    let (produce_tx, produce_rx) = mpsc::unbounded_channel();
+    let parts = Parts::start(
+        plan.clone(),
+        config,
+        embedded,
+        parts::Wiring {
+            buffer: handle.clone(),
+            produce: produce_tx,
+            publisher: change_tx,
+            batches: batch_tx,
+            opcua: opcua_identity(&plan),
+            epoch,
+            publish_stats: publish_stats.clone(),
+        },
+    );
+    let current = parts.current.clone();
     let produce = Produce::new(
         plan.clone(),
         governor,
         produce::Outputs {
             buffer: handle.clone(),
             slis: slis.clone(),
-            produced: produced.clone(),
+            produced: current.read().map(|n| n.produced.clone()).unwrap_or_default(),
             last: view.then(|| last.clone()),
         },
     );
-    let map_task = tokio::spawn(produce.run(batch_rx));
+    let map_task = tokio::spawn(produce.run(batch_rx, produce_rx));
 
     // SLIs: one retained document per product per interval.
     tokio::spawn(crate::catalog::publish_slis(
-        plan.clone(),
+        current.clone(),
         slis.clone(),
         publish_stats.clone(),
         sli_reader,
@@ -317,11 +317,10 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     ));
     let writer_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let running = Running {
-        plan: plan.clone(),
+        current,
         buffer: handle.stats.clone(),
-        produced,
         publish: publish_stats,
-        devices: device_stats,
+        reloads: parts.reloads.clone(),
         epoch,
         broker,
         last,
@@ -337,13 +336,29 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     on_start(running);
     drop(handle);
 
+    let mut parts = parts;
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signal)?;
-    let fatal = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
-        _ = sigterm.recv() => None,
-        r = &mut writer_done => Some(r),
+    let mut sighup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(RunError::Signal)?;
+    let mut control = control::listen(&plan.agent.data_dir);
+    let fatal = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break None,
+            _ = sigterm.recv() => break None,
+            r = &mut writer_done => break Some(r),
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                let report = parts.reload().await;
+                info!("{}", report.text().trim_end());
+            }
+            Some(request) = control.recv() => {
+                let report = parts.reload().await;
+                let _ = request.send(report);
+            }
+        }
     };
+    drop(control);
     if let Some(result) = fatal {
         writer_alive.store(false, std::sync::atomic::Ordering::Relaxed);
         // The writer is gone: nothing more can be accepted. Exit without a graceful drain.
@@ -353,9 +368,7 @@ pub async fn run(mut plan: Plan, view: bool, on_start: impl FnOnce(Running)) -> 
     }
     info!("stopping: draining sources, buffer and in-flight messages");
     let _ = shutdown_tx.send(true);
-    for s in sources {
-        let _ = s.await;
-    }
+    parts.stop().await;
     let _ = map_task.await;
     match publisher.await {
         Ok(Err(e)) => error!(error = %e, "publisher failed"),
