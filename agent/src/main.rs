@@ -289,12 +289,18 @@ fn reload(config: &[PathBuf], data_dir: Option<PathBuf>) -> ExitCode {
     let mut stream = match std::os::unix::net::UnixStream::connect(&socket) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("plantmesh reload: cannot reach the agent at {}: {e} (is it running, and are you its user?)", socket.display());
+            eprintln!(
+                "plantmesh reload: cannot reach the agent at {}: {e} (is it running, and are you its user?)",
+                socket.display()
+            );
             return ExitCode::from(2);
         }
     };
     let mut answer = String::new();
-    if let Err(e) = stream.write_all(b"reload\n").and_then(|()| stream.read_to_string(&mut answer)) {
+    if let Err(e) = stream
+        .write_all(b"reload\n")
+        .and_then(|()| stream.read_to_string(&mut answer))
+    {
         eprintln!("plantmesh reload: {e}");
         return ExitCode::from(2);
     }
@@ -310,9 +316,17 @@ fn reload(config: &[PathBuf], data_dir: Option<PathBuf>) -> ExitCode {
 /// `agent.data_dir` of the gateway file among `paths`, read leniently: a reload must find the
 /// agent even when the file it is asked to load is broken.
 fn data_dir_of(paths: &[PathBuf]) -> Option<PathBuf> {
-    let files = paths.iter().flat_map(|p| if p.is_dir() { vec![p.join("agent.toml")] } else { vec![p.clone()] });
+    let files = paths.iter().flat_map(|p| {
+        if p.is_dir() {
+            vec![p.join("agent.toml")]
+        } else {
+            vec![p.clone()]
+        }
+    });
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
         let Ok(value) = text.parse::<toml::Table>() else {
             // A broken file: look for the key by line.
             if let Some(dir) = text.lines().find_map(|l| {
@@ -323,7 +337,11 @@ fn data_dir_of(paths: &[PathBuf]) -> Option<PathBuf> {
             }
             continue;
         };
-        if let Some(dir) = value.get("agent").and_then(|a| a.get("data_dir")).and_then(|d| d.as_str()) {
+        if let Some(dir) = value
+            .get("agent")
+            .and_then(|a| a.get("data_dir"))
+            .and_then(|d| d.as_str())
+        {
             return Some(PathBuf::from(dir));
         }
     }

@@ -86,7 +86,10 @@ impl Remap {
 
     /// Drops every reading (a removed or restarted device's last batches).
     pub fn none() -> Remap {
-        Remap { base: 0, to: Vec::new() }
+        Remap {
+            base: 0,
+            to: Vec::new(),
+        }
     }
 
     fn apply(&self, b: &mut ReadingBatch) {

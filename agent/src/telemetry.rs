@@ -428,8 +428,14 @@ fn metrics(r: &Running) -> String {
         "Reloads of the configuration, by outcome (refused: anything of it was not applied).",
         "counter",
         [
-            ("outcome=\"accepted\"".to_string(), r.reloads.accepted.load(Relaxed).to_string()),
-            ("outcome=\"refused\"".to_string(), r.reloads.refused.load(Relaxed).to_string()),
+            (
+                "outcome=\"accepted\"".to_string(),
+                r.reloads.accepted.load(Relaxed).to_string(),
+            ),
+            (
+                "outcome=\"refused\"".to_string(),
+                r.reloads.refused.load(Relaxed).to_string(),
+            ),
         ]
         .into_iter(),
     );
@@ -438,9 +444,12 @@ fn metrics(r: &Running) -> String {
         "plantmesh_config_refused_files",
         "Product files the last reload refused: their products run on their previous version.",
         "gauge",
-        now.refused
-            .iter()
-            .map(|(file, _)| (format!("file=\"{}\"", file.replace('\\', "\\\\").replace('"', "\\\"")), "1".to_string())),
+        now.refused.iter().map(|(file, _)| {
+            (
+                format!("file=\"{}\"", file.replace('\\', "\\\\").replace('"', "\\\"")),
+                "1".to_string(),
+            )
+        }),
     );
     s
 }

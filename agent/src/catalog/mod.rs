@@ -53,7 +53,9 @@ impl Slis {
 
     /// Counts one record that will be published.
     pub fn record(&mut self, product: usize, r: &Governed) {
-        let Some(p) = self.products.get_mut(product) else { return };
+        let Some(p) = self.products.get_mut(product) else {
+            return;
+        };
         let good = r.fields.iter().filter(|(_, v, q)| v.is_some() && q.is_good()).count() as u64;
         p.window_records += 1;
         p.records_total += 1;
@@ -92,9 +94,9 @@ impl Slis {
 
     /// The figures of the last closed interval (for metrics between emissions).
     pub fn last(&self, product: usize) -> (Option<u64>, f64, u64) {
-        self.products
-            .get(product)
-            .map_or((None, 0.0, 0), |p| (p.last_freshness_ms, p.last_completeness, p.records_total))
+        self.products.get(product).map_or((None, 0.0, 0), |p| {
+            (p.last_freshness_ms, p.last_completeness, p.records_total)
+        })
     }
 
     /// A reload: `kept` pairs each product of the new plan with its place in the old one (same

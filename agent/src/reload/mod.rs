@@ -33,13 +33,7 @@ pub fn load_isolated(paths: &[PathBuf], data_dir: Option<&Path>, previous: &Text
     // Each round refuses at least one more file, so this ends.
     loop {
         let problems = match config::validate_texts(&texts, data_dir) {
-            Ok(plan) => {
-                return Ok(Loaded {
-                    plan,
-                    texts,
-                    refused,
-                })
-            }
+            Ok(plan) => return Ok(Loaded { plan, texts, refused }),
             Err(d) => d,
         };
         let mut by_file: HashMap<PathBuf, Vec<Diagnostic>> = HashMap::new();
@@ -137,7 +131,10 @@ fn upstream_parts(plan: &Plan) -> (String, String) {
     match &plan.upstream {
         None => (String::new(), "embedded broker".into()),
         Some(u) => {
-            let restart = format!("{}|{}|{:?}", u.max_records_per_message, u.max_message_bytes, u.sparkplug);
+            let restart = format!(
+                "{}|{}|{:?}",
+                u.max_records_per_message, u.max_message_bytes, u.sparkplug
+            );
             let mut connection = u.clone();
             connection.max_records_per_message = 0;
             connection.max_message_bytes = 0;
@@ -160,8 +157,7 @@ pub fn diff(old: &Plan, new: &Plan, gateway: &(PathBuf, String)) -> Result<Chang
             key: table.to_string(),
             message: format!("{what} changed: this takes a restart, a reload cannot change it in place"),
             help: Some(
-                "restart the agent (systemctl restart plantmesh), or put the old value back to reload the rest"
-                    .into(),
+                "restart the agent (systemctl restart plantmesh), or put the old value back to reload the rest".into(),
             ),
         });
     };
@@ -195,7 +191,12 @@ pub fn diff(old: &Plan, new: &Plan, gateway: &(PathBuf, String)) -> Result<Chang
         upstream: old_up != new_up,
         ..Changes::default()
     };
-    let old_devices: HashMap<&str, usize> = old.devices.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
+    let old_devices: HashMap<&str, usize> = old
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.id.as_str(), i))
+        .collect();
     for (j, d) in new.devices.iter().enumerate() {
         match old_devices.get(d.id.as_str()) {
             Some(&i) if device_fingerprint(old, i) == device_fingerprint(new, j) => c.devices_kept.push((i, j)),
@@ -203,12 +204,22 @@ pub fn diff(old: &Plan, new: &Plan, gateway: &(PathBuf, String)) -> Result<Chang
             None => c.devices_added.push(j),
         }
     }
-    let new_devices: HashMap<&str, usize> = new.devices.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
+    let new_devices: HashMap<&str, usize> = new
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.id.as_str(), i))
+        .collect();
     c.devices_removed = (0..old.devices.len())
         .filter(|&i| !new_devices.contains_key(old.devices[i].id.as_str()))
         .collect();
 
-    let old_products: HashMap<&str, usize> = old.products.iter().enumerate().map(|(i, p)| (p.key.as_str(), i)).collect();
+    let old_products: HashMap<&str, usize> = old
+        .products
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.key.as_str(), i))
+        .collect();
     for (j, p) in new.products.iter().enumerate() {
         match old_products.get(p.key.as_str()) {
             Some(&i) => {
@@ -225,7 +236,12 @@ pub fn diff(old: &Plan, new: &Plan, gateway: &(PathBuf, String)) -> Result<Chang
             None => c.products_added.push(j),
         }
     }
-    let new_products: HashMap<&str, usize> = new.products.iter().enumerate().map(|(i, p)| (p.key.as_str(), i)).collect();
+    let new_products: HashMap<&str, usize> = new
+        .products
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.key.as_str(), i))
+        .collect();
     c.products_removed = (0..old.products.len())
         .filter(|&i| !new_products.contains_key(old.products[i].key.as_str()))
         .collect();

@@ -88,7 +88,10 @@ impl Dir {
 fn a_broken_product_file_keeps_its_previous_text_and_the_others_change() {
     let d = Dir::new(
         GATEWAY,
-        &[("a.toml", &product("a", "1.0.0", "1")), ("b.toml", &product("b", "1.0.0", "1"))],
+        &[
+            ("a.toml", &product("a", "1.0.0", "1")),
+            ("b.toml", &product("b", "1.0.0", "1")),
+        ],
     );
     let (_, before) = d.load();
     d.write("products/a.toml", "id = \"a\"\nversion = \n");
@@ -98,8 +101,12 @@ fn a_broken_product_file_keeps_its_previous_text_and_the_others_change() {
     let (file, problems) = &loaded.refused[0];
     assert!(file.ends_with("products/a.toml"));
     assert!(problems.0[0].line > 0, "the problem is located: {problems}");
-    let versions: Vec<(&str, &str)> =
-        loaded.plan.products.iter().map(|p| (p.id.as_str(), p.version.as_str())).collect();
+    let versions: Vec<(&str, &str)> = loaded
+        .plan
+        .products
+        .iter()
+        .map(|p| (p.id.as_str(), p.version.as_str()))
+        .collect();
     assert_eq!(versions, vec![("a", "1.0.0"), ("b", "1.1.0")]);
 }
 
@@ -107,7 +114,10 @@ fn a_broken_product_file_keeps_its_previous_text_and_the_others_change() {
 fn a_new_broken_product_file_is_left_out() {
     let d = Dir::new(GATEWAY, &[("a.toml", &product("a", "1.0.0", "1"))]);
     let (_, before) = d.load();
-    d.write("products/c.toml", &product("c", "1.0.0", "1").replace("plc-1.count", "plc-1.nope"));
+    d.write(
+        "products/c.toml",
+        &product("c", "1.0.0", "1").replace("plc-1.count", "plc-1.nope"),
+    );
     let loaded = load_isolated(&d.paths(), Some(&d.data()), &before).unwrap();
     assert_eq!(loaded.refused.len(), 1);
     assert_eq!(loaded.plan.products.len(), 1);
@@ -117,7 +127,10 @@ fn a_new_broken_product_file_is_left_out() {
 fn a_broken_gateway_file_changes_nothing_even_beside_a_valid_product_change() {
     let d = Dir::new(GATEWAY, &[("a.toml", &product("a", "1.0.0", "1"))]);
     let (_, before) = d.load();
-    d.write("agent.toml", &GATEWAY.replace("poll_interval = \"500ms\"", "poll_interval = \"soon\""));
+    d.write(
+        "agent.toml",
+        &GATEWAY.replace("poll_interval = \"500ms\"", "poll_interval = \"soon\""),
+    );
     d.write("products/a.toml", &product("a", "1.1.0", "1"));
     let e = load_isolated(&d.paths(), Some(&d.data()), &before).unwrap_err();
     assert!(e.0.iter().any(|p| p.file.ends_with("agent.toml") && p.line > 0), "{e}");
@@ -129,8 +142,12 @@ fn a_unit_changed_under_the_same_major_is_refused_with_the_contract_message() {
     let (plan, before) = d.load();
     // What the broker acknowledged binds later configs.
     let dir = config::contract::dir(&d.data());
-    config::contract::save(&dir, &plan.products[0].key, &crate::publish::envelope::descriptor(&plan, &plan.products[0]))
-        .unwrap();
+    config::contract::save(
+        &dir,
+        &plan.products[0].key,
+        &crate::publish::envelope::descriptor(&plan, &plan.products[0]),
+    )
+    .unwrap();
     d.write("products/a.toml", &product("a", "1.1.0", "Cel"));
     let loaded = load_isolated(&d.paths(), Some(&d.data()), &before).unwrap();
     assert_eq!(loaded.refused.len(), 1);
@@ -143,7 +160,10 @@ fn a_unit_changed_under_the_same_major_is_refused_with_the_contract_message() {
 fn diff_names_what_restarts() {
     let d = Dir::new(
         GATEWAY,
-        &[("a.toml", &product("a", "1.0.0", "1")), ("b.toml", &product("b", "1.0.0", "1"))],
+        &[
+            ("a.toml", &product("a", "1.0.0", "1")),
+            ("b.toml", &product("b", "1.0.0", "1")),
+        ],
     );
     let (old, _) = d.load();
     // A device added before the existing one moves its tags in the table; the existing one is kept.
@@ -179,14 +199,20 @@ fn a_changed_register_restarts_its_device_only() {
     let c = diff(&old, &new, &texts.gateway).unwrap();
     assert_eq!(c.devices_changed, vec![(0, 0)]);
     // The product's lineage names the register: its descriptor changes.
-    assert!(c.products_changed.is_empty(), "`a` reads `count`, whose register did not move");
+    assert!(
+        c.products_changed.is_empty(),
+        "`a` reads `count`, whose register did not move"
+    );
 }
 
 #[test]
 fn restart_only_keys_refuse_the_gateway_file_at_their_line() {
     let d = Dir::new(GATEWAY, &[("a.toml", &product("a", "1.0.0", "1"))]);
     let (old, _) = d.load();
-    d.write("agent.toml", &GATEWAY.replace("max_bytes = \"64MiB\"", "max_bytes = \"32MiB\""));
+    d.write(
+        "agent.toml",
+        &GATEWAY.replace("max_bytes = \"64MiB\"", "max_bytes = \"32MiB\""),
+    );
     let (new, texts) = d.load();
     let e = diff(&old, &new, &texts.gateway).unwrap_err();
     assert_eq!(e.0.len(), 1, "{e}");

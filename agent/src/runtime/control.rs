@@ -38,7 +38,9 @@ pub fn listen(data_dir: &Path) -> mpsc::Receiver<oneshot::Sender<Report>> {
     };
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();

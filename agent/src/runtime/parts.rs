@@ -169,7 +169,12 @@ impl Parts {
     /// Starts one source task per device of `plan`; the slots are the plan's products in order.
     pub fn start(plan: Arc<Plan>, config: Option<ConfigSource>, embedded: bool, w: Wiring) -> Parts {
         let mut parts = Parts {
-            slot_of: plan.products.iter().enumerate().map(|(i, p)| (p.key.clone(), i)).collect(),
+            slot_of: plan
+                .products
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.key.clone(), i))
+                .collect(),
             buffer_slots: plan.products.iter().map(buffer_slot).collect(),
             announced: (0..plan.products.len()).map(|i| announced(&plan, i)).collect(),
             retired: vec![false; plan.products.len()],
@@ -266,7 +271,10 @@ impl Parts {
             ..Report::default()
         };
         let Some(source) = self.config.clone() else {
-            report.errors.push("this agent runs the embedded demo plant: there are no config files to reload (run it with --config)".into());
+            report.errors.push(
+                "this agent runs the embedded demo plant: there are no config files to reload (run it with --config)"
+                    .into(),
+            );
             return report;
         };
         let loading = source.clone();
@@ -318,9 +326,9 @@ impl Parts {
         let mut refused = Vec::new();
         for (file, d) in &loaded.refused {
             let shown = file.display().to_string();
-            report.errors.push(format!(
-                "{shown} refused; its products run on as they were\n{d}"
-            ));
+            report
+                .errors
+                .push(format!("{shown} refused; its products run on as they were\n{d}"));
             refused.push((shown, d.0.first().map(|x| x.to_string()).unwrap_or_default()));
         }
         self.config = Some(ConfigSource {
@@ -476,7 +484,11 @@ impl Parts {
                 o.burst = 2 * plan.products.len();
                 o
             })
-            .map_err(|e| report.errors.push(format!("upstream: {e} (the connection stays as it was)")))
+            .map_err(|e| {
+                report
+                    .errors
+                    .push(format!("upstream: {e} (the connection stays as it was)"))
+            })
             .ok()
         });
         let _ = self.publisher.send(Change {
@@ -495,7 +507,9 @@ impl Parts {
             report.applied.push(format!("device {}: added", device(&plan, j)));
         }
         for &(_, j) in &c.devices_changed {
-            report.applied.push(format!("device {}: changed, restarted", device(&plan, j)));
+            report
+                .applied
+                .push(format!("device {}: changed, restarted", device(&plan, j)));
         }
         for &i in &c.devices_removed {
             report.applied.push(format!("device {}: removed", device(&old, i)));
@@ -504,7 +518,9 @@ impl Parts {
             report.applied.push(format!("product {}: added", product(&plan, j)));
         }
         for &j in &c.products_changed {
-            report.applied.push(format!("product {}: changed, descriptor published", product(&plan, j)));
+            report
+                .applied
+                .push(format!("product {}: changed, descriptor published", product(&plan, j)));
         }
         for &i in &c.products_removed {
             report.applied.push(format!(
