@@ -391,10 +391,15 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                 let texts = config::read(&config).map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
                 let plan = config::validate_texts(&texts, data_dir.as_deref())
                     .map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
+                // What a reload puts a refused product file back to: kept on disk, not in memory.
+                let mut applied = plantmesh::reload::Applied::new(&plan.agent.data_dir);
+                applied.keep(&texts);
+                drop(texts);
                 let source = plantmesh::runtime::ConfigSource {
                     paths: config,
                     data_dir,
-                    texts,
+                    applied,
+                    trim: allocator::trim,
                 };
                 // Parsing a large config leaves freed memory behind; hand it back before running.
                 allocator::trim();

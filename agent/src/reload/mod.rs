@@ -23,11 +23,76 @@ pub struct Loaded {
     pub refused: Vec<(PathBuf, Diagnostics)>,
 }
 
+/// The product file texts the running plan was validated from: what a refused file is put back
+/// to. Kept on disk in `<data_dir>/applied/`, not in memory (at 10,000 tags they are most of a
+/// megabyte), and each checked against the hash of the text running before it is used.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    dir: PathBuf,
+    /// Each product file running, and the FNV-1a hash of its text.
+    running: HashMap<PathBuf, u64>,
+}
+
+impl Applied {
+    pub fn new(data_dir: &Path) -> Applied {
+        Applied {
+            dir: data_dir.join("applied"),
+            running: HashMap::new(),
+        }
+    }
+
+    fn copy(&self, path: &Path) -> PathBuf {
+        let name = config::fnv1a64(&[path.as_os_str().as_encoded_bytes()]);
+        self.dir.join(format!("{name:016x}.toml"))
+    }
+
+    /// `texts` run from now on. A copy that cannot be written is logged; should that file be
+    /// refused later, the whole reload is (its previous text is not at hand).
+    pub fn keep(&mut self, texts: &Texts) {
+        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot keep the applied product files: a reload that refuses one of them refuses everything");
+        }
+        let mut wanted = std::collections::HashSet::new();
+        self.running.clear();
+        for (path, text) in &texts.products {
+            let copy = self.copy(path);
+            let hash = config::fnv1a64(&[text.as_bytes()]);
+            self.running.insert(path.clone(), hash);
+            wanted.insert(copy.clone());
+            let same = std::fs::read(&copy).is_ok_and(|b| config::fnv1a64(&[&b]) == hash);
+            if !same {
+                if let Err(e) = crate::fsutil::write_atomic(&copy, text.as_bytes()) {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot keep the applied text of this product file: a reload that refuses it refuses everything");
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if !wanted.contains(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// Whether `path` is a product file of the running plan.
+    pub fn runs(&self, path: &Path) -> bool {
+        self.running.contains_key(path)
+    }
+
+    /// The running text of `path`, if its copy is there and intact.
+    pub fn text(&self, path: &Path) -> Option<String> {
+        let hash = *self.running.get(path)?;
+        let text = std::fs::read_to_string(self.copy(path)).ok()?;
+        (config::fnv1a64(&[text.as_bytes()]) == hash).then_some(text)
+    }
+}
+
 /// Reads and validates the configuration at `paths`, isolating product files: each whose new text
 /// does not validate runs on its text in `previous`. `Err`: nothing may change (the gateway or
 /// governance file is wrong, a file cannot be read, or refusing product files does not make the
 /// rest valid); every problem is in it.
-pub fn load_isolated(paths: &[PathBuf], data_dir: Option<&Path>, previous: &Texts) -> Result<Loaded, Diagnostics> {
+pub fn load_isolated(paths: &[PathBuf], data_dir: Option<&Path>, previous: &Applied) -> Result<Loaded, Diagnostics> {
     let mut texts = config::read(paths)?;
     let mut refused: Vec<(PathBuf, Diagnostics)> = Vec::new();
     // Each round refuses at least one more file, so this ends.
@@ -54,13 +119,24 @@ pub fn load_isolated(paths: &[PathBuf], data_dir: Option<&Path>, previous: &Text
         let mut files: Vec<(PathBuf, Vec<Diagnostic>)> = by_file.into_iter().collect();
         files.sort_by(|a, b| a.0.cmp(&b.0));
         for (file, diagnostics) in files {
-            match previous.products.iter().find(|(p, _)| *p == file) {
-                Some((_, old)) => {
-                    if let Some(t) = texts.products.iter_mut().find(|(p, _)| *p == file) {
-                        t.1 = old.clone();
-                    }
+            if previous.runs(&file) {
+                let Some(old) = previous.text(&file) else {
+                    let mut all = diagnostics;
+                    all.push(Diagnostic {
+                        file: file.clone(),
+                        line: 0,
+                        column: 0,
+                        key: String::new(),
+                        message: "cannot put this file back to the version running (its copy in <data_dir>/applied/ is missing or stale): nothing changes".into(),
+                        help: Some("fix the file, or restart the agent".into()),
+                    });
+                    return Err(Diagnostics(all));
+                };
+                if let Some(t) = texts.products.iter_mut().find(|(p, _)| *p == file) {
+                    t.1 = old;
                 }
-                None => texts.products.retain(|(p, _)| *p != file),
+            } else {
+                texts.products.retain(|(p, _)| *p != file);
             }
             refused.push((file, Diagnostics(diagnostics)));
         }

@@ -82,6 +82,13 @@ impl Dir {
         let plan = config::validate_texts(&texts, Some(&self.data())).unwrap();
         (plan, texts)
     }
+
+    /// What runs now, as a reload finds it.
+    fn applied(&self) -> Applied {
+        let mut a = Applied::new(&self.data());
+        a.keep(&self.load().1);
+        a
+    }
 }
 
 #[test]
@@ -93,7 +100,7 @@ fn a_broken_product_file_keeps_its_previous_text_and_the_others_change() {
             ("b.toml", &product("b", "1.0.0", "1")),
         ],
     );
-    let (_, before) = d.load();
+    let before = d.applied();
     d.write("products/a.toml", "id = \"a\"\nversion = \n");
     d.write("products/b.toml", &product("b", "1.1.0", "1"));
     let loaded = load_isolated(&d.paths(), Some(&d.data()), &before).unwrap();
@@ -113,7 +120,7 @@ fn a_broken_product_file_keeps_its_previous_text_and_the_others_change() {
 #[test]
 fn a_new_broken_product_file_is_left_out() {
     let d = Dir::new(GATEWAY, &[("a.toml", &product("a", "1.0.0", "1"))]);
-    let (_, before) = d.load();
+    let before = d.applied();
     d.write(
         "products/c.toml",
         &product("c", "1.0.0", "1").replace("plc-1.count", "plc-1.nope"),
@@ -126,7 +133,7 @@ fn a_new_broken_product_file_is_left_out() {
 #[test]
 fn a_broken_gateway_file_changes_nothing_even_beside_a_valid_product_change() {
     let d = Dir::new(GATEWAY, &[("a.toml", &product("a", "1.0.0", "1"))]);
-    let (_, before) = d.load();
+    let before = d.applied();
     d.write(
         "agent.toml",
         &GATEWAY.replace("poll_interval = \"500ms\"", "poll_interval = \"soon\""),
@@ -139,7 +146,8 @@ fn a_broken_gateway_file_changes_nothing_even_beside_a_valid_product_change() {
 #[test]
 fn a_unit_changed_under_the_same_major_is_refused_with_the_contract_message() {
     let d = Dir::new(GATEWAY, &[("a.toml", &product("a", "1.0.0", "1"))]);
-    let (plan, before) = d.load();
+    let (plan, _) = d.load();
+    let before = d.applied();
     // What the broker acknowledged binds later configs.
     let dir = config::contract::dir(&d.data());
     config::contract::save(
@@ -223,4 +231,21 @@ fn restart_only_keys_refuse_the_gateway_file_at_their_line() {
     let (new, texts) = d.load();
     let e = diff(&old, &new, &texts.gateway).unwrap_err();
     assert_eq!((e.0[0].line, e.0[0].key.as_str()), (3, "agent.id"), "{e}");
+}
+
+#[test]
+fn a_refused_file_whose_running_copy_is_gone_refuses_everything() {
+    let d = Dir::new(
+        GATEWAY,
+        &[("a.toml", &product("a", "1.0.0", "1")), ("b.toml", &product("b", "1.0.0", "1"))],
+    );
+    let before = d.applied();
+    // The copy of a running file altered behind the agent's back: it is not put back to that.
+    for e in std::fs::read_dir(d.data().join("applied")).unwrap() {
+        std::fs::write(e.unwrap().path(), product("a", "9.0.0", "1")).unwrap();
+    }
+    d.write("products/a.toml", "id = ");
+    d.write("products/b.toml", &product("b", "1.1.0", "1"));
+    let e = load_isolated(&d.paths(), Some(&d.data()), &before).unwrap_err();
+    assert!(e.to_string().contains("cannot put this file back"), "{e}");
 }

@@ -120,6 +120,9 @@ pub async fn run(
     view: bool,
     on_start: impl FnOnce(Running),
 ) -> Result<(), RunError> {
+    // First: SIGHUP's default action ends the process, and a reload may come at any time.
+    let mut sighup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(RunError::Signal)?;
     std::fs::create_dir_all(&plan.agent.data_dir).map_err(|source| RunError::DataDir {
         path: plan.agent.data_dir.clone(),
         source,
@@ -339,8 +342,6 @@ pub async fn run(
     let mut parts = parts;
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut sighup =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(RunError::Signal)?;
     let mut control = control::listen(&plan.agent.data_dir);
     let fatal = loop {
         tokio::select! {

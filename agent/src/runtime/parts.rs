@@ -13,7 +13,7 @@
 //! the switch), then tell the publisher (new descriptors, cleared ones, status).
 
 use crate::buffer::{BufferHandle, ProductLimits, ProductSlot};
-use crate::config::{Plan, ProductPlan, Texts};
+use crate::config::{Plan, ProductPlan};
 use crate::produce::{Reconfigure, Remap};
 use crate::publish::{envelope, Announced, Change, Egress, PublishStats};
 use crate::sources::{DeviceStats, OpcUaIdentityFiles, SourceCtx};
@@ -33,8 +33,10 @@ pub struct ConfigSource {
     pub paths: Vec<PathBuf>,
     /// The `--data-dir` override.
     pub data_dir: Option<PathBuf>,
-    /// The texts the running plan was validated from.
-    pub texts: Texts,
+    /// The product files running (their texts are on disk, see [`crate::reload::Applied`]).
+    pub applied: crate::reload::Applied,
+    /// Hands freed memory back to the system (a reload frees a whole plan's worth).
+    pub trim: fn(),
 }
 
 /// What a reload did: printed by `plantmesh reload`, logged, and kept in the audit trail.
@@ -279,7 +281,7 @@ impl Parts {
         };
         let loading = source.clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            crate::reload::load_isolated(&loading.paths, loading.data_dir.as_deref(), &loading.texts)
+            crate::reload::load_isolated(&loading.paths, loading.data_dir.as_deref(), &loading.applied)
         })
         .await;
         let loaded = match loaded {
@@ -304,6 +306,16 @@ impl Parts {
                 return report;
             }
         };
+        let same_devices = changes.devices_kept.len() == self.plan.devices.len()
+            && changes.devices_kept.iter().all(|&(i, j)| i == j)
+            && plan.devices.len() == self.plan.devices.len()
+            && plan.tags.len() == self.plan.tags.len()
+            && plan.devices.iter().zip(&self.plan.devices).all(|(a, b)| a.tags == b.tags);
+        if same_devices {
+            // The same table (every device and tag as it was, in place): share the one the
+            // device tasks hold instead of keeping two.
+            plan.tags = self.plan.tags.clone();
+        }
         let key = match &plan.governance.key_file {
             Some(path) => match crate::govern::read_key(path) {
                 Ok(k) => Some(k),
@@ -331,8 +343,18 @@ impl Parts {
                 .push(format!("{shown} refused; its products run on as they were\n{d}"));
             refused.push((shown, d.0.first().map(|x| x.to_string()).unwrap_or_default()));
         }
+        let trim = source.trim;
+        let mut applied = source.applied.clone();
+        let texts = loaded.texts;
+        let kept = tokio::task::spawn_blocking(move || {
+            applied.keep(&texts);
+            drop(texts);
+            trim();
+            applied
+        })
+        .await;
         self.config = Some(ConfigSource {
-            texts: loaded.texts,
+            applied: kept.unwrap_or(source.applied.clone()),
             ..source
         });
         report.config_hash = plan.config_hash.clone();
@@ -340,6 +362,14 @@ impl Parts {
             return report;
         }
         self.apply(plan, governor, &changes, refused, &mut report).await;
+        // As after the start: the old plan goes now, the descriptors' buffers once published.
+        (source.trim)();
+        tokio::spawn(async move {
+            for wait in [5, 30] {
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                trim();
+            }
+        });
         report
     }
 
