@@ -389,3 +389,64 @@ fn without_a_governance_file_the_agent_runs_only_on_named_builtin_defaults() {
         agent.stop();
     }
 }
+
+/// The same through a reload, without a restart: records buffered while the upstream is
+/// unreachable, then one reload tightens `personal` to `never` and points the upstream at a broker
+/// that runs. Nothing of the old treatment leaves; `governance_changed` gap events stand for it.
+#[test]
+fn a_reload_that_tightens_governance_regoverns_what_is_buffered() {
+    let modbus = modbus();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    write_config(&cfg, &gateway(free_port(), modbus.port), &[("press", PRODUCT)]);
+    std::fs::write(cfg.join("governance.toml"), GOVERNANCE).unwrap();
+    write_key(&cfg);
+    let data = dir.path().join("data");
+    let mut agent = Agent::start(&cfg, &data);
+    wait_for("a backlog", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(300));
+        agent.log().contains("upstream connect failed")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/#", "gov-reload-sub");
+    let stricter = GOVERNANCE.replace(
+        "[classes.personal]\naction = \"pseudonymise\"",
+        "[classes.personal]\naction = \"never\"",
+    );
+    std::fs::write(cfg.join("governance.toml"), stricter).unwrap();
+    std::fs::write(cfg.join("agent.toml"), gateway(broker.port, modbus.port)).unwrap();
+    let out = std::process::Command::new(plantmesh_bin())
+        .args(["reload", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("product press v1.0.0: changed") && text.contains("upstream: changed"),
+        "{text}"
+    );
+    let gaps = |sub: &Subscriber| {
+        sub.messages()
+            .into_iter()
+            .filter(|(t, g)| t.ends_with("/_gaps") && g["reason"] == "governance_changed")
+            .count()
+    };
+    wait_for("governance_changed gap events", Duration::from_secs(30), || {
+        gaps(&sub) > 0
+    });
+    wait_for("live messages", Duration::from_secs(30), || {
+        sub.product_messages().len() >= 3
+    });
+    agent.stop();
+    for m in sub.product_messages() {
+        for r in m["records"].as_array().unwrap() {
+            assert!(
+                r["fields"].get("operator").is_none(),
+                "the operator left under `never`: {m}"
+            );
+        }
+    }
+}

@@ -423,6 +423,11 @@ fn refusals_are_isolated_per_file_and_a_reload_while_the_broker_is_down_loses_no
     std::fs::write(product_file("a"), product("a", "steady.counter", 0, "1")).unwrap();
     std::fs::write(product_file("b"), product("b", "steady.counter", 2, "1")).unwrap();
     std::fs::write(product_file("c"), product("c", "steady.counter", 0, "1")).unwrap();
+    let connects_before = broker
+        .log()
+        .lines()
+        .filter(|l| l.contains("New client connected") && !l.contains("refusal-sub"))
+        .count();
     broker.stop();
     let (ok, out) = reload(&data);
     assert!(ok, "{out}");
@@ -435,6 +440,38 @@ fn refusals_are_isolated_per_file_and_a_reload_while_the_broker_is_down_loses_no
     wait_for("c and b 1.2.0 after the outage", Duration::from_secs(30), || {
         messages_of(&sub, "c").count() > 0 && versions("b", 0).contains(&"1.2.0".into())
     });
+
+    // The upstream settings changed: one reconnect, nothing lost.
+    std::fs::write(
+        cfg.join("agent.toml"),
+        gw.replace(
+            "reconnect_min = \"100ms\"",
+            "reconnect_min = \"100ms\"\nkeep_alive = \"20s\"",
+        ),
+    )
+    .unwrap();
+    let (ok, out) = reload(&data);
+    assert!(ok && out.contains("upstream: changed, reconnecting"), "{out}");
+    let seen = messages_of(&sub, "c").count();
+    wait_for("c after the reconnect", Duration::from_secs(20), || {
+        messages_of(&sub, "c").count() > seen + 5
+    });
+    let agent_connects = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("New client connected") && !l.contains("refusal-sub"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let connects = agent_connects(&broker.log());
+    assert_eq!(
+        connects.len(),
+        connects_before + 2,
+        "one connect after the broker restart, one for the new settings: {connects:?}"
+    );
+    assert!(
+        connects.last().unwrap().contains("k20"),
+        "the new keep-alive: {connects:?}"
+    );
     let stopped_at = Instant::now();
     assert!(agent.stop().success());
     // Everything numbered reached the broker: a and b have every seq, across the refusals, the

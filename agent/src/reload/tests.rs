@@ -237,7 +237,10 @@ fn restart_only_keys_refuse_the_gateway_file_at_their_line() {
 fn a_refused_file_whose_running_copy_is_gone_refuses_everything() {
     let d = Dir::new(
         GATEWAY,
-        &[("a.toml", &product("a", "1.0.0", "1")), ("b.toml", &product("b", "1.0.0", "1"))],
+        &[
+            ("a.toml", &product("a", "1.0.0", "1")),
+            ("b.toml", &product("b", "1.0.0", "1")),
+        ],
     );
     let before = d.applied();
     // The copy of a running file altered behind the agent's back: it is not put back to that.

@@ -310,7 +310,11 @@ impl Parts {
             && changes.devices_kept.iter().all(|&(i, j)| i == j)
             && plan.devices.len() == self.plan.devices.len()
             && plan.tags.len() == self.plan.tags.len()
-            && plan.devices.iter().zip(&self.plan.devices).all(|(a, b)| a.tags == b.tags);
+            && plan
+                .devices
+                .iter()
+                .zip(&self.plan.devices)
+                .all(|(a, b)| a.tags == b.tags);
         if same_devices {
             // The same table (every device and tag as it was, in place): share the one the
             // device tasks hold instead of keeping two.
