@@ -140,15 +140,26 @@ pub fn status_topic(plan: &Plan) -> String {
 
 /// The agent's status payload (`online` while connected; `offline` as the will).
 pub fn status(plan: &Plan, state: &str, epoch: u64) -> Vec<u8> {
-    serde_json::to_vec(&json!({
+    status_refusing(plan, state, epoch, &[])
+}
+
+/// [`status`], naming the product files the last reload refused: `(file, first problem)`.
+pub fn status_refusing(plan: &Plan, state: &str, epoch: u64, refused: &[(String, String)]) -> Vec<u8> {
+    let mut doc = json!({
         "state": state,
         "agent": plan.agent.id,
         "version": env!("CARGO_PKG_VERSION"),
         "config_hash": plan.config_hash,
         "epoch": epoch,
         "ts": format_rfc3339_millis(crate::model::now_millis()),
-    }))
-    .expect("status serializes")
+    });
+    if !refused.is_empty() {
+        doc["refused"] = refused
+            .iter()
+            .map(|(file, problem)| json!({"file": file, "problem": problem}))
+            .collect();
+    }
+    serde_json::to_vec(&doc).expect("status serializes")
 }
 
 /// The service levels in Open Data Contract Standard form (`property`, `value`, `unit`).

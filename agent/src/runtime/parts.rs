@@ -530,8 +530,8 @@ impl Parts {
             retired: self.retired.clone(),
             announce,
             egress: egress(&plan, retired_keys),
-            online: envelope::status(&plan, "online", self.epoch),
-            offline: envelope::status(&plan, "offline", self.epoch),
+            online: envelope::status_refusing(&plan, "online", self.epoch, &refused),
+            offline: envelope::status_refusing(&plan, "offline", self.epoch, &refused),
             options,
         });
 
