@@ -491,3 +491,34 @@ fn refusals_are_isolated_per_file_and_a_reload_while_the_broker_is_down_loses_no
         stopped_at.elapsed()
     );
 }
+
+/// `agent.watch_config`: a product file dropped into the config directory is picked up without a
+/// signal, once it has stayed unchanged for one period.
+#[test]
+fn watch_config_reloads_a_change_by_itself() {
+    let plc = counter();
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/#", "watch-sub");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    let data = dir.path().join("data");
+    let gw = gateway(broker.port, plc.port, plc.port, &[]).replace(
+        "governance = \"builtin-defaults\"",
+        "governance = \"builtin-defaults\"\nwatch_config = \"300ms\"",
+    );
+    write_config(&cfg, &gw, &[("a", &product("a", "steady.counter", 0, "1"))]);
+    let mut agent = Agent::start(&cfg, &data);
+    wait_for("a", Duration::from_secs(30), || messages_of(&sub, "a").count() > 0);
+    std::fs::write(cfg.join("products/w.toml"), product("w", "steady.counter", 0, "1")).unwrap();
+    wait_for("w, with no reload asked for", Duration::from_secs(20), || {
+        messages_of(&sub, "w").count() > 0
+    });
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    assert_eq!(
+        audit.lines().filter(|l| l.contains("config_reload")).count(),
+        1,
+        "{audit}"
+    );
+    assert!(agent.log().contains("agent.watch_config"), "{}", agent.log());
+    assert!(agent.stop().success());
+}

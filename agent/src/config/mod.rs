@@ -56,6 +56,8 @@ pub struct AgentPlan {
     pub line: String,
     pub data_dir: PathBuf,
     pub sli_interval: Duration,
+    /// `Some`: check the config files this often and reload a change that stayed one period.
+    pub watch_config: Option<Duration>,
     /// `None`: no metrics endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }

@@ -40,6 +40,10 @@ pub struct Agent {
     /// `"builtin-defaults"`: run without a governance file, on the built-in rules (the agent warns
     /// at every start). Without it, a config directory must have a governance.toml.
     pub governance: Option<Spanned<String>>,
+    /// Reload by itself when the config files change: checked this often, and a change is
+    /// reloaded once it has stayed for one more period (an editor's save in several writes, a
+    /// copy of several files). Default: off (SIGHUP and `plantmesh reload` only).
+    pub watch_config: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Debug, Deserialize)]

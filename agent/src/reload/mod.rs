@@ -143,6 +143,36 @@ pub fn load_isolated(paths: &[PathBuf], data_dir: Option<&Path>, previous: &Appl
     }
 }
 
+/// A fingerprint of the config files at `paths` as the file system lists them (names, sizes,
+/// modification times), for `agent.watch_config`: cheap enough to take every second, and it
+/// changes when any file is written, added or removed.
+pub fn files_signature(paths: &[PathBuf]) -> u64 {
+    let set = match config::FileSet::discover(paths) {
+        Ok(set) => set,
+        Err(d) => return config::fnv1a64(&[d.to_string().as_bytes()]),
+    };
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    for path in set
+        .gateway
+        .iter()
+        .chain(set.governance.iter())
+        .chain(set.products.iter())
+    {
+        let mut part = path.as_os_str().as_encoded_bytes().to_vec();
+        if let Ok(m) = std::fs::metadata(path) {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            part.extend_from_slice(format!("|{}|{modified}", m.len()).as_bytes());
+        }
+        parts.push(part);
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    config::fnv1a64(&refs)
+}
+
 /// What a reload changes, by what it restarts.
 #[derive(Debug, Default, PartialEq)]
 pub struct Changes {
@@ -246,6 +276,7 @@ pub fn diff(old: &Plan, new: &Plan, gateway: &(PathBuf, String)) -> Result<Chang
         ("agent.data_dir", a.data_dir != n.data_dir),
         ("agent.metrics_listen", a.metrics_listen != n.metrics_listen),
         ("agent.sli_interval", a.sli_interval != n.sli_interval),
+        ("agent.watch_config", a.watch_config != n.watch_config),
     ] {
         if changed {
             restart(key, key);

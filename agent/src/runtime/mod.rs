@@ -343,6 +343,20 @@ pub async fn run(
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut control = control::listen(&plan.agent.data_dir);
+    // `agent.watch_config`: a change to the files reloads once it has stayed for one period.
+    let mut watch = parts.config.as_ref().and(plan.agent.watch_config).map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let watched = parts.config.as_ref().map(|c| c.paths.clone()).unwrap_or_default();
+    let signature = |paths: Vec<std::path::PathBuf>| async move {
+        tokio::task::spawn_blocking(move || crate::reload::files_signature(&paths))
+            .await
+            .unwrap_or(0)
+    };
+    let mut applied_files = signature(watched.clone()).await;
+    let mut seen_files = applied_files;
     let fatal = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break None,
@@ -350,12 +364,31 @@ pub async fn run(
             r = &mut writer_done => break Some(r),
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading the configuration");
+                applied_files = signature(watched.clone()).await;
                 let report = parts.reload().await;
                 info!("{}", report.text().trim_end());
             }
             Some(request) = control.recv() => {
+                applied_files = signature(watched.clone()).await;
                 let report = parts.reload().await;
                 let _ = request.send(report);
+            }
+            _ = async {
+                match watch.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                let now = signature(watched.clone()).await;
+                if now != applied_files && now == seen_files {
+                    info!("the config files changed: reloading (agent.watch_config)");
+                    applied_files = now;
+                    let report = parts.reload().await;
+                    info!("{}", report.text().trim_end());
+                }
+                seen_files = now;
             }
         }
     };

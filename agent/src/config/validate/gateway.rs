@@ -30,6 +30,10 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
         cx.range(&secs(v), "agent.sli_interval", 0.1, 3600.0);
         v.get_ref().0
     });
+    let watch_config = a.watch_config.as_ref().map(|v| {
+        cx.range(&secs(v), "agent.watch_config", 0.1, 3600.0);
+        v.get_ref().0
+    });
     let metrics_listen = match &a.metrics_listen {
         None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
         Some(m) if m.get_ref() == "off" => None,
@@ -49,6 +53,7 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
         line: a.line.get_ref().clone(),
         data_dir,
         sli_interval,
+        watch_config,
         metrics_listen,
     };
     let encoding_at = gw.upstream.as_ref().and_then(|u| u.encoding.clone());
