@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const POLL_MS: u64 = 100;
+const POLL_MS: u64 = 200;
 
 /// A counter at holding register 10 (u32), and 7 at 12.
 fn counter() -> PyModbus {
@@ -279,7 +279,7 @@ fn twenty_reloads_under_load_disturb_nothing_that_did_not_change() {
 
     // The steady product: every seq, one epoch, no gap event.
     let (first, last, got) = contiguous(&sub, "steady");
-    assert!(last - first > 50, "steady kept publishing: seqs {first}..={last}");
+    assert!(last - first > 20, "steady kept publishing: seqs {first}..={last}");
     assert!(
         gap_events(&sub).iter().all(|g| g["product"] != "steady"),
         "{:?}",
@@ -390,7 +390,7 @@ fn refusals_are_isolated_per_file_and_a_reload_while_the_broker_is_down_loses_no
     // A broken gateway file changes nothing, not even a valid product change beside it.
     std::fs::write(
         cfg.join("agent.toml"),
-        gw.replace("poll_interval = \"100ms\"", "poll_interval = \"soon\""),
+        gw.replace(&format!("poll_interval = \"{POLL_MS}ms\""), "poll_interval = \"soon\""),
     )
     .unwrap();
     std::fs::write(product_file("b"), product("b", "steady.counter", 2, "1")).unwrap();
