@@ -169,8 +169,18 @@ fn memory_stays_bounded_while_storage_fails_and_what_is_dropped_is_reported() {
     wait("some dropped from memory", 10, || {
         h.stats.shed_messages.load(Ordering::Relaxed) > 0
     });
-    let staged_bytes: usize = h.live.after(key, None, usize::MAX).0.iter().map(|m| m.body.len()).sum();
-    assert!(staged_bytes <= 64 << 10, "{staged_bytes} bytes held");
+    // The bound holds at the end of each writer round (a round stages what it took, then sheds):
+    // once every record is taken, what is held comes down to it and stays there. Sampled at any
+    // moment, a slow machine (emulation) can catch a round between the two.
+    wait("every record taken", 20, || {
+        h.stats.accepted_records.load(Ordering::Relaxed) == 200
+    });
+    let staged = || -> usize { h.live.after(key, None, usize::MAX).0.iter().map(|m| m.body.len()).sum() };
+    wait("memory back within the bound", 20, || staged() <= 64 << 10);
+    for _ in 0..5 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(staged() <= 64 << 10, "{} bytes held", staged());
+    }
     disk.fail_writes(None);
     wait("recovered", 40, || !h.stats.degraded.load(Ordering::SeqCst));
     drop(h);
