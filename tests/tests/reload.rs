@@ -36,6 +36,7 @@ site = "s1"
 area = "a1"
 line = "l1"
 governance = "builtin-defaults"
+metrics_listen = "127.0.0.1:0"
 
 [upstream]
 url = "mqtt://127.0.0.1:{broker}"
@@ -344,6 +345,14 @@ fn refusals_are_isolated_per_file_and_a_reload_while_the_broker_is_down_loses_no
             ("b", &product("b", "steady.counter", 0, "1")),
         ],
     );
+    // No agent yet: `plantmesh reload` says it cannot reach one (exit 2), and nothing is created.
+    let out = Command::new(plantmesh_bin())
+        .args(["reload", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
     let mut agent = Agent::start(&cfg, &data);
     // The broker acknowledged both descriptors: their contracts bind later configs.
     wait_for("both contracts stored", Duration::from_secs(30), || {
