@@ -4,6 +4,9 @@
 # the agent wrote to storage per point (write_bytes of /proc/<pid>/io).
 #   scripts/bench-e2e.sh                       both scenarios of the spine issue
 #   scripts/bench-e2e.sh DEVICES REGS POLL     one scenario, e.g. 10 1000 100ms
+#   BENCH_FIELDS=1 scripts/bench-e2e.sh 100 100 1s  products of 1 field (10,000 products): the same data
+#                                              spread over REGS/BENCH_FIELDS products per device
+#                                              (default: one product of REGS fields per device)
 #   BENCH_PUBACK_DELAY_MS=50 scripts/bench-e2e.sh   the broker's answers 50 ms late (a slow uplink,
 #                                              through tests/peers/delay_proxy.py)
 #   BENCH_BROKER_NODELAY=true scripts/bench-e2e.sh  Mosquitto with `set_tcp_nodelay true` (without it,
@@ -64,12 +67,19 @@ run() {
       for r in $(seq 0 $((regs - 1))); do printf '[[devices.tags]]\nname = "r%s"\ntable = "holding"\naddress = %s\n' "$r" "$r"; done
     done < "$dir/sim.out"
   } > "$dir/cfg/agent.toml"
-  for i in $(seq 0 $((devices - 1))); do
-    {
-      printf 'id = "p%s"\nname = "p%s"\nversion = "1.0.0"\ndomain = "bench"\nowner = "bench"\n' "$i" "$i"
-      for r in $(seq 0 $((regs - 1))); do printf '[[fields]]\nname = "r%s"\nsource = "d%s.r%s"\n' "$r" "$i" "$r"; done
-    } > "$dir/cfg/products/p$i.toml"
-  done
+  # Products of BENCH_FIELDS fields each (default: one per device, of all its registers).
+  local fields=${BENCH_FIELDS:-$regs}
+  python3 - "$dir/cfg/products" "$devices" "$regs" "$fields" <<'PY'
+import sys
+out, devices, regs, fields = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for d in range(devices):
+    for p, start in enumerate(range(0, regs, fields)):
+        name = f"p{d}" if fields >= regs else f"p{d}-{p}"
+        with open(f"{out}/{name}.toml", "w") as f:
+            f.write(f'id = "{name}"\nname = "{name}"\nversion = "1.0.0"\ndomain = "bench"\nowner = "bench"\n')
+            for r in range(start, min(start + fields, regs)):
+                f.write(f'[[fields]]\nname = "r{r}"\nsource = "d{d}.r{r}"\n')
+PY
   "$bin" check "$dir/cfg" > /dev/null
   PLANTMESH_LOG=info "${BENCH_AGENT:-$bin}" run --config "$dir/cfg" --data-dir "$dir/data" 2> "$dir/agent.log" & local agent=$!; pids+=($agent)
   sleep 5   # warm-up: connections, first polls
@@ -89,9 +99,9 @@ run() {
   p50=$(sed -n 's/.*latency_p50_ms=\([0-9]*\).*/\1/p' <<< "$summary")
   p99=$(sed -n 's/.*latency_p99_ms=\([0-9]*\).*/\1/p' <<< "$summary")
   # Points delivered over the whole run (warm-up and drain included) and over the measured window.
-  python3 - "$devices" "$regs" "$poll" "$records" "$t0" "$t1" "$c0" "$c1" "$clk" "$rss" "$hwm" "$p50" "$p99" "$seconds" "$anon" "$w0" "$w1" "$dir/m0" "$dir/m1" <<'PY'
+  python3 - "$devices" "$regs" "$poll" "$records" "$t0" "$t1" "$c0" "$c1" "$clk" "$rss" "$hwm" "$p50" "$p99" "$seconds" "$anon" "$w0" "$w1" "$dir/m0" "$dir/m1" "$fields" <<'PY'
 import sys
-d, r, poll, records, t0, t1, c0, c1, clk, rss, hwm, p50, p99, secs, anon, w0, w1, m0, m1 = sys.argv[1:]
+d, r, poll, records, t0, t1, c0, c1, clk, rss, hwm, p50, p99, secs, anon, w0, w1, m0, m1, f = sys.argv[1:]
 
 
 def buckets(path):
@@ -123,8 +133,9 @@ wall = float(t1) - float(t0)
 cpu_ms = (int(c1) - int(c0)) * 1000 / int(clk)
 poll_s = float(poll[:-2]) / 1000 if poll.endswith("ms") else float(poll[:-1])
 offered = d * r / poll_s
-points = records * r
-print(f"{d} devices x {r} registers @ {poll}: offered {offered:.0f} points/s; delivered {points} points total "
+points = records * min(int(f), r)
+shape = f"{d} devices x {r} registers" + (f" in {d * (r // int(f))} products of {f} fields" if int(f) < r else "")
+print(f"{shape} @ {poll}: offered {offered:.0f} points/s; delivered {points} points total "
       f"(~{points / (wall + 5):.0f}/s over the run); CPU {cpu_ms / wall:.0f} core-ms/s = "
       f"{cpu_ms / (offered * wall / 1000):.2f} core-ms per 1000 points; RSS {int(rss) / 1024:.1f} MiB "
       f"(anonymous {int(anon) / 1024:.1f} MiB, peak {int(hwm) / 1024:.1f} MiB); read-to-PUBACK over the window p50 <= {w50} ms, p99 <= {w99} ms (whole run incl. warm-up {p50}/{p99} ms); "

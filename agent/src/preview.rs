@@ -170,7 +170,7 @@ pub fn preview_csv(plan: &Plan, only: Option<&str>, csv: &str) -> Result<String,
                 }
             };
             batches
-                .entry(t.device)
+                .entry(t.device())
                 .or_default()
                 .push(Reading { tag, value, quality });
         }

@@ -43,6 +43,8 @@ pub struct Outputs {
     pub produced: Arc<Vec<AtomicU64>>,
     /// `Some`: keep the latest record per product (a copy per record).
     pub last: Option<LastRecords>,
+    /// The UNS view (`None` with Sparkplug, where every field already is a metric).
+    pub uns: Option<Arc<crate::publish::uns::Board>>,
 }
 
 /// A reload, as the produce stage takes it: between two batches, so every record is mapped and
@@ -194,6 +196,9 @@ impl Produce {
                 *l = next;
             }
         }
+        if let Some(b) = &self.out.uns {
+            b.reload(&plan);
+        }
         self.slots = r.now.slots.clone();
         self.remap = r.remap;
         match self.out.slis.lock() {
@@ -218,6 +223,9 @@ impl Produce {
         };
         if let Ok(mut s) = self.out.slis.lock() {
             s.record(product, &governed);
+        }
+        if let (Some(b), true) = (&self.out.uns, self.plan.products[product].uns) {
+            b.update(product, &governed);
         }
         let json = self.encoders[product].encode(&governed);
         if let Some(last) = &self.out.last {

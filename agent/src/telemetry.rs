@@ -261,6 +261,12 @@ fn metrics(r: &Running) -> String {
         p.records_acked.load(Relaxed).to_string(),
     );
     gauge(
+        "plantmesh_uns_messages_total",
+        "UNS view messages sent: field values (retained, newest only) and clears of withdrawn topics.",
+        "counter",
+        p.uns_sent.load(Relaxed).to_string(),
+    );
+    gauge(
         "plantmesh_dead_lettered_total",
         "Messages refused by the broker or by egress checks.",
         "counter",

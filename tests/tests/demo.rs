@@ -51,6 +51,54 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         expected.iter().all(|p| seen.iter().any(|s| s == p))
     };
     wait_for("the demo products", Duration::from_secs(60), || all_seen(&sub));
+    // The UNS view of press-output and press-temperatures: a subscriber arriving late finds every
+    // field's latest value retained on its own topic, governed as in the product messages.
+    let late = Subscriber::start(port, "demo-plant/#", "demo-late-sub");
+    let uns = |late: &Subscriber| -> std::collections::BTreeMap<String, serde_json::Value> {
+        late.messages()
+            .into_iter()
+            .filter(|(t, v)| !t.contains("/_") && v.get("records").is_none())
+            .collect()
+    };
+    let fields = |m: &std::collections::BTreeMap<String, serde_json::Value>, product: &str| -> Vec<String> {
+        let mut f: Vec<String> = m
+            .keys()
+            .filter(|t| t.contains(&format!("/{product}/v1/")))
+            .map(|t| t.rsplit('/').next().unwrap().to_string())
+            .collect();
+        f.sort();
+        f.dedup();
+        f
+    };
+    wait_for("the UNS topics, retained", Duration::from_secs(30), || {
+        let m = uns(&late);
+        fields(&m, "press-output").len() == 5 && fields(&m, "press-temperatures").len() == 2
+    });
+    let m = uns(&late);
+    // The restricted recipe set point has no topic at all; the badge is its pseudonym.
+    assert_eq!(
+        fields(&m, "press-output"),
+        ["cycles", "good_parts", "operator", "running", "scrap_parts"]
+    );
+    let (_, operator) = m
+        .iter()
+        .find(|(t, _)| t.ends_with("/press-output/v1/operator"))
+        .unwrap();
+    assert!(operator["value"].as_str().unwrap().starts_with("h:"), "{operator}");
+    let (_, die) = m
+        .iter()
+        .find(|(t, _)| t.ends_with("/press-temperatures/v1/die_temp_c"))
+        .unwrap();
+    assert_eq!(die["unit"], "Cel", "{die}");
+    assert_eq!(die["quality"], "good", "{die}");
+    assert!(die["value"].is_number() && die["ts"].is_string(), "{die}");
+    assert!(
+        late.lines
+            .snapshot()
+            .iter()
+            .all(|l| !l.contains("recipe_setpoint") && !l.contains("OP-0")),
+        "nothing of a withheld field, no badge in clear"
+    );
     let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
     let status = demo.wait().unwrap();
     let mut seen = products(&sub);

@@ -15,7 +15,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Default)]
 pub struct Live {
-    products: Mutex<HashMap<ProductKey, Queue>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    products: HashMap<ProductKey, Queue>,
+    /// Products staged to since the publisher last asked ([`Live::take_fresh`]): it visits these,
+    /// not every product (cost by the data, not by the product count).
+    fresh: Vec<ProductKey>,
 }
 
 #[derive(Default)]
@@ -24,18 +32,14 @@ struct Queue {
     staged: VecDeque<Arc<StoredMessage>>,
     /// The newest id committed in this run.
     committed: Option<MessageId>,
-}
-
-impl Queue {
-    fn latest(&self) -> Option<MessageId> {
-        self.staged.back().map(|m| m.id).max(self.committed)
-    }
+    /// In [`Inner::fresh`].
+    fresh: bool,
 }
 
 impl Live {
-    fn lock(&self) -> MutexGuard<'_, HashMap<ProductKey, Queue>> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the map whole (every change is one push or remove).
-        self.products.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Messages just numbered, each after the last staged of its product.
@@ -43,10 +47,29 @@ impl Live {
         if msgs.is_empty() {
             return;
         }
-        let mut products = self.lock();
+        let mut inner = self.lock();
+        let Inner { products, fresh } = &mut *inner;
         for m in msgs {
-            products.entry(m.product).or_default().staged.push_back(m);
+            let product = m.product;
+            let q = products.entry(product).or_default();
+            q.staged.push_back(m);
+            if !q.fresh {
+                q.fresh = true;
+                fresh.push(product);
+            }
         }
+    }
+
+    /// The products staged to since the last call, each once.
+    pub fn take_fresh(&self) -> Vec<ProductKey> {
+        let mut inner = self.lock();
+        let Inner { products, fresh } = &mut *inner;
+        for p in fresh.iter() {
+            if let Some(q) = products.get_mut(p) {
+                q.fresh = false;
+            }
+        }
+        std::mem::take(fresh)
     }
 
     /// Messages acknowledged before their commit: never written.
@@ -54,9 +77,9 @@ impl Live {
         if ids.is_empty() {
             return;
         }
-        let mut products = self.lock();
+        let mut inner = self.lock();
         for &(product, id) in ids {
-            if let Some(q) = products.get_mut(&product) {
+            if let Some(q) = inner.products.get_mut(&product) {
                 // Acknowledgements come mostly in order: the front, or close to it.
                 if let Ok(i) = q.staged.binary_search_by_key(&id, |m| m.id) {
                     q.staged.remove(i);
@@ -68,9 +91,9 @@ impl Live {
     /// After a commit has returned: these messages are in redb now (or were dropped there and are
     /// covered by gap events), up to `through` per product.
     pub(super) fn committed(&self, through: &[(ProductKey, MessageId)]) {
-        let mut products = self.lock();
+        let mut inner = self.lock();
         for &(product, id) in through {
-            let q = products.entry(product).or_default();
+            let q = inner.products.entry(product).or_default();
             while q.staged.front().is_some_and(|m| m.id <= id) {
                 q.staged.pop_front();
             }
@@ -86,8 +109,8 @@ impl Live {
         after: Option<MessageId>,
         limit: usize,
     ) -> (Vec<Arc<StoredMessage>>, bool) {
-        let products = self.lock();
-        let Some(q) = products.get(&product) else {
+        let inner = self.lock();
+        let Some(q) = inner.products.get(&product) else {
             return (Vec::new(), false);
         };
         let start = q.staged.partition_point(|m| Some(m.id) <= after);
@@ -95,17 +118,8 @@ impl Live {
         (staged, q.committed > after)
     }
 
-    /// Of `cursors` (product, last id read), the products with newer messages, staged or committed.
-    pub fn newer<'a>(&self, cursors: impl Iterator<Item = (&'a ProductKey, Option<MessageId>)>) -> Vec<ProductKey> {
-        let products = self.lock();
-        cursors
-            .filter(|(p, after)| products.get(p).is_some_and(|q| q.latest() > *after))
-            .map(|(p, _)| *p)
-            .collect()
-    }
-
     /// Messages staged now, all products.
     pub fn staged(&self) -> usize {
-        self.lock().values().map(|q| q.staged.len()).sum()
+        self.lock().products.values().map(|q| q.staged.len()).sum()
     }
 }

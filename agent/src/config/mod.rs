@@ -417,6 +417,8 @@ pub struct ProductPlan {
     pub fields: std::sync::Arc<[FieldPlan]>,
     pub topic: String,
     pub qos: Qos,
+    /// Each field's latest value retained on its own topic too (`[publish] uns`).
+    pub uns: bool,
     /// Most records per message, when the product sets fewer than the upstream default.
     pub max_records_per_message: Option<usize>,
     pub service_levels: ServiceLevelPlan,
@@ -441,20 +443,71 @@ pub struct FieldPlan {
     pub logical_type: LogicalType,
     /// Shared by the fields of a product that have the same unit.
     pub unit: SharedStr,
-    pub scale: f64,
-    pub offset: f64,
-    pub deadband: f64,
-    pub description: Box<str>,
     /// Shared by the fields of a product that have the same class.
     pub classification: SharedStr,
     /// The action that applies: the class's, or a stricter one the product chose (or `never` when
     /// the class may not go upstream at all).
     pub action: EdgeAction,
     pub required: bool,
-    /// Boxed: most fields have none, and a plan holds one `FieldPlan` per field of every product.
-    pub range: Option<Box<(f64, f64)>>,
     /// For window products.
     pub aggregate: Aggregate,
+    /// Scale, offset, deadband, range and description, boxed and only when one is set: most fields
+    /// set none, and a plan holds one `FieldPlan` per field of every product (96 bytes, not 136:
+    /// 400 KB less at 10,000 fields).
+    pub shape: Option<Box<FieldShape>>,
+}
+
+/// The parts of a field most fields leave at their defaults (see [`FieldPlan::shape`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldShape {
+    /// value = raw * scale + offset.
+    pub scale: f64,
+    pub offset: f64,
+    pub deadband: f64,
+    pub range: Option<(f64, f64)>,
+    pub description: Box<str>,
+}
+
+impl Default for FieldShape {
+    fn default() -> Self {
+        FieldShape {
+            scale: 1.0,
+            offset: 0.0,
+            deadband: 0.0,
+            range: None,
+            description: "".into(),
+        }
+    }
+}
+
+impl FieldShape {
+    /// `None` for the defaults: nothing is allocated for them.
+    pub fn boxed(self) -> Option<Box<FieldShape>> {
+        (self != FieldShape::default()).then(|| Box::new(self))
+    }
+}
+
+impl FieldPlan {
+    pub fn scale(&self) -> f64 {
+        self.shape.as_ref().map_or(1.0, |s| s.scale)
+    }
+
+    pub fn offset(&self) -> f64 {
+        self.shape.as_ref().map_or(0.0, |s| s.offset)
+    }
+
+    pub fn deadband(&self) -> f64 {
+        self.shape.as_ref().map_or(0.0, |s| s.deadband)
+    }
+
+    /// The contract's valid range `(min, max)`, if it sets one.
+    pub fn range(&self) -> Option<(f64, f64)> {
+        self.shape.as_ref().and_then(|s| s.range)
+    }
+
+    pub fn description(&self) -> &str {
+        self.shape.as_ref().map_or("", |s| &s.description)
+    }
 }
 
 /// A string many fields of a plan share (a unit, a class). `Arc<String>` is one pointer wide where
@@ -586,15 +639,11 @@ pub fn test_field(name: &str, logical_type: LogicalType) -> FieldPlan {
         source: FieldSource::Tag(0),
         logical_type,
         unit: SharedStr::default(),
-        scale: 1.0,
-        offset: 0.0,
-        deadband: 0.0,
-        description: "".into(),
         classification: SharedStr::new("internal".into()),
         action: EdgeAction::Pass,
         required: false,
-        range: None,
         aggregate: Aggregate::Last,
+        shape: None,
     }
 }
 
@@ -618,6 +667,7 @@ pub fn test_product(fields: Vec<FieldPlan>) -> ProductPlan {
         fields: fields.into(),
         topic: "t".into(),
         qos: Qos::AtLeastOnce,
+        uns: false,
         max_records_per_message: None,
         service_levels: ServiceLevelPlan::default(),
         file: Default::default(),
@@ -628,7 +678,7 @@ impl Plan {
     /// `<device>.<tag>` of a tag index.
     pub fn tag_ref(&self, tag: usize) -> String {
         let t = &self.tags[tag];
-        format!("{}.{}", self.devices[t.device].id, t.name)
+        format!("{}.{}", self.devices[t.device()].id, t.name)
     }
 }
 

@@ -313,6 +313,9 @@ pub struct Publish {
     pub qos: Option<Spanned<u32>>,
     /// Most records in one message; default: the upstream `max_records_per_message`.
     pub max_records_per_message: Option<Spanned<u32>>,
+    /// The Unified Namespace view: beside the product's messages, each field's latest value
+    /// retained on `{topic}/{field}` (docs/wire-format.md). Default false.
+    pub uns: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

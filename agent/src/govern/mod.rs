@@ -154,7 +154,7 @@ impl Governor {
         let mut violated = false;
         for (i, (f, (value, mut quality))) in fields.iter().zip(record.fields).enumerate() {
             // Contract checks.
-            if let (Some(&(lo, hi)), Some(x)) = (f.range.as_deref(), value.as_ref().and_then(Value::as_f64)) {
+            if let (Some((lo, hi)), Some(x)) = (f.range(), value.as_ref().and_then(Value::as_f64)) {
                 if quality.is_good() && !(lo..=hi).contains(&x) {
                     quality = Quality::Bad(BadReason::OutOfRange);
                     counts.add(product, Rule::ContractRange, 1);
@@ -391,7 +391,11 @@ mod tests {
     #[test]
     fn contract_violations_are_flagged_or_dropped_and_counted() {
         let mut f = field(0, EdgeAction::Pass, LogicalType::Number);
-        f.range = Some(Box::new((0.0, 100.0)));
+        f.shape = crate::config::FieldShape {
+            range: Some((0.0, 100.0)),
+            ..Default::default()
+        }
+        .boxed();
         let mut r = field(1, EdgeAction::Pass, LogicalType::Number);
         r.required = true;
         let mut p = product(vec![f, r]);

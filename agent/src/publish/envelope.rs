@@ -51,16 +51,7 @@ impl RecordEncoder {
                 out.push(b',');
             }
             out.extend_from_slice(self.key(*field));
-            match v {
-                None => out.extend_from_slice(b"null"),
-                Some(Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-                Some(Value::Int(x)) => serde_json::to_writer(&mut out, x).expect("write to Vec"),
-                Some(Value::UInt(x)) => serde_json::to_writer(&mut out, x).expect("write to Vec"),
-                Some(Value::Float(x)) if x.is_finite() => serde_json::to_writer(&mut out, x).expect("write to Vec"),
-                Some(Value::Float(_)) => out.extend_from_slice(b"null"),
-                Some(Value::Text(t)) => serde_json::to_writer(&mut out, t).expect("write to Vec"),
-                Some(v @ Value::Array(_)) => serde_json::to_writer(&mut out, &v.to_json()).expect("write to Vec"),
-            }
+            write_value(&mut out, v.as_ref());
         }
         out.extend_from_slice(b"},\"quality\":{");
         for (i, (field, _, q)) in record.fields.iter().enumerate() {
@@ -107,6 +98,20 @@ pub fn encode_message(m: &StoredMessage, agent: &str, historical: bool) -> Vec<u
 /// Topic of a product's retained descriptor.
 pub fn descriptor_topic(p: &ProductPlan) -> String {
     format!("{}/_descriptor", p.topic)
+}
+
+/// A field value as the product messages carry it (JSON; a non-finite float is `null`).
+pub fn write_value(out: &mut Vec<u8>, v: Option<&Value>) {
+    match v {
+        None => out.extend_from_slice(b"null"),
+        Some(Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Some(Value::Int(x)) => serde_json::to_writer(&mut *out, x).expect("write to Vec"),
+        Some(Value::UInt(x)) => serde_json::to_writer(&mut *out, x).expect("write to Vec"),
+        Some(Value::Float(x)) if x.is_finite() => serde_json::to_writer(&mut *out, x).expect("write to Vec"),
+        Some(Value::Float(_)) => out.extend_from_slice(b"null"),
+        Some(Value::Text(t)) => serde_json::to_writer(&mut *out, t).expect("write to Vec"),
+        Some(v @ Value::Array(_)) => serde_json::to_writer(&mut *out, &v.to_json()).expect("write to Vec"),
+    }
 }
 
 /// Topic of a product's gap events.
@@ -193,11 +198,11 @@ fn property(p: &ProductPlan, f: &crate::config::FieldPlan, lineage: Json) -> Jso
         "name": f.name,
         "logicalType": crate::config::contract::published_type(f),
         "unit": &*f.unit,
-        "description": f.description,
+        "description": f.description(),
         "required": f.required,
         "classification": &*f.classification,
         "edgeAction": f.action.name(),
-        "range": f.range.as_deref().map(|(lo, hi)| json!({"min": lo, "max": hi})),
+        "range": f.range().map(|(lo, hi)| json!({"min": lo, "max": hi})),
         "aggregate": (matches!(p.publish, crate::config::PublishMode::Window(_)) && f.source.tag().is_some())
             .then(|| f.aggregate.name()),
         "lineage": lineage,
@@ -222,13 +227,13 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
                         json!({
                             "derived": d.op.name(),
                             "inputs": d.inputs.iter().map(|&i| &*p.fields[i].name).collect::<Vec<_>>(),
-                            "scale": f.scale,
-                            "offset": f.offset,
+                            "scale": f.scale(),
+                            "offset": f.offset(),
                         }),
                     )
                 }
             };
-            let lineage = t.lineage(&plan.devices[t.device]);
+            let lineage = t.lineage(&plan.devices[t.device()]);
             property(p, f, lineage)
         })
         .collect();

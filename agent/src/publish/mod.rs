@@ -21,6 +21,7 @@ pub mod inflight;
 pub mod link;
 pub mod sparkplug;
 mod stats;
+pub mod uns;
 
 pub use stats::{Histogram, PublishStats};
 
@@ -143,6 +144,8 @@ pub struct Publisher {
     pub retained: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     /// Publish product data as a Sparkplug B edge node instead of JSON envelopes.
     pub sparkplug: Option<SparkplugOut>,
+    /// The UNS view of the products that ask for one: sent after live messages, before backlog.
+    pub uns: Option<Arc<uns::Board>>,
     /// Reloads: what is announced changes in place ([`Change`]).
     pub changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
     /// Per product slot: removed from the config by a reload (its backlog still drains).
@@ -214,6 +217,11 @@ struct Session {
     verdicts: HashMap<(ProductKey, u64), bool>,
     /// Backlog merges asked for at connect and not yet done: the product's backlog waits.
     merging: HashMap<ProductKey, u64>,
+    /// Products that may have live messages after their cursor: those staged to since they were
+    /// last read to the end ([`crate::buffer::Live::take_fresh`]), and every product at connect.
+    ready: HashSet<ProductKey>,
+    /// Products with backlog not yet sent (`backlog_end` set).
+    backlogged: HashSet<ProductKey>,
 }
 
 /// The Sparkplug side of a session: data goes out at QoS 0, so delivery is confirmed by a barrier.
@@ -242,6 +250,15 @@ impl Session {
         let token = MERGE_TOKENS.fetch_add(1, Ordering::Relaxed);
         self.merging.insert(product, token);
         token
+    }
+
+    /// A product's cursor in this session; it is visited by the next fill.
+    fn track(&mut self, product: ProductKey, cursor: Cursor) {
+        if cursor.backlog_end.is_some() {
+            self.backlogged.insert(product);
+        }
+        self.ready.insert(product);
+        self.cursors.insert(product, cursor);
     }
 
     /// Messages not yet confirmed: awaiting PUBACK, or (Sparkplug) a barrier.
@@ -383,6 +400,7 @@ impl Publisher {
         // Acknowledged but maybe not yet deleted: skip them until two commits have passed.
         let mut acked: HashMap<Key, u64> = HashMap::new();
         let mut acked_gaps: HashMap<u64, u64> = HashMap::new();
+        let mut pruned_at = u64::MAX;
         let mut notify = self.buffer.notify.clone();
         let mut refill = tokio::time::interval(Duration::from_millis(100));
         // After a stall (a backoff sleep), one tick, not a burst of the ones missed.
@@ -395,8 +413,12 @@ impl Publisher {
         loop {
             if connected && stopping.is_none() && std::mem::take(&mut dirty) {
                 let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
-                acked.retain(|_, g| *g + 2 > generation);
-                acked_gaps.retain(|_, g| *g + 2 > generation);
+                // Once per generation, not per acknowledgement: thousands of them a second.
+                if generation != pruned_at {
+                    acked.retain(|_, g| *g + 2 > generation);
+                    acked_gaps.retain(|_, g| *g + 2 > generation);
+                    pruned_at = generation;
+                }
                 if !self.clearing.is_empty() {
                     if let Err(e) = self.clear_retired(&link, &mut session) {
                         warn!(error = %e, "cannot check whether removed products have drained; retrying");
@@ -627,13 +649,16 @@ impl Publisher {
             // held one from an earlier run, drains beside their live messages).
             for i in before..self.products.len() {
                 let p = self.products.keys()[i];
-                if let std::collections::hash_map::Entry::Vacant(e) = s.cursors.entry(p) {
+                if !s.cursors.contains_key(&p) {
                     let end = self.reader.last_id(p)?;
-                    e.insert(Cursor {
-                        live_after: end,
-                        backlog_after: None,
-                        backlog_end: end,
-                    });
+                    s.track(
+                        p,
+                        Cursor {
+                            live_after: end,
+                            backlog_after: None,
+                            backlog_end: end,
+                        },
+                    );
                 }
             }
         }
@@ -683,12 +708,17 @@ impl Publisher {
             sp: SpSession::default(),
             verdicts: HashMap::new(),
             merging: HashMap::new(),
+            ready: HashSet::new(),
+            backlogged: HashSet::new(),
         }
     }
 
     fn on_connect(&self, link: &Link, s: &mut Session) -> Result<(), PublishError> {
         link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
         s.inflight.queued(Sent::Control);
+        if let Some(b) = &self.uns {
+            b.resend();
+        }
         for (i, p) in self.products.iter().enumerate() {
             if self.retired.get(i).copied().unwrap_or(false) {
                 continue; // still retained at the broker until it is cleared
@@ -705,7 +735,7 @@ impl Publisher {
         }
         for p in products {
             let end = self.reader.last_id(p)?;
-            s.cursors.insert(
+            s.track(
                 p,
                 Cursor {
                     live_after: end,
@@ -714,9 +744,12 @@ impl Publisher {
                 },
             );
             // What was written while the upstream was down becomes large messages before its first
-            // send; the product's backlog waits for that (live data does not).
-            let token = s.merge_token(p);
-            self.buffer.merge_backlog(p, end, token);
+            // send; the product's backlog waits for that (live data does not). A product with
+            // nothing buffered has nothing to merge.
+            if end.is_some() {
+                let token = s.merge_token(p);
+                self.buffer.merge_backlog(p, end, token);
+            }
         }
         Ok(())
     }
@@ -801,41 +834,53 @@ impl Publisher {
             // No data before the births (or while the primary host is offline): it stays buffered.
             return Ok(());
         }
+        for p in self.buffer.live.take_fresh() {
+            s.ready.insert(p);
+        }
         for historical in [false, true] {
-            // Only products with something to send: new live messages, or backlog not yet sent.
-            let names: Vec<ProductKey> = if historical {
-                s.cursors
-                    .iter()
-                    .filter(|(_, c)| c.backlog_end.is_some())
-                    .map(|(name, _)| *name)
-                    .collect()
-            } else {
-                self.buffer
-                    .live
-                    .newer(s.cursors.iter().map(|(name, c)| (name, c.live_after)))
-            };
-            if names.is_empty() {
-                continue;
+            if historical {
+                // The UNS view between the two: after live messages, never in the quarter of
+                // the window kept for them; each cell only its newest value.
+                self.send_uns(link, s, window - window / 4)?;
             }
+            // Only products with something to send: new live messages, or backlog not yet sent.
+            // Both sets are kept as messages come and go: a pass costs what there is to send,
+            // not the number of products.
+            let mut names: Vec<ProductKey> = if historical {
+                s.backlogged.iter().copied().collect()
+            } else {
+                s.ready.iter().copied().collect()
+            };
             // Live first: the backlog leaves a quarter of the window to live messages, so one that
             // arrives mid-drain is sent at once rather than after an acknowledgement.
             let limit = if historical { window - window / 4 } else { window };
             let capped = self.options.upstream.backlog_bytes_per_second.is_some();
-            let mut progress = true;
-            while progress && s.busy() < limit {
-                progress = false;
-                let share = ((limit - s.busy()) / names.len().max(1)).max(1);
-                for &name in &names {
+            while !names.is_empty() && s.busy() < limit {
+                let mut progress = false;
+                let share = ((limit - s.busy()) / names.len()).max(1);
+                let mut at = 0;
+                while at < names.len() && s.busy() < limit {
+                    let name = names[at];
                     let free = limit.saturating_sub(s.busy()).min(share);
-                    let budget = if historical && capped && s.tokens <= 0.0 {
-                        0
-                    } else {
-                        free
-                    };
-                    if budget == 0 {
-                        continue;
+                    if historical && capped && s.tokens <= 0.0 {
+                        break;
                     }
+                    let budget = free;
+                    // Done with `name` in this fill: nothing more to send now (`caught_up`: nor
+                    // until new messages come), or it waits for something else.
+                    let done = |names: &mut Vec<ProductKey>, s: &mut Session, caught_up: bool| {
+                        names.swap_remove(at);
+                        if caught_up {
+                            if historical {
+                                s.backlogged.remove(&name);
+                            } else {
+                                s.ready.remove(&name);
+                            }
+                        }
+                    };
                     let Some(&c) = s.cursors.get(&name) else {
+                        // Not (yet) in this session: its cursor, when made, puts it back.
+                        done(&mut names, s, true);
                         continue;
                     };
                     let (after, end) = if historical {
@@ -844,17 +889,19 @@ impl Publisher {
                         (c.live_after, None)
                     };
                     if historical && end.is_none() {
+                        done(&mut names, s, true);
                         continue;
                     }
                     if historical {
                         if let Some(&token) = s.merging.get(&name) {
-                            let done = self
+                            let merged = self
                                 .buffer
                                 .stats
                                 .merged
                                 .lock()
                                 .is_ok_and(|m| m.get(&name) >= Some(&token));
-                            if !done {
+                            if !merged {
+                                done(&mut names, s, false);
                                 continue;
                             }
                             s.merging.remove(&name);
@@ -866,7 +913,15 @@ impl Publisher {
                         if let Some(c) = s.cursors.get_mut(&name) {
                             c.backlog_end = None;
                         }
+                        done(&mut names, s, true);
                         continue;
+                    }
+                    if msgs.len() < budget {
+                        // All there is now: read again when the writer stages more (live) or
+                        // once the rest of the backlog is read (historical, at its end above).
+                        done(&mut names, s, !historical);
+                    } else {
+                        at += 1;
                     }
                     for m in msgs {
                         if historical && Some(m.id) > end {
@@ -957,9 +1012,30 @@ impl Publisher {
                         progress = true;
                     }
                 }
+                if !progress {
+                    break;
+                }
             }
         }
         self.barrier(link, s)?;
+        Ok(())
+    }
+
+    /// Sends pending UNS values while fewer than `limit` messages are unconfirmed: retained, at
+    /// QoS 1 (the window counts them; their PUBACK only frees room).
+    fn send_uns(&self, link: &Link, s: &mut Session, limit: usize) -> Result<(), PublishError> {
+        let Some(board) = &self.uns else { return Ok(()) };
+        while s.busy() < limit {
+            let updates = board.take(limit - s.busy());
+            if updates.is_empty() {
+                break;
+            }
+            for u in updates {
+                link.publish(&u.topic, true, u.payload, vec![])?;
+                s.inflight.queued(Sent::Control);
+                self.stats.uns_sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(())
     }
 

@@ -11,6 +11,8 @@ pub struct PublishStats {
     pub records_acked: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub resent: AtomicU64,
+    /// UNS view messages sent (field values and clears of withdrawn topics).
+    pub uns_sent: AtomicU64,
     /// Read-to-PUBACK latency of acknowledged messages (oldest record), all products.
     latency: Histogram,
     /// The same per announced product (by slot; a reload appends).
@@ -33,6 +35,7 @@ impl PublishStats {
             records_acked: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             resent: AtomicU64::new(0),
+            uns_sent: AtomicU64::new(0),
             latency: Histogram::default(),
             product_latency: std::sync::RwLock::new((0..products).map(|_| Histogram::default()).collect()),
         }

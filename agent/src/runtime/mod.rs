@@ -246,7 +246,9 @@ pub async fn run(
         &reader,
     );
     let (change_tx, change_rx) = mpsc::unbounded_channel();
+    let uns = sparkplug.is_none().then(|| crate::publish::uns::Board::new(&plan));
     let publisher = Publisher {
+        uns: uns.clone(),
         sparkplug,
         options,
         reader,
@@ -305,6 +307,7 @@ pub async fn run(
             slis: slis.clone(),
             produced: current.read().map(|n| n.produced.clone()).unwrap_or_default(),
             last: view.then(|| last.clone()),
+            uns,
         },
     );
     let map_task = tokio::spawn(produce.run(batch_rx, produce_rx));

@@ -139,13 +139,21 @@ impl DeviceKind {
 /// One tag of one device, validated: what every kind has, and the kind's own part.
 #[derive(Debug, Clone)]
 pub struct TagPlan {
-    pub device: usize,
+    /// The device's index in the plan ([`TagPlan::device`]); 4 bytes, so that it shares a word with
+    /// `data_type` (64 bytes a tag, not 72: a plan holds one per tag).
+    pub device_index: u32,
     pub name: smol_str::SmolStr,
     pub data_type: DataType,
     /// value = raw * scale + offset (numeric tags only).
     pub scale: f64,
     pub offset: f64,
     pub kind: TagKind,
+}
+
+/// A device's index as a [`TagPlan`] keeps it (a config has far fewer than 2^32 devices).
+pub(crate) fn device_index(device: usize) -> u32 {
+    // Unreachable in practice: 2^32 devices would not fit in memory as a config.
+    u32::try_from(device).unwrap_or(u32::MAX)
 }
 
 /// Where a tag's value is found on its device.
@@ -159,6 +167,11 @@ pub enum TagKind {
 }
 
 impl TagPlan {
+    /// The tag's device: an index into the plan's devices.
+    pub fn device(&self) -> usize {
+        self.device_index as usize
+    }
+
     /// Where the tag's value comes from, for the descriptor's lineage (docs/wire-format.md).
     pub fn lineage(&self, device: &DevicePlan) -> serde_json::Value {
         let mut l = match &self.kind {

@@ -222,11 +222,11 @@ impl Subscriber {
             .collect()
     }
 
-    /// Product messages only (not descriptors, gaps or status).
+    /// Product messages only (not descriptors, gaps, status or UNS field values).
     pub fn product_messages(&self) -> Vec<serde_json::Value> {
         self.messages()
             .into_iter()
-            .filter(|(t, _)| !t.contains("/_"))
+            .filter(|(t, v)| !t.contains("/_") && v.get("records").is_some())
             .map(|(_, v)| v)
             .collect()
     }

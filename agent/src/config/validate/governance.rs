@@ -495,7 +495,7 @@ pub(super) fn tag_floors(
             continue; // unknown class: reported at the tag
         };
         let t = &table.tags[tag];
-        let device = devices.get(t.device).map_or("?", |d| d.id.as_str());
+        let device = devices.get(t.device()).map_or("?", |d| d.id.as_str());
         raise(
             tag,
             Floor {

@@ -106,7 +106,7 @@ pub(super) fn validate(
         let by_ref: HashMap<String, usize> = tags
             .iter()
             .enumerate()
-            .map(|(i, t)| (format!("{}.{}", devices[t.device].id, t.name), i))
+            .map(|(i, t)| (format!("{}.{}", devices[t.device()].id, t.name), i))
             .collect();
         let mut seen_ids: HashMap<(String, String), PathBuf> = HashMap::new();
         let published = super::contract::load(&super::contract::dir(&agent.data_dir));
@@ -145,6 +145,16 @@ pub(super) fn validate(
             }
             seen_ids.insert(seen, path.to_path_buf());
             let version_at = raw.version.clone();
+            let sparkplug = built
+                .as_ref()
+                .and_then(|b| b.upstream.as_ref())
+                .is_some_and(|u| u.sparkplug.is_some());
+            if let (Some(uns), true) = (&raw.publish.uns, sparkplug) {
+                if *uns.get_ref() {
+                    cx.err(uns, "publish.uns", "the UNS view is for the JSON encoding; with upstream `encoding = \"sparkplug\"` every field already is a metric of the product's DDATA").help =
+                        Some("remove `uns`, or publish JSON (upstream `encoding = \"json\"`)".into());
+                }
+            }
             if let Some(p) = products::plan(
                 &mut cx,
                 raw,
@@ -187,7 +197,7 @@ pub(super) fn validate(
                 .fields
                 .iter()
                 .filter_map(|f| f.source.tag())
-                .map(|tag| devices[tags[tag].device].kind.sample_interval())
+                .map(|tag| devices[tags[tag].device()].kind.sample_interval())
                 .min()
                 .unwrap_or(Duration::from_secs(1));
         }

@@ -303,7 +303,7 @@ pub(super) fn plan(
                 cx.err(r, format!("{key}.range"), "a range is [min, max] with min < max");
                 None
             }
-            Some(r) => Some(Box::new((r.get_ref()[0], r.get_ref()[1]))),
+            Some(r) => Some((r.get_ref()[0], r.get_ref()[1])),
             None => None,
         };
         if rules.required.iter().any(|r| r == "unit") && numeric && f.unit().is_empty() {
@@ -319,15 +319,18 @@ pub(super) fn plan(
             source,
             logical_type,
             unit: shared.get(f.unit()),
-            scale,
-            offset,
-            deadband,
-            description: f.description.as_str().into(),
             classification: shared.get(&classification),
             action,
             required: f.required,
-            range,
             aggregate,
+            shape: crate::config::FieldShape {
+                scale,
+                offset,
+                deadband,
+                range,
+                description: f.description.as_str().into(),
+            }
+            .boxed(),
         });
     }
     let topic = template
@@ -474,6 +477,7 @@ pub(super) fn plan(
         fields: fields.into(),
         topic,
         qos,
+        uns: p.publish.uns.as_ref().is_some_and(|u| *u.get_ref()),
         max_records_per_message,
         service_levels,
         file: cx.src.path.to_path_buf(),

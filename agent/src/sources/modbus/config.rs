@@ -408,7 +408,7 @@ fn tag_plan(cx: &mut Ctx, t: &raw::Tag, key: &str, device: usize, unit_id: u8, m
         return None;
     }
     Some(TagPlan {
-        device,
+        device_index: crate::sources::device_index(device),
         name: t.name.get_ref().into(),
         data_type,
         scale,

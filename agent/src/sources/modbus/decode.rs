@@ -92,7 +92,7 @@ mod tests {
 
     fn tag(data_type: DataType, byte_order: ByteOrder) -> TagPlan {
         TagPlan {
-            device: 0,
+            device_index: 0,
             name: "t".into(),
             data_type,
             scale: 1.0,

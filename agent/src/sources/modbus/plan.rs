@@ -106,7 +106,7 @@ mod tests {
 
     fn t(table: Table, address: u16, data_type: DataType) -> TagPlan {
         TagPlan {
-            device: 0,
+            device_index: 0,
             name: format!("t{address}").into(),
             data_type,
             scale: 1.0,

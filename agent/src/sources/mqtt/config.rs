@@ -368,7 +368,7 @@ fn tag(cx: &mut Ctx, t: &raw::Tag, key: &str, di: usize) -> Option<(TagPlan, Vec
         _ => filter,
     };
     let tag = TagPlan {
-        device: di,
+        device_index: crate::sources::device_index(di),
         name: t.name.get_ref().into(),
         data_type,
         scale,

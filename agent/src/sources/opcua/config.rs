@@ -390,7 +390,7 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
         };
         tags.push(table.tags.len());
         table.tags.push(TagPlan {
-            device: di,
+            device_index: crate::sources::device_index(di),
             name: t.name.get_ref().into(),
             data_type: if is_array { DataType::Array } else { data_type },
             scale,

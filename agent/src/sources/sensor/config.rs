@@ -94,7 +94,7 @@ pub(crate) fn skimmed_tag(device: usize, name: &str) -> Option<TagPlan> {
 
 fn tag(device: usize, name: &str, channel: Option<u8>, scale: f64, offset: f64) -> TagPlan {
     TagPlan {
-        device,
+        device_index: crate::sources::device_index(device),
         name: name.into(),
         data_type: DataType::F64,
         scale,
