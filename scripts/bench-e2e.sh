@@ -7,6 +7,8 @@
 #   BENCH_FIELDS=1 scripts/bench-e2e.sh 100 100 1s  products of 1 field (10,000 products): the same data
 #                                              spread over REGS/BENCH_FIELDS products per device
 #                                              (default: one product of REGS fields per device)
+#   BENCH_UNS=true scripts/bench-e2e.sh 100 100 1s  the UNS view too: every field also retained on its
+#                                              own topic (reports UNS messages/s and core-ms per 1000)
 #   BENCH_PUBACK_DELAY_MS=50 scripts/bench-e2e.sh   the broker's answers 50 ms late (a slow uplink,
 #                                              through tests/peers/delay_proxy.py)
 #   BENCH_BROKER_NODELAY=true scripts/bench-e2e.sh  Mosquitto with `set_tcp_nodelay true` (without it,
@@ -69,14 +71,17 @@ run() {
   } > "$dir/cfg/agent.toml"
   # Products of BENCH_FIELDS fields each (default: one per device, of all its registers).
   local fields=${BENCH_FIELDS:-$regs}
-  python3 - "$dir/cfg/products" "$devices" "$regs" "$fields" <<'PY'
+  python3 - "$dir/cfg/products" "$devices" "$regs" "$fields" "${BENCH_UNS:-false}" <<'PY'
 import sys
 out, devices, regs, fields = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+uns = sys.argv[5] == "true"
 for d in range(devices):
     for p, start in enumerate(range(0, regs, fields)):
         name = f"p{d}" if fields >= regs else f"p{d}-{p}"
         with open(f"{out}/{name}.toml", "w") as f:
             f.write(f'id = "{name}"\nname = "{name}"\nversion = "1.0.0"\ndomain = "bench"\nowner = "bench"\n')
+            if uns:
+                f.write('[publish]\nuns = true\n')
             for r in range(start, min(start + fields, regs)):
                 f.write(f'[[fields]]\nname = "r{r}"\nsource = "d{d}.r{r}"\n')
 PY
@@ -102,6 +107,13 @@ PY
   python3 - "$devices" "$regs" "$poll" "$records" "$t0" "$t1" "$c0" "$c1" "$clk" "$rss" "$hwm" "$p50" "$p99" "$seconds" "$anon" "$w0" "$w1" "$dir/m0" "$dir/m1" "$fields" <<'PY'
 import sys
 d, r, poll, records, t0, t1, c0, c1, clk, rss, hwm, p50, p99, secs, anon, w0, w1, m0, m1, f = sys.argv[1:]
+
+
+def counter(path, name):
+    for line in open(path):
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def buckets(path):
@@ -140,6 +152,10 @@ print(f"{shape} @ {poll}: offered {offered:.0f} points/s; delivered {points} poi
       f"{cpu_ms / (offered * wall / 1000):.2f} core-ms per 1000 points; RSS {int(rss) / 1024:.1f} MiB "
       f"(anonymous {int(anon) / 1024:.1f} MiB, peak {int(hwm) / 1024:.1f} MiB); read-to-PUBACK over the window p50 <= {w50} ms, p99 <= {w99} ms (whole run incl. warm-up {p50}/{p99} ms); "
       f"written {(int(w1) - int(w0)) / wall / 1000:.1f} kB/s = {(int(w1) - int(w0)) / (offered * wall):.2f} B per point")
+uns = counter(m1, "plantmesh_uns_messages_total") - counter(m0, "plantmesh_uns_messages_total")
+if uns > 0:
+    print(f"  UNS view: {uns / wall:.0f} field messages/s; whole agent {cpu_ms / (uns / 1000):.2f} core-ms per 1000 UNS messages "
+          f"(product stream included)")
 PY
 }
 

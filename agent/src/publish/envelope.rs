@@ -114,6 +114,17 @@ pub fn write_value(out: &mut Vec<u8>, v: Option<&Value>) {
     }
 }
 
+/// Where and how the product is published (the descriptor's `binding`).
+fn binding(p: &ProductPlan) -> Json {
+    let mut b = json!({"protocol": "mqtt", "topic": p.topic, "qos": p.qos.level(), "encoding": "json",
+                       "sli_topic": format!("{}/_sli", p.topic),
+                       "gaps_topic": gaps_topic(p)});
+    if p.uns {
+        b["uns_topic"] = super::uns::field_topic(&p.topic, "{field}").into();
+    }
+    b
+}
+
 /// Topic of a product's gap events.
 pub fn gaps_topic(p: &ProductPlan) -> String {
     format!("{}/_gaps", p.topic)
@@ -255,9 +266,7 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
             _ => None,
         },
         "slaProperties": sla_properties(&p.service_levels),
-        "binding": {"protocol": "mqtt", "topic": p.topic, "qos": p.qos.level(), "encoding": "json",
-                    "sli_topic": format!("{}/_sli", p.topic),
-                    "gaps_topic": gaps_topic(p)},
+        "binding": binding(p),
         "contract_hash": format!("{:016x}", crate::config::fnv1a64(&[p.version.as_bytes(), &contract])),
         "agent": plan.agent.id,
     }))

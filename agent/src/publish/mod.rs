@@ -22,6 +22,7 @@ pub mod link;
 pub mod sparkplug;
 mod stats;
 pub mod uns;
+mod visits;
 
 pub use stats::{Histogram, PublishStats};
 
@@ -219,9 +220,9 @@ struct Session {
     merging: HashMap<ProductKey, u64>,
     /// Products that may have live messages after their cursor: those staged to since they were
     /// last read to the end ([`crate::buffer::Live::take_fresh`]), and every product at connect.
-    ready: HashSet<ProductKey>,
+    ready: visits::Visits,
     /// Products with backlog not yet sent (`backlog_end` set).
-    backlogged: HashSet<ProductKey>,
+    backlogged: visits::Visits,
 }
 
 /// The Sparkplug side of a session: data goes out at QoS 0, so delivery is confirmed by a barrier.
@@ -252,12 +253,21 @@ impl Session {
         token
     }
 
+    /// The products with live messages to send, or with backlog (`historical`).
+    fn visits(&mut self, historical: bool) -> &mut visits::Visits {
+        if historical {
+            &mut self.backlogged
+        } else {
+            &mut self.ready
+        }
+    }
+
     /// A product's cursor in this session; it is visited by the next fill.
     fn track(&mut self, product: ProductKey, cursor: Cursor) {
         if cursor.backlog_end.is_some() {
-            self.backlogged.insert(product);
+            self.backlogged.mark(product);
         }
-        self.ready.insert(product);
+        self.ready.mark(product);
         self.cursors.insert(product, cursor);
     }
 
@@ -708,8 +718,8 @@ impl Publisher {
             sp: SpSession::default(),
             verdicts: HashMap::new(),
             merging: HashMap::new(),
-            ready: HashSet::new(),
-            backlogged: HashSet::new(),
+            ready: visits::Visits::default(),
+            backlogged: visits::Visits::default(),
         }
     }
 
@@ -835,7 +845,7 @@ impl Publisher {
             return Ok(());
         }
         for p in self.buffer.live.take_fresh() {
-            s.ready.insert(p);
+            s.ready.mark(p);
         }
         for historical in [false, true] {
             if historical {
@@ -843,44 +853,29 @@ impl Publisher {
                 // the window kept for them; each cell only its newest value.
                 self.send_uns(link, s, window - window / 4)?;
             }
-            // Only products with something to send: new live messages, or backlog not yet sent.
-            // Both sets are kept as messages come and go: a pass costs what there is to send,
-            // not the number of products.
-            let mut names: Vec<ProductKey> = if historical {
-                s.backlogged.iter().copied().collect()
-            } else {
-                s.ready.iter().copied().collect()
-            };
+            // Only products with something to send: new live messages, or backlog not yet sent,
+            // each visited once per fill at most, in turn (`visits.rs`): a fill costs what it
+            // sends, not the number of products.
             // Live first: the backlog leaves a quarter of the window to live messages, so one that
             // arrives mid-drain is sent at once rather than after an acknowledgement.
             let limit = if historical { window - window / 4 } else { window };
             let capped = self.options.upstream.backlog_bytes_per_second.is_some();
-            while !names.is_empty() && s.busy() < limit {
-                let mut progress = false;
-                let share = ((limit - s.busy()) / names.len()).max(1);
-                let mut at = 0;
-                while at < names.len() && s.busy() < limit {
-                    let name = names[at];
-                    let free = limit.saturating_sub(s.busy()).min(share);
-                    if historical && capped && s.tokens <= 0.0 {
+            // Passes while the window has room and the last pass sent something: each pass gives
+            // every queued product its share of the room.
+            let mut pass = true;
+            while std::mem::take(&mut pass) && s.busy() < limit {
+                let before = s.busy();
+                let queued = if historical { s.backlogged.len() } else { s.ready.len() };
+                let share = (limit.saturating_sub(s.busy()) / queued.max(1)).max(1);
+                for _ in 0..queued {
+                    if s.busy() >= limit || (historical && capped && s.tokens <= 0.0) {
                         break;
                     }
-                    let budget = free;
-                    // Done with `name` in this fill: nothing more to send now (`caught_up`: nor
-                    // until new messages come), or it waits for something else.
-                    let done = |names: &mut Vec<ProductKey>, s: &mut Session, caught_up: bool| {
-                        names.swap_remove(at);
-                        if caught_up {
-                            if historical {
-                                s.backlogged.remove(&name);
-                            } else {
-                                s.ready.remove(&name);
-                            }
-                        }
-                    };
+                    let Some(name) = s.visits(historical).next() else { break };
+                    let budget = limit.saturating_sub(s.busy()).min(share);
                     let Some(&c) = s.cursors.get(&name) else {
-                        // Not (yet) in this session: its cursor, when made, puts it back.
-                        done(&mut names, s, true);
+                        // Not (yet) in this session: its cursor, when made, marks it again.
+                        s.visits(historical).leave(name);
                         continue;
                     };
                     let (after, end) = if historical {
@@ -889,7 +884,7 @@ impl Publisher {
                         (c.live_after, None)
                     };
                     if historical && end.is_none() {
-                        done(&mut names, s, true);
+                        s.visits(historical).leave(name);
                         continue;
                     }
                     if historical {
@@ -901,7 +896,7 @@ impl Publisher {
                                 .lock()
                                 .is_ok_and(|m| m.get(&name) >= Some(&token));
                             if !merged {
-                                done(&mut names, s, false);
+                                s.visits(historical).back(name);
                                 continue;
                             }
                             s.merging.remove(&name);
@@ -910,18 +905,17 @@ impl Publisher {
                     let msgs = self.read(name, after, budget, historical)?;
                     if historical && msgs.first().is_none_or(|m| Some(m.id) > end) {
                         // Backlog fully sent (what is left of it was acknowledged meanwhile).
+                        s.visits(historical).leave(name);
                         if let Some(c) = s.cursors.get_mut(&name) {
                             c.backlog_end = None;
                         }
-                        done(&mut names, s, true);
                         continue;
                     }
-                    if msgs.len() < budget {
-                        // All there is now: read again when the writer stages more (live) or
-                        // once the rest of the backlog is read (historical, at its end above).
-                        done(&mut names, s, !historical);
+                    if msgs.len() < budget && !historical {
+                        // All there is now: visited again when the writer stages more.
+                        s.visits(historical).leave(name);
                     } else {
-                        at += 1;
+                        s.visits(historical).back(name);
                     }
                     for m in msgs {
                         if historical && Some(m.id) > end {
@@ -947,13 +941,13 @@ impl Publisher {
                             // Fail closed: a message buffered under an older config (a product since
                             // removed, a topic no longer allowed) is kept locally, never sent.
                             warn!(product = %m.name, topic = %m.topic, epoch = m.id.epoch, seq = m.id.seq,
-                                  "egress denied just before publishing; dead-lettered locally");
+                          "egress denied just before publishing; dead-lettered locally");
                             self.refuse(acked, key, GapReason::EgressDenied);
                             continue;
                         }
                         if !self.governed_now(&mut s.verdicts, &m)? {
                             tracing::debug!(product = %m.name, epoch = m.id.epoch, seq = m.id.seq,
-                                  "buffered under governance weaker than today's; dead-lettered locally");
+                          "buffered under governance weaker than today's; dead-lettered locally");
                             self.refuse(acked, key, GapReason::GovernanceChanged);
                             continue;
                         }
@@ -982,7 +976,6 @@ impl Publisher {
                             if historical && capped {
                                 s.tokens -= payload_len as f64;
                             }
-                            progress = true;
                             continue;
                         }
                         let payload = envelope::encode_message(&m, &self.agent_id, historical);
@@ -1009,12 +1002,9 @@ impl Publisher {
                         if historical && capped {
                             s.tokens -= payload_len as f64;
                         }
-                        progress = true;
                     }
                 }
-                if !progress {
-                    break;
-                }
+                pass = s.busy() > before;
             }
         }
         self.barrier(link, s)?;

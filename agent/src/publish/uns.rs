@@ -252,3 +252,149 @@ fn write_topics(file: &Path, topics: &BTreeSet<String>) -> std::io::Result<()> {
     let body = serde_json::to_vec(topics).map_err(std::io::Error::other)?;
     crate::fsutil::write_atomic(file, &body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Quality, Value};
+
+    const GATEWAY: &str = r#"
+[agent]
+id = "gw-1"
+site = "s"
+area = "a"
+line = "l"
+governance = "builtin-defaults"
+
+[[devices]]
+id = "plc"
+protocol = "modbus_tcp"
+address = "127.0.0.1:5020"
+
+  [[devices.tags]]
+  name = "count"
+  table = "holding"
+  address = 0
+
+  [[devices.tags]]
+  name = "setpoint"
+  table = "holding"
+  address = 1
+"#;
+
+    /// A product of `count` and `setpoint` (classified `setpoint_class`), with `uns` as given.
+    fn plan(dir: &Path, uns: bool, setpoint_class: &str) -> Plan {
+        let product = format!(
+            "id = \"press\"\nname = \"Press\"\nversion = \"1.0.0\"\ndomain = \"production\"\nowner = \"o\"\n\
+             [publish]\nuns = {uns}\n\
+             [[fields]]\nname = \"count\"\nsource = \"plc.count\"\nunit = \"1\"\n\
+             [[fields]]\nname = \"setpoint\"\nsource = \"plc.setpoint\"\nclassification = \"{setpoint_class}\"\n"
+        );
+        let cfg = dir.join("cfg");
+        std::fs::create_dir_all(cfg.join("products")).unwrap();
+        std::fs::write(cfg.join("agent.toml"), GATEWAY).unwrap();
+        std::fs::write(cfg.join("products/press.toml"), product).unwrap();
+        let texts = crate::config::read(&[cfg]).unwrap();
+        // The data directory exists before anything runs (the buffer is in it).
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        crate::config::validate_texts(&texts, Some(&dir.join("data"))).unwrap()
+    }
+
+    fn record(ts: u64, count: i64, setpoint: i64) -> Governed {
+        Governed {
+            ts,
+            fields: vec![
+                (0, Some(Value::Int(count)), Quality::Good),
+                (1, Some(Value::Int(setpoint)), Quality::Good),
+            ],
+        }
+    }
+
+    fn sent(updates: &[Update]) -> Vec<(String, serde_json::Value)> {
+        updates
+            .iter()
+            .map(|u| {
+                let v = if u.payload.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::from_slice(&u.payload).unwrap()
+                };
+                (u.topic.to_string(), v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_field_sends_its_newest_value_and_a_withheld_field_has_no_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan(dir.path(), true, "restricted");
+        let board = Board::new(&plan);
+        // Three records before the link has room: only the newest values go, once each. The
+        // restricted set point is offered to the board all the same: it has no cell to take it.
+        for (ts, n) in [(1_000, 1), (2_000, 2), (3_000, 3)] {
+            board.update(0, &record(ts, n, 99));
+        }
+        let out = sent(&board.take(10));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].0, "s/a/l/production/press/v1/count");
+        assert_eq!(out[0].1["value"], 3);
+        assert_eq!(out[0].1["quality"], "good");
+        assert_eq!(out[0].1["unit"], "1");
+        assert_eq!(out[0].1["ts"], "1970-01-01T00:00:03.000Z");
+        assert!(board.take(10).is_empty(), "nothing new, nothing sent");
+        // A new connection sends the current state again.
+        board.resend();
+        assert_eq!(sent(&board.take(10)).len(), 1);
+    }
+
+    #[test]
+    fn a_reload_that_withholds_a_field_clears_its_retained_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let board = Board::new(&plan(dir.path(), true, "internal"));
+        board.update(0, &record(1_000, 1, 42));
+        assert_eq!(sent(&board.take(10)).len(), 2);
+        board.reload(&plan(dir.path(), true, "restricted"));
+        let out = sent(&board.take(10));
+        assert_eq!(
+            out,
+            [(
+                "s/a/l/production/press/v1/setpoint".to_string(),
+                serde_json::Value::Null
+            )],
+            "the set point's last value is cleared at the broker"
+        );
+        board.update(0, &record(2_000, 2, 43));
+        let out = sent(&board.take(10));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out[0].0.ends_with("/count"));
+    }
+
+    #[test]
+    fn a_start_clears_what_an_earlier_run_left_and_this_config_no_longer_publishes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let board = Board::new(&plan(dir.path(), true, "internal"));
+            board.update(0, &record(1_000, 1, 42));
+            assert_eq!(board.take(10).len(), 2);
+        }
+        // The agent stopped; the set point was classified restricted meanwhile.
+        let board = Board::new(&plan(dir.path(), true, "restricted"));
+        let out = sent(&board.take(10));
+        assert_eq!(
+            out,
+            [(
+                "s/a/l/production/press/v1/setpoint".to_string(),
+                serde_json::Value::Null
+            )]
+        );
+        // The view switched off entirely: every topic it had is cleared.
+        let board = Board::new(&plan(dir.path(), false, "restricted"));
+        let out = sent(&board.take(10));
+        assert_eq!(
+            out,
+            [("s/a/l/production/press/v1/count".to_string(), serde_json::Value::Null)]
+        );
+        let board = Board::new(&plan(dir.path(), false, "restricted"));
+        assert!(board.take(10).is_empty(), "cleared once, not at every start");
+    }
+}

@@ -202,7 +202,7 @@ pub struct Changes {
 fn device_fingerprint(plan: &Plan, d: usize) -> String {
     let device = &plan.devices[d];
     let mut s = format!("{:?}", device.kind);
-    for &t in &device.tags {
+    for &t in device.tags.iter() {
         let tag = &plan.tags[t];
         s.push_str(&format!(
             "|{}:{:?}:{}:{}:{:?}",
@@ -216,13 +216,14 @@ fn device_fingerprint(plan: &Plan, d: usize) -> String {
 fn product_fingerprint(plan: &Plan, p: usize) -> (Vec<u8>, String, u64) {
     let product = &plan.products[p];
     let settings = format!(
-        "{}|{:?}|{:?}|{}|{:?}|{:?}",
+        "{}|{:?}|{:?}|{}|{:?}|{:?}|{}",
         product.topic,
         product.qos,
         product.max_records_per_message,
         product.max_bytes,
         product.full_policy,
-        product.publish
+        product.publish,
+        product.uns
     );
     (
         crate::publish::envelope::descriptor(plan, product),

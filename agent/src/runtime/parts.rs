@@ -83,7 +83,7 @@ struct DeviceTask {
     /// The number its readings carry.
     task: usize,
     /// Its tags' indexes in the plan it was started under.
-    spawn_tags: Vec<usize>,
+    spawn_tags: Arc<[usize]>,
     stop: watch::Sender<bool>,
     join: tokio::task::JoinHandle<()>,
     stats: Arc<DeviceStats>,

@@ -86,7 +86,7 @@ impl Protocol {
 pub struct DevicePlan {
     pub id: String,
     /// Indexes into [`crate::config::Plan::tags`].
-    pub tags: Vec<usize>,
+    pub tags: Arc<[usize]>,
     pub kind: DeviceKind,
 }
 
@@ -254,7 +254,7 @@ pub struct SourceCtx {
     /// The device id, for logs.
     pub id: String,
     /// The device's tags: indexes into `tags`.
-    pub device_tags: Vec<usize>,
+    pub device_tags: Arc<[usize]>,
     /// Every tag of the plan, shared.
     pub tags: Arc<[TagPlan]>,
     pub stats: Arc<DeviceStats>,

@@ -161,7 +161,7 @@ fn tag_classes(cx: &mut Ctx, d: &raw::Device, key: &str, plan: &DevicePlan, tabl
             rules.known_class(cx, c, &format!("{key}.tags[{ti}].classification"));
         }
     }
-    for &i in &plan.tags {
+    for &i in plan.tags.iter() {
         if let Some((_, c)) = by_name.get(&*table.tags[i].name) {
             table.classes.insert(i, (*c).clone());
         }
@@ -187,6 +187,8 @@ pub(super) fn tags_from_products(products: &[(PathBuf, String)], devices: &mut [
     if !devices.iter().any(adds_tags) {
         return;
     }
+    // Per device, the tags added here (a device's tag list is shared by its source task, not grown).
+    let mut added: Vec<Vec<usize>> = vec![Vec::new(); devices.len()];
     for (_, text) in products {
         let Ok(doc) = toml::from_str::<Skim>(text) else {
             continue;
@@ -210,11 +212,16 @@ pub(super) fn tags_from_products(products: &[(PathBuf, String)], devices: &mut [
                 continue;
             };
             table.declared.insert(src.to_string());
-            devices[di].tags.push(table.tags.len());
+            added[di].push(table.tags.len());
             if let Some(c) = class {
                 table.classes.insert(table.tags.len(), c);
             }
             table.tags.push(tag);
+        }
+    }
+    for (d, more) in devices.iter_mut().zip(added) {
+        if !more.is_empty() {
+            d.tags = d.tags.iter().copied().chain(more).collect();
         }
     }
 }

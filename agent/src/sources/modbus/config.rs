@@ -184,7 +184,7 @@ pub(crate) fn tcp_device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable
     let (polling, tags) = polling_and_tags(cx, input, table);
     Some(DevicePlan {
         id: d.id.get_ref().clone(),
-        tags,
+        tags: tags.into(),
         kind: DeviceKind::ModbusTcp(TcpPlan { address, polling }),
     })
 }
@@ -204,7 +204,7 @@ pub(crate) fn rtu_device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable
     let (polling, tags) = polling_and_tags(cx, input, table);
     Some(DevicePlan {
         id: d.id.get_ref().clone(),
-        tags,
+        tags: tags.into(),
         kind: DeviceKind::ModbusRtu(RtuPlan { serial, polling }),
     })
 }

@@ -193,7 +193,7 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
     }
     Some(DevicePlan {
         id,
-        tags,
+        tags: tags.into(),
         kind: DeviceKind::Mqtt(MqttDevicePlan { broker }),
     })
 }

@@ -407,7 +407,7 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
     }
     Some(DevicePlan {
         id,
-        tags,
+        tags: tags.into(),
         kind: DeviceKind::OpcUa(plan),
     })
 }

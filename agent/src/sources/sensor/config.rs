@@ -76,7 +76,7 @@ pub(crate) fn device(cx: &mut Ctx, input: &DeviceInput, table: &mut TagTable) ->
     }
     Some(DevicePlan {
         id,
-        tags,
+        tags: tags.into(),
         kind: DeviceKind::Sensor(SensorDevicePlan { serial, stale_after }),
     })
 }
