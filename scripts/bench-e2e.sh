@@ -87,8 +87,15 @@ for d in range(devices):
 PY
   "$bin" check "$dir/cfg" > /dev/null
   PLANTMESH_LOG=info "${BENCH_AGENT:-$bin}" run --config "$dir/cfg" --data-dir "$dir/data" 2> "$dir/agent.log" & local agent=$!; pids+=($agent)
-  sleep 5   # warm-up: connections, first polls
-  local metrics; metrics=$(sed -n 's|.*metrics on http://\([^/]*\)/metrics.*|\1|p' "$dir/agent.log" | head -1)
+  # Up (thousands of products take a while to plan), then a warm-up: connections, first polls.
+  local metrics=""
+  for _ in $(seq 600); do
+    metrics=$(sed -n 's|.*metrics on http://\([^/]*\)/metrics.*|\1|p' "$dir/agent.log" | head -1)
+    [ -n "$metrics" ] && break
+    kill -0 "$agent" 2>/dev/null || { cat "$dir/agent.log"; exit 1; }
+    sleep 0.1
+  done
+  sleep 5
   curl_metrics() { python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics").read().decode())' "$metrics"; }
   curl_metrics > "$dir/m0"
   local t0 c0 w0; t0=$(date +%s.%N); c0=$(cpu_ticks "$agent"); w0=$(wbytes "$agent")
