@@ -16,6 +16,7 @@ use crate::govern::Governed;
 use crate::model::{format_rfc3339_millis, QualityText};
 use crate::publish::envelope::write_value;
 use std::collections::{BTreeSet, VecDeque};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::warn;
@@ -168,11 +169,15 @@ impl Board {
             out.extend_from_slice(b",\"ts\":\"");
             out.extend_from_slice(ts.as_bytes());
             out.extend_from_slice(b"\",\"quality\":\"");
-            out.extend_from_slice(QualityText(*quality).to_string().as_bytes());
+            if quality.is_good() {
+                out.extend_from_slice(b"good");
+            } else {
+                let _ = write!(out, "{}", QualityText(*quality));
+            }
             out.extend_from_slice(b"\"");
             if !cell.unit.is_empty() {
                 out.extend_from_slice(b",\"unit\":");
-                write_value(&mut out, Some(&crate::model::Value::Text(cell.unit.to_string())));
+                let _ = serde_json::to_writer(&mut out, cell.unit.as_str());
             }
             out.push(b'}');
             if cell.pending.replace(out).is_none() {

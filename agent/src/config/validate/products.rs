@@ -140,9 +140,20 @@ pub(super) fn plan(
     let mut shared = Shared::default();
     let mut fields = Vec::new();
     let mut names = HashMap::new();
+    let uns = p.publish.uns.as_ref().is_some_and(|u| *u.get_ref());
     for (fi, f) in p.fields.iter().enumerate() {
         let key = format!("fields[{fi}]");
         cx.name(&f.name, &format!("{key}.name"), false);
+        if uns && f.name.get_ref().starts_with('_') {
+            // `{base}/_descriptor`, `_sli`, `_gaps` are the agent's own: a field's UNS topic there
+            // would overwrite the product's contract or its service levels at the broker.
+            let msg = format!(
+                "with `[publish] uns`, field `{}` would be published on `{{topic}}/{}`, beside the agent's own `_descriptor`, `_sli` and `_gaps`: a UNS field name may not begin with `_`",
+                f.name.get_ref(),
+                f.name.get_ref()
+            );
+            cx.err(&f.name, format!("{key}.name"), msg).help = Some("rename the field".into());
+        }
         if names.insert(f.name.get_ref().clone(), ()).is_some() {
             let msg = format!("duplicate field `{}`", f.name.get_ref());
             cx.err(&f.name, format!("{key}.name"), msg);
@@ -477,7 +488,7 @@ pub(super) fn plan(
         fields: fields.into(),
         topic,
         qos,
-        uns: p.publish.uns.as_ref().is_some_and(|u| *u.get_ref()),
+        uns,
         max_records_per_message,
         service_levels,
         file: cx.src.path.to_path_buf(),
