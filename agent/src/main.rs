@@ -50,6 +50,10 @@ enum Command {
     Demo {
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Publish to this MQTT broker (HOST:PORT, plain MQTT 3.1.1, no credentials) instead of an
+        /// embedded one, e.g. a local Mosquitto to look at the demo with other tools.
+        #[arg(long, value_name = "HOST:PORT")]
+        broker: Option<String>,
     },
     /// Browse an OPC UA server and print proposed tag definitions (progress on stderr).
     Discover {
@@ -385,8 +389,8 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match command {
-            None => demo(None).await,
-            Some(Command::Demo { data_dir }) => demo(data_dir).await,
+            None => demo(None, None).await,
+            Some(Command::Demo { data_dir, broker }) => demo(data_dir, broker).await,
             Some(Command::Run { config, data_dir, view }) if !config.is_empty() => {
                 let texts = config::read(&config).map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
                 let plan = config::validate_texts(&texts, data_dir.as_deref())
@@ -427,7 +431,7 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                 .await?;
                 Ok(())
             }
-            Some(Command::Run { data_dir, .. }) => demo(data_dir).await,
+            Some(Command::Run { data_dir, .. }) => demo(data_dir, None).await,
             Some(Command::Buffer { action }) => buffer(action),
             Some(Command::Audit { data_dir }) => {
                 let entries = plantmesh::audit::read(&data_dir).with_context(|| format!("reading {}/audit.jsonl", data_dir.display()))?;
@@ -497,7 +501,7 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                 let print = |s: &str| print!("{s}");
                 if live_demo {
                     let dir = tempfile_dir("plantmesh-preview")?;
-                    let (plan, _sims) = demo_plan(&dir).await?;
+                    let (plan, _sims) = demo_plan(&dir, None).await?;
                     eprintln!("previewing the demo plant for {}s; nothing is published", seconds.as_secs());
                     plantmesh::preview::preview_live(&plan, product.as_deref(), seconds, print)
                         .await
@@ -609,9 +613,9 @@ fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
 }
 
 #[cfg(feature = "simulators")]
-async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+async fn demo(data_dir: Option<PathBuf>, broker: Option<String>) -> anyhow::Result<()> {
     let data_dir = data_dir.unwrap_or_else(|| std::env::temp_dir().join("plantmesh-demo"));
-    let (plan, _sims) = demo_plan(&data_dir).await?;
+    let (plan, _sims) = demo_plan(&data_dir, broker.as_deref()).await?;
     plantmesh::runtime::run(plan, None, true, plantmesh::view::spawn).await?;
     Ok(())
 }
@@ -619,7 +623,10 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
 /// The demo plant: its embedded config, with its simulated PLC and oven started and wired in. The
 /// simulators run while the returned guard lives.
 #[cfg(feature = "simulators")]
-async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, plantmesh::sim::oven::SimServer)> {
+async fn demo_plan(
+    data_dir: &std::path::Path,
+    broker: Option<&str>,
+) -> anyhow::Result<(config::Plan, plantmesh::sim::oven::SimServer)> {
     use plantmesh::config::DeviceKind;
     use std::path::Path;
     let data_dir = data_dir.to_path_buf();
@@ -669,8 +676,18 @@ async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, 
             };
             plantmesh::sim::sensor::run_node(master, &opts, |_| {});
         })?;
-    // The packaging machine speaks MQTT to the demo's broker, the embedded one (started here rather
-    // than by the runtime, so the machine has it to publish to).
+    if let Some(b) = broker {
+        let (host, port) = b
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .filter(|(h, _)| !h.is_empty())
+            .with_context(|| format!("--broker {b}: expected HOST:PORT, e.g. 127.0.0.1:1883"))?;
+        let mut u = plantmesh::runtime::local_upstream(port, format!("plantmesh-{}", plan.agent.id));
+        u.host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        plan.upstream = Some(u);
+    }
+    // The packaging machine speaks MQTT to the demo's broker, the embedded one unless --broker
+    // (started here rather than by the runtime, so the machine has it to publish to).
     let broker = match &plan.upstream {
         Some(u) => (u.host.clone(), u.port),
         None => {
@@ -708,12 +725,12 @@ async fn demo_plan(data_dir: &std::path::Path) -> anyhow::Result<(config::Plan, 
 }
 
 #[cfg(not(feature = "simulators"))]
-async fn demo(_: Option<PathBuf>) -> anyhow::Result<()> {
+async fn demo(_: Option<PathBuf>, _: Option<String>) -> anyhow::Result<()> {
     bail!("no config given (--config or PLANTMESH_CONFIG), and this build has no demo plant (feature `simulators`)")
 }
 
 #[cfg(not(feature = "simulators"))]
-async fn demo_plan(_: &std::path::Path) -> anyhow::Result<(config::Plan, ())> {
+async fn demo_plan(_: &std::path::Path, _: Option<&str>) -> anyhow::Result<(config::Plan, ())> {
     bail!("this build has no demo plant (feature `simulators`)")
 }
 

@@ -11,7 +11,7 @@
 //! task only moves data between channels. When the sources are gone it ends, after writing the run's
 //! governance counts to the audit trail.
 
-use crate::buffer::BufferHandle;
+use crate::buffer::{BufferHandle, Offered};
 use crate::catalog::Slis;
 use crate::config::Plan;
 use crate::govern::{Counts, Decision, Governor};
@@ -138,6 +138,7 @@ impl Produce {
         mut reloads: mpsc::UnboundedReceiver<Reconfigure>,
     ) {
         let mut records = Vec::new();
+        let mut offers = Vec::new();
         let mut ticker = self.ticker();
         loop {
             tokio::select! {
@@ -157,8 +158,10 @@ impl Produce {
                 }
             }
             for (product, record) in records.drain(..) {
-                self.govern_and_offer(product, record);
+                self.govern(product, record, &mut offers);
             }
+            // One hand-off to the writer per batch of readings, not per record.
+            self.out.buffer.offer_all(&mut offers);
         }
         self.audit("run_end");
     }
@@ -212,7 +215,8 @@ impl Produce {
         let _ = r.done.send(());
     }
 
-    fn govern_and_offer(&mut self, product: usize, record: Record) {
+    /// Governs a record; what may be published joins `offers` (the buffer's product slot).
+    fn govern(&mut self, product: usize, record: Record, offers: &mut Vec<Offered>) {
         let slot = self.slots[product];
         let governed = match self.governor.apply(product, record, &mut self.counts) {
             Decision::Publish(g) => g,
@@ -234,7 +238,11 @@ impl Produce {
             }
         }
         self.out.produced[product].fetch_add(1, Ordering::Relaxed);
-        self.out.buffer.offer(slot, governed.ts, json);
+        offers.push(Offered {
+            product: slot,
+            created: governed.ts,
+            json,
+        });
     }
 
     /// The governance decisions since the start or the last reload, per product and rule, in the

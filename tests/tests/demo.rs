@@ -51,54 +51,7 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         expected.iter().all(|p| seen.iter().any(|s| s == p))
     };
     wait_for("the demo products", Duration::from_secs(60), || all_seen(&sub));
-    // The UNS view of press-output and press-temperatures: a subscriber arriving late finds every
-    // field's latest value retained on its own topic, governed as in the product messages.
-    let late = Subscriber::start(port, "demo-plant/#", "demo-late-sub");
-    let uns = |late: &Subscriber| -> std::collections::BTreeMap<String, serde_json::Value> {
-        late.messages()
-            .into_iter()
-            .filter(|(t, v)| !t.contains("/_") && v.get("records").is_none())
-            .collect()
-    };
-    let fields = |m: &std::collections::BTreeMap<String, serde_json::Value>, product: &str| -> Vec<String> {
-        let mut f: Vec<String> = m
-            .keys()
-            .filter(|t| t.contains(&format!("/{product}/v1/")))
-            .map(|t| t.rsplit('/').next().unwrap().to_string())
-            .collect();
-        f.sort();
-        f.dedup();
-        f
-    };
-    wait_for("the UNS topics, retained", Duration::from_secs(30), || {
-        let m = uns(&late);
-        fields(&m, "press-output").len() == 5 && fields(&m, "press-temperatures").len() == 2
-    });
-    let m = uns(&late);
-    // The restricted recipe set point has no topic at all; the badge is its pseudonym.
-    assert_eq!(
-        fields(&m, "press-output"),
-        ["cycles", "good_parts", "operator", "running", "scrap_parts"]
-    );
-    let (_, operator) = m
-        .iter()
-        .find(|(t, _)| t.ends_with("/press-output/v1/operator"))
-        .unwrap();
-    assert!(operator["value"].as_str().unwrap().starts_with("h:"), "{operator}");
-    let (_, die) = m
-        .iter()
-        .find(|(t, _)| t.ends_with("/press-temperatures/v1/die_temp_c"))
-        .unwrap();
-    assert_eq!(die["unit"], "Cel", "{die}");
-    assert_eq!(die["quality"], "good", "{die}");
-    assert!(die["value"].is_number() && die["ts"].is_string(), "{die}");
-    assert!(
-        late.lines
-            .snapshot()
-            .iter()
-            .all(|l| !l.contains("recipe_setpoint") && !l.contains("OP-0")),
-        "nothing of a withheld field, no badge in clear"
-    );
+    uns_view_is_retained_and_governed(port, "demo-late-sub", &[]);
     let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
     let status = demo.wait().unwrap();
     let mut seen = products(&sub);
@@ -201,4 +154,88 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         result.is_err(),
         "a descriptor publishing a `never` field must not validate"
     );
+}
+
+/// The UNS view of press-output and press-temperatures: a subscriber arriving late finds every
+/// field's latest value retained on its own topic, with unit and quality, governed as in the
+/// product messages (no topic for the withheld recipe set point, the badge as its pseudonym).
+fn uns_view_is_retained_and_governed(port: u16, id: &str, extra: &[&str]) {
+    let late = Subscriber::start_with(port, "demo-plant/#", id, extra);
+    let uns = |late: &Subscriber| -> std::collections::BTreeMap<String, serde_json::Value> {
+        late.messages()
+            .into_iter()
+            .filter(|(t, v)| !t.contains("/_") && v.get("records").is_none())
+            .collect()
+    };
+    let fields = |m: &std::collections::BTreeMap<String, serde_json::Value>, product: &str| -> Vec<String> {
+        let mut f: Vec<String> = m
+            .keys()
+            .filter(|t| t.contains(&format!("/{product}/v1/")))
+            .map(|t| t.rsplit('/').next().unwrap().to_string())
+            .collect();
+        f.sort();
+        f.dedup();
+        f
+    };
+    wait_for("the UNS topics, retained", Duration::from_secs(30), || {
+        let m = uns(&late);
+        fields(&m, "press-output").len() == 5 && fields(&m, "press-temperatures").len() == 2
+    });
+    let m = uns(&late);
+    // The restricted recipe set point has no topic at all; the badge is its pseudonym.
+    assert_eq!(
+        fields(&m, "press-output"),
+        ["cycles", "good_parts", "operator", "running", "scrap_parts"]
+    );
+    let (_, operator) = m
+        .iter()
+        .find(|(t, _)| t.ends_with("/press-output/v1/operator"))
+        .unwrap();
+    assert!(operator["value"].as_str().unwrap().starts_with("h:"), "{operator}");
+    let (_, die) = m
+        .iter()
+        .find(|(t, _)| t.ends_with("/press-temperatures/v1/die_temp_c"))
+        .unwrap();
+    assert_eq!(die["unit"], "Cel", "{die}");
+    assert_eq!(die["quality"], "good", "{die}");
+    assert!(die["value"].is_number() && die["ts"].is_string(), "{die}");
+    assert!(
+        late.lines
+            .snapshot()
+            .iter()
+            .all(|l| !l.contains("recipe_setpoint") && !l.contains("OP-0")),
+        "nothing of a withheld field, no badge in clear"
+    );
+}
+
+/// The same UNS view at a real Mosquitto (`plantmesh demo --broker`): its retained messages are
+/// what a late subscriber of a plant's broker gets.
+#[test]
+fn the_demo_uns_view_at_mosquitto() {
+    let broker = Mosquitto::start(false, "");
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Command::new(plantmesh_bin())
+        .args(["demo", "--broker", &format!("127.0.0.1:{}", broker.port), "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sub = Subscriber::start(broker.port, "demo-plant/#", "demo-mosquitto-sub");
+    // Every UNS field has been sent once (the late subscriber below sees only what is retained).
+    wait_for("the UNS topics at Mosquitto", Duration::from_secs(60), || {
+        let mut topics: Vec<String> = sub
+            .messages()
+            .into_iter()
+            .filter(|(t, v)| !t.contains("/_") && v.get("records").is_none())
+            .map(|(t, _)| t)
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics.len() >= 7
+    });
+    // Only what the broker retained: mosquitto_sub stops at the first live message.
+    uns_view_is_retained_and_governed(broker.port, "demo-mosquitto-late-sub", &["--retained-only"]);
+    let _ = Command::new("kill").args(["-INT", &demo.id().to_string()]).status();
+    assert!(demo.wait().unwrap().success(), "the demo stops cleanly on Ctrl-C");
 }

@@ -46,17 +46,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
+/// One encoded record (a JSON object) of a product slot, offered to the writer.
+#[derive(Debug)]
+pub struct Offered {
+    pub product: usize,
+    /// When it was read (ms since the epoch).
+    pub created: u64,
+    pub json: Vec<u8>,
+}
+
 /// What the writer is told.
 #[derive(Debug)]
 pub enum WriterMsg {
-    /// One encoded record (a JSON object) of a product.
-    Record {
-        product: usize,
-        created: u64,
-        json: Vec<u8>,
-    },
-    /// The broker acknowledged this message.
-    Ack { product: ProductKey, id: MessageId },
+    /// Encoded records (JSON objects) of products: what one batch of readings produced, in one
+    /// message (a wake-up of the writer per batch, not per record).
+    Records(Vec<Offered>),
+    /// The broker acknowledged these messages (those of one pass of the publisher).
+    Acks(Vec<(ProductKey, MessageId)>),
     /// The broker acknowledged this gap event.
     GapAck(u64),
     /// The message may not be delivered: the broker refused it (MQTT 5 reason code >= 0x80), or
@@ -172,22 +178,46 @@ fn counters(n: usize) -> Counters {
 }
 
 impl BufferHandle {
-    /// Offers one record; a record refused here (product blocked, writer far behind) is counted and
-    /// becomes a gap event at the next commit.
+    /// Offers one record; see [`BufferHandle::offer_all`].
     pub fn offer(&self, product: usize, created: u64, json: Vec<u8>) {
-        let Some(c) = self.counters.get(product) else { return };
-        if c.blocked.load(Ordering::Relaxed) {
-            c.lost.fetch_add(1, Ordering::Relaxed);
+        let mut one = vec![Offered { product, created, json }];
+        self.offer_all(&mut one);
+    }
+
+    /// Offers records, taken from `records` (left empty); a record refused here (product blocked,
+    /// writer far behind) is counted and becomes a gap event at the next commit.
+    pub fn offer_all(&self, records: &mut Vec<Offered>) {
+        let mut room = self
+            .max_queued
+            .saturating_sub(self.queued_records.load(Ordering::Relaxed));
+        records.retain(|r| {
+            let Some(c) = self.counters.get(r.product) else {
+                return false;
+            };
+            if c.blocked.load(Ordering::Relaxed) {
+                c.lost.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            if room == 0 {
+                c.overloaded.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            room -= 1;
+            true
+        });
+        if records.is_empty() {
             return;
         }
-        if self.queued_records.load(Ordering::Relaxed) >= self.max_queued {
-            c.overloaded.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        self.queued_records.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(WriterMsg::Record { product, created, json }).is_err() {
+        self.queued_records.fetch_add(records.len() as u64, Ordering::Relaxed);
+        if let Err(mpsc::SendError(WriterMsg::Records(lost))) =
+            self.tx.send(WriterMsg::Records(std::mem::take(records)))
+        {
             // The writer has stopped (storage failure); the agent is exiting. Counted all the same.
-            c.overloaded.fetch_add(1, Ordering::Relaxed);
+            for r in lost {
+                if let Some(c) = self.counters.get(r.product) {
+                    c.overloaded.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -223,7 +253,14 @@ impl BufferHandle {
     }
 
     pub fn ack(&self, product: ProductKey, id: MessageId) {
-        let _ = self.tx.send(WriterMsg::Ack { product, id });
+        self.ack_all(vec![(product, id)]);
+    }
+
+    /// Acknowledgements of the broker, in one message to the writer.
+    pub fn ack_all(&self, acks: Vec<(ProductKey, MessageId)>) {
+        if !acks.is_empty() {
+            let _ = self.tx.send(WriterMsg::Acks(acks));
+        }
     }
 
     pub fn dead_letter(&self, product: ProductKey, id: MessageId, reason: GapReason) {

@@ -11,7 +11,7 @@
 
 use super::live::Live;
 use super::{
-    Batch, BufferError, GapReason, MessageId, ProductKey, ProductSlot, Shared, Store, StoredMessage, WriterMsg,
+    Batch, BufferError, GapReason, MessageId, Offered, ProductKey, ProductSlot, Shared, Store, StoredMessage, WriterMsg,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -268,33 +268,47 @@ impl Writer {
         Ok(())
     }
 
+    /// The broker has this message: a staged one is never written, a committed one is deleted at
+    /// the next commit.
+    fn acked(&mut self, product: ProductKey, id: MessageId) {
+        match self.staged.remove(&(product, id)) {
+            Some(s) => {
+                // Acknowledged before its commit: it is never written.
+                self.staged_bytes = self.staged_bytes.saturating_sub(s.msg.body.len());
+                self.unstaged.push((product, id));
+                self.h.stats.unwritten_messages.fetch_add(1, Ordering::Relaxed);
+                if self.put_back.remove(&(product, id)) {
+                    // A commit that failed (its fsync) may have written it after all.
+                    self.recheck.push((product, id));
+                }
+            }
+            None => {
+                self.durable.acks.push((product, id));
+                self.durable.since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
     fn take(&mut self, m: WriterMsg) {
         match m {
-            WriterMsg::Record { product, created, json } => {
-                self.h.queued_records.fetch_sub(1, Ordering::Relaxed);
-                let Some(f) = self.forming.get_mut(product) else { return };
-                if f.1.is_empty() {
-                    f.0 = created;
-                    self.touched.push(product);
-                }
-                f.1.push(json);
-            }
-            WriterMsg::Ack { product, id } => match self.staged.remove(&(product, id)) {
-                Some(s) => {
-                    // Acknowledged before its commit: it is never written.
-                    self.staged_bytes = self.staged_bytes.saturating_sub(s.msg.body.len());
-                    self.unstaged.push((product, id));
-                    self.h.stats.unwritten_messages.fetch_add(1, Ordering::Relaxed);
-                    if self.put_back.remove(&(product, id)) {
-                        // A commit that failed (its fsync) may have written it after all.
-                        self.recheck.push((product, id));
+            WriterMsg::Records(records) => {
+                self.h.queued_records.fetch_sub(records.len() as u64, Ordering::Relaxed);
+                for Offered { product, created, json } in records {
+                    let Some(f) = self.forming.get_mut(product) else {
+                        continue;
+                    };
+                    if f.1.is_empty() {
+                        f.0 = created;
+                        self.touched.push(product);
                     }
+                    f.1.push(json);
                 }
-                None => {
-                    self.durable.acks.push((product, id));
-                    self.durable.since.get_or_insert_with(Instant::now);
+            }
+            WriterMsg::Acks(acks) => {
+                for (product, id) in acks {
+                    self.acked(product, id);
                 }
-            },
+            }
             WriterMsg::GapAck(id) => {
                 self.durable.gap_acks.push(id);
                 self.durable.since.get_or_insert_with(Instant::now);

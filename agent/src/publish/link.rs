@@ -69,7 +69,7 @@ impl Drop for Link {
 }
 
 /// Events the driver may queue before it waits for the caller.
-const EVENT_QUEUE: usize = 256;
+pub const EVENT_QUEUE: usize = 256;
 
 type EventTx = tokio::sync::mpsc::Sender<Result<LinkEvent, LinkError>>;
 
@@ -300,6 +300,11 @@ impl Link {
             Some(ev) => ev,
             None => Err(LinkError::Connection("the connection's event loop stopped".into())),
         }
+    }
+
+    /// Whether events are waiting: [`poll`](Link::poll) would answer at once.
+    pub fn pending(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// After a failed [`poll`](Link::poll): let the event loop make its next connection attempt.

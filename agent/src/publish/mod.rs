@@ -385,7 +385,8 @@ impl Publisher {
         Ok(false)
     }
 
-    /// A message the broker has: counted, timed and deleted from the buffer.
+    /// A message the broker has: counted and timed (the caller hands the acknowledgement to the
+    /// buffer, which deletes it).
     /// Latency is measured on live messages only: a backlog message's age is the outage, which
     /// freshness and completeness report, not the read-to-PUBACK latency of the pipeline.
     fn delivered(&self, key: &Key, records: u32, created: u64, historical: bool) {
@@ -398,7 +399,6 @@ impl Publisher {
             self.stats
                 .record_latency(product, crate::model::now_millis().saturating_sub(created));
         }
-        self.buffer.ack(key.0, key.1);
     }
 
     pub async fn run(mut self) -> Result<(), PublishError> {
@@ -420,8 +420,27 @@ impl Publisher {
         let mut read_failed = Instant::now()
             .checked_sub(Duration::from_secs(60))
             .unwrap_or_else(Instant::now);
+        // Acknowledged by the broker, not yet handed to the buffer.
+        let mut unflushed: Vec<Key> = Vec::new();
+        let mut held = 0;
         loop {
-            if connected && stopping.is_none() && std::mem::take(&mut dirty) {
+            // While the broker's answers keep coming, take them all first: one hand-off to the
+            // writer and one fill per burst of PUBACKs, not per PUBACK (bounded, so a steady
+            // stream still fills).
+            let burst = link.pending() && held < link::EVENT_QUEUE;
+            if burst {
+                held += 1;
+            } else {
+                held = 0;
+                if !unflushed.is_empty() {
+                    self.buffer.ack_all(unflushed.clone());
+                    // Read after the acknowledgements were handed to the writer (see
+                    // `BufferStats::generation`).
+                    let generation = self.buffer.stats.generation.load(Ordering::SeqCst);
+                    acked.extend(unflushed.drain(..).map(|k| (k, generation)));
+                }
+            }
+            if !burst && connected && stopping.is_none() && std::mem::take(&mut dirty) {
                 let generation = self.buffer.stats.generation.load(Ordering::Relaxed);
                 // Once per generation, not per acknowledgement: thousands of them a second.
                 if generation != pruned_at {
@@ -446,7 +465,7 @@ impl Publisher {
                     other => other?,
                 }
             }
-            if let Some(since) = stopping {
+            if let Some(since) = stopping.filter(|_| !burst) {
                 let settled = session.inflight.is_empty() && session.sp.unconfirmed() == 0;
                 if settled || since.elapsed() > Duration::from_secs(3) || !connected {
                     if connected {
@@ -524,17 +543,20 @@ impl Publisher {
                             Some(Sent::Message(key)) => {
                                 let (records, created, historical) = session.sent.remove(&key).unwrap_or((0, 0, false));
                                 match failure {
-                                    None => self.delivered(&key, records, created, historical),
+                                    None => {
+                                        self.delivered(&key, records, created, historical);
+                                        unflushed.push(key);
+                                    }
                                     Some(code) => {
                                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                                         error!(product = %self.reader.name(key.0), epoch = key.1.epoch, seq = key.1.seq, reason = format!("0x{code:02x}"),
                                                "broker refused the message; dead-lettered locally");
                                         self.buffer.dead_letter(key.0, key.1, GapReason::BrokerRejected(code));
+                                        // Read after the dead letter was handed to the writer
+                                        // (see `BufferStats::generation`).
+                                        acked.insert(key, self.buffer.stats.generation.load(Ordering::SeqCst));
                                     }
                                 }
-                                // Read after the acknowledgement was handed to the writer (see
-                                // `BufferStats::generation`).
-                                acked.insert(key, self.buffer.stats.generation.load(Ordering::SeqCst));
                             }
                             Some(Sent::Gap(id)) => {
                                 session.gaps_sent.remove(&id);
@@ -558,7 +580,7 @@ impl Publisher {
                         for key in session.sp.barriers.pop_front().unwrap_or_default() {
                             let (records, created, historical) = session.sent.remove(&key).unwrap_or((0, 0, false));
                             self.delivered(&key, records, created, historical);
-                            acked.insert(key, self.buffer.stats.generation.load(Ordering::SeqCst));
+                            unflushed.push(key);
                         }
                     }
                     Ok(LinkEvent::Message { topic, payload }) => {
