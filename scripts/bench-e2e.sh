@@ -9,6 +9,9 @@
 #                                              (default: one product of REGS fields per device)
 #   BENCH_UNS=true scripts/bench-e2e.sh 100 100 1s  the UNS view too: every field also retained on its
 #                                              own topic (reports UNS messages/s and core-ms per 1000)
+#   BENCH_INFLIGHT=512 scripts/bench-e2e.sh ...   the agent's max_inflight (default 64)
+#   BENCH_UNS=true scripts/bench-e2e.sh 100 100 100ms  the broker's ceiling: 100,000 field values/s
+#                                              offered to the UNS view (the newest of each goes)
 #   BENCH_PUBACK_DELAY_MS=50 scripts/bench-e2e.sh   the broker's answers 50 ms late (a slow uplink,
 #                                              through tests/peers/delay_proxy.py)
 #   BENCH_BROKER_NODELAY=true scripts/bench-e2e.sh  Mosquitto with `set_tcp_nodelay true` (without it,
@@ -62,7 +65,7 @@ run() {
   for _ in $(seq 100); do [ "$(grep -c '^SIM' "$dir/sim.out" || true)" -ge "$devices" ] && break; sleep 0.1; done
   {
     printf '[agent]\nid = "gw-bench"\nsite = "bench"\narea = "a"\nline = "l"\ngovernance = "builtin-defaults"\nmetrics_listen = "127.0.0.1:0"\n\n'
-    printf '[upstream]\nurl = "mqtt://127.0.0.1:%s"\nprotocol = "5"\nmax_inflight = 64\n\n' "$uplink"
+    printf '[upstream]\nurl = "mqtt://127.0.0.1:%s"\nprotocol = "5"\nmax_inflight = %s\n\n' "$uplink" "${BENCH_INFLIGHT:-64}"
     printf '[buffer]\nmax_bytes = "1GiB"\n\n'
     while read -r _ i addr; do
       printf '[[devices]]\nid = "d%s"\nprotocol = "modbus_tcp"\naddress = "%s"\npoll_interval = "%s"\n' "$i" "$addr" "$poll"

@@ -9,8 +9,31 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// The demo process, killed if a test fails before it stops the demo itself.
+struct Demo(Child);
+
+impl std::ops::Deref for Demo {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Demo {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 #[test]
 fn the_demo_plant_publishes_every_product_under_governance() {
@@ -23,6 +46,7 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Demo)
         .unwrap();
     wait_for("the embedded broker", Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -220,6 +244,7 @@ fn the_demo_uns_view_at_mosquitto() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Demo)
         .unwrap();
     let sub = Subscriber::start(broker.port, "demo-plant/#", "demo-mosquitto-sub");
     // Every UNS field has been sent once (the late subscriber below sees only what is retained).
