@@ -30,7 +30,7 @@ export PATH="$PATH:/usr/sbin"
 mosquitto -h 2>&1 | head -1 || true
 
 step "python peers (.venv)"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pymodbus, asyncua, jsonschema, serial, paho.mqtt, grpc_tools, google.protobuf' >/dev/null 2>&1; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pymodbus, asyncua, jsonschema, serial, paho.mqtt, grpc_tools, google.protobuf, open_data_contract_standard, datacontract' >/dev/null 2>&1; then
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/peers/requirements.txt
 fi

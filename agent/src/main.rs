@@ -46,6 +46,12 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Write what a central platform ingests, offline (no broker, no devices): each product's ODCS
+    /// data contract, or the gateway's AsyncAPI document.
+    Export {
+        #[command(subcommand)]
+        what: Export,
+    },
     /// Run the demo plant: a simulated press-line PLC over Modbus TCP, two products, an embedded broker.
     Demo {
         #[arg(long)]
@@ -159,6 +165,63 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum Export {
+    /// Each product's ODCS v3 data contract (what the agent retains on `{topic}/_contract`), as
+    /// DIR/<product>.v<major>.odcs.json.
+    Contracts {
+        dir: PathBuf,
+        #[command(flatten)]
+        source: ExportSource,
+    },
+}
+
+#[derive(clap::Args)]
+struct ExportSource {
+    /// Config directory or files.
+    #[arg(short, long, value_delimiter = ',', required_unless_present = "demo")]
+    config: Vec<PathBuf>,
+    /// The embedded demo plant's config.
+    #[arg(long, conflicts_with = "config")]
+    demo: bool,
+}
+
+impl ExportSource {
+    fn plan(&self) -> Result<config::Plan, String> {
+        if self.demo {
+            return demo_config(&std::env::temp_dir().join("plantmesh-export")).map_err(|e| format!("{e:#}"));
+        }
+        config::load(&self.config).map_err(|d| format!("{d}\n{} problem(s) found", d.0.len()))
+    }
+}
+
+fn export(what: &Export) -> ExitCode {
+    match what {
+        Export::Contracts { dir, source } => {
+            let plan = match source.plan() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match plantmesh::catalog::odcs::write_contracts(&plan, dir) {
+                Ok(files) => {
+                    for f in &files {
+                        println!("{}", f.display());
+                    }
+                    eprintln!("{} contract(s) written to {}", files.len(), dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("plantmesh export contracts: {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum BufferAction {
     /// Pending messages, gap events and drop counters.
     Stats {
@@ -204,13 +267,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Some(Command::Check { .. } | Command::Buffer { .. } | Command::Audit { .. })
+        Some(Command::Check { .. } | Command::Buffer { .. } | Command::Audit { .. } | Command::Export { .. })
             | Some(Command::Preview { input: Some(_), .. })
     ) {
         die_on_closed_pipe();
     }
     match cli.command {
         Some(Command::Check { paths, data_dir }) => check(&paths, data_dir.as_deref()),
+        Some(Command::Export { what }) => export(&what),
         Some(Command::Reload { config, data_dir }) => reload(&config, data_dir),
         Some(Command::Simulate {
             sensor_node: true,
@@ -372,6 +436,12 @@ fn check(paths: &[PathBuf], data_dir: Option<&std::path::Path>) -> ExitCode {
                     p.topic
                 );
             }
+            for p in &plan.retired {
+                println!(
+                    "  {} v{} retired: not run; its retained documents are cleared",
+                    p.id, p.version
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(d) => {
@@ -516,7 +586,9 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Some(Command::Check { .. } | Command::Reload { .. }) => unreachable!("handled before the runtime starts"),
+            Some(Command::Check { .. } | Command::Reload { .. } | Command::Export { .. }) => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     })
 }
@@ -620,6 +692,25 @@ async fn demo(data_dir: Option<PathBuf>, broker: Option<String>) -> anyhow::Resu
     Ok(())
 }
 
+/// The demo plant's embedded config, as it is written (its devices at the addresses in the file).
+#[cfg(feature = "simulators")]
+fn demo_config(data_dir: &std::path::Path) -> anyhow::Result<config::Plan> {
+    use std::path::Path;
+    let products: Vec<(&Path, &str)> = DEMO_PRODUCTS.iter().map(|(p, t)| (Path::new(*p), *t)).collect();
+    config::load_texts(
+        (Path::new("configs/demo/agent.toml"), DEMO_GATEWAY),
+        Some((Path::new("configs/demo/governance.toml"), DEMO_GOVERNANCE)),
+        &products,
+        data_dir,
+    )
+    .map_err(|d| anyhow::anyhow!("embedded demo config is invalid:\n{d}"))
+}
+
+#[cfg(not(feature = "simulators"))]
+fn demo_config(_: &std::path::Path) -> anyhow::Result<config::Plan> {
+    bail!("this build has no demo plant (feature `simulators`)")
+}
+
 /// The demo plant: its embedded config, with its simulated PLC and oven started and wired in. The
 /// simulators run while the returned guard lives.
 #[cfg(feature = "simulators")]
@@ -628,16 +719,8 @@ async fn demo_plan(
     broker: Option<&str>,
 ) -> anyhow::Result<(config::Plan, plantmesh::sim::oven::SimServer)> {
     use plantmesh::config::DeviceKind;
-    use std::path::Path;
     let data_dir = data_dir.to_path_buf();
-    let products: Vec<(&Path, &str)> = DEMO_PRODUCTS.iter().map(|(p, t)| (Path::new(*p), *t)).collect();
-    let mut plan = config::load_texts(
-        (Path::new("configs/demo/agent.toml"), DEMO_GATEWAY),
-        Some((Path::new("configs/demo/governance.toml"), DEMO_GOVERNANCE)),
-        &products,
-        &data_dir,
-    )
-    .map_err(|d| anyhow::anyhow!("embedded demo config is invalid:\n{d}"))?;
+    let mut plan = demo_config(&data_dir)?;
     // The demo's site secret: 32 random bytes, created once, readable by its owner only.
     let key = data_dir.join("site.key");
     if !key.exists() {

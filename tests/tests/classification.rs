@@ -15,20 +15,8 @@ use std::process::{Command, Output};
 
 /// A copy of `configs/example` with `edit` applied to it.
 fn example(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let target = to.join(e.file_name());
-            if e.path().is_dir() {
-                copy(&e.path(), &target);
-            } else {
-                std::fs::copy(e.path(), target).unwrap();
-            }
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    copy(&repo_root().join("configs/example"), dir.path());
+    copy_dir(&repo_root().join("configs/example"), dir.path());
     edit(dir.path());
     dir
 }

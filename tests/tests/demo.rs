@@ -9,31 +9,8 @@
 mod common;
 
 use common::*;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// The demo process, killed if a test fails before it stops the demo itself.
-struct Demo(Child);
-
-impl std::ops::Deref for Demo {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Demo {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn the_demo_plant_publishes_every_product_under_governance() {
@@ -46,7 +23,7 @@ fn the_demo_plant_publishes_every_product_under_governance() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map(Demo)
+        .map(KillOnDrop)
         .unwrap();
     wait_for("the embedded broker", Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -244,7 +221,7 @@ fn the_demo_uns_view_at_mosquitto() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map(Demo)
+        .map(KillOnDrop)
         .unwrap();
     let sub = Subscriber::start(broker.port, "demo-plant/#", "demo-mosquitto-sub");
     // Every UNS field has been sent once (the late subscriber below sees only what is retained).

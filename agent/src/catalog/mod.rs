@@ -1,4 +1,6 @@
-//! Catalog: measured service levels per product (SLIs).
+//! Catalog: what a platform learns of each product besides its data. [`odcs`]: the ODCS data
+//! contract; [`entry`]: the catalog index entry on a fixed topic; this file: the measured service
+//! levels per product (SLIs).
 //!
 //! In: every governed record (from map, after governance), buffer and publish counters. Out: one SLI
 //! document per product per interval, published retained on `{topic}/_sli`, and the same figures
@@ -12,6 +14,10 @@
 //!   by reason (from the buffer's counters); `latency_ms`: read-to-PUBACK quantiles of the product's
 //!   messages acknowledged in the interval.
 //! - `targets` and `met`: the contract's service levels and whether the interval met them.
+
+pub mod entry;
+pub mod ledger;
+pub mod odcs;
 
 use crate::config::ProductPlan;
 use crate::govern::Governed;
@@ -185,6 +191,7 @@ pub fn sli_document(
     serde_json::to_vec(&json!({
         "product": product.id,
         "version": product.version,
+        "status": product.status,
         "agent": agent,
         "ts": crate::model::format_rfc3339_millis(now),
         "interval_ms": interval_ms,

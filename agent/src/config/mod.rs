@@ -41,6 +41,9 @@ pub struct Plan {
     /// Shared with the sources rather than copied.
     pub tags: std::sync::Arc<[TagPlan]>,
     pub products: Vec<ProductPlan>,
+    /// Products whose file says `status = "retired"`: not run; their retained descriptor, contract,
+    /// catalog entry and SLI are cleared once their backlog has drained.
+    pub retired: Vec<ProductPlan>,
     /// The platform's rules, as every product was checked against them.
     pub governance: GovernancePlan,
     /// Hash of every config file's bytes, in path order (FNV-1a 64, hex); reported in the status topic.
@@ -54,6 +57,9 @@ pub struct AgentPlan {
     pub site: String,
     pub area: String,
     pub line: String,
+    /// `None`: not set (the URN says `_`; a template with `{enterprise}` is refused).
+    pub enterprise: Option<String>,
+    pub cell: Option<String>,
     pub data_dir: PathBuf,
     pub sli_interval: Duration,
     /// `Some`: check the config files this often and reload a change that stayed one period.
@@ -167,6 +173,23 @@ pub enum DataType {
 }
 
 impl DataType {
+    /// The name config files write (`f32`, `string`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Bool => "bool",
+            DataType::U16 => "u16",
+            DataType::I16 => "i16",
+            DataType::U32 => "u32",
+            DataType::I32 => "i32",
+            DataType::U64 => "u64",
+            DataType::I64 => "i64",
+            DataType::F32 => "f32",
+            DataType::F64 => "f64",
+            DataType::Text(_) => "string",
+            DataType::Array => "array",
+        }
+    }
+
     /// Registers one value occupies (1 for bits).
     pub fn registers(self) -> u16 {
         match self {
@@ -520,6 +543,34 @@ pub fn product_key(id: &str, major: u64) -> String {
 }
 
 /// `(id, major)` of a buffer key; keys of older buffers (no `.v`) are taken as the id.
+/// The product's name in the fleet (docs/wire-format.md, "Identity and duplicates"):
+/// `urn:plantmesh:{enterprise}:{site}:{agent}:{product}:v{major}`, `_` for an enterprise not set.
+/// Each part is percent-encoded beyond `A-Z a-z 0-9 - . _ ~` (RFC 8141 leaves `:` to the
+/// namespace; here it separates the parts, so a `:` inside a name is encoded too).
+pub fn urn(agent: &AgentPlan, product: &str, major: u64) -> String {
+    fn part(out: &mut String, s: &str) {
+        use std::fmt::Write;
+        for b in s.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                out.push(b as char);
+            } else {
+                let _ = write!(out, "%{b:02X}"); // writing to a String cannot fail
+            }
+        }
+    }
+    let mut out = String::from("urn:plantmesh:");
+    match &agent.enterprise {
+        Some(e) => part(&mut out, e),
+        None => out.push('_'),
+    }
+    for p in [&agent.site, &agent.id, product] {
+        out.push(':');
+        part(&mut out, p);
+    }
+    out.push_str(&format!(":v{major}"));
+    out
+}
+
 pub fn split_product_key(key: &str) -> (&str, Option<u64>) {
     match key.rsplit_once(".v") {
         Some((id, major)) => match major.parse() {

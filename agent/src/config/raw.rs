@@ -30,6 +30,10 @@ pub struct Agent {
     pub site: Spanned<String>,
     pub area: Spanned<String>,
     pub line: Spanned<String>,
+    /// Optional ISA-95 levels above the site and below the line: the `{enterprise}` and `{cell}`
+    /// topic placeholders; the enterprise is also part of each product's URN.
+    pub enterprise: Option<Spanned<String>>,
+    pub cell: Option<Spanned<String>>,
     /// Where the buffer and agent state live. Relative paths are relative to the gateway file.
     pub data_dir: Option<String>,
     /// How often each product's SLIs are published (retained, on `_sli`); default 10s.

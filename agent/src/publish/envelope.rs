@@ -115,10 +115,12 @@ pub fn write_value(out: &mut Vec<u8>, v: Option<&Value>) {
 }
 
 /// Where and how the product is published (the descriptor's `binding`).
-fn binding(p: &ProductPlan) -> Json {
+fn binding(plan: &Plan, p: &ProductPlan) -> Json {
     let mut b = json!({"protocol": "mqtt", "topic": p.topic, "qos": p.qos.level(), "encoding": "json",
                        "sli_topic": format!("{}/_sli", p.topic),
-                       "gaps_topic": gaps_topic(p)});
+                       "gaps_topic": gaps_topic(p),
+                       "contract_topic": crate::catalog::odcs::contract_topic(p),
+                       "catalog_topic": crate::catalog::entry::entry_topic(&plan.agent, p)});
     if p.uns {
         b["uns_topic"] = super::uns::field_topic(&p.topic, "{field}").into();
     }
@@ -178,30 +180,6 @@ pub fn status_refusing(plan: &Plan, state: &str, epoch: u64, refused: &[(String,
     serde_json::to_vec(&doc).expect("status serializes")
 }
 
-/// The service levels in Open Data Contract Standard form (`property`, `value`, `unit`).
-fn sla_properties(sl: &crate::config::ServiceLevelPlan) -> Vec<Json> {
-    let ms = |d: std::time::Duration| d.as_millis() as u64;
-    let mut out = vec![
-        json!({"property": "frequency", "value": ms(sl.expected_interval), "unit": "ms",
-                              "description": "expected time between records"}),
-    ];
-    if let Some(d) = sl.freshness {
-        out.push(json!({"property": "freshness", "value": ms(d), "unit": "ms",
-                        "description": "most age of the newest good value"}));
-    }
-    if let Some(c) = sl.completeness {
-        out.push(json!({"property": "completeness", "value": c,
-                        "description": "share of good values per SLI interval"}));
-    }
-    if let Some(d) = sl.latency_p99 {
-        out.push(
-            json!({"property": "latency", "value": ms(d), "unit": "ms", "valueExt": "p99",
-                        "description": "read-to-PUBACK latency, 99th percentile"}),
-        );
-    }
-    out
-}
-
 /// One schema property of the descriptor. What leaves is what the consumer gets: pseudonyms are
 /// strings, masked values null.
 fn property(p: &ProductPlan, f: &crate::config::FieldPlan, lineage: Json) -> Json {
@@ -253,6 +231,7 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
         "apiVersion": "plantmesh/v1",
         "kind": "DataProduct",
         "id": p.id,
+        "urn": crate::config::urn(&plan.agent, &p.id, p.major),
         "name": p.name,
         "version": p.version,
         "domain": p.domain,
@@ -265,8 +244,8 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
             crate::config::PublishMode::Window(w) => Some(w.as_millis() as u64),
             _ => None,
         },
-        "slaProperties": sla_properties(&p.service_levels),
-        "binding": binding(p),
+        "slaProperties": crate::catalog::odcs::sla_properties(&p.service_levels),
+        "binding": binding(plan, p),
         "contract_hash": format!("{:016x}", crate::config::fnv1a64(&[p.version.as_bytes(), &contract])),
         "agent": plan.agent.id,
     }))

@@ -51,6 +51,12 @@ pub struct Announced {
     /// Builds the descriptor when it is published (on each connect), instead of holding it: with
     /// thousands of fields it is hundreds of KiB per product.
     pub descriptor: std::sync::Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
+    /// Builds the product's other retained documents, `(topic, payload)`: its ODCS contract and its
+    /// catalog index entry. Published after the descriptor, cleared with it.
+    pub documents: std::sync::Arc<dyn Fn() -> Vec<(String, Vec<u8>)> + Send + Sync>,
+    /// The product's name in the fleet ([`crate::config::urn`]), an MQTT 5 user property of each of
+    /// its messages.
+    pub urn: Arc<str>,
     /// Fingerprint of the governance treatment its records get now.
     pub governance: u64,
     /// Builds that treatment, when a message governed under another one must be judged against it.
@@ -153,6 +159,11 @@ pub struct Publisher {
     pub retired: Vec<bool>,
     /// Retired slots whose retained descriptor and SLI are still to be cleared once drained.
     pub clearing: Vec<usize>,
+    /// Products the config says are retired, `(buffer key, their retained topics)`: cleared once
+    /// their backlog (drained as that of any product not in the config) is delivered.
+    pub leftovers: Vec<(String, Vec<String>)>,
+    /// The ledger of products with retained documents ([`crate::catalog::ledger`]); `None`: none kept.
+    pub ledger: Option<std::path::PathBuf>,
 }
 
 /// A reload's change to what the publisher announces. Slots keep their places: `products` is the
@@ -448,7 +459,7 @@ impl Publisher {
                     acked_gaps.retain(|_, g| *g + 2 > generation);
                     pruned_at = generation;
                 }
-                if !self.clearing.is_empty() {
+                if !self.clearing.is_empty() || !self.leftovers.is_empty() {
                     if let Err(e) = self.clear_retired(&link, &mut session) {
                         warn!(error = %e, "cannot check whether removed products have drained; retrying");
                     }
@@ -672,10 +683,7 @@ impl Publisher {
             link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
             s.inflight.queued(Sent::Control);
             for &i in &c.announce {
-                if let Some(p) = self.products.get(i) {
-                    link.publish(&p.descriptor_topic, true, (p.descriptor)(), vec![])?;
-                    s.inflight.queued(Sent::Descriptor(i));
-                }
+                self.announce(link, s, i)?;
             }
             // New slots get cursors as a connect would give them (their backlog, if the buffer
             // held one from an earlier run, drains beside their live messages).
@@ -706,27 +714,79 @@ impl Publisher {
     /// Clears the retained descriptor and SLI of each removed product whose backlog has drained.
     fn clear_retired(&mut self, link: &Link, s: &mut Session) -> Result<(), PublishError> {
         let mut i = 0;
+        while i < self.leftovers.len() {
+            let key = self.reader.key(&self.leftovers[i].0);
+            if !self.drained(key, s)? {
+                i += 1;
+                continue;
+            }
+            let (id, topics) = self.leftovers.swap_remove(i);
+            for topic in topics {
+                link.publish(&topic, true, Vec::new(), vec![])?;
+                s.inflight.queued(Sent::Control);
+            }
+            info!(product = %id, "product no longer in the config drained: its retained descriptor, contract, catalog entry and SLI are cleared");
+            self.forget(&id);
+        }
+        i = 0;
         while i < self.clearing.len() {
             let slot = self.clearing[i];
             let (Some(&key), Some(p)) = (self.products.keys().get(slot), self.products.get(slot)) else {
                 self.clearing.swap_remove(i);
                 continue;
             };
-            let drained = self.reader.last_id(key)?.is_none()
-                && self.buffer.live.after(key, None, 1).0.is_empty()
-                && !s.sent.keys().any(|k| k.0 == key);
-            if !drained {
+            if !self.drained(key, s)? {
                 i += 1;
                 continue;
             }
-            for topic in [&p.descriptor_topic, &p.sli_topic] {
-                link.publish(topic, true, Vec::new(), vec![])?;
+            let others = (p.documents)().into_iter().map(|(topic, _)| topic);
+            for topic in [p.descriptor_topic.clone(), p.sli_topic.clone()]
+                .into_iter()
+                .chain(others)
+            {
+                link.publish(&topic, true, Vec::new(), vec![])?;
                 s.inflight.queued(Sent::Control);
             }
-            info!(product = %p.id, "removed product drained: its retained descriptor and SLI are cleared");
+            info!(product = %p.id, "removed product drained: its retained descriptor, contract, catalog entry and SLI are cleared");
+            let id = p.id.clone();
+            self.forget(&id);
             self.clearing.swap_remove(i);
         }
         Ok(())
+    }
+
+    /// Publishes product `i`'s retained documents: the descriptor first (its PUBACK stores it as
+    /// the last published contract), then the ODCS contract and the catalog entry. All of them are
+    /// queued before any of the product's messages of this session.
+    fn announce(&self, link: &Link, s: &mut Session, i: usize) -> Result<(), PublishError> {
+        let Some(p) = self.products.get(i) else {
+            return Ok(());
+        };
+        link.publish(&p.descriptor_topic, true, (p.descriptor)(), vec![])?;
+        s.inflight.queued(Sent::Descriptor(i));
+        for (topic, payload) in (p.documents)() {
+            link.publish(&topic, true, payload, vec![])?;
+            s.inflight.queued(Sent::Control);
+        }
+        Ok(())
+    }
+
+    /// Takes a product whose retained documents were cleared off the ledger.
+    fn forget(&self, key: &str) {
+        if let Some(file) = &self.ledger {
+            if let Err(e) = crate::catalog::ledger::update(file, |e| {
+                e.remove(key);
+            }) {
+                warn!(file = %file.display(), error = %e, "cannot update the ledger of retained documents");
+            }
+        }
+    }
+
+    /// Nothing of the product is left to deliver: nothing buffered, nothing live, nothing in flight.
+    fn drained(&self, key: ProductKey, s: &Session) -> Result<bool, PublishError> {
+        Ok(self.reader.last_id(key)?.is_none()
+            && self.buffer.live.after(key, None, 1).0.is_empty()
+            && !s.sent.keys().any(|k| k.0 == key))
     }
 
     fn new_session(&self) -> Session {
@@ -751,12 +811,11 @@ impl Publisher {
         if let Some(b) = &self.uns {
             b.resend();
         }
-        for (i, p) in self.products.iter().enumerate() {
+        for i in 0..self.products.len() {
             if self.retired.get(i).copied().unwrap_or(false) {
                 continue; // still retained at the broker until it is cleared
             }
-            link.publish(&p.descriptor_topic, true, (p.descriptor)(), vec![])?;
-            s.inflight.queued(Sent::Descriptor(i));
+            self.announce(link, s, i)?;
         }
         let mut products: Vec<ProductKey> = self.products.keys().to_vec();
         let announced: HashSet<ProductKey> = products.iter().copied().collect();
@@ -1001,7 +1060,8 @@ impl Publisher {
                             continue;
                         }
                         let payload = envelope::encode_message(&m, &self.agent_id, historical);
-                        let props = vec![
+                        let announced = self.products.index(m.product).and_then(|i| self.products.get(i));
+                        let mut props = vec![
                             (
                                 "product".to_string(),
                                 crate::config::split_product_key(&m.name).0.to_string(),
@@ -1012,11 +1072,11 @@ impl Publisher {
                             ("last_seq".to_string(), m.last_seq.to_string()),
                             ("historical".to_string(), historical.to_string()),
                         ];
-                        let qos = self
-                            .products
-                            .index(m.product)
-                            .and_then(|i| self.products.get(i))
-                            .map_or(crate::config::Qos::AtLeastOnce, |p| p.qos);
+                        // A product no longer in the config (its backlog draining) has no URN here.
+                        if let Some(p) = announced {
+                            props.push(("urn".to_string(), p.urn.to_string()));
+                        }
+                        let qos = announced.map_or(crate::config::Qos::AtLeastOnce, |p| p.qos);
                         let payload_len = payload.len();
                         link.publish_qos(&m.topic, qos, false, payload, props)?;
                         s.inflight.queued(Sent::Message(key));

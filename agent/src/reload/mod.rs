@@ -274,6 +274,8 @@ pub fn diff(old: &Plan, new: &Plan, gateway: &(PathBuf, String)) -> Result<Chang
         ("agent.site", a.site != n.site),
         ("agent.area", a.area != n.area),
         ("agent.line", a.line != n.line),
+        ("agent.enterprise", a.enterprise != n.enterprise),
+        ("agent.cell", a.cell != n.cell),
         ("agent.data_dir", a.data_dir != n.data_dir),
         ("agent.metrics_listen", a.metrics_listen != n.metrics_listen),
         ("agent.sli_interval", a.sli_interval != n.sli_interval),

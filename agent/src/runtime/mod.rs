@@ -52,6 +52,31 @@ pub fn application_uri(plan: &Plan) -> String {
     format!("urn:plantmesh:{}:{}", plan.agent.site, plan.agent.id)
 }
 
+/// The products whose retained documents are to be cleared: those the ledger has that the config
+/// no longer runs (removed while the agent was stopped), and the retired ones. The ledger then
+/// lists them and every product of the config.
+fn leftovers(plan: &Plan) -> Vec<(String, Vec<String>)> {
+    use crate::catalog::ledger;
+    let file = ledger::path(&plan.agent.data_dir);
+    let running: std::collections::HashSet<&str> = plan.products.iter().map(|p| p.key.as_str()).collect();
+    let mut gone: ledger::Entries = ledger::read(&file)
+        .into_iter()
+        .filter(|(k, _)| !running.contains(k.as_str()))
+        .collect();
+    for p in &plan.retired {
+        let (k, v) = ledger::entry_of(plan, p);
+        gone.entry(k).or_insert(v);
+    }
+    let update = ledger::update(&file, |e| {
+        e.extend(gone.iter().map(|(k, v)| (k.clone(), v.clone())));
+        e.extend(plan.products.iter().map(|p| ledger::entry_of(plan, p)));
+    });
+    if let Err(e) = update {
+        tracing::warn!(file = %file.display(), error = %e, "cannot record the announced products; if they are removed while the agent is stopped, their retained documents stay at the broker");
+    }
+    gone.into_iter().map(|(k, v)| (k, ledger::topics(&v))).collect()
+}
+
 /// Default upstream settings for the embedded broker.
 pub fn local_upstream(port: u16, client_id: String) -> UpstreamPlan {
     UpstreamPlan {
@@ -229,7 +254,8 @@ pub async fn run(
         envelope::status(&plan, "offline", epoch),
     )?;
     let mut options = options;
-    options.burst = 2 * plan.products.len();
+    // On connect every product queues its descriptor, contract and catalog entry; its SLI follows.
+    options.burst = 4 * plan.products.len();
     let publish_stats = Arc::new(PublishStats::new(plan.products.len()));
     let (retained_tx, retained_rx) = mpsc::unbounded_channel();
     let sparkplug = upstream.sparkplug.as_ref().map(|sp| crate::publish::SparkplugOut {
@@ -266,6 +292,8 @@ pub async fn run(
         changes: change_rx,
         retired: vec![false; plan.products.len()],
         clearing: Vec::new(),
+        leftovers: leftovers(&plan),
+        ledger: Some(crate::catalog::ledger::path(&plan.agent.data_dir)),
     };
     if upstream.insecure_credentials {
         tracing::warn!(broker = %broker, "the upstream password crosses plain MQTT readable on the network (allow_insecure_credentials = true)");

@@ -136,13 +136,23 @@ pub fn buffer_slot(p: &ProductPlan) -> ProductSlot {
 /// What the publisher announces of product `i` of `plan`.
 pub fn announced(plan: &Arc<Plan>, i: usize) -> Announced {
     let p = &plan.products[i];
-    let (descriptor_plan, treatment_plan) = (plan.clone(), plan.clone());
+    let (descriptor_plan, documents_plan, treatment_plan) = (plan.clone(), plan.clone(), plan.clone());
     Announced {
         id: p.key.clone(),
         qos: p.qos,
         descriptor_topic: envelope::descriptor_topic(p),
         sli_topic: crate::catalog::sli_topic(p),
         descriptor: Arc::new(move || envelope::descriptor(&descriptor_plan, &descriptor_plan.products[i])),
+        documents: Arc::new(move || {
+            let (plan, p) = (&*documents_plan, &documents_plan.products[i]);
+            let contract = crate::catalog::odcs::contract_bytes(plan, p);
+            let entry = crate::catalog::entry::entry(plan, p, &contract);
+            vec![
+                (crate::catalog::odcs::contract_topic(p), contract),
+                (crate::catalog::entry::entry_topic(&plan.agent, p), entry),
+            ]
+        }),
+        urn: crate::config::urn(&plan.agent, &p.id, p.major).into(),
         governance: crate::govern::Treatment::of(p).fingerprint(),
         treatment: Arc::new(move || crate::govern::Treatment::of(&treatment_plan.products[i])),
     }
@@ -502,6 +512,19 @@ impl Parts {
             .chain(&c.products_changed)
             .map(|&j| slots[j])
             .collect();
+        // Announced products are on the ledger (cleared from the broker once they leave).
+        let ledger = crate::catalog::ledger::path(&plan.agent.data_dir);
+        if let Err(e) = crate::catalog::ledger::update(&ledger, |entries| {
+            let (added, changed) = (&c.products_added, &c.products_changed);
+            entries.extend(
+                added
+                    .iter()
+                    .chain(changed)
+                    .map(|&j| crate::catalog::ledger::entry_of(&plan, &plan.products[j])),
+            );
+        }) {
+            tracing::warn!(file = %ledger.display(), error = %e, "cannot record the announced products; if they are removed while the agent is stopped, their retained documents stay at the broker");
+        }
         let retired_keys = self
             .slot_of
             .iter()
@@ -515,7 +538,7 @@ impl Parts {
                 envelope::status(&plan, "offline", self.epoch),
             )
             .map(|mut o| {
-                o.burst = 2 * plan.products.len();
+                o.burst = 4 * plan.products.len();
                 o
             })
             .map_err(|e| {

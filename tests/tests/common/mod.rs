@@ -534,6 +534,68 @@ impl Drop for Agent {
     }
 }
 
+/// Copies a directory tree (a config to edit).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// A child process killed if the test fails before it stops the process itself.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the broker retains under `filter` now: `(topic, payload)` of each retained message, as a
+/// subscriber arriving now gets them (an empty retained message clears its topic: nothing).
+pub fn retained(port: u16, filter: &str) -> Vec<(String, String)> {
+    let out = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            filter,
+            "-v",
+            "--retained-only",
+            "-W",
+            "2",
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(t, p)| (t.to_string(), p.to_string()))
+        .collect()
+}
+
 /// Writes a config directory: agent.toml plus products/<name>.toml.
 pub fn write_config(dir: &Path, gateway: &str, products: &[(&str, &str)]) {
     std::fs::create_dir_all(dir.join("products")).unwrap();

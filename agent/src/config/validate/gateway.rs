@@ -21,6 +21,27 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
     cx.name(&a.site, "agent.site", true);
     cx.name(&a.area, "agent.area", true);
     cx.name(&a.line, "agent.line", true);
+    for (v, key, placeholder) in [
+        (&a.enterprise, "agent.enterprise", "{enterprise}"),
+        (&a.cell, "agent.cell", "{cell}"),
+    ] {
+        match v {
+            Some(v) => cx.name(v, key, true),
+            None if rules.template.contains(placeholder) => {
+                cx.err(
+                    &a.id,
+                    key,
+                    format!(
+                        "the topic template of {} places `{placeholder}`, but [agent] has no `{}`",
+                        rules.file,
+                        &key[6..]
+                    ),
+                )
+                .help = Some(format!("add {} = \"...\" under [agent]", &key[6..]));
+            }
+            None => {}
+        }
+    }
     let base = cx.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
     let data_dir = a
         .data_dir
@@ -51,6 +72,8 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
         site: a.site.get_ref().clone(),
         area: a.area.get_ref().clone(),
         line: a.line.get_ref().clone(),
+        enterprise: a.enterprise.as_ref().map(|v| v.get_ref().clone()),
+        cell: a.cell.as_ref().map(|v| v.get_ref().clone()),
         data_dir,
         sli_interval,
         watch_config,

@@ -7,7 +7,16 @@ use crate::config::diag::closest;
 use toml::Spanned;
 
 fn check_template(cx: &mut Ctx, t: &Spanned<String>) -> bool {
-    const KNOWN: [&str; 6] = ["site", "area", "line", "domain", "product", "major"];
+    const KNOWN: [&str; 8] = [
+        "enterprise",
+        "site",
+        "area",
+        "line",
+        "cell",
+        "domain",
+        "product",
+        "major",
+    ];
     let mut ok = true;
     let mut rest = t.get_ref().as_str();
     while let Some(open) = rest.find('{') {

@@ -202,6 +202,10 @@ pub(super) fn validate(
                 .unwrap_or(Duration::from_secs(1));
         }
     }
+    // A retired product runs no more: it only has its retained documents cleared once whatever
+    // it left in the buffer has been delivered.
+    let (retired, plan_products): (Vec<ProductPlan>, Vec<ProductPlan>) =
+        plan_products.into_iter().partition(|p| p.status == "retired");
     Ok(Plan {
         agent,
         upstream,
@@ -209,6 +213,7 @@ pub(super) fn validate(
         devices,
         tags: tags.into(),
         products: plan_products,
+        retired,
         governance: rules.plan,
         config_hash: format!("{:016x}", fnv1a64(&hash_input)),
         files,

@@ -345,6 +345,8 @@ pub(super) fn plan(
         });
     }
     let topic = template
+        .replace("{enterprise}", agent.enterprise.as_deref().unwrap_or_default())
+        .replace("{cell}", agent.cell.as_deref().unwrap_or_default())
         .replace("{site}", &agent.site)
         .replace("{area}", &agent.area)
         .replace("{line}", &agent.line)

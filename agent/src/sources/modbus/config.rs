@@ -117,6 +117,15 @@ pub enum ByteOrder {
 }
 
 impl ByteOrder {
+    /// The name config files write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ByteOrder::Abcd => "ABCD",
+            ByteOrder::Cdab => "CDAB",
+            ByteOrder::Badc => "BADC",
+            ByteOrder::Dcba => "DCBA",
+        }
+    }
     pub fn swaps_words(self) -> bool {
         matches!(self, ByteOrder::Cdab | ByteOrder::Dcba)
     }
