@@ -20,6 +20,7 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 command -v objdump >/dev/null 2>&1 || missing+=(binutils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
@@ -36,6 +37,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pymodbus, asyncua,
 fi
 .venv/bin/python -c 'import pymodbus, asyncua; print("pymodbus", pymodbus.__version__, "asyncua", asyncua.__version__)'
 export PLANTMESH_PYTHON="$root/.venv/bin/python"
+
+step "node peers (tests/peers/asyncapi: the AsyncAPI parser)"
+if [ ! -d tests/peers/asyncapi/node_modules/@asyncapi/parser ]; then
+  (cd tests/peers/asyncapi && npm ci --no-audit --no-fund --silent)
+fi
 
 # One clean build per run: incremental state would add gigabytes to target/ and buy nothing.
 export CARGO_INCREMENTAL=0

@@ -173,6 +173,12 @@ enum Export {
         #[command(flatten)]
         source: ExportSource,
     },
+    /// The gateway's AsyncAPI 3.1 document (what the agent retains on
+    /// `{site}/_agents/{agent}/asyncapi`), on standard output.
+    Asyncapi {
+        #[command(flatten)]
+        source: ExportSource,
+    },
 }
 
 #[derive(clap::Args)]
@@ -196,6 +202,25 @@ impl ExportSource {
 
 fn export(what: &Export) -> ExitCode {
     match what {
+        Export::Asyncapi { source } => match source.plan() {
+            Ok(plan) => {
+                let doc = plantmesh::catalog::asyncapi::document(&plan);
+                match serde_json::to_string_pretty(&doc) {
+                    Ok(text) => {
+                        println!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("plantmesh export asyncapi: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
         Export::Contracts { dir, source } => {
             let plan = match source.plan() {
                 Ok(p) => p,

@@ -271,6 +271,48 @@ fn contracts_validate_with_bitol_tools_and_one_index_filter_finds_every_product(
         props_lines.snapshot()
     );
 
+    // The AsyncAPI document each agent retained validates with the AsyncAPI project's parser, and
+    // every message the agents published so far (products, descriptors, contracts, SLIs, gaps,
+    // index, status, UNS) validates against the schema its document gives for its channel.
+    let mut docs = Vec::new();
+    for (site, agent) in [
+        ("demo-plant", "gw-demo-01"),
+        ("plant1", "gw-press-01"),
+        ("s1", "gw-cat"),
+    ] {
+        let topic = format!("{site}/_agents/{agent}/asyncapi");
+        let doc = retained(broker.port, &topic);
+        assert_eq!(doc.len(), 1, "{topic} retained");
+        let path = out.join(format!("{agent}.asyncapi.json"));
+        std::fs::write(&path, &doc[0].1).unwrap();
+        docs.push(path);
+    }
+    let published: Vec<String> = all
+        .lines
+        .snapshot()
+        .iter()
+        .filter_map(|l| l.split_once(' '))
+        // The demo's simulated flow wrapper publishes on machines/: not the agent.
+        .filter(|(t, _)| !t.starts_with("machines/"))
+        .map(|(t, p)| serde_json::to_string(&json!([t, p])).unwrap())
+        .collect();
+    assert!(published.len() > 100, "{}", published.len());
+    let jsonl = out.join("messages.jsonl");
+    std::fs::write(&jsonl, published.join("\n")).unwrap();
+    let check = Command::new("node")
+        .arg(repo_root().join("tests/peers/asyncapi/validate.mjs"))
+        .arg("--messages")
+        .arg(&jsonl)
+        .args(&docs)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
     // Lifecycle. A reload: `gone` removed, `old` retired.
     let documents = |p: &str| {
         let base = format!("acme:eu/s1/c7/prod/{p}/v1");
@@ -355,4 +397,28 @@ fn export_contracts_writes_what_the_agent_would_publish_offline() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("agent.toml") && err.contains("problem(s) found"), "{err}");
     assert!(!Path::new(&empty).exists());
+    // The AsyncAPI document of the same config, offline.
+    let out = Command::new(plantmesh_bin())
+        .args([
+            "export",
+            "asyncapi",
+            "--config",
+            repo_root().join("configs/example").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc = dir.path().join("example.asyncapi.json");
+    std::fs::write(&doc, &out.stdout).unwrap();
+    let check = Command::new("node")
+        .arg(repo_root().join("tests/peers/asyncapi/validate.mjs"))
+        .arg(&doc)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["channels"]["press-cycles.v1"]["address"]
+        .as_str()
+        .unwrap()
+        .ends_with("/press-cycles/v1"));
 }

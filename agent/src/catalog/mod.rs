@@ -15,6 +15,7 @@
 //!   messages acknowledged in the interval.
 //! - `targets` and `met`: the contract's service levels and whether the interval met them.
 
+pub mod asyncapi;
 pub mod entry;
 pub mod ledger;
 pub mod odcs;

@@ -162,9 +162,14 @@ pub struct Publisher {
     /// Products the config says are retired, `(buffer key, their retained topics)`: cleared once
     /// their backlog (drained as that of any product not in the config) is delivered.
     pub leftovers: Vec<(String, Vec<String>)>,
+    /// The gateway's AsyncAPI document, `(topic, builder)`: retained on every connect and reload.
+    pub asyncapi: Option<(String, Document)>,
     /// The ledger of products with retained documents ([`crate::catalog::ledger`]); `None`: none kept.
     pub ledger: Option<std::path::PathBuf>,
 }
+
+/// Builds a retained document when it is published.
+pub type Document = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
 
 /// A reload's change to what the publisher announces. Slots keep their places: `products` is the
 /// whole table, the current slots first (maybe changed), then new ones.
@@ -178,6 +183,8 @@ pub struct Change {
     pub egress: Egress,
     pub online: Vec<u8>,
     pub offline: Vec<u8>,
+    /// The AsyncAPI document of the new config.
+    pub asyncapi: Option<Document>,
     /// `Some`: the upstream connection changed; reconnect once with these.
     pub options: Option<LinkOptions>,
 }
@@ -677,11 +684,15 @@ impl Publisher {
         self.egress = c.egress;
         self.online = c.online;
         self.offline = c.offline;
+        if let (Some((_, doc)), Some(new)) = (&mut self.asyncapi, c.asyncapi) {
+            *doc = new;
+        }
         // Treatments may have changed: judge buffered messages again.
         s.verdicts.clear();
         if let Some(link) = link {
             link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
             s.inflight.queued(Sent::Control);
+            self.publish_asyncapi(link, s)?;
             for &i in &c.announce {
                 self.announce(link, s, i)?;
             }
@@ -771,6 +782,22 @@ impl Publisher {
         Ok(())
     }
 
+    /// Retains the AsyncAPI document, when it fits in a message.
+    fn publish_asyncapi(&self, link: &Link, s: &mut Session) -> Result<(), PublishError> {
+        let Some((topic, build)) = &self.asyncapi else {
+            return Ok(());
+        };
+        let doc = build();
+        let most = self.options.upstream.max_message_bytes;
+        if doc.len() > most {
+            warn!(bytes = doc.len(), max_message_bytes = most, "the AsyncAPI document is larger than a message may be: not retained (plantmesh export asyncapi prints it)");
+            return Ok(());
+        }
+        link.publish(topic, true, doc, vec![])?;
+        s.inflight.queued(Sent::Control);
+        Ok(())
+    }
+
     /// Takes a product whose retained documents were cleared off the ledger.
     fn forget(&self, key: &str) {
         if let Some(file) = &self.ledger {
@@ -808,6 +835,7 @@ impl Publisher {
     fn on_connect(&self, link: &Link, s: &mut Session) -> Result<(), PublishError> {
         link.publish(&self.status_topic, true, self.online.clone(), vec![])?;
         s.inflight.queued(Sent::Control);
+        self.publish_asyncapi(link, s)?;
         if let Some(b) = &self.uns {
             b.resend();
         }

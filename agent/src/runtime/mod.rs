@@ -293,6 +293,10 @@ pub async fn run(
         retired: vec![false; plan.products.len()],
         clearing: Vec::new(),
         leftovers: leftovers(&plan),
+        asyncapi: Some((crate::catalog::asyncapi::topic(&plan), {
+            let plan = plan.clone();
+            Arc::new(move || crate::catalog::asyncapi::document_bytes(&plan))
+        })),
         ledger: Some(crate::catalog::ledger::path(&plan.agent.data_dir)),
     };
     if upstream.insecure_credentials {

@@ -555,6 +555,10 @@ impl Parts {
             egress: egress(&plan, retired_keys),
             online: envelope::status_refusing(&plan, "online", self.epoch, &refused),
             offline: envelope::status_refusing(&plan, "offline", self.epoch, &refused),
+            asyncapi: Some({
+                let plan = plan.clone();
+                Arc::new(move || crate::catalog::asyncapi::document_bytes(&plan))
+            }),
             options,
         });
 
