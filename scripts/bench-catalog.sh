@@ -15,7 +15,7 @@ cargo build -q --release -p plantmesh --bins
 bin="${BENCH_AGENT:-$root/target/release/plantmesh}"
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -41,18 +41,23 @@ for i in $(seq 0 $((n - 1))); do
 done
 PLANTMESH_LOG=warn "$bin" run --config "$work/cfg" --data-dir "$work/data" 2>"$work/agent.log" & pids+=($!)
 
-count() { timeout 20 mosquitto_sub -p "$port" -t "$1" --retained-only -W 3 -v 2>/dev/null | wc -l || true; }
+# Retained messages under a filter, one line each (mosquitto_sub -W ends with status 27: expected).
+retained() { timeout 30 mosquitto_sub -p "$port" -t "$1" --retained-only -W 3 -F "$2" 2>/dev/null || true; }
+count() { retained "$1" '%t' | wc -l; }
 for _ in $(seq 1 120); do
   [ "$(count 's1/+/+/+/+/+/_sli')" -ge "$n" ] && break
   sleep 1
 done
 echo "products: $n (2 fields each)"
 for doc in _descriptor _contract _sli; do
-  bytes=$(timeout 30 mosquitto_sub -p "$port" -t "s1/+/+/+/+/+/$doc" --retained-only -W 3 -F '%l' 2>/dev/null | awk '{s+=$1} END {print s+0}')
+  bytes=$(retained "s1/+/+/+/+/+/$doc" '%l' | awk '{s+=$1} END {print s+0}')
   printf '  %-12s %7.0f bytes retained per product\n' "$doc" "$(awk -v b="$bytes" -v n="$n" 'BEGIN {print b / n}')"
 done
-bytes=$(timeout 30 mosquitto_sub -p "$port" -t '_plantmesh/catalog/#' --retained-only -W 3 -F '%l' 2>/dev/null | awk '{s+=$1} END {print s+0}')
+bytes=$(retained '_plantmesh/catalog/#' '%l' | awk '{s+=$1} END {print s+0}')
 printf '  %-12s %7.0f bytes retained per product\n' "catalog" "$(awk -v b="$bytes" -v n="$n" 'BEGIN {print b / n}')"
+doc=$(retained 's1/_agents/gw-bench/asyncapi' '%l')
+if [ -n "$doc" ]; then echo "  AsyncAPI document of the gateway: $doc bytes"
+else echo "  AsyncAPI document of the gateway: not retained (larger than max_message_bytes; the agent log says so)"; fi
 times=()
 for _ in 1 2 3 4 5; do
   t0=$(date +%s%N)

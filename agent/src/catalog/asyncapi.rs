@@ -188,16 +188,37 @@ pub fn document(plan: &Plan) -> Json {
     for p in &plan.products {
         let k = id(&p.key);
         let message = format!("product.{k}");
-        messages.insert(
-            message.clone(),
-            json!({"name": message, "title": p.name, "summary": format!("records of {} v{}", p.id, p.version),
-                   "contentType": "application/json",
-                   "payload": {"$ref": format!("#/components/schemas/{message}")}}),
-        );
+        let sparkplug = plan.upstream.as_ref().and_then(|u| u.sparkplug.as_ref());
+        let address = match sparkplug {
+            // Product data leaves as Sparkplug B DDATA of the product's device: protobuf, whose
+            // schema is the Sparkplug specification's, not a JSON Schema.
+            Some(sp) => {
+                messages.insert(
+                    message.clone(),
+                    json!({"name": message, "title": p.name, "contentType": "application/x-protobuf",
+                           "summary": format!("records of {} v{} as Sparkplug B DDATA metrics (Eclipse Sparkplug 3.0)", p.id, p.version)}),
+                );
+                crate::sparkplug::topic(
+                    &sp.group_id,
+                    crate::sparkplug::Kind::DData,
+                    &sp.edge_node_id,
+                    Some(&p.key),
+                )
+            }
+            None => {
+                messages.insert(
+                    message.clone(),
+                    json!({"name": message, "title": p.name, "summary": format!("records of {} v{}", p.id, p.version),
+                           "contentType": "application/json",
+                           "payload": {"$ref": format!("#/components/schemas/{message}")}}),
+                );
+                p.topic.clone()
+            }
+        };
         add(
             &mut channels,
             k.clone(),
-            p.topic.clone(),
+            address,
             &message,
             Some(json!({
                 "title": p.name,
@@ -255,7 +276,8 @@ pub fn document(plan: &Plan) -> Json {
         Json::Object(m) => m,
         _ => Map::new(),
     };
-    for p in &plan.products {
+    let json_encoding = plan.upstream.as_ref().is_none_or(|u| u.sparkplug.is_none());
+    for p in plan.products.iter().filter(|_| json_encoding) {
         schemas.insert(format!("product.{}", id(&p.key)), product_message(p));
     }
     let (host, protocol, version) = match &plan.upstream {
