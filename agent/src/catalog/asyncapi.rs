@@ -307,6 +307,26 @@ pub fn document(plan: &Plan) -> Json {
     })
 }
 
+/// The document as it is retained, or nothing (an empty Vec) when it cannot fit in `most` bytes: a
+/// product message schema takes at least 70 bytes per field (its value and quality entries), so a
+/// gateway of thousands of fields is known to be too large before its document is built (building
+/// it, hundreds of KiB of JSON tree on every connect, is what would cost).
+pub fn document_within(plan: &Plan, most: usize) -> Vec<u8> {
+    let fields: usize = plan
+        .products
+        .iter()
+        .map(|p| p.fields.iter().filter(|f| f.action != EdgeAction::Never).count())
+        .sum();
+    if fields.saturating_mul(70) > most {
+        return Vec::new();
+    }
+    let doc = document_bytes(plan);
+    if doc.len() > most {
+        return Vec::new();
+    }
+    doc
+}
+
 /// The document as it is retained: JSON bytes.
 pub fn document_bytes(plan: &Plan) -> Vec<u8> {
     #[allow(clippy::expect_used, reason = "a JSON value serializes into a Vec")]

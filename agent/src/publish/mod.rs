@@ -788,9 +788,9 @@ impl Publisher {
             return Ok(());
         };
         let doc = build();
-        let most = self.options.upstream.max_message_bytes;
-        if doc.len() > most {
-            warn!(bytes = doc.len(), max_message_bytes = most, "the AsyncAPI document is larger than a message may be: not retained (plantmesh export asyncapi prints it)");
+        if doc.is_empty() {
+            let most = self.options.upstream.max_message_bytes;
+            warn!(max_message_bytes = most, "the AsyncAPI document is larger than a message may be: not retained (plantmesh export asyncapi prints it)");
             return Ok(());
         }
         link.publish(topic, true, doc, vec![])?;

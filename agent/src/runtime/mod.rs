@@ -295,7 +295,10 @@ pub async fn run(
         leftovers: leftovers(&plan),
         asyncapi: Some((crate::catalog::asyncapi::topic(&plan), {
             let plan = plan.clone();
-            Arc::new(move || crate::catalog::asyncapi::document_bytes(&plan))
+            Arc::new(move || {
+                let most = plan.upstream.as_ref().map_or(256 * 1024, |u| u.max_message_bytes);
+                crate::catalog::asyncapi::document_within(&plan, most)
+            })
         })),
         ledger: Some(crate::catalog::ledger::path(&plan.agent.data_dir)),
     };

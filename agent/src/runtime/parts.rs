@@ -557,7 +557,10 @@ impl Parts {
             offline: envelope::status_refusing(&plan, "offline", self.epoch, &refused),
             asyncapi: Some({
                 let plan = plan.clone();
-                Arc::new(move || crate::catalog::asyncapi::document_bytes(&plan))
+                Arc::new(move || {
+                    let most = plan.upstream.as_ref().map_or(256 * 1024, |u| u.max_message_bytes);
+                    crate::catalog::asyncapi::document_within(&plan, most)
+                })
             }),
             options,
         });
