@@ -81,6 +81,21 @@ range = [0, 1e9]
     )
 }
 
+/// Runs a validator (`program script args...`) and fails the test with its output unless it passes.
+fn must_pass(program: impl AsRef<std::ffi::OsStr>, script: &str, args: &[std::path::PathBuf]) {
+    let out = Command::new(program)
+        .arg(repo_root().join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The latest payload per topic of everything `sub` received.
 fn latest(sub: &Subscriber) -> BTreeMap<String, Value> {
     sub.messages().into_iter().collect()
@@ -218,17 +233,7 @@ fn contracts_validate_with_bitol_tools_and_one_index_filter_finds_every_product(
         );
         paths.push(path);
     }
-    let check = Command::new(python())
-        .arg(repo_root().join("tests/peers/validate_odcs.py"))
-        .args(&paths)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    must_pass(python(), "tests/peers/validate_odcs.py", &paths);
     let stay_contract: Value = serde_json::from_str(
         &contracts
             .iter()
@@ -299,19 +304,8 @@ fn contracts_validate_with_bitol_tools_and_one_index_filter_finds_every_product(
     assert!(published.len() > 100, "{}", published.len());
     let jsonl = out.join("messages.jsonl");
     std::fs::write(&jsonl, published.join("\n")).unwrap();
-    let check = Command::new("node")
-        .arg(repo_root().join("tests/peers/asyncapi/validate.mjs"))
-        .arg("--messages")
-        .arg(&jsonl)
-        .args(&docs)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let args: Vec<std::path::PathBuf> = ["--messages".into(), jsonl].into_iter().chain(docs).collect();
+    must_pass("node", "tests/peers/asyncapi/validate.mjs", &args);
 
     // Lifecycle. A reload: `gone` removed, `old` retired.
     let documents = |p: &str| {
@@ -370,12 +364,7 @@ fn export_contracts_writes_what_the_agent_would_publish_offline() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let files: Vec<std::path::PathBuf> = String::from_utf8(out.stdout).unwrap().lines().map(Into::into).collect();
     assert_eq!(files.len(), 2, "{files:?}");
-    let check = Command::new(python())
-        .arg(repo_root().join("tests/peers/validate_odcs.py"))
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    must_pass(python(), "tests/peers/validate_odcs.py", &files);
     let doc: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
     assert_eq!(doc["kind"], "DataContract");
     assert!(doc["id"]
@@ -410,12 +399,7 @@ fn export_contracts_writes_what_the_agent_would_publish_offline() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc = dir.path().join("example.asyncapi.json");
     std::fs::write(&doc, &out.stdout).unwrap();
-    let check = Command::new("node")
-        .arg(repo_root().join("tests/peers/asyncapi/validate.mjs"))
-        .arg(&doc)
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    must_pass("node", "tests/peers/asyncapi/validate.mjs", &[doc]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["channels"]["press-cycles.v1"]["address"]
         .as_str()
