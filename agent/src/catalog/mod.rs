@@ -25,6 +25,44 @@ use crate::govern::Governed;
 use crate::model::Millis;
 use serde_json::json;
 
+/// Stands in a document for a long array that [`splice`] writes in its place: see [`json_array`].
+pub const ARRAY_HERE: &str = "$plantmesh:array-here";
+
+/// The JSON text of an array, built one item at a time. A product's descriptor and contract hold
+/// an entry per field; built as one JSON tree, a thousand-field product's contract was 20,000
+/// allocations that lived at once on every connect, and the holes they left kept the heap about
+/// 1 MiB larger for as long as the agent ran (10 products x 1,000 fields: steady RSS 15.0 -> 14.0
+/// MiB without them, `scripts/footprint.sh`). Here one item's tree lives at a time.
+pub fn json_array(items: impl Iterator<Item = serde_json::Value>) -> Vec<u8> {
+    let mut out = vec![b'['];
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        #[allow(clippy::expect_used, reason = "a JSON value serializes into a Vec")]
+        serde_json::to_writer(&mut out, &item).expect("serializes");
+    }
+    out.push(b']');
+    out
+}
+
+/// `doc` as JSON text with `array` (from [`json_array`]) where `doc` holds the string
+/// [`ARRAY_HERE`]: the same bytes as serializing `doc` with the array in that place. Only one
+/// place can match: a string holding the placeholder between quotes has them escaped.
+pub fn splice(doc: &serde_json::Value, array: &[u8]) -> Vec<u8> {
+    #[allow(clippy::expect_used, reason = "a JSON value serializes into a Vec")]
+    let text = serde_json::to_vec(doc).expect("serializes");
+    let marker = format!("\"{ARRAY_HERE}\"");
+    let Some(at) = text.windows(marker.len()).position(|w| w == marker.as_bytes()) else {
+        return text;
+    };
+    let mut out = Vec::with_capacity(text.len() + array.len());
+    out.extend_from_slice(&text[..at]);
+    out.extend_from_slice(array);
+    out.extend_from_slice(&text[at + marker.len()..]);
+    out
+}
+
 #[derive(Debug, Clone, Default)]
 struct ProductSli {
     newest_good: Option<Millis>,

@@ -201,13 +201,20 @@ pub fn sla_properties(sl: &crate::config::ServiceLevelPlan) -> Vec<Json> {
 
 /// The contract document of product `p` of `plan`.
 pub fn contract(plan: &Plan, p: &ProductPlan) -> Json {
-    let urn = crate::config::urn(&plan.agent, &p.id, p.major);
-    let properties: Vec<Json> = p
-        .fields
+    document(plan, p, properties(plan, p).collect::<Vec<Json>>().into())
+}
+
+/// The schema property of every field that leaves the site.
+fn properties<'a>(plan: &'a Plan, p: &'a ProductPlan) -> impl Iterator<Item = Json> + 'a {
+    p.fields
         .iter()
         .filter(|f| f.action != EdgeAction::Never)
-        .map(|f| property(plan, p, f))
-        .collect();
+        .map(move |f| property(plan, p, f))
+}
+
+/// The contract with `properties` as the schema's properties.
+fn document(plan: &Plan, p: &ProductPlan, properties: Json) -> Json {
+    let urn = crate::config::urn(&plan.agent, &p.id, p.major);
     let mut support = json!({"channel": "owner", "description": p.contact});
     if p.contact.contains('@') && !p.contact.contains(char::is_whitespace) {
         support["tool"] = "email".into();
@@ -257,9 +264,11 @@ pub fn contract(plan: &Plan, p: &ProductPlan) -> Json {
 }
 
 /// The contract as it is published: JSON bytes.
+/// The same bytes as serializing [`contract`], with one field's JSON tree built at a time
+/// (see [`super::json_array`]).
 pub fn contract_bytes(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
-    #[allow(clippy::expect_used, reason = "a JSON value serializes into a Vec")]
-    serde_json::to_vec(&contract(plan, p)).expect("contract serializes")
+    let doc = document(plan, p, super::ARRAY_HERE.into());
+    super::splice(&doc, &super::json_array(properties(plan, p)))
 }
 
 /// Writes every product's contract to `dir` (created if missing) as `<product>.v<major>.odcs.json`,
@@ -372,6 +381,40 @@ unit = "Cel"
             dir.path(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_published_contract_is_the_document_byte_for_byte_even_when_a_text_holds_the_placeholder() {
+        let hostile = PRODUCT.replace(
+            "version = \"2.1.0\"",
+            &format!(
+                "version = \"2.1.0\"\ndescription = 'x\"{}\"y'",
+                super::super::ARRAY_HERE
+            ),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let plan = crate::config::load_texts(
+            (Path::new("agent.toml"), GATEWAY),
+            Some((Path::new("governance.toml"), GOVERNANCE)),
+            &[(Path::new("products/oven.toml"), &hostile)],
+            dir.path(),
+        )
+        .unwrap();
+        let p = &plan.products[0];
+        let bytes = contract_bytes(&plan, p);
+        assert_eq!(bytes, serde_json::to_vec(&contract(&plan, p)).unwrap());
+        let back: Json = serde_json::from_slice(&bytes).unwrap();
+        assert!(back["description"]["purpose"]
+            .as_str()
+            .unwrap()
+            .contains(super::super::ARRAY_HERE));
+        assert_eq!(back["schema"][0]["properties"].as_array().unwrap().len(), 4);
+        // The descriptor is spliced alike: its properties are an array, hashed as published.
+        let d: Json = serde_json::from_slice(&crate::publish::envelope::descriptor(&plan, p)).unwrap();
+        let props = &d["schema"][0]["properties"];
+        assert_eq!(props.as_array().unwrap().len(), 4);
+        let hash = crate::config::fnv1a64(&[p.version.as_bytes(), &serde_json::to_vec(props).unwrap()]);
+        assert_eq!(d["contract_hash"], format!("{hash:016x}"));
     }
 
     #[test]

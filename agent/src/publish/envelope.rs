@@ -201,7 +201,8 @@ fn property(p: &ProductPlan, f: &crate::config::FieldPlan, lineage: Json) -> Jso
 /// The product descriptor (contract), in Open Data Contract Standard vocabulary plus the MQTT binding
 /// and lineage.
 pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
-    let properties: Vec<Json> = p
+    // One field's JSON tree at a time (see catalog::json_array): the same bytes as a tree of all.
+    let properties = p
         .fields
         .iter()
         // Fields that never leave the site are not part of the published contract.
@@ -224,10 +225,9 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
             };
             let lineage = t.lineage(&plan.devices[t.device()]);
             property(p, f, lineage)
-        })
-        .collect();
-    let contract = serde_json::to_vec(&properties).expect("serializes");
-    serde_json::to_vec(&json!({
+        });
+    let contract = crate::catalog::json_array(properties);
+    let doc = json!({
         "apiVersion": "plantmesh/v1",
         "kind": "DataProduct",
         "id": p.id,
@@ -239,7 +239,7 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
         "contact": p.contact,
         "description": p.description,
         "status": p.status,
-        "schema": [{"name": p.id, "properties": properties}],
+        "schema": [{"name": p.id, "properties": crate::catalog::ARRAY_HERE}],
         "window_ms": match p.publish {
             crate::config::PublishMode::Window(w) => Some(w.as_millis() as u64),
             _ => None,
@@ -248,8 +248,8 @@ pub fn descriptor(plan: &Plan, p: &ProductPlan) -> Vec<u8> {
         "binding": binding(plan, p),
         "contract_hash": format!("{:016x}", crate::config::fnv1a64(&[p.version.as_bytes(), &contract])),
         "agent": plan.agent.id,
-    }))
-    .expect("descriptor serializes")
+    });
+    crate::catalog::splice(&doc, &contract)
 }
 
 #[cfg(test)]
