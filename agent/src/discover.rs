@@ -8,7 +8,7 @@
 //! instead of indexes. Progress goes to stderr, the proposal to stdout.
 
 use crate::config::{OpcUaDevicePlan, OpcUaIdentity, OpcUaSecurityMode};
-use crate::sources::opcua::{build_client, identity_token, security_policy};
+use crate::sources::opcua::{build_client, identity_token, security_policy, Selector};
 use opcua::client::Session;
 use opcua::types::{
     AttributeId, BrowseDescription, BrowseDirection, BrowsePath, BrowseResultMask, EUInformation, ExtensionObject,
@@ -67,15 +67,16 @@ pub async fn discover(o: &Options) -> Result<String, String> {
         OpcUaSecurityMode::SignAndEncrypt => MessageSecurityMode::SignAndEncrypt,
     };
     let endpoint = (o.endpoint.as_str(), policy.to_str(), mode, UserTokenPolicy::anonymous());
-    let (session, event_loop) = client
+    let connected = client
         .connect_to_matching_endpoint(endpoint, identity_token(&o.identity)?)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot connect to {} ({} / {:?}): {e}",
-                o.endpoint, o.security_policy, o.security_mode
-            )
-        })?;
+        .await;
+    let (session, event_loop) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            let why = crate::sources::opcua::connect_failure(&client, &plan, &e.to_string(), Selector::Flags).await;
+            return Err(why);
+        }
+    };
     let handle = event_loop.spawn();
     if !session.wait_for_connection().await {
         let status = handle.await.map_or_else(|e| e.to_string(), |s| s.to_string());

@@ -42,6 +42,11 @@ enum Command {
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Fail on a named file (password_file, ca_file, cert_file, key_file,
+        /// pseudonymise_key_file) that is missing, unreadable or, holding a secret, readable by
+        /// group or others; without it they are warnings (the config may be checked off the gateway).
+        #[arg(long)]
+        strict: bool,
         /// Overrides agent.data_dir (where the last published contracts are kept).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -298,7 +303,11 @@ fn main() -> ExitCode {
         die_on_closed_pipe();
     }
     match cli.command {
-        Some(Command::Check { paths, data_dir }) => check(&paths, data_dir.as_deref()),
+        Some(Command::Check {
+            paths,
+            data_dir,
+            strict,
+        }) => check(&paths, data_dir.as_deref(), strict),
         Some(Command::Export { what }) => export(&what),
         Some(Command::Reload { config, data_dir }) => reload(&config, data_dir),
         Some(Command::Simulate {
@@ -441,8 +450,36 @@ fn data_dir_of(paths: &[PathBuf]) -> Option<PathBuf> {
     None
 }
 
-fn check(paths: &[PathBuf], data_dir: Option<&std::path::Path>) -> ExitCode {
-    match config::load_with(paths, data_dir) {
+fn check(paths: &[PathBuf], data_dir: Option<&std::path::Path>, strict: bool) -> ExitCode {
+    let texts = match config::read(paths) {
+        Ok(t) => t,
+        Err(d) => {
+            eprintln!("{d}");
+            eprintln!("{} problem(s) found", d.0.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    let files = config::files::check(&texts);
+    let result = match config::validate_texts(&texts, data_dir) {
+        Err(mut d) if strict => {
+            d.0.extend(files.iter().cloned());
+            Err(d)
+        }
+        Ok(_) if strict && !files.is_empty() => Err(config::diag::Diagnostics(files.clone())),
+        other => other,
+    };
+    if !strict {
+        for d in &files {
+            eprintln!("{}", d.warning());
+        }
+        if !files.is_empty() {
+            eprintln!(
+                "{} named file(s) not usable here: `plantmesh run` refuses to start on them, `check --strict` fails",
+                files.len()
+            );
+        }
+    }
+    match result {
         Ok(plan) => {
             println!(
                 "ok: {} device(s), {} tag(s), {} product(s); config hash {}",
@@ -488,8 +525,16 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
             Some(Command::Demo { data_dir, broker }) => demo(data_dir, broker).await,
             Some(Command::Run { config, data_dir, view }) if !config.is_empty() => {
                 let texts = config::read(&config).map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
-                let plan = config::validate_texts(&texts, data_dir.as_deref())
-                    .map_err(|d| anyhow::anyhow!("invalid config:\n{d}"))?;
+                // A file the config names that cannot be used fails the start like a bad key.
+                let files = config::files::check(&texts);
+                let plan = match config::validate_texts(&texts, data_dir.as_deref()) {
+                    Ok(plan) if files.is_empty() => plan,
+                    Ok(_) => anyhow::bail!("invalid config:\n{}", config::diag::Diagnostics(files)),
+                    Err(mut d) => {
+                        d.0.extend(files);
+                        anyhow::bail!("invalid config:\n{d}")
+                    }
+                };
                 // What a reload puts a refused product file back to: kept on disk, not in memory.
                 let mut applied = plantmesh::reload::Applied::new(&plan.agent.data_dir);
                 applied.keep(&texts);

@@ -414,3 +414,53 @@ fn last_retry_in(log: &str) -> Option<Duration> {
     };
     Some(Duration::from_secs_f64(num.parse::<f64>().ok()? * scale))
 }
+
+#[test]
+fn connection_errors_say_what_happened_and_what_to_do() {
+    let mut server = PyOpcUa::start(&json!({"namespace": NS, "security": "none", "counter_ms": 100}));
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = server.endpoint();
+    let discover = |extra: &[&str]| {
+        let out = std::process::Command::new(plantmesh_bin())
+            .arg("discover")
+            .arg(&endpoint)
+            .args(extra)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // The secure default against a server that offers only None: what it offers, the flags that
+    // select it, and what None means.
+    let (ok, stderr) = discover(&[]);
+    assert!(!ok, "{stderr}");
+    for want in [
+        "offers no endpoint with Aes256_Sha256_RsaPss / SignAndEncrypt",
+        "it offers: None / None",
+        "--security-policy None --security-mode None",
+        "neither signed nor encrypted",
+    ] {
+        assert!(stderr.contains(want), "`{want}` missing: {stderr}");
+    }
+    assert!(!stderr.contains("BadTcpEndpointUrlInvalid"), "{stderr}");
+    // A server that is down is a refused connection, from discover and from the agent's source.
+    server.kill();
+    let (ok, stderr) = discover(&["--security-policy", "None"]);
+    assert!(
+        !ok && stderr.contains("connection refused (nothing listens there"),
+        "{stderr}"
+    );
+    let broker = Mosquitto::start(false, "");
+    write_config(
+        &dir.path().join("cfg"),
+        &gateway(broker.port, &counter_device(&server, "security_policy = \"None\"")),
+        &[("p", &product("ua-down", &[("counter".into(), "oven.counter".into())]))],
+    );
+    let mut agent = Agent::start(&dir.path().join("cfg"), &dir.path().join("data"));
+    wait_for("the source's reason", Duration::from_secs(20), || {
+        agent.log().contains("connection refused (nothing listens there")
+    });
+    assert!(!agent.log().contains("no matching endpoint"), "{}", agent.log());
+    agent.stop();
+}

@@ -19,11 +19,31 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, "error")
+    }
+}
+
+/// A [`Diagnostic`] shown as a warning (see [`Diagnostic::warning`]).
+pub struct Warning<'a>(&'a Diagnostic);
+
+impl fmt::Display for Warning<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.write(f, "warning")
+    }
+}
+
+impl Diagnostic {
+    /// The same problem, as something that does not stop what is being done.
+    pub fn warning(&self) -> Warning<'_> {
+        Warning(self)
+    }
+
+    fn write(&self, f: &mut fmt::Formatter<'_>, level: &str) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
         if self.line > 0 {
             write!(f, ":{}:{}", self.line, self.column)?;
         }
-        write!(f, ": error")?;
+        write!(f, ": {level}")?;
         if !self.key.is_empty() {
             write!(f, " at `{}`", self.key)?;
         }

@@ -9,6 +9,9 @@
 
 pub mod contract;
 pub mod diag;
+#[cfg(test)]
+mod docs_tests;
+pub mod files;
 pub mod raw;
 mod ucum;
 pub mod units;
@@ -66,6 +69,10 @@ pub struct AgentPlan {
     pub watch_config: Option<Duration>,
     /// `None`: no metrics endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `metrics_listen` was set in the config: an address that cannot be bound fails the start
+    /// (a supervisor probing `/health` would find nothing). The default address, when taken (a
+    /// second agent on the host), is logged as an error and the agent runs without it.
+    pub metrics_required: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

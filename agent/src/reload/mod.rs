@@ -94,6 +94,16 @@ impl Applied {
 /// rest valid); every problem is in it.
 pub fn load_isolated(paths: &[PathBuf], data_dir: Option<&Path>, previous: &Applied) -> Result<Loaded, Diagnostics> {
     let mut texts = config::read(paths)?;
+    // A named file that cannot be used refuses the reload, as it refuses a start.
+    let files = config::files::check(&texts);
+    if !files.is_empty() {
+        let mut all = config::validate_texts(&texts, data_dir)
+            .err()
+            .map(|d| d.0)
+            .unwrap_or_default();
+        all.extend(files);
+        return Err(Diagnostics(all));
+    }
     let mut refused: Vec<(PathBuf, Diagnostics)> = Vec::new();
     // Each round refuses at least one more file, so this ends.
     loop {

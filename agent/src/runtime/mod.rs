@@ -45,6 +45,11 @@ pub enum RunError {
     WriterStopped,
     #[error("cannot handle SIGTERM: {0}")]
     Signal(std::io::Error),
+    #[error("agent.metrics_listen: cannot listen on {address}: {source} (choose a free address, or \"off\" to run without /metrics and /health)")]
+    Metrics {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// The OPC UA ApplicationUri of this agent (also in its application instance certificate).
@@ -371,7 +376,14 @@ pub async fn run(
     if let Some(addr) = plan.agent.metrics_listen {
         match crate::telemetry::serve(addr, running.clone()).await {
             Ok(bound) => info!(address = %bound, "metrics on http://{bound}/metrics, health on http://{bound}/health"),
-            Err(e) => tracing::warn!(address = %addr, error = %e, "cannot serve metrics; continuing without"),
+            Err(e) if plan.agent.metrics_required => {
+                return Err(RunError::Metrics {
+                    address: addr,
+                    source: e,
+                });
+            }
+            Err(e) => tracing::error!(address = %addr, error = %e,
+                "cannot serve metrics and health on the default address: running WITHOUT /metrics and /health; set agent.metrics_listen to a free address (then a failure to bind stops the start) or to \"off\""),
         }
     }
     on_start(running);

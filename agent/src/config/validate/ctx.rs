@@ -10,13 +10,155 @@ use std::collections::HashSet;
 use std::path::Path;
 use toml::Spanned;
 
-/// Parses one file into its raw type; a syntax or type error becomes one located diagnostic.
-pub(crate) fn parse<T: DeserializeOwned>(src: &Source) -> Result<T, Diagnostic> {
-    let de = toml::Deserializer::parse(src.text).map_err(|e| toml_error(src, &e, String::new()))?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string().replace(".$__serde_spanned_private_value", "");
-        toml_error(src, e.inner(), if path == "." { String::new() } else { path })
-    })
+/// Parses one file into its raw type and reports every problem of it, not only the first: each
+/// syntax error (the parser recovers past them), then each unknown key and each value of the wrong
+/// type or form, which is taken out so that the rest of the file is still read. Returns the raw
+/// value of what remains when that is complete (a required key missing stops it), so the file's
+/// own checks run too; the caller fails the load on any problem pushed. What was taken out is
+/// added to `taken_out` too (see [`consequences`]).
+pub(crate) fn parse<T: DeserializeOwned>(
+    src: &Source,
+    problems: &mut Vec<Diagnostic>,
+    taken_out: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    let (mut root, syntax) = toml::de::DeTable::parse_recoverable(src.text);
+    if !syntax.is_empty() {
+        // What follows a syntax error may be read differently than it was meant: report those
+        // errors (all of them) and check nothing else of this file.
+        problems.extend(syntax.iter().map(|e| toml_error(src, e, String::new())));
+        return None;
+    }
+    // Each further round reads the file again without what earlier rounds took out (a file has
+    // a few problems, and is read once a start or reload).
+    let mut taken: Vec<Vec<Step>> = Vec::new();
+    for _ in 0..MAX_PROBLEMS_PER_FILE {
+        let e = match serde_path_to_error::deserialize::<_, T>(toml::de::Deserializer::from(root)) {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
+        let steps = steps(e.path());
+        let key = key_of(&steps);
+        let d = toml_error(src, e.inner(), key);
+        let message = e.inner().message().to_string();
+        // The value to take out: the unknown key itself, or the value of the wrong form.
+        let mut path = steps;
+        if let Some(word) = message
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
+            if path.last() != Some(&Step::Key(word.to_string())) {
+                path.push(Step::Key(word.to_string()));
+            }
+        } else if message.starts_with("missing field") {
+            // A table without a key it needs cannot be read further.
+            problems.push(d);
+            return None;
+        }
+        if taken.contains(&path) {
+            return None; // reported already, and taking it out did not help: stop, not loop
+        }
+        if path.is_empty() {
+            problems.push(d);
+            return None;
+        }
+        taken_out.push(d.clone());
+        problems.push(d);
+        taken.push(path);
+        root = toml::de::DeTable::parse_recoverable(src.text).0;
+        for path in &taken {
+            take_out(root.get_mut(), path);
+        }
+    }
+    None
+}
+
+/// Takes out of `problems` what only follows from a value [`parse`] took out: a problem of the
+/// table that held it (`devices[0].tags[0]` "needs `address`" once `devices[0].tags[0].address =
+/// "zero"` was reported and taken out). The problem reported for the value itself stays.
+pub(crate) fn consequences(problems: &mut Vec<Diagnostic>, taken_out: &[Diagnostic]) {
+    problems.retain(|d| {
+        !taken_out.iter().any(|t| {
+            t != d
+                && t.file == d.file
+                && !d.key.is_empty()
+                && t.key.len() > d.key.len()
+                && t.key.starts_with(&d.key)
+                && matches!(t.key.as_bytes()[d.key.len()], b'.' | b'[')
+        })
+    });
+}
+
+/// Problems reported of one file before the rest of it is left unchecked.
+const MAX_PROBLEMS_PER_FILE: usize = 50;
+
+/// One step of a path into a TOML document.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+fn steps(path: &serde_path_to_error::Path) -> Vec<Step> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Map { key } if key.starts_with("$__serde_spanned_private") => None,
+            Segment::Map { key } => Some(Step::Key(key.clone())),
+            Segment::Seq { index } => Some(Step::Index(*index)),
+            Segment::Enum { .. } | Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// `devices[0].tags[3].address` of a path.
+fn key_of(steps: &[Step]) -> String {
+    let mut out = String::new();
+    for s in steps {
+        match s {
+            Step::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// Takes the value at `path` out of `table`.
+fn take_out(table: &mut toml::de::DeTable<'_>, path: &[Step]) {
+    use toml::de::DeValue;
+    let Some((Step::Key(first), mut rest)) = path.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        table.remove(first.as_str());
+        return;
+    }
+    let Some(mut value) = table.get_mut(first.as_str()) else {
+        return;
+    };
+    loop {
+        match (rest.split_first(), value.get_mut()) {
+            (Some((Step::Index(i), tail)), DeValue::Array(a)) if !tail.is_empty() => {
+                let Some(v) = a.get_mut(*i) else { return };
+                value = v;
+                rest = tail;
+            }
+            (Some((Step::Key(k), tail)), DeValue::Table(t)) => {
+                if tail.is_empty() {
+                    t.remove(k.as_str());
+                    return;
+                }
+                let Some(v) = t.get_mut(k.as_str()) else { return };
+                value = v;
+                rest = tail;
+            }
+            _ => return,
+        }
+    }
 }
 
 fn toml_error(src: &Source, e: &toml::de::Error, key: String) -> Diagnostic {

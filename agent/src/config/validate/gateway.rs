@@ -13,6 +13,9 @@ pub(super) struct GatewayParts {
     pub buffer: BufferPlan,
     pub devices: Vec<DevicePlan>,
     pub table: TagTable,
+    /// The id of every device of the file, valid or not, by its place in the file: what a tag's
+    /// device index means while a device that failed its checks is missing from `devices`.
+    pub device_ids: Vec<String>,
 }
 
 pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayParts {
@@ -78,6 +81,7 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
         sli_interval,
         watch_config,
         metrics_listen,
+        metrics_required: a.metrics_listen.as_ref().is_some_and(|m| m.get_ref() != "off"),
     };
     let encoding_at = gw.upstream.as_ref().and_then(|u| u.encoding.clone());
     let upstream = gw
@@ -167,6 +171,7 @@ pub(super) fn plan(cx: &mut Ctx, gw: raw::Gateway, rules: &Rules) -> GatewayPart
         buffer,
         devices,
         table,
+        device_ids: gw.devices.iter().map(|d| d.id.get_ref().clone()).collect(),
     }
 }
 

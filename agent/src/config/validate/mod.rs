@@ -14,7 +14,7 @@ mod no_panic_tests;
 mod products;
 mod upstream;
 
-pub(crate) use ctx::{parse, secs, Ctx, DeviceInput, TagTable};
+pub(crate) use ctx::{consequences, parse, secs, Ctx, DeviceInput, TagTable};
 pub(crate) use upstream::upstream_plan;
 
 use super::diag::{Diagnostics, Source};
@@ -31,6 +31,8 @@ pub(super) fn validate(
     data_dir: Option<&Path>,
 ) -> Result<Plan, Diagnostics> {
     let mut problems = Vec::new();
+    // Values the parse took out to read on past them (see ctx::parse).
+    let mut taken_out = Vec::new();
     let mut files = vec![gateway.0.clone()];
     let mut hash_input: Vec<&[u8]> = vec![gateway.1.as_bytes()];
 
@@ -53,9 +55,9 @@ pub(super) fn validate(
             d.help = Some("write the site's rules (docs/configuration.md, \"Governance\"), or remove the file and set `governance = \"builtin-defaults\"` under [agent]".into());
             problems.push(d);
         } else {
-            match parse::<raw::Governance>(&src) {
-                Err(d) => problems.push(d),
-                Ok(g) => {
+            match parse::<raw::Governance>(&src, &mut problems, &mut taken_out) {
+                None => {}
+                Some(g) => {
                     let mut cx = Ctx {
                         src,
                         problems: &mut problems,
@@ -70,13 +72,7 @@ pub(super) fn validate(
         path: &gateway.0,
         text: &gateway.1,
     };
-    let gw = match parse::<raw::Gateway>(&src) {
-        Ok(gw) => Some(gw),
-        Err(d) => {
-            problems.push(d);
-            None
-        }
-    };
+    let gw = parse::<raw::Gateway>(&src, &mut problems, &mut taken_out);
     let mut cx = Ctx {
         src,
         problems: &mut problems,
@@ -98,6 +94,7 @@ pub(super) fn validate(
         buffer,
         devices,
         table,
+        device_ids,
         ..
     }) = &built
     {
@@ -106,7 +103,7 @@ pub(super) fn validate(
         let by_ref: HashMap<String, usize> = tags
             .iter()
             .enumerate()
-            .map(|(i, t)| (format!("{}.{}", devices[t.device()].id, t.name), i))
+            .map(|(i, t)| (format!("{}.{}", device_ids[t.device()], t.name), i))
             .collect();
         let mut seen_ids: HashMap<(String, String), PathBuf> = HashMap::new();
         let published = super::contract::load(&super::contract::dir(&agent.data_dir));
@@ -117,9 +114,8 @@ pub(super) fn validate(
             files.push(path.clone());
             hash_input.push(text.as_bytes());
             let src = Source { path, text };
-            match parse::<raw::Product>(&src) {
-                Ok(p) => parsed.push((src, p)),
-                Err(d) => problems.push(d),
+            if let Some(p) = parse::<raw::Product>(&src, &mut problems, &mut taken_out) {
+                parsed.push((src, p));
             }
         }
         let floors = governance::tag_floors(table, &by_ref, devices, &parsed, &rules);
@@ -185,8 +181,10 @@ pub(super) fn validate(
         buffer,
         devices,
         table,
+        ..
     }) = built.filter(|_| problems.is_empty())
     else {
+        consequences(&mut problems, &taken_out);
         return Err(Diagnostics(problems));
     };
     let tags = table.tags;

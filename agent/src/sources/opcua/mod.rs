@@ -145,11 +145,7 @@ impl OpcUaSource {
         let Some(policy) = security_policy(&o.security_policy) else {
             return Ended::Lost(format!("unsupported security policy {}", o.security_policy));
         };
-        let mode = match o.security_mode {
-            OpcUaSecurityMode::None => MessageSecurityMode::None,
-            OpcUaSecurityMode::Sign => MessageSecurityMode::Sign,
-            OpcUaSecurityMode::SignAndEncrypt => MessageSecurityMode::SignAndEncrypt,
-        };
+        let mode = mode_of(o.security_mode);
         let identity = match identity_token(&o.identity) {
             Ok(i) => i,
             Err(e) => return Ended::Lost(e),
@@ -158,12 +154,7 @@ impl OpcUaSource {
         let connect = client.connect_to_matching_endpoint(endpoint, identity);
         let (session, event_loop) = match tokio::time::timeout(self.plan.timeout * 2, connect).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Ended::Lost(format!(
-                    "no matching endpoint ({} / {:?}): {e}",
-                    o.security_policy, o.security_mode
-                ))
-            }
+            Ok(Err(e)) => return Ended::Lost(connect_failure(client, o, &e.to_string(), Selector::Config).await),
             Err(_) => {
                 return Ended::Lost(format!(
                     "no answer from {} within {:?}",
@@ -551,6 +542,111 @@ pub fn security_policy(name: &str) -> Option<SecurityPolicy> {
         "Basic256Sha256" => SecurityPolicy::Basic256Sha256,
         _ => return None,
     })
+}
+
+/// How an endpoint is chosen: in a device's section of agent.toml, or with `plantmesh discover`'s
+/// flags. Messages about a missing endpoint say which to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selector {
+    Config,
+    Flags,
+}
+
+/// The config name of a policy (the inverse of [`security_policy`]).
+fn policy_name(p: SecurityPolicy) -> &'static str {
+    match p {
+        SecurityPolicy::None => "None",
+        SecurityPolicy::Aes256Sha256RsaPss => "Aes256_Sha256_RsaPss",
+        SecurityPolicy::Aes128Sha256RsaOaep => "Aes128_Sha256_RsaOaep",
+        SecurityPolicy::Basic256Sha256 => "Basic256Sha256",
+        other => other.to_str(),
+    }
+}
+
+fn mode_name(m: MessageSecurityMode) -> &'static str {
+    match m {
+        MessageSecurityMode::None => "None",
+        MessageSecurityMode::Sign => "Sign",
+        MessageSecurityMode::SignAndEncrypt => "SignAndEncrypt",
+        _ => "Invalid",
+    }
+}
+
+/// What a failed connect to `o`'s endpoint means and what to do about it. The server is asked
+/// once more, for its endpoints: when that fails too, the server cannot be reached (a refused
+/// connection says so, not "no matching endpoint"); when it answers, the endpoints it offers are
+/// listed with the settings that select one. `error` is what the connect reported.
+pub async fn connect_failure(client: &Client, o: &OpcUaDevicePlan, error: &str, how: Selector) -> String {
+    let asked = format!("{} / {}", o.security_policy, mode_name(mode_of(o.security_mode)));
+    let ask = client.get_server_endpoints_from_url(o.endpoint.as_str());
+    let offered = match tokio::time::timeout(Duration::from_secs(10), ask).await {
+        Err(_) => {
+            return format!(
+                "no answer from {} within 10s: is it the server's address and port?",
+                o.endpoint
+            )
+        }
+        Ok(Err(e)) => return unreachable(&o.endpoint, &format!("{e}; {error}")),
+        Ok(Ok(offered)) => offered,
+    };
+    let wanted = security_policy(&o.security_policy);
+    let matching = offered.iter().any(|ep| {
+        Some(SecurityPolicy::from_uri(ep.security_policy_uri.as_ref())) == wanted
+            && ep.security_mode == mode_of(o.security_mode)
+    });
+    if matching || offered.is_empty() {
+        return format!("cannot connect to {} ({asked}): {error}", o.endpoint);
+    }
+    let mut list: Vec<(&'static str, &'static str)> = offered
+        .iter()
+        .map(|ep| {
+            (
+                policy_name(SecurityPolicy::from_uri(ep.security_policy_uri.as_ref())),
+                mode_name(ep.security_mode),
+            )
+        })
+        .collect();
+    list.sort_unstable();
+    list.dedup();
+    let shown: Vec<String> = list.iter().map(|(p, m)| format!("{p} / {m}")).collect();
+    let (p, m) = list.iter().find(|(p, _)| *p != "None").copied().unwrap_or(list[0]);
+    let select = match how {
+        Selector::Flags => format!("--security-policy {p} --security-mode {m}"),
+        Selector::Config => format!("security_policy = \"{p}\" and security_mode = \"{m}\" in the device's section"),
+    };
+    let mut text = format!(
+        "{} offers no endpoint with {asked}; it offers: {}. Select one with {select}",
+        o.endpoint,
+        shown.join(", ")
+    );
+    if p == "None" {
+        text.push_str(
+            " (None is neither signed nor encrypted: anyone on the network path can read and change \
+             what is sent; use it only on a network nothing else reaches, and prefer enabling a \
+             secure policy on the server)",
+        );
+    }
+    text
+}
+
+fn mode_of(m: OpcUaSecurityMode) -> MessageSecurityMode {
+    match m {
+        OpcUaSecurityMode::None => MessageSecurityMode::None,
+        OpcUaSecurityMode::Sign => MessageSecurityMode::Sign,
+        OpcUaSecurityMode::SignAndEncrypt => MessageSecurityMode::SignAndEncrypt,
+    }
+}
+
+/// A server that could not be reached, said plainly.
+fn unreachable(endpoint: &str, error: &str) -> String {
+    let lower = error.to_ascii_lowercase();
+    if lower.contains("connection refused") || lower.contains("os error 111") {
+        format!("cannot connect to {endpoint}: connection refused (nothing listens there: is the server running, and the port right?)")
+    } else if lower.contains("failed to lookup") || lower.contains("name or service not known") {
+        format!("cannot connect to {endpoint}: the host name does not resolve")
+    } else {
+        format!("cannot reach {endpoint}: {error}")
+    }
 }
 
 pub fn identity_token(identity: &OpcUaIdentity) -> Result<IdentityToken, String> {
