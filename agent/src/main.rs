@@ -121,6 +121,46 @@ enum Command {
         #[arg(long, default_value = "/var/lib/plantmesh")]
         data_dir: PathBuf,
     },
+    /// The fleet's products as a platform sees them on a broker: URN, owner, domain, version,
+    /// status, agent online or offline, the last SLIs against their targets, drops and gap events.
+    /// Reads only the catalog index and each product's retained documents (standard MQTT).
+    Catalog {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// One JSON document (with --watch: one per change, a line each).
+        #[arg(long)]
+        json: bool,
+        /// Keep it live: reprint on every change.
+        #[arg(long)]
+        watch: bool,
+        /// Serve the catalog page (and its JSON on /api/state) on this address; keeps running.
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<std::net::SocketAddr>,
+        /// Only products whose URN or id matches (`*` matches anything).
+        #[arg(long, value_name = "URN|FILTER")]
+        product: Option<String>,
+        /// The longest to wait for the retained documents to settle (without --watch).
+        #[arg(long, default_value = "30s")]
+        wait: String,
+    },
+    /// The consumer's side of the delivery promise: follows product messages and gap events,
+    /// deduplicates by (URN, epoch, seq), and reports what was delivered, duplicated (and whether
+    /// copies were identical), announced as lost, and missing unexplained. Exit status 1 on an
+    /// unexplained hole or differing copies.
+    Verify {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// Only products whose URN or id matches (`*` matches anything).
+        #[arg(long, value_name = "URN|FILTER")]
+        product: Option<String>,
+        /// How long to watch (then up to 30 s more while holes may still close); default: until
+        /// interrupted (Ctrl-C), then report.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect a buffer (the agent must not be running on it).
     Buffer {
         #[command(subcommand)]
@@ -251,6 +291,123 @@ fn export(what: &Export) -> ExitCode {
     }
 }
 
+/// How `catalog` and `verify` reach the broker (as `[upstream]` does).
+#[derive(clap::Args)]
+struct BrokerArgs {
+    /// mqtt://host[:port] or mqtts://host[:port].
+    #[arg(long, value_name = "URL")]
+    broker: String,
+    #[arg(long)]
+    username: Option<String>,
+    /// File holding the password (owner-only, like every secret file).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    #[arg(long)]
+    password_env: Option<String>,
+    /// The CA that signed the broker's certificate (mqtts://).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate, with --key-file.
+    #[arg(long, requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// MQTT version: 5 or 3.1.1.
+    #[arg(long, default_value = "5")]
+    protocol: String,
+    /// Client id (default: plantmesh-<command>-<process id>).
+    #[arg(long)]
+    client_id: Option<String>,
+}
+
+impl BrokerArgs {
+    fn broker(&self, command: &str) -> Result<plantmesh::fleet::Broker, String> {
+        use plantmesh::config::{MqttVersion, SecretRef};
+        let version = match self.protocol.as_str() {
+            "5" => MqttVersion::V5,
+            "3.1.1" | "3" | "4" => MqttVersion::V311,
+            other => return Err(format!("--protocol `{other}`: write 5 or 3.1.1")),
+        };
+        let password = match (&self.password_file, &self.password_env) {
+            (Some(_), Some(_)) => return Err("set one of --password-file and --password-env, not both".into()),
+            (Some(f), None) => Some(SecretRef::File(f.clone())),
+            (None, Some(e)) => Some(SecretRef::Env(e.clone())),
+            (None, None) => None,
+        };
+        Ok(plantmesh::fleet::Broker {
+            url: self.broker.clone(),
+            username: self.username.clone(),
+            password,
+            ca_file: self.ca_file.clone(),
+            client_cert: self.cert_file.clone().zip(self.key_file.clone()),
+            version,
+            client_id: self
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("plantmesh-{command}-{}", std::process::id())),
+        })
+    }
+}
+
+/// `catalog` and `verify`: exit 0, 1 (verify found a broken promise) or 2 (could not run).
+fn fleet_command(command: Command) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("plantmesh: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let duration =
+        |text: &str, flag: &str| config::units::parse_duration(text).map_err(|e| format!("{flag} `{text}`: {e}"));
+    let result: Result<bool, String> = rt.block_on(async {
+        match command {
+            Command::Catalog {
+                broker,
+                json,
+                watch,
+                serve,
+                product,
+                wait,
+            } => {
+                let o = plantmesh::fleet::run::CatalogOptions {
+                    json,
+                    watch,
+                    serve,
+                    wait: duration(&wait, "--wait")?,
+                    filter: product,
+                };
+                plantmesh::fleet::run::catalog(&broker.broker("catalog")?, &o)
+                    .await
+                    .map(|()| true)
+            }
+            Command::Verify {
+                broker,
+                product,
+                duration: d,
+                json,
+            } => {
+                let o = plantmesh::fleet::run::VerifyOptions {
+                    filter: product,
+                    duration: d.as_deref().map(|t| duration(t, "--for")).transpose()?,
+                    json,
+                };
+                plantmesh::fleet::run::verify(&broker.broker("verify")?, &o).await
+            }
+            _ => Ok(true),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("plantmesh: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum BufferAction {
     /// Pending messages, gap events and drop counters.
@@ -309,6 +466,10 @@ fn main() -> ExitCode {
             strict,
         }) => check(&paths, data_dir.as_deref(), strict),
         Some(Command::Export { what }) => export(&what),
+        Some(command @ (Command::Catalog { .. } | Command::Verify { .. })) => {
+            die_on_closed_pipe();
+            fleet_command(command)
+        }
         Some(Command::Reload { config, data_dir }) => reload(&config, data_dir),
         Some(Command::Simulate {
             sensor_node: true,
@@ -656,7 +817,7 @@ fn run_async(command: Option<Command>) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Some(Command::Check { .. } | Command::Reload { .. } | Command::Export { .. }) => {
+            Some(Command::Check { .. } | Command::Reload { .. } | Command::Export { .. } | Command::Catalog { .. } | Command::Verify { .. }) => {
                 unreachable!("handled before the runtime starts")
             }
         }

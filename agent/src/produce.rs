@@ -41,8 +41,10 @@ pub struct Outputs {
     pub slis: Arc<Mutex<Slis>>,
     /// Records produced per product.
     pub produced: Arc<Vec<AtomicU64>>,
-    /// `Some`: keep the latest record per product (a copy per record).
-    pub last: Option<LastRecords>,
+    /// The latest record per product (a copy per record), kept while [`Outputs::shown`] wants it.
+    pub last: LastRecords,
+    /// Whether the status view or page is looking.
+    pub shown: crate::page::Shown,
     /// The UNS view (`None` with Sparkplug, where every field already is a metric).
     pub uns: Option<Arc<crate::publish::uns::Board>>,
 }
@@ -190,8 +192,8 @@ impl Produce {
             }
         }
         self.out.produced = r.now.produced.clone();
-        if let Some(last) = &self.out.last {
-            if let Ok(mut l) = last.lock() {
+        {
+            if let Ok(mut l) = self.out.last.lock() {
                 let mut next = vec![None; plan.products.len()];
                 for &(new, old) in &r.same_key {
                     next[new] = l.get(old).cloned().flatten();
@@ -232,8 +234,8 @@ impl Produce {
             b.update(product, &governed);
         }
         let json = self.encoders[product].encode(&governed);
-        if let Some(last) = &self.out.last {
-            if let Ok(mut l) = last.lock() {
+        if self.out.shown.wanted(governed.ts) {
+            if let Ok(mut l) = self.out.last.lock() {
                 l[product] = Some(String::from_utf8_lossy(&json).into_owned());
             }
         }

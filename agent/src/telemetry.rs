@@ -1,6 +1,5 @@
-//! `/metrics` (Prometheus text format) and `/health` on a loopback address.
-//!
-//! A deliberately small HTTP/1.1 responder: one request per connection, GET only. `/health` is 200
+//! `/metrics` (Prometheus text format), `/health` and the status page on a loopback address
+//! ([`crate::http`]). `/health` is 200
 //! `ok` while the buffer writer runs, 200 `degraded: <reason>` (a line each) while buffer commits
 //! fail or the data directory is nearly full, and 503 once the writer has stopped (the agent is
 //! about to exit).
@@ -13,8 +12,6 @@ use crate::sources::DeviceStats;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// What the agent runs now: the plan and what is counted per device and product of it. A reload
 /// replaces it as a whole (see [`crate::reload`]); readers take one [`Running::now`] and use it
@@ -67,6 +64,8 @@ pub struct Running {
     pub broker: String,
     /// Latest record per product, rendered, for the view.
     pub last: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    /// Whether the view or the page looks (live values are kept only then).
+    pub shown: crate::page::Shown,
     pub slis: Arc<std::sync::Mutex<crate::catalog::Slis>>,
     /// False once the buffer writer has stopped.
     pub writer_alive: Arc<std::sync::atomic::AtomicBool>,
@@ -92,6 +91,7 @@ impl Running {
             epoch: 1,
             broker: String::new(),
             last: Arc::new(std::sync::Mutex::new(Vec::new())),
+            shown: crate::page::Shown::default(),
             slis: Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len()))),
             writer_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             current: Arc::new(std::sync::RwLock::new(Arc::new(Now::start(plan, devices)))),
@@ -99,46 +99,21 @@ impl Running {
     }
 }
 
-/// Binds and serves in the background; returns the bound address.
+/// Binds and serves in the background; returns the bound address. `/metrics`, `/health`, and the
+/// read-only status page (`/`) with its JSON (`/api/state`, [`crate::page::agent_state`]).
 pub async fn serve(addr: std::net::SocketAddr, r: Running) -> std::io::Result<std::net::SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let r = r.clone();
-            tokio::spawn(async move {
-                // Read the whole request head (a request can arrive in several segments; answering
-                // early and closing would reset the connection under the client's remaining writes).
-                let mut buf = Vec::with_capacity(1024);
-                let mut chunk = [0u8; 1024];
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                    match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                        Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let request = String::from_utf8_lossy(&buf);
-                let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body) = match path {
-                    "/metrics" => ("200 OK", metrics(&r)),
-                    "/health" if r.writer_alive.load(Relaxed) => ("200 OK", health(&r.buffer)),
-                    "/health" => ("503 Service Unavailable", "buffer writer stopped\n".to_string()),
-                    _ => ("404 Not Found", "try /metrics or /health\n".to_string()),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
-            });
-        }
-    });
-    Ok(bound)
+    use crate::http::Response;
+    crate::http::serve(
+        addr,
+        Arc::new(move |path: &str| match path {
+            "/metrics" => Response::text("200 OK", metrics(&r)),
+            "/health" if r.writer_alive.load(Relaxed) => Response::text("200 OK", health(&r.buffer)),
+            "/health" => Response::text("503 Service Unavailable", "buffer writer stopped\n".to_string()),
+            "/api/state" => Response::json(crate::page::agent_state(&r).to_string()),
+            _ => crate::page::respond(path),
+        }),
+    )
+    .await
 }
 
 /// `ok`, or `degraded: <why>` (still 200: the agent runs and sends live data, a restart would not

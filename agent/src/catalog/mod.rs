@@ -171,6 +171,7 @@ pub async fn publish_slis(
     stats: std::sync::Arc<crate::publish::PublishStats>,
     reader: crate::buffer::Reader,
     retained: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+    shown: crate::page::Shown,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let now_of = || match current.read() {
@@ -201,6 +202,7 @@ pub async fn publish_slis(
             let latency = stats.take_product_latency(running.slots.get(i).copied().unwrap_or(usize::MAX));
             let mine = drops.get(&p.key).map_or(&[][..], Vec::as_slice);
             let doc = sli_document(p, &plan.agent.id, every.as_millis() as u64, s, latency, mine, now);
+            shown.sli(&p.key, &doc, now);
             let _ = retained.send((sli_topic(p), doc));
         }
     }

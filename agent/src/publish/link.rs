@@ -114,6 +114,12 @@ pub struct LinkOptions {
     /// Requests queued at once on connect beyond the window: a descriptor (and, for Sparkplug, a
     /// DBIRTH) per product.
     pub burst: usize,
+    /// Keep the broker session across reconnects (a subscriber that must not miss what the broker
+    /// queued while it was away: `plantmesh verify`); with MQTT 5 it expires this many seconds
+    /// after the connection ends. `None`: a clean session, as the publisher always uses.
+    pub session_expiry: Option<u32>,
+    /// No will at all (a reader of the broker has no status of its own).
+    pub no_will: bool,
 }
 
 /// What went wrong on the broker connection, or setting it up.
@@ -189,6 +195,8 @@ impl LinkOptions {
             will_payload,
             will_retain: true,
             burst: 0,
+            session_expiry: None,
+            no_will: false,
         })
     }
 }
@@ -226,6 +234,9 @@ impl Link {
         // No Nagle: a PUBLISH goes out when it is written, not when the previous one is
         // acknowledged at the TCP level (40 ms with delayed ACKs), which is most of a live record's
         // latency budget.
+        // What the broker may send: subscriptions (Sparkplug commands; a catalog reader's
+        // contracts) of up to a megabyte, or the largest message this link would send itself.
+        let incoming = (1usize << 20).max(u.max_message_bytes + 4096);
         let network = || {
             let mut n = rumqttc::NetworkOptions::new();
             n.set_tcp_nodelay(true);
@@ -235,16 +246,18 @@ impl Link {
             MqttVersion::V311 => {
                 let mut opts = rumqttc::MqttOptions::new(&u.client_id, &u.host, u.port);
                 opts.set_keep_alive(u.keep_alive.max(Duration::from_secs(1)))
-                    .set_clean_session(true)
+                    .set_clean_session(o.session_expiry.is_none())
                     .set_inflight(u.max_inflight)
-                    .set_max_packet_size(1 << 20, u.max_message_bytes + 4096)
-                    .set_transport(transport)
-                    .set_last_will(rumqttc::LastWill::new(
+                    .set_max_packet_size(incoming, u.max_message_bytes + 4096)
+                    .set_transport(transport);
+                if !o.no_will {
+                    opts.set_last_will(rumqttc::LastWill::new(
                         &o.will_topic,
                         o.will_payload.clone(),
                         rumqttc::QoS::AtLeastOnce,
                         o.will_retain,
                     ));
+                }
                 if let (Some(user), Some(pass)) = (&u.username, &o.password) {
                     opts.set_credentials(user, pass);
                 } else if let Some(user) = &u.username {
@@ -257,18 +270,21 @@ impl Link {
             MqttVersion::V5 => {
                 let mut opts = rumqttc::v5::MqttOptions::new(&u.client_id, &u.host, u.port);
                 opts.set_keep_alive(u.keep_alive.max(Duration::from_secs(1)))
-                    .set_clean_start(true)
+                    .set_clean_start(o.session_expiry.is_none())
+                    .set_session_expiry_interval(o.session_expiry)
                     .set_outgoing_inflight_upper_limit(u.max_inflight)
-                    .set_max_packet_size(Some(1 << 20))
+                    .set_max_packet_size(Some(incoming as u32))
                     .set_network_options(network())
-                    .set_transport(transport)
-                    .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    .set_transport(transport);
+                if !o.no_will {
+                    opts.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
                         &o.will_topic,
                         o.will_payload.clone(),
                         rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
                         o.will_retain,
                         None,
                     ));
+                }
                 if let Some(user) = &u.username {
                     opts.set_credentials(user, o.password.clone().unwrap_or_default());
                 }

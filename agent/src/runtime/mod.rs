@@ -322,6 +322,11 @@ pub async fn run(
     };
     let governor = crate::govern::Governor::new(&plan, key)?;
     let last = Arc::new(std::sync::Mutex::new(vec![None; plan.products.len()]));
+    let shown = if view {
+        crate::page::Shown::always()
+    } else {
+        crate::page::Shown::default()
+    };
     let slis = Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len())));
     let (produce_tx, produce_rx) = mpsc::unbounded_channel();
     let parts = Parts::start(
@@ -346,7 +351,8 @@ pub async fn run(
             buffer: handle.clone(),
             slis: slis.clone(),
             produced: current.read().map(|n| n.produced.clone()).unwrap_or_default(),
-            last: view.then(|| last.clone()),
+            last: last.clone(),
+            shown: shown.clone(),
             uns,
         },
     );
@@ -359,6 +365,7 @@ pub async fn run(
         publish_stats.clone(),
         sli_reader,
         retained_tx,
+        shown.clone(),
         shutdown.clone(),
     ));
     let writer_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -370,6 +377,7 @@ pub async fn run(
         epoch,
         broker,
         last,
+        shown,
         slis,
         writer_alive: writer_alive.clone(),
     };
