@@ -22,6 +22,8 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 command -v objdump >/dev/null 2>&1 || missing+=(binutils)
+# Headless Chromium for the status and catalog pages (tests/tests/page.rs, fleet.rs).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq

@@ -153,7 +153,7 @@ enum Command {
         /// Only products whose URN or id matches (`*` matches anything).
         #[arg(long, value_name = "URN|FILTER")]
         product: Option<String>,
-        /// How long to watch (then up to 30 s more while holes may still close); default: until
+        /// How long to watch (then up to 30 s more while holes still close); default: until
         /// interrupted (Ctrl-C), then report.
         #[arg(long = "for", value_name = "DURATION")]
         duration: Option<String>,

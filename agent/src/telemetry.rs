@@ -64,6 +64,8 @@ pub struct Running {
     pub broker: String,
     /// Latest record per product, rendered, for the view.
     pub last: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    /// Where the status page is served, once bound.
+    pub page: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
     /// Whether the view or the page looks (live values are kept only then).
     pub shown: crate::page::Shown,
     pub slis: Arc<std::sync::Mutex<crate::catalog::Slis>>,
@@ -92,6 +94,7 @@ impl Running {
             broker: String::new(),
             last: Arc::new(std::sync::Mutex::new(Vec::new())),
             shown: crate::page::Shown::default(),
+            page: Arc::default(),
             slis: Arc::new(std::sync::Mutex::new(crate::catalog::Slis::new(plan.products.len()))),
             writer_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             current: Arc::new(std::sync::RwLock::new(Arc::new(Now::start(plan, devices)))),

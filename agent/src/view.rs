@@ -15,6 +15,9 @@ pub fn spawn(r: Running) {
         } else {
             Duration::from_secs(10)
         };
+        if let (false, Some(page)) = (tty, r.page.get()) {
+            println!("status page: http://{page}/");
+        }
         let started = Instant::now();
         let mut prev = (0u64, 0u64, Instant::now(), vec![0u64; r.now().plan.products.len()]);
         let mut ticker = tokio::time::interval(period);
@@ -51,6 +54,9 @@ pub fn spawn(r: Running) {
                     "upstream {} ({up})   watch it: mosquitto_sub -h {host} -p {port} -t '#' -v",
                     r.broker
                 );
+                if let Some(page) = r.page.get() {
+                    let _ = writeln!(s, "status page: http://{page}/   metrics: http://{page}/metrics");
+                }
                 let _ = writeln!(s, "published: {msg_rate:.1} msg/s, {rec_rate:.1} records/s | acked total {msgs} msgs / {recs} records");
                 let _ = writeln!(
                     s,

@@ -240,9 +240,22 @@ impl Fleet {
 
     /// Every product as a JSON row (docs/catalog.md, "plantmesh catalog").
     pub fn rows(&self) -> Vec<Value> {
+        // Products of different agents on one data topic (templates that leave out what tells
+        // the agents apart): their consumers cannot tell the streams apart either.
+        let mut on_topic: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (urn, p) in &self.products {
+            if let Some(t) = p.entry["topics"]["data"].as_str() {
+                on_topic.entry(t).or_default().push(urn);
+            }
+        }
         self.products
             .iter()
             .map(|(urn, p)| {
+                let shared: Vec<&str> = p.entry["topics"]["data"]
+                    .as_str()
+                    .and_then(|t| on_topic.get(t))
+                    .map(|u| u.iter().copied().filter(|u| *u != urn).collect())
+                    .unwrap_or_default();
                 let e = &p.entry;
                 let online = self.agents.get(&p.status_topic).map(|s| s == "online");
                 let sli = p.sli.as_ref().map(|s| {
@@ -279,6 +292,7 @@ impl Fleet {
                     "sli": sli,
                     "drops": p.sli.as_ref().map_or(json!({}), |s| s["drops"].clone()),
                     "gap_events": p.gap_events,
+                    "topic_shared_with": shared,
                 })
             })
             .collect()
@@ -436,6 +450,18 @@ mod tests {
         f.message(&t1, b"");
         assert!(f.is_empty());
         assert_eq!(f.message("s1/a/l/d/press/v1", b"{}").0, Seen::Other);
+    }
+
+    #[test]
+    fn products_of_two_agents_on_one_topic_are_flagged() {
+        let mut f = Fleet::new(Interest::default());
+        let (t1, e1) = entry("gw1", "press", "x");
+        let (t2, e2) = entry("gw2", "press", "x");
+        f.message(&t1, &e1);
+        f.message(&t2, &e2);
+        let rows = f.rows();
+        assert_eq!(rows[0]["topic_shared_with"], json!(["urn:plantmesh:_:s1:gw2:press:v1"]));
+        assert_eq!(rows[1]["topic_shared_with"], json!(["urn:plantmesh:_:s1:gw1:press:v1"]));
     }
 
     #[test]

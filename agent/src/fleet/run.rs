@@ -147,10 +147,12 @@ pub async fn verify(broker: &Broker, o: &VerifyOptions) -> Result<bool, String> 
     )?;
     let mut v = Verifier::new();
     let mut progress = Instant::now();
-    let mut last_message = Instant::now();
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
-    let mut settling: Option<Instant> = None;
+    // While settling: (holes, when they last shrank), when settling began, when last checked.
+    let mut settling: Option<(u64, Instant)> = None;
+    let mut settle_start: Option<Instant> = None;
+    let mut checked: Option<Instant> = None;
     loop {
         let next = tokio::select! {
             n = reader.next(Duration::from_millis(500)) => n,
@@ -159,11 +161,9 @@ pub async fn verify(broker: &Broker, o: &VerifyOptions) -> Result<bool, String> 
         match next {
             Next::Message(Seen::Data(urn), payload) => {
                 v.message(&urn, &payload);
-                last_message = Instant::now();
             }
             Next::Message(Seen::Gap(urn), payload) => {
                 v.gap(&urn, &payload);
-                last_message = Instant::now();
             }
             _ => {}
         }
@@ -185,10 +185,19 @@ pub async fn verify(broker: &Broker, o: &VerifyOptions) -> Result<bool, String> 
             continue;
         }
         // Past the time asked for: what is still on its way (a backlog draining beside live
-        // data) may close a hole; wait while holes remain and messages still arrive, 30 s at most.
-        let at = *settling.get_or_insert_with(Instant::now);
+        // data, a product's backlog after a reconnect) may close a hole. Go on while holes remain
+        // and the last 5 s closed some; 30 s at most.
+        if checked.is_some_and(|t: Instant| t.elapsed() < Duration::from_millis(500)) {
+            continue;
+        }
+        checked = Some(Instant::now());
         let holes = v.report().hole_seqs;
-        if holes == 0 || last_message.elapsed() >= Duration::from_secs(3) || at.elapsed() >= Duration::from_secs(30) {
+        let (was, since) = *settling.get_or_insert((holes, Instant::now()));
+        if holes < was {
+            settling = Some((holes, Instant::now()));
+        }
+        let at = *settle_start.get_or_insert_with(Instant::now);
+        if holes == 0 || since.elapsed() >= Duration::from_secs(5) || at.elapsed() >= Duration::from_secs(30) {
             break;
         }
     }

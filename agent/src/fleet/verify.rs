@@ -21,6 +21,8 @@ use std::hash::{Hash, Hasher};
 #[derive(Debug, Default)]
 pub struct Verifier {
     streams: BTreeMap<String, BTreeMap<u64, Epoch>>,
+    /// Watching since before any agent started: every epoch is due from seq 1.
+    all_from_start: bool,
     messages: u64,
     malformed: Vec<String>,
 }
@@ -31,6 +33,10 @@ struct Epoch {
     delivered: BTreeMap<u64, (u64, u64)>,
     /// Seqs delivered or announced (not by `buffer_corrupt`).
     covered: Ranges,
+    /// Seqs delivered.
+    arrived: Ranges,
+    /// Seqs in `crash` events.
+    crashed: Ranges,
     delivered_seqs: u64,
     copies: u64,
     duplicates: u64,
@@ -150,17 +156,27 @@ impl Verifier {
         Verifier::default()
     }
 
+    /// A verifier that watched since before any of the agents started (a test's subscriber):
+    /// every epoch is due from seq 1.
+    pub fn from_start() -> Verifier {
+        Verifier {
+            all_from_start: true,
+            ..Verifier::default()
+        }
+    }
+
     /// The epoch entry of `urn`, made on first sight (due from seq 1 when an earlier epoch of the
     /// URN was seen before it).
     fn epoch(&mut self, urn: &str, epoch: u64) -> &mut Epoch {
         if !self.streams.contains_key(urn) {
             self.streams.insert(urn.to_string(), BTreeMap::new());
         }
+        let all = self.all_from_start;
         let epochs = self
             .streams
             .get_mut(urn)
             .unwrap_or_else(|| unreachable!("inserted above"));
-        let earlier = epochs.range(..epoch).next().is_some();
+        let earlier = all || epochs.range(..epoch).next().is_some();
         epochs.entry(epoch).or_insert_with(|| Epoch {
             from_start: earlier,
             ..Epoch::default()
@@ -190,6 +206,7 @@ impl Verifier {
                 e.delivered.insert(h.seq, (h.last_seq, h.digest));
                 e.delivered_seqs += h.last_seq - h.seq + 1;
                 e.covered.insert(h.seq, h.last_seq);
+                e.arrived.insert(h.seq, h.last_seq);
             }
         }
     }
@@ -210,6 +227,9 @@ impl Verifier {
         }
         let corrupt = g.reason == "buffer_corrupt";
         let e = self.epoch(urn, g.epoch);
+        if g.reason == "crash" {
+            e.crashed.insert(g.from_seq, g.to_seq);
+        }
         let tally = e.gaps.entry(g.reason).or_default();
         tally.0 += 1;
         tally.1 += g.to_seq - g.from_seq + 1;
@@ -250,6 +270,7 @@ impl Verifier {
             r.duplicates += s.duplicates;
             r.differing += s.differing.len() as u64;
             r.hole_seqs += s.holes.iter().map(|(a, b)| b - a + 1).sum::<u64>();
+            r.crash_only += s.crash_only;
             for (reason, (_, seqs)) in &s.gaps {
                 *r.gaps.entry(reason.clone()).or_default() += seqs;
             }
@@ -273,6 +294,8 @@ pub struct Report {
     pub gaps: BTreeMap<String, u64>,
     /// Seqs neither delivered nor announced: a broken promise.
     pub hole_seqs: u64,
+    /// Seqs that only a `crash` event accounts for (not delivered).
+    pub crash_only: u64,
     /// Payloads that are not product messages or gap events.
     pub malformed: Vec<String>,
     pub streams: Vec<EpochReport>,
@@ -349,6 +372,8 @@ pub struct EpochReport {
     pub holes: Vec<(u64, u64)>,
     /// A `buffer_corrupt` event wrote off what has not arrived.
     pub written_off: bool,
+    /// Seqs that only a `crash` event accounts for.
+    pub crash_only: u64,
 }
 
 impl EpochReport {
@@ -365,6 +390,13 @@ impl EpochReport {
             gaps: e.gaps.clone(),
             holes,
             written_off: e.written_off,
+            crash_only: e
+                .crashed
+                .0
+                .iter()
+                .flat_map(|(&a, &b)| e.arrived.holes(a, b))
+                .map(|(a, b)| b - a + 1)
+                .sum(),
         }
     }
 }
@@ -458,6 +490,13 @@ mod tests {
     }
 
     #[test]
+    fn from_start_makes_every_epoch_due_from_1() {
+        let mut v = Verifier::from_start();
+        v.message(URN, &msg(7, 3, false, 0));
+        assert_eq!(v.report().streams[0].holes, vec![(1, 2)]);
+    }
+
+    #[test]
     fn a_crash_event_may_overlap_what_arrived() {
         let mut v = Verifier::new();
         v.message(URN, &msg(7, 1, false, 0));
@@ -467,6 +506,7 @@ mod tests {
         let r = v.report();
         assert!(r.ok(), "{}", r.text());
         assert_eq!(r.gaps["crash"], 5);
+        assert_eq!(r.crash_only, 4, "seqs 3-6 only the crash event accounts for");
     }
 
     #[test]

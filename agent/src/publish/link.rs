@@ -269,7 +269,7 @@ impl Link {
             }
             MqttVersion::V5 => {
                 let mut opts = rumqttc::v5::MqttOptions::new(&u.client_id, &u.host, u.port);
-                opts.set_keep_alive(u.keep_alive.max(Duration::from_secs(1)))
+                opts.set_keep_alive(u.keep_alive.max(Duration::from_secs(5)))
                     .set_clean_start(o.session_expiry.is_none())
                     .set_session_expiry_interval(o.session_expiry)
                     .set_outgoing_inflight_upper_limit(u.max_inflight)

@@ -378,12 +378,16 @@ pub async fn run(
         broker,
         last,
         shown,
+        page: Arc::default(),
         slis,
         writer_alive: writer_alive.clone(),
     };
     if let Some(addr) = plan.agent.metrics_listen {
         match crate::telemetry::serve(addr, running.clone()).await {
-            Ok(bound) => info!(address = %bound, "metrics on http://{bound}/metrics, health on http://{bound}/health"),
+            Ok(bound) => {
+                let _ = running.page.set(bound);
+                info!(address = %bound, "status page on http://{bound}/ (read-only), metrics on http://{bound}/metrics, health on http://{bound}/health")
+            }
             Err(e) if plan.agent.metrics_required => {
                 return Err(RunError::Metrics {
                     address: addr,

@@ -222,6 +222,16 @@ impl Subscriber {
             .collect()
     }
 
+    /// `(topic, payload)` of everything received, the payload as it arrived.
+    pub fn raw(&self) -> Vec<(String, String)> {
+        self.lines
+            .snapshot()
+            .iter()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(t, p)| (t.to_string(), p.to_string()))
+            .collect()
+    }
+
     /// Product messages only (not descriptors, gaps, status or UNS field values).
     pub fn product_messages(&self) -> Vec<serde_json::Value> {
         self.messages()
@@ -926,4 +936,62 @@ impl Proxy {
 /// A test length from the environment (long runs behind a variable, a short one in CI).
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Headless Chromium (Debian's package; scripts/test.sh installs it) on a page: the DOM after
+/// `budget_ms` of the page's own time (its scripts run, its fetches complete), and a screenshot
+/// into `target/test-artifacts/<shot>.png` when `shot` is given. Flags as this machine needs them:
+/// no sandbox as root, no GPU, no background connections to hosts it cannot reach.
+pub fn chromium(url: &str, budget_ms: u32, shot: Option<&str>) -> String {
+    let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("chromium (apt-get install chromium; scripts/test.sh does it)");
+    let profile = tempfile::tempdir().unwrap();
+    let base = |c: &mut Command| {
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,2000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--virtual-time-budget={budget_ms}"))
+        .stderr(Stdio::null());
+    };
+    if let Some(name) = shot {
+        let dir = repo_root().join("target/test-artifacts");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Command::new(bin);
+        base(&mut c);
+        let status = c
+            .arg(format!("--screenshot={}", dir.join(format!("{name}.png")).display()))
+            .arg(url)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "chromium --screenshot {url}");
+    }
+    let mut c = Command::new(bin);
+    base(&mut c);
+    let out = c.arg("--dump-dom").arg(url).output().unwrap();
+    assert!(out.status.success(), "chromium --dump-dom {url}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The text of the first element with `class="<class>"` after `anchor` in `html` (a DOM dump).
+pub fn text_after(html: &str, anchor: &str, class: &str) -> Option<String> {
+    let at = html.find(anchor)?;
+    let rest = &html[at..];
+    let open = rest.find(&format!("class=\"{class}\""))?;
+    let rest = &rest[open..];
+    let start = rest.find('>')? + 1;
+    let end = rest[start..].find('<')? + start;
+    Some(rest[start..end].to_string())
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// `(epoch, seq)` -> the message, every copy checked identical; and how many copies were extra.
@@ -29,55 +29,38 @@ pub fn gap_events(sub: &Subscriber) -> Vec<Value> {
         .collect()
 }
 
-/// Checks that every seq of every epoch up to the highest one seen is a message that arrived or
-/// lies in a gap event: nothing is missing unexplained (the rules of docs/wire-format.md). Returns the seqs that only a `crash` event
-/// explains, or what is missing.
-pub fn explained(received: &BTreeMap<(u64, u64), Value>, gaps: &[Value]) -> Result<usize, String> {
-    let mut covered: BTreeSet<(u64, u64)> = BTreeSet::new();
-    for m in received.values() {
-        let e = m["epoch"].as_u64().unwrap();
-        let from = m["seq"].as_u64().unwrap();
-        let to = m["last_seq"].as_u64().unwrap_or(from);
-        covered.extend((from..=to).map(|s| (e, s)));
-    }
-    let mut crash_only = 0;
-    // A `buffer_corrupt` event: whatever of its epoch and every earlier one has not arrived is
-    // lost (its `to_seq` is the end of the epoch).
-    let corrupt_through = gaps
-        .iter()
-        .filter(|g| g["reason"] == "buffer_corrupt")
-        .filter_map(|g| g["epoch"].as_u64())
-        .max();
-    for g in gaps.iter().filter(|g| g["reason"] != "buffer_corrupt") {
-        let e = g["epoch"].as_u64().unwrap();
-        for s in g["from_seq"].as_u64().unwrap()..=g["to_seq"].as_u64().unwrap() {
-            if covered.insert((e, s)) && g["reason"] == "crash" {
-                crash_only += 1;
-            }
+/// What `sub` received, checked by the project's own verifier (`agent::fleet::verify`, what
+/// `plantmesh verify` runs at a broker): every seq of every epoch from 1 up to the highest seen is a
+/// message that arrived or lies in a gap event (the rules of docs/wire-format.md), and every copy
+/// of a message is byte-identical apart from `historical`. Streams are keyed by product and major.
+pub fn verified(sub: &Subscriber) -> agent::fleet::verify::Report {
+    let mut v = agent::fleet::verify::Verifier::from_start();
+    for (topic, payload) in sub.raw() {
+        let Ok(doc) = serde_json::from_str::<Value>(&payload) else {
+            continue;
+        };
+        let product = doc["product"].as_str().unwrap_or_default();
+        if topic.ends_with("/_gaps") {
+            v.gap(&format!("{product}.v{}", doc["major"]), payload.as_bytes());
+        } else if !topic.contains("/_") && doc.get("records").is_some() {
+            let major = doc["version"].as_str().and_then(|s| s.split('.').next()).unwrap_or("?");
+            v.message(&format!("{product}.v{major}"), payload.as_bytes());
         }
     }
-    let epochs: BTreeSet<u64> = covered.iter().map(|k| k.0).collect();
-    for e in epochs.into_iter().filter(|&e| Some(e) > corrupt_through) {
-        let max = covered.range((e, 0)..=(e, u64::MAX)).next_back().unwrap().1;
-        let missing: Vec<u64> = (1..=max).filter(|s| !covered.contains(&(e, *s))).collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "epoch {e}: seqs {missing:?} neither arrived nor are in a gap event"
-            ));
-        }
-    }
-    Ok(crash_only)
+    v.report()
 }
 
-/// Waits for every seq to be explained (gap events may still be on their way), then says how.
+/// Waits for every seq to be explained (gap events may still be on their way); returns how many
+/// seqs only a `crash` event accounts for.
 pub fn wait_explained(sub: &Subscriber) -> usize {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match explained(&by_id(&sub.product_messages()).0, &gap_events(sub)) {
-            Ok(n) => return n,
-            Err(e) if Instant::now() > deadline => panic!("{e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        let r = verified(sub);
+        if r.ok() {
+            return r.crash_only as usize;
         }
+        assert!(Instant::now() < deadline, "{}", r.text());
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

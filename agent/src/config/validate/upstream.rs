@@ -163,6 +163,19 @@ pub(crate) fn upstream_plan(
             "a [sparkplug] table without encoding = \"sparkplug\"",
         );
     }
+    // The MQTT client refuses a shorter keep-alive (and would stop the agent): MQTT 5 at 5 s,
+    // 3.1.1 at 1 s. A broker sends an agent's `offline` will 1.5 keep-alives after its last packet.
+    let keep_alive = u.keep_alive.map_or(Duration::from_secs(30), |d| d.0);
+    let least = if version == MqttVersion::V5 { 5 } else { 1 };
+    if keep_alive < Duration::from_secs(least) {
+        cx.whole(
+            format!("{key}.keep_alive"),
+            format!(
+                "{keep_alive:?} is shorter than MQTT {} allows here: at least \"{least}s\"",
+                if version == MqttVersion::V5 { "5" } else { "3.1.1" }
+            ),
+        );
+    }
     Some(UpstreamPlan {
         sparkplug,
         host,
@@ -170,7 +183,7 @@ pub(crate) fn upstream_plan(
         tls,
         version,
         client_id: u.client_id.clone().unwrap_or_else(|| format!("plantmesh-{agent_id}")),
-        keep_alive: u.keep_alive.map_or(Duration::from_secs(30), |d| d.0),
+        keep_alive,
         username: u.username.clone(),
         insecure_credentials: password.is_some() && !tls,
         password,
