@@ -180,6 +180,31 @@ fn mutual_tls_delivers_and_loose_key_files_are_refused() {
     wait_for("messages over mutual TLS", Duration::from_secs(30), || {
         sub.product_messages().len() >= 3
     });
+    // The platform's reader over the same TLS listener, with its own client certificate: the
+    // catalog lists the product (docs/fleet.md).
+    let out = Command::new(plantmesh_bin())
+        .args([
+            "catalog",
+            "--json",
+            "--broker",
+            &format!("mqtts://127.0.0.1:{tls_port}"),
+        ])
+        .arg("--ca-file")
+        .arg(certs.path().join("ca.pem"))
+        .arg("--cert-file")
+        .arg(certs.path().join("client.pem"))
+        .arg("--key-file")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "catalog over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["products"].as_array().unwrap().len(), 1, "{doc}");
+    assert_eq!(doc["products"][0]["online"], true, "{doc}");
     agent.stop();
     assert!(
         broker.log().contains("gw-up"),

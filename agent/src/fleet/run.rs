@@ -44,7 +44,7 @@ pub async fn catalog(broker: &Broker, o: &CatalogOptions) -> Result<(), String> 
         },
         false,
     )?;
-    let shown = Arc::new(Mutex::new(serde_json::Value::Null));
+    let shown = Arc::new(Mutex::new(document(&reader)));
     if let Some(addr) = o.serve {
         let doc = shown.clone();
         let bound = crate::http::serve(
@@ -64,14 +64,20 @@ pub async fn catalog(broker: &Broker, o: &CatalogOptions) -> Result<(), String> 
     let live = o.watch || o.serve.is_some();
     let mut printed_at = None::<Instant>;
     let mut printed_change = None::<Instant>;
+    let (mut served_at, mut served_change) = (None::<Instant>, None::<Instant>);
     loop {
-        let next = reader.next(Duration::from_millis(250)).await;
-        if matches!(next, Next::Message(Seen::Catalog, _))
-            || printed_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        let _ = reader.next(Duration::from_millis(250)).await;
+        // The served document: rebuilt at most once a second, when the fleet changed (a row per
+        // product; rebuilding it on every message of a thousand products would be quadratic).
+        if o.serve.is_some()
+            && served_change != Some(reader.last_change)
+            && served_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
         {
             if let Ok(mut d) = shown.lock() {
                 *d = document(&reader);
             }
+            served_change = Some(reader.last_change);
+            served_at = Some(Instant::now());
         }
         if !live {
             let settled = reader.connected && reader.last_change.elapsed() >= SETTLED && started.elapsed() >= SETTLED;
