@@ -62,7 +62,7 @@ python3 - "$work" "$agents" "$products" "$port" <<'PY'
 import os, sys
 work, agents, products, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 sims = [l.split()[2] for l in open(f"{work}/sim.out") if l.startswith("SIM ")]
-templates = ["{site}/{area}/{line}/{domain}/{product}/v{major}", "plant/{site}/{domain}/{product}/v{major}"]
+templates = ["{site}/{area}/{line}/{domain}/{product}/v{major}", "plant/{site}/{line}/{domain}/{product}/v{major}"]
 for i in range(agents):
     d = f"{work}/a{i:03d}"
     os.makedirs(f"{d}/cfg/products", exist_ok=True)
@@ -141,6 +141,6 @@ r = json.load(open(sys.argv[1]))
 cpu, rc = float(sys.argv[2]), int(sys.argv[3])
 streams = r["streams"]
 print(f"verify: {r['messages']} messages over {len(streams)} streams; {r['messages'] / 40:.0f} msgs/s followed, "
-      f"{1000 * cpu / max(r['messages'], 1):.3f} core-ms per 1000 messages; delivered {r['delivered']}, duplicates {r['duplicates']} "
+      f"{1e6 * cpu / max(r['messages'], 1):.1f} core-ms per 1000 messages ({cpu:.2f} s CPU in all); delivered {r['delivered']}, duplicates {r['duplicates']} "
       f"({r['differing']} differing), gaps {r['gaps']}, unexplained hole seqs {r['hole_seqs']}; exit {rc}")
 PY
