@@ -16,7 +16,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,34 +25,6 @@ const PRODUCTS: usize = 2;
 /// The agents' MQTT keep-alive: the broker publishes an agent's `offline` will 1.5 times this
 /// after its last packet.
 const KEEP_ALIVE_S: u64 = 5;
-
-/// `plantmesh simulate --devices n`: the banks' addresses.
-fn simulate(n: usize) -> (KillOnDrop, Vec<String>) {
-    let mut child = Command::new(plantmesh_bin())
-        .args([
-            "simulate",
-            "--devices",
-            &n.to_string(),
-            "--registers",
-            &PRODUCTS.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut addresses = Vec::new();
-    for line in out.lines() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("SIM ") {
-            addresses.push(rest.split_whitespace().nth(1).unwrap().to_string());
-            if addresses.len() == n {
-                break;
-            }
-        }
-    }
-    (KillOnDrop(child), addresses)
-}
 
 fn site(i: usize) -> String {
     format!("site-{}", i % 4)
@@ -158,7 +129,7 @@ fn report(child: Child) -> (Option<i32>, Value, String) {
 #[test]
 fn twenty_agents_catalogued_and_verified_through_restarts_and_a_kill() {
     let mut broker = Mosquitto::start(true, "");
-    let (_sim, devices) = simulate(AGENTS);
+    let (_sim, devices) = simulate(AGENTS, PRODUCTS);
     assert_eq!(devices.len(), AGENTS);
     let dir = tempfile::tempdir().unwrap();
     // The verifier follows the fleet from the start, through everything below.
@@ -305,7 +276,7 @@ fn twenty_agents_catalogued_and_verified_through_restarts_and_a_kill() {
 #[test]
 fn a_publish_withheld_before_the_broker_is_an_unexplained_hole() {
     let broker = Mosquitto::start(false, "");
-    let (_sim, devices) = simulate(1);
+    let (_sim, devices) = simulate(1, PRODUCTS);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cfg");
     // The agent's uplink runs through a proxy that drops the 5th PUBLISH on p0's data topic (and

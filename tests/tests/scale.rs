@@ -13,54 +13,14 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const DEVICES: usize = 20;
 const REGISTERS: usize = 100;
 
-struct Sim(Child);
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `plantmesh simulate`: `DEVICES` register banks; their addresses.
-fn simulate() -> (Sim, Vec<String>) {
-    let mut child = Command::new(plantmesh_bin())
-        .args([
-            "simulate",
-            "--devices",
-            &DEVICES.to_string(),
-            "--registers",
-            &REGISTERS.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("plantmesh simulate");
-    let out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut addresses = Vec::new();
-    for line in out.lines() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("SIM ") {
-            addresses.push(rest.split_whitespace().nth(1).unwrap().to_string());
-            if addresses.len() == DEVICES {
-                break;
-            }
-        }
-    }
-    assert_eq!(addresses.len(), DEVICES, "the simulator started every device");
-    (Sim(child), addresses)
-}
-
 #[test]
 fn two_thousand_products_of_one_field_deliver_every_value() {
-    let (_sim, addresses) = simulate();
+    let (_sim, addresses) = simulate(DEVICES, REGISTERS);
     let broker = Mosquitto::start(false, "");
     let sub = Subscriber::start(broker.port, "s1/a1/l1/#", "scale-sub");
     let dir = tempfile::tempdir().unwrap();

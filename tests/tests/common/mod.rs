@@ -995,3 +995,33 @@ pub fn text_after(html: &str, anchor: &str, class: &str) -> Option<String> {
     let end = rest[start..].find('<')? + start;
     Some(rest[start..end].to_string())
 }
+
+/// `plantmesh simulate --devices n --registers r`: that many register banks, each on its own
+/// loopback port; their addresses. The simulator stops when the handle drops.
+pub fn simulate(devices: usize, registers: usize) -> (KillOnDrop, Vec<String>) {
+    let mut child = Command::new(plantmesh_bin())
+        .args([
+            "simulate",
+            "--devices",
+            &devices.to_string(),
+            "--registers",
+            &registers.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("plantmesh simulate");
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut addresses = Vec::new();
+    for line in out.lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("SIM ") {
+            addresses.push(rest.split_whitespace().nth(1).unwrap().to_string());
+            if addresses.len() == devices {
+                break;
+            }
+        }
+    }
+    assert_eq!(addresses.len(), devices, "the simulator started every device");
+    (KillOnDrop(child), addresses)
+}
