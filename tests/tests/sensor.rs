@@ -184,7 +184,7 @@ fn garbage_on_the_link_is_counted_and_costs_at_most_the_frame_it_runs_into() {
     );
     // The node went quiet before it went away: after stale_after its channels were bad, saying why.
     let q = |r: &Value| r["quality"]["air_temp"].as_str().unwrap_or_default().to_string();
-    wait_for("link_lost, then disconnected", Duration::from_secs(10), || {
+    wait_for("link_lost, then disconnected", Duration::from_secs(30), || {
         records(&sub).last().is_some_and(|r| q(r) == "bad:disconnected")
     });
     agent.stop();
