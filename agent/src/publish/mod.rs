@@ -607,7 +607,6 @@ impl Publisher {
                             link.disconnect();
                         }
                     }
-                    Ok(LinkEvent::Other) => {}
                     Err(e) => {
                         let session_ended = connected || self.stats.connected.load(Ordering::Relaxed) == 1;
                         let unacked = session.inflight.reset();
