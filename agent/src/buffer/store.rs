@@ -366,7 +366,9 @@ impl Store {
         // Work on copies of the accounting so a failed commit leaves memory matching the file.
         let mut queues = self.queues.clone();
         let mut total = self.total_bytes;
-        let mut size_changes: Vec<((ProductKey, MessageId), Option<u64>)> = Vec::new();
+        // Sizes this commit sets (`Some`) or removes (`None`), the last change of a key winning; a
+        // map, not a list searched per acknowledgement (thousands of them in one commit).
+        let mut size_changes: HashMap<(ProductKey, MessageId), Option<u64>> = HashMap::new();
         let mut next_gap = self.next_gap;
         let now = crate::model::now_millis();
 
@@ -381,13 +383,14 @@ impl Store {
             let mut gaps = tx.open_table(GAPS).map_err(storage(&path))?;
             let mut drops = tx.open_table(DROPS).map_err(storage(&path))?;
             let sizes = &self.sizes;
-            let size_of =
-                |changes: &Vec<((ProductKey, MessageId), Option<u64>)>, key: &(ProductKey, MessageId)| -> Option<u64> {
-                    match changes.iter().rev().find(|(k, _)| k == key) {
-                        Some((_, s)) => *s,
-                        None => sizes.get(key).copied(),
-                    }
-                };
+            let size_of = |changes: &HashMap<(ProductKey, MessageId), Option<u64>>,
+                           key: &(ProductKey, MessageId)|
+             -> Option<u64> {
+                match changes.get(key) {
+                    Some(s) => *s,
+                    None => sizes.get(key).copied(),
+                }
+            };
 
             for &(product, id) in &batch.acks {
                 let key = (product, id);
@@ -402,7 +405,7 @@ impl Store {
                     q.bytes = q.bytes.saturating_sub(size);
                     q.messages = q.messages.saturating_sub(1);
                     total = total.saturating_sub(size);
-                    size_changes.push((key, None));
+                    size_changes.insert(key, None);
                     out.deleted += 1;
                 }
             }
@@ -456,7 +459,7 @@ impl Store {
                     q.bytes = q.bytes.saturating_sub(size);
                     q.messages = q.messages.saturating_sub(1);
                     total = total.saturating_sub(size);
-                    size_changes.push((key, None));
+                    size_changes.insert(key, None);
                 }
                 let size = merged.size();
                 messages
@@ -465,7 +468,7 @@ impl Store {
                 q.bytes += size;
                 q.messages += 1;
                 total += size;
-                size_changes.push(((product, merged.id), Some(size)));
+                size_changes.insert((product, merged.id), Some(size));
                 out.merged += 1;
             }
 
@@ -557,7 +560,7 @@ impl Store {
                     if q_bytes + size <= limits.max_bytes && t + size <= cap {
                         for (did, _, _) in &dropped {
                             messages.remove((&*name, did.epoch, did.seq)).map_err(storage(&path))?;
-                            size_changes.push(((m.product, *did), None));
+                            size_changes.insert((m.product, *did), None);
                         }
                         q.bytes = q_bytes;
                         q.messages -= dropped.len() as u64;
@@ -602,7 +605,7 @@ impl Store {
                         q.messages += 1;
                         total += size;
                     }
-                    size_changes.push(((m.product, id), Some(size)));
+                    size_changes.insert((m.product, id), Some(size));
                     out.appended.push((m.product, id, stored.records));
                 } else {
                     let reason = match limits.policy {
@@ -654,7 +657,7 @@ impl Store {
                 q.bytes = q.bytes.saturating_sub(size);
                 q.messages = q.messages.saturating_sub(1);
                 total = total.saturating_sub(size);
-                size_changes.push((key, None));
+                size_changes.insert(key, None);
                 let last = decoded.as_ref().map_or(id.seq, |m| m.last_seq);
                 let mut ev = self.gap_event(
                     product,
