@@ -260,3 +260,194 @@ async fn tls_connect(
         .await
         .map_err(|e| failed(format!("TLS handshake with {host}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The connection against a broker on a real socket that answers in awkward ways (the e2e
+    //! suites run it against Mosquitto).
+    use super::super::{Link, LinkEvent, LinkOptions};
+    use crate::config::MqttVersion;
+    use bytes::BytesMut;
+    use rumqttc::v5::mqttbytes::v5::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet, PubAck};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn link(port: u16, max_inflight: u16) -> Link {
+        let mut plan = crate::runtime::local_upstream(port, "conn-test".into());
+        plan.version = MqttVersion::V5;
+        plan.max_inflight = max_inflight;
+        let mut o = LinkOptions::resolve(&plan, "status".into(), b"offline".to_vec()).unwrap();
+        o.burst = 1000;
+        Link::new(&o)
+    }
+
+    /// The broker's side: reads whole packets, counting the reads that returned data.
+    struct Broker {
+        s: TcpStream,
+        buf: BytesMut,
+        reads: usize,
+    }
+
+    impl Broker {
+        async fn accept(l: &TcpListener) -> Broker {
+            Broker {
+                s: l.accept().await.unwrap().0,
+                buf: BytesMut::new(),
+                reads: 0,
+            }
+        }
+
+        async fn packet(&mut self) -> Packet {
+            loop {
+                if !self.buf.is_empty() {
+                    match Packet::read(&mut self.buf, None) {
+                        Ok(p) => return p,
+                        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                self.buf.reserve(1 << 16);
+                assert_ne!(self.s.read_buf(&mut self.buf).await.unwrap(), 0, "the client closed");
+                self.reads += 1;
+            }
+        }
+
+        /// Writes `p` a byte at a time: every packet arrives split.
+        async fn trickle(&mut self, p: Packet) {
+            let mut out = BytesMut::new();
+            p.write(&mut out, None).unwrap();
+            for b in out.iter() {
+                self.s.write_all(&[*b]).await.unwrap();
+                self.s.flush().await.unwrap();
+            }
+        }
+
+        async fn connack(&mut self, receive_max: Option<u16>) {
+            assert!(matches!(self.packet().await, Packet::Connect(..)));
+            let props = ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max,
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: None,
+                assigned_client_identifier: None,
+                topic_alias_max: None,
+                reason_string: None,
+                user_properties: vec![],
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: None,
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            };
+            self.trickle(Packet::ConnAck(ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+                properties: Some(props),
+            }))
+            .await;
+        }
+
+        async fn publish_id(&mut self) -> u16 {
+            let p = tokio::time::timeout(std::time::Duration::from_secs(10), self.packet()).await;
+            match p.expect("no PUBLISH within 10 s") {
+                Packet::Publish(p) => p.pkid,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+    }
+
+    async fn next(l: &mut Link) -> LinkEvent {
+        tokio::time::timeout(std::time::Duration::from_secs(10), l.poll())
+            .await
+            .expect("no event within 10 s")
+            .expect("the connection failed")
+    }
+
+    #[tokio::test]
+    async fn a_burst_goes_out_in_few_writes_and_split_answers_are_read_whole() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut link = link(l.local_addr().unwrap().port(), 1000);
+        let mut b = Broker::accept(&l).await;
+        b.connack(None).await;
+        assert_eq!(next(&mut link).await, LinkEvent::Connected);
+        for i in 0..300 {
+            link.publish(&format!("t/{i}"), false, vec![b'x'; 40], vec![]).unwrap();
+        }
+        let mut ids = Vec::new();
+        for _ in 0..300 {
+            ids.push(b.publish_id().await);
+        }
+        // One write per request would arrive as hundreds of reads.
+        assert!(b.reads <= 10, "300 publishes arrived in {} reads", b.reads);
+        for &id in &ids {
+            b.trickle(Packet::PubAck(PubAck::new(id, None))).await;
+        }
+        let mut written = Vec::new();
+        let mut acked = Vec::new();
+        while acked.len() < 300 {
+            match next(&mut link).await {
+                LinkEvent::Written(id) => written.push(id),
+                LinkEvent::PubAck { pkid, failure: None } => acked.push(pkid),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            written, ids,
+            "written in the order queued, under the ids the broker saw"
+        );
+        assert_eq!(acked, ids);
+    }
+
+    #[tokio::test]
+    async fn the_brokers_receive_maximum_holds_publishes_back() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut link = link(l.local_addr().unwrap().port(), 64);
+        let mut b = Broker::accept(&l).await;
+        b.connack(Some(2)).await;
+        assert_eq!(next(&mut link).await, LinkEvent::Connected);
+        for _ in 0..5 {
+            link.publish("t", false, b"1".to_vec(), vec![]).unwrap();
+        }
+        let first = [b.publish_id().await, b.publish_id().await];
+        // Nothing more until an acknowledgement frees a slot.
+        let more = tokio::time::timeout(std::time::Duration::from_millis(300), b.packet()).await;
+        assert!(more.is_err(), "a third publish beyond Receive Maximum 2: {more:?}");
+        b.trickle(Packet::PubAck(PubAck::new(first[0], None))).await;
+        let third = b.publish_id().await;
+        assert!(!first.contains(&third));
+    }
+
+    #[tokio::test]
+    async fn an_ack_for_a_packet_not_in_flight_ends_the_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut link = link(l.local_addr().unwrap().port(), 8);
+        let mut b = Broker::accept(&l).await;
+        b.connack(None).await;
+        assert_eq!(next(&mut link).await, LinkEvent::Connected);
+        link.publish("t", false, b"1".to_vec(), vec![]).unwrap();
+        let id = b.publish_id().await;
+        b.trickle(Packet::PubAck(PubAck::new(id.wrapping_add(7), None))).await;
+        assert_eq!(next(&mut link).await, LinkEvent::Written(id));
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), link.poll())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("not waiting"), "{err}");
+        // The next attempt waits for the caller, and requests left from the failed session are
+        // not sent on the next one.
+        link.publish("stale", false, b"1".to_vec(), vec![]).unwrap();
+        link.reconnect();
+        let mut b = Broker::accept(&l).await;
+        b.connack(None).await;
+        assert_eq!(next(&mut link).await, LinkEvent::Connected);
+        link.publish("fresh", false, b"2".to_vec(), vec![]).unwrap();
+        match b.packet().await {
+            Packet::Publish(p) => assert_eq!(&p.topic[..], b"fresh"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
