@@ -1,12 +1,12 @@
 //! PUBACK correlation, with no I/O.
 //!
-//! rumqttc's `publish()` returns no packet id. It does, however, turn requests into packets strictly in
-//! the order they were queued, and reports each as `Outgoing::Publish(pkid)` when it is written. So:
-//! every request we queue goes to the back of `queued`; each `Outgoing::Publish(pkid)` takes the front
-//! and binds it to that pkid; `PubAck(pkid)` resolves the binding. The invariants that make this
-//! exact: (1) every publish of the session goes through this table, in queue order; (2) the session is
-//! clean, so on a disconnect rumqttc drops everything it had queued or in flight (nothing is
-//! retransmitted behind our back) and we [`Inflight::reset`]; (3) we never queue while disconnected.
+//! `Link::publish()` returns no packet id: the connection (`link/state.rs`) assigns one as it
+//! writes, strictly in the order requests were queued, and reports each as `Written(pkid)`. So:
+//! every request we queue goes to the back of `queued`; each `Written(pkid)` takes the front and
+//! binds it to that pkid; `PubAck(pkid)` resolves the binding. The invariants that make this exact:
+//! (1) every publish of the session goes through this table, in queue order; (2) the session is
+//! clean, so on a disconnect everything queued or in flight is dropped (nothing is retransmitted
+//! behind our back) and we [`Inflight::reset`]; (3) we never queue while disconnected.
 
 use std::collections::{HashMap, VecDeque};
 
