@@ -329,6 +329,40 @@ fn messages_the_broker_refuses_are_dead_lettered_and_reported() {
 }
 
 #[test]
+fn a_document_over_the_brokers_packet_limit_is_refused_and_data_still_flows() {
+    // Mosquitto announces `max_packet_size` in its CONNACK (MQTT 5). The product's contract is
+    // larger than that, its data messages are not: the contract must be refused on our side
+    // (sending it would make the broker close the connection), and the session must go on rather
+    // than fail on the same packet after every reconnect.
+    let modbus = counter();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(false, "allow_anonymous true\nmax_packet_size 1400");
+    let data = Subscriber::start(broker.port, "s1/a1/l1/test/counter/v2", "data-sub");
+    let cfg = dir.path().join("cfg");
+    write_config(
+        &cfg,
+        &gateway(broker.port, modbus.port, "mqtt").replace("{EXTRA}", ""),
+        &[("counter", PRODUCT)],
+    );
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("data messages", Duration::from_secs(30), || data.messages().len() >= 5);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.stop();
+    let log = agent.log();
+    // The product's ODCS contract (and the agent's AsyncAPI document) are over 1,400 bytes.
+    let refused = log
+        .lines()
+        .find(|l| l.contains("over the broker's packet limit") && l.contains("counter/v2/_contract"));
+    assert!(refused.is_some(), "{log}");
+    assert_eq!(
+        log.matches("connected upstream").count(),
+        1,
+        "one session throughout:\n{log}"
+    );
+    assert!(!log.contains("upstream connection lost"), "{log}");
+}
+
+#[test]
 fn password_from_a_file_authenticates() {
     let modbus = counter();
     let dir = tempfile::tempdir().unwrap();

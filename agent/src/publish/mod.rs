@@ -581,6 +581,12 @@ impl Publisher {
                                 self.buffer.gap_ack(id);
                                 acked_gaps.insert(id, self.buffer.stats.generation.load(Ordering::SeqCst));
                             }
+                            Some(Sent::Descriptor(i)) if failure.is_some() => {
+                                // Not published: the contract consumers rely on is still the last one stored.
+                                if let Some(p) = self.products.get(i) {
+                                    error!(product = %p.id, reason = format!("0x{:02x}", failure.unwrap_or(0)), "the broker refused the product's descriptor");
+                                }
+                            }
                             Some(Sent::Descriptor(i)) => {
                                 // The contract consumers now rely on: later configs are checked against it.
                                 if let (Some(dir), Some(p)) = (&self.contracts_dir, self.products.get(i)) {

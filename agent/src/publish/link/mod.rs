@@ -198,7 +198,10 @@ impl Link {
             clean: o.session_expiry.is_none(),
             session_expiry: o.session_expiry.filter(|_| wire == wire::Wire::V5),
             max_incoming: u32::try_from(incoming).unwrap_or(u32::MAX),
-            max_outgoing: u32::try_from(u.max_message_bytes + 4096).ok(),
+            // Only the broker's limit (MQTT 5 CONNACK): `max_message_bytes` bounds product messages
+            // when they are formed, but a descriptor of a wide product may be larger, and the
+            // broker takes it.
+            max_outgoing: None,
             max_inflight: u.max_inflight,
             will: (!o.no_will).then(|| (o.will_topic.clone(), o.will_payload.clone(), o.will_retain)),
             login: u

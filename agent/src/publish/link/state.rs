@@ -48,6 +48,9 @@ enum Use {
 
 pub type Event = Result<LinkEvent, LinkError>;
 
+/// MQTT 5 reason code "Packet too large".
+pub const PACKET_TOO_LARGE: u8 = 0x95;
+
 pub struct Session {
     wire: Wire,
     /// QoS 1 and 2 publishes in flight at once: ours, or the broker's Receive Maximum if lower.
@@ -158,14 +161,31 @@ impl Session {
                         None => return self.end("no packet id is free".into()),
                     }
                 };
-                let r = wire.publish(topic, qos, retain, pkid, payload, props, self.max_packet, &mut self.out);
-                if r.is_ok() {
-                    if qos > 0 {
-                        self.in_flight += 1;
+                let size = payload.len();
+                match wire.publish(topic, qos, retain, pkid, payload, props, self.max_packet, &mut self.out) {
+                    Ok(()) => {
+                        if qos > 0 {
+                            self.in_flight += 1;
+                        }
+                        self.events.push(Ok(LinkEvent::Written(pkid)));
                     }
-                    self.events.push(Ok(LinkEvent::Written(pkid)));
+                    // Over the broker's packet limit: the broker would refuse it, and sending
+                    // it again on the next connection would fail the same way. It is refused
+                    // here as the broker would (0x95, packet too large), so the session goes on
+                    // and the publisher accounts for it (a product message is dead-lettered
+                    // with a gap event).
+                    Err((topic, e)) => {
+                        tracing::error!(topic = %topic, payload_bytes = size, error = %e, "a message is over the broker's packet limit: not sent");
+                        self.events.push(Ok(LinkEvent::Written(pkid)));
+                        if qos > 0 {
+                            self.ids[usize::from(pkid)] = Use::Free;
+                            self.events.push(Ok(LinkEvent::PubAck {
+                                pkid,
+                                failure: Some(PACKET_TOO_LARGE),
+                            }));
+                        }
+                    }
                 }
-                self.encoded(r);
             }
             Request::Subscribe(filter) => match self.id(Use::Subscribe) {
                 Some(id) => {
@@ -484,21 +504,37 @@ mod tests {
     }
 
     #[test]
-    fn a_packet_over_the_brokers_limit_ends_the_session() {
+    fn a_packet_over_the_brokers_limit_is_refused_and_the_session_goes_on() {
         let a = Accepted {
             max_packet: Some(100),
             ..Default::default()
         };
-        let mut s = Session::new(Wire::V5, &a, 10, Some(1 << 20));
-        s.request(Request::Publish {
+        let mut s = Session::new(Wire::V5, &a, 10, None);
+        let big = |qos| Request::Publish {
             topic: "t".into(),
-            qos: 1,
+            qos,
             retain: false,
             payload: Bytes::from(vec![b'x'; 200]),
             props: vec![],
-        });
-        assert!(s.take_end().unwrap().contains("encode"));
-        assert!(s.events.is_empty(), "not reported written");
-        assert_eq!(s.in_flight, 0);
+        };
+        s.request(big(1));
+        s.request(big(0));
+        s.request(publish(1));
+        assert!(!s.ended());
+        let ev: Vec<_> = s.events.drain(..).map(Result::unwrap).collect();
+        assert_eq!(
+            ev,
+            [
+                LinkEvent::Written(1),
+                LinkEvent::PubAck {
+                    pkid: 1,
+                    failure: Some(PACKET_TOO_LARGE)
+                },
+                LinkEvent::Written(0),
+                LinkEvent::Written(2),
+            ]
+        );
+        assert_eq!(s.in_flight, 1);
+        assert_eq!(written(&mut s, Wire::V5), ["Publish"], "only the one that fits");
     }
 }

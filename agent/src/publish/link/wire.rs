@@ -138,7 +138,8 @@ impl Wire {
     }
 
     /// A PUBLISH; MQTT 5 marks the payload JSON and carries `props` as user properties (3.1.1 has
-    /// nowhere to put them). `max`: the broker's packet limit.
+    /// nowhere to put them). `max`: the broker's packet limit. A failure gives the topic back (for
+    /// the caller's report).
     #[allow(clippy::too_many_arguments)]
     pub fn publish(
         self,
@@ -150,7 +151,7 @@ impl Wire {
         props: Vec<(String, String)>,
         max: Option<u32>,
         out: &mut BytesMut,
-    ) -> Result<(), WireError> {
+    ) -> Result<(), (String, WireError)> {
         match self {
             Wire::V4 => {
                 let p = v4::Publish {
@@ -161,7 +162,11 @@ impl Wire {
                     pkid,
                     payload,
                 };
-                write4(&v4::Packet::Publish(p), out, max.map_or(usize::MAX, |m| m as usize))
+                let p = v4::Packet::Publish(p);
+                write4(&p, out, max.map_or(usize::MAX, |m| m as usize)).map_err(|e| match p {
+                    v4::Packet::Publish(p) => (p.topic, e),
+                    _ => (String::new(), e),
+                })
             }
             Wire::V5 => {
                 let properties = v5::PublishProperties {
@@ -178,7 +183,11 @@ impl Wire {
                     payload,
                     properties: Some(properties),
                 };
-                write5(&v5::Packet::Publish(p), out, max)
+                let p = v5::Packet::Publish(p);
+                write5(&p, out, max).map_err(|e| match p {
+                    v5::Packet::Publish(p) => (String::from_utf8_lossy(&p.topic).into_owned(), e),
+                    _ => (String::new(), e),
+                })
             }
         }
     }
