@@ -174,16 +174,19 @@ impl Session {
                     // here as the broker would (0x95, packet too large), so the session goes on
                     // and the publisher accounts for it (a product message is dead-lettered
                     // with a gap event).
+                    // QoS 0 (Sparkplug) has no acknowledgement to carry a refusal: the next
+                    // barrier would count it delivered. So the session ends, as it always did.
+                    Err((topic, e)) if qos == 0 => {
+                        self.end(format!("cannot send a QoS 0 message on {topic}: {e}"));
+                    }
                     Err((topic, e)) => {
                         tracing::error!(topic = %topic, payload_bytes = size, error = %e, "a message is over the broker's packet limit: not sent");
+                        self.ids[usize::from(pkid)] = Use::Free;
                         self.events.push(Ok(LinkEvent::Written(pkid)));
-                        if qos > 0 {
-                            self.ids[usize::from(pkid)] = Use::Free;
-                            self.events.push(Ok(LinkEvent::PubAck {
-                                pkid,
-                                failure: Some(PACKET_TOO_LARGE),
-                            }));
-                        }
+                        self.events.push(Ok(LinkEvent::PubAck {
+                            pkid,
+                            failure: Some(PACKET_TOO_LARGE),
+                        }));
                     }
                 }
             }
@@ -518,7 +521,6 @@ mod tests {
             props: vec![],
         };
         s.request(big(1));
-        s.request(big(0));
         s.request(publish(1));
         assert!(!s.ended());
         let ev: Vec<_> = s.events.drain(..).map(Result::unwrap).collect();
@@ -530,11 +532,15 @@ mod tests {
                     pkid: 1,
                     failure: Some(PACKET_TOO_LARGE)
                 },
-                LinkEvent::Written(0),
                 LinkEvent::Written(2),
             ]
         );
         assert_eq!(s.in_flight, 1);
         assert_eq!(written(&mut s, Wire::V5), ["Publish"], "only the one that fits");
+        // A QoS 0 message has no PUBACK to refuse it with: reported written, a Sparkplug barrier
+        // would count it delivered. The session ends instead, and nothing is reported written.
+        s.request(big(0));
+        assert!(s.take_end().unwrap().contains("QoS 0"));
+        assert!(s.events.is_empty());
     }
 }
