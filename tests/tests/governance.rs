@@ -450,3 +450,65 @@ fn a_reload_that_tightens_governance_regoverns_what_is_buffered() {
         }
     }
 }
+
+/// The governance file places the UNS view (`uns_topic_template`): a late subscriber of the
+/// template's namespace at Mosquitto finds each field that leaves, retained, governed as in the
+/// product messages (the badge as its pseudonym, the pressure coarsened, no topic for the
+/// restricted set point), and nothing under the default `{topic}/{field}`; the descriptor names
+/// the template's topics.
+#[test]
+fn the_uns_view_goes_where_the_governance_template_says() {
+    let modbus = modbus();
+    let broker = Mosquitto::start(false, "");
+    let sub = Subscriber::start(broker.port, "s1/#", "gov-uns-sub");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    let product = PRODUCT.replace("owner = \"team\"\n", "owner = \"team\"\n[publish]\nuns = true\n");
+    write_config(&cfg, &gateway(broker.port, modbus.port), &[("press", &product)]);
+    let governance = format!("uns_topic_template = \"s1/uns/{{area}}/{{line}}/{{product}}/{{field}}\"\n{GOVERNANCE}");
+    std::fs::write(cfg.join("governance.toml"), governance).unwrap();
+    write_key(&cfg);
+    let mut agent = Agent::start(&cfg, &dir.path().join("data"));
+    wait_for("the UNS topics", Duration::from_secs(30), || {
+        retained(broker.port, "s1/uns/#").len() >= 3
+    });
+    let view: std::collections::BTreeMap<String, serde_json::Value> = retained(broker.port, "s1/uns/#")
+        .into_iter()
+        .map(|(t, p)| (t, serde_json::from_str(&p).unwrap()))
+        .collect();
+    agent.stop();
+    assert_eq!(
+        view.keys().collect::<Vec<_>>(),
+        [
+            "s1/uns/a1/l1/press/operator",
+            "s1/uns/a1/l1/press/pressure",
+            "s1/uns/a1/l1/press/temp"
+        ],
+        "{view:?}"
+    );
+    let operator = view["s1/uns/a1/l1/press/operator"]["value"].as_str().unwrap();
+    assert!(operator.starts_with("h:") && operator.len() == 34, "{operator}");
+    assert_eq!(view["s1/uns/a1/l1/press/pressure"]["value"], 120.0);
+    assert_eq!(view["s1/uns/a1/l1/press/temp"]["quality"], "bad:out_of_range");
+    let raw = sub.raw();
+    assert!(
+        raw.iter()
+            .all(|(_, p)| !p.contains("OP-0042") && !p.contains("777.125")),
+        "nothing withheld, no badge in clear"
+    );
+    // The product stream is where it was; no field topic under it.
+    let product_topic = "s1/a1/l1/production/press/v1";
+    assert!(raw.iter().any(|(t, _)| t == product_topic));
+    assert!(
+        raw.iter()
+            .all(|(t, _)| !t.starts_with(&format!("{product_topic}/")) || t.contains("/_")),
+        "a field topic under the product's: {:?}",
+        raw.iter().map(|(t, _)| t).collect::<std::collections::BTreeSet<_>>()
+    );
+    let (_, d) = sub
+        .messages()
+        .into_iter()
+        .find(|(t, _)| t.ends_with("/_descriptor"))
+        .unwrap();
+    assert_eq!(d["binding"]["uns_topic"], "s1/uns/a1/l1/press/{field}", "{d}");
+}

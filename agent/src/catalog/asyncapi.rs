@@ -264,7 +264,7 @@ pub fn document(plan: &Plan) -> Json {
             add(
                 &mut channels,
                 format!("{k}.uns"),
-                crate::publish::uns::field_topic(&p.topic, "{field}"),
+                p.uns_topic.clone(),
                 "unsValue",
                 Some(json!({
                     "parameters": {"field": {"enum": fields, "description": "the field's name"}},

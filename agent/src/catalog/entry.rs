@@ -42,7 +42,7 @@ pub fn entry(plan: &Plan, p: &ProductPlan, contract: &[u8]) -> Vec<u8> {
         "gaps": crate::publish::envelope::gaps_topic(p),
     });
     if p.uns {
-        topics["uns"] = crate::publish::uns::field_topic(&p.topic, "{field}").into();
+        topics["uns"] = p.uns_topic.clone().into();
     }
     #[allow(clippy::expect_used, reason = "a JSON value serializes into a Vec")]
     serde_json::to_vec(&json!({

@@ -155,7 +155,7 @@ fn server(plan: &Plan, p: &ProductPlan) -> Json {
         "catalog": super::entry::entry_topic(&plan.agent, p),
     });
     if p.uns {
-        topics["uns"] = crate::publish::uns::field_topic(&p.topic, "{field}").into();
+        topics["uns"] = p.uns_topic.clone().into();
     }
     json!({
         "server": "upstream",

@@ -31,6 +31,8 @@ use std::time::Duration;
 
 /// The default topic template for product messages (DESIGN.md section 4).
 pub const DEFAULT_TOPIC_TEMPLATE: &str = "{site}/{area}/{line}/{domain}/{product}/v{major}";
+/// The UNS view's topic of a field: under the product's own topic.
+pub const DEFAULT_UNS_TOPIC_TEMPLATE: &str = "{topic}/{field}";
 
 /// Everything the runtime needs, validated.
 #[derive(Debug, Clone)]
@@ -449,6 +451,9 @@ pub struct ProductPlan {
     pub qos: Qos,
     /// Each field's latest value retained on its own topic too (`[publish] uns`).
     pub uns: bool,
+    /// The UNS topic of this product's fields, `{field}` standing for the field's name
+    /// (governance `uns_topic_template` with the product's placeholders filled in).
+    pub uns_topic: String,
     /// Most records per message, when the product sets fewer than the upstream default.
     pub max_records_per_message: Option<usize>,
     pub service_levels: ServiceLevelPlan,
@@ -726,6 +731,7 @@ pub fn test_product(fields: Vec<FieldPlan>) -> ProductPlan {
         topic: "t".into(),
         qos: Qos::AtLeastOnce,
         uns: false,
+        uns_topic: "t/{field}".into(),
         max_records_per_message: None,
         service_levels: ServiceLevelPlan::default(),
         file: Default::default(),

@@ -386,6 +386,9 @@ impl Field {
 pub struct Governance {
     /// Topic of product messages: `{site}`, `{area}`, `{line}`, `{domain}`, `{product}`, `{major}`.
     pub topic_template: Option<Spanned<String>>,
+    /// Topic of each field's UNS view (`[publish] uns`): the product placeholders, `{topic}` (the
+    /// product's topic) and `{field}`; default `{topic}/{field}`.
+    pub uns_topic_template: Option<Spanned<String>>,
     /// Classification of fields that do not name one; default `internal`.
     pub default_classification: Option<Spanned<String>>,
     /// Product keys that must be present and non-empty: `description`, `contact`, `status`, `unit`

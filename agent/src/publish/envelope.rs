@@ -122,7 +122,7 @@ fn binding(plan: &Plan, p: &ProductPlan) -> Json {
                        "contract_topic": crate::catalog::odcs::contract_topic(p),
                        "catalog_topic": crate::catalog::entry::entry_topic(&plan.agent, p)});
     if p.uns {
-        b["uns_topic"] = super::uns::field_topic(&p.topic, "{field}").into();
+        b["uns_topic"] = p.uns_topic.clone().into();
     }
     b
 }

@@ -1,5 +1,6 @@
 //! The Unified Namespace view of a product: each field's latest value on its own retained topic,
-//! `{product topic}/{field}`, beside the product's message stream (`[publish] uns = true`).
+//! `{product topic}/{field}` or the governance file's `uns_topic_template`, beside the product's
+//! message stream (`[publish] uns = true`).
 //!
 //! In: governed records from the produce stage ([`Board::update`]): only what governance lets
 //! leave, so a withheld field has no topic at all, a masked one carries `null` and a pseudonymised
@@ -100,7 +101,7 @@ impl Board {
                     if f.action == EdgeAction::Never {
                         continue;
                     }
-                    let topic: Arc<str> = field_topic(&p.topic, &f.name).into();
+                    let topic: Arc<str> = field_topic(&p.uns_topic, &f.name).into();
                     if !plan.governance.allow_topic_prefixes.is_empty()
                         && !plan
                             .governance
@@ -242,8 +243,10 @@ impl Board {
 }
 
 /// A field's topic in the view.
-pub fn field_topic(product_topic: &str, field: &str) -> String {
-    format!("{product_topic}/{field}")
+/// The UNS topic of `field` in a product whose UNS topic is `uns_topic` (`{field}` standing
+/// for the name).
+pub fn field_topic(uns_topic: &str, field: &str) -> String {
+    uns_topic.replace("{field}", field)
 }
 
 fn read_topics(file: &Path) -> BTreeSet<String> {

@@ -226,14 +226,15 @@ fn device_fingerprint(plan: &Plan, d: usize) -> String {
 fn product_fingerprint(plan: &Plan, p: usize) -> (Vec<u8>, String, u64) {
     let product = &plan.products[p];
     let settings = format!(
-        "{}|{:?}|{:?}|{}|{:?}|{:?}|{}",
+        "{}|{:?}|{:?}|{}|{:?}|{:?}|{}|{}",
         product.topic,
         product.qos,
         product.max_records_per_message,
         product.max_bytes,
         product.full_policy,
         product.publish,
-        product.uns
+        product.uns,
+        product.uns_topic
     );
     (
         crate::publish::envelope::descriptor(plan, product),

@@ -6,41 +6,63 @@ use super::*;
 use crate::config::diag::closest;
 use toml::Spanned;
 
-fn check_template(cx: &mut Ctx, t: &Spanned<String>) -> bool {
-    const KNOWN: [&str; 8] = [
-        "enterprise",
-        "site",
-        "area",
-        "line",
-        "cell",
-        "domain",
-        "product",
-        "major",
-    ];
+/// The placeholders of the product topic template; the UNS template adds `topic` and `field`.
+const PRODUCT_PLACEHOLDERS: [&str; 8] = [
+    "enterprise",
+    "site",
+    "area",
+    "line",
+    "cell",
+    "domain",
+    "product",
+    "major",
+];
+
+/// Checks a topic template at `key`: only `known` placeholders, and at least one of `needs`
+/// (without which what `shared` names would share a topic).
+fn check_template(
+    cx: &mut Ctx,
+    t: &Spanned<String>,
+    key: &str,
+    known: &[&str],
+    (needs, shared): (&[&str], &str),
+) -> bool {
     let mut ok = true;
     let mut rest = t.get_ref().as_str();
     while let Some(open) = rest.find('{') {
         let Some(close) = rest[open..].find('}') else {
-            cx.err(t, "topic_template", "unclosed `{` in topic template");
+            cx.err(t, key, "unclosed `{` in topic template");
             return false;
         };
         let name = &rest[open + 1..open + close];
-        if !KNOWN.contains(&name) {
-            let help = closest(name, KNOWN).map_or_else(
-                || format!("known: {}", KNOWN.join(", ")),
+        if !known.contains(&name) {
+            let help = closest(name, known.iter().copied()).map_or_else(
+                || format!("known: {}", known.join(", ")),
                 |b| format!("did you mean `{{{b}}}`?"),
             );
-            cx.err(t, "topic_template", format!("unknown placeholder `{{{name}}}`"))
-                .help = Some(help);
+            cx.err(t, key, format!("unknown placeholder `{{{name}}}`")).help = Some(help);
             ok = false;
         }
         rest = &rest[open + close + 1..];
     }
-    if !t.get_ref().contains("{product}") {
+    if !needs.iter().any(|n| t.get_ref().contains(&format!("{{{n}}}"))) {
+        let what = needs
+            .iter()
+            .map(|n| format!("`{{{n}}}`"))
+            .collect::<Vec<_>>()
+            .join(" or ");
         cx.err(
             t,
-            "topic_template",
-            "the topic template must contain `{product}` so products do not share a topic",
+            key,
+            format!("the template must contain {what}, or {shared} would share a topic"),
+        );
+        ok = false;
+    }
+    if t.get_ref().contains(['+', '#']) {
+        cx.err(
+            t,
+            key,
+            "`+` and `#` are MQTT wildcards: a topic to publish on may not contain them",
         );
         ok = false;
     }
@@ -51,6 +73,8 @@ fn check_template(cx: &mut Ctx, t: &Spanned<String>) -> bool {
 pub(super) struct Rules {
     pub plan: GovernancePlan,
     pub template: String,
+    /// The UNS view's topic template (`uns_topic_template`), `{topic}/{field}` by default.
+    pub uns_template: String,
     pub required: Vec<String>,
     pub domains: Vec<(String, Vec<String>)>,
     /// How messages name the governance file.
@@ -66,6 +90,7 @@ impl Rules {
         Rules {
             plan: GovernancePlan::default(),
             template: DEFAULT_TOPIC_TEMPLATE.to_string(),
+            uns_template: DEFAULT_UNS_TOPIC_TEMPLATE.to_string(),
             required: Vec::new(),
             domains: Vec::new(),
             file: "the built-in governance defaults".into(),
@@ -162,8 +187,24 @@ pub(super) fn rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
     };
     let mut template = DEFAULT_TOPIC_TEMPLATE.to_string();
     if let Some(t) = &g.topic_template {
-        if check_template(cx, t) {
+        if check_template(
+            cx,
+            t,
+            "topic_template",
+            &PRODUCT_PLACEHOLDERS,
+            (&["product"], "products"),
+        ) {
             template = t.get_ref().clone();
+        }
+    }
+    let mut uns_template = DEFAULT_UNS_TOPIC_TEMPLATE.to_string();
+    if let Some(t) = &g.uns_topic_template {
+        let mut known = PRODUCT_PLACEHOLDERS.to_vec();
+        known.extend(["topic", "field"]);
+        let fields = check_template(cx, t, "uns_topic_template", &known, (&["field"], "fields"));
+        let products = &["product", "topic"];
+        if fields && check_template(cx, t, "uns_topic_template", &known, (products, "products")) {
+            uns_template = t.get_ref().clone();
         }
     }
     // A governance file says everything it means: nothing is taken from the built-in defaults.
@@ -276,6 +317,7 @@ pub(super) fn rules(cx: &mut Ctx, g: raw::Governance) -> Rules {
     Rules {
         plan,
         template,
+        uns_template,
         required,
         domains,
         file,
@@ -608,5 +650,111 @@ mod tests {
         let plan = load(&[(Path::new("b.toml"), &b), (Path::new("c.toml"), &c)]).unwrap();
         let action = |p: &str| plan.products.iter().find(|q| q.id == p).unwrap().fields[0].action;
         assert_eq!((action("b"), action("c")), (EdgeAction::Mask, EdgeAction::Mask));
+    }
+
+    fn load_uns(uns_template: &str, egress: &str, products: &[(&str, &str)]) -> Result<crate::config::Plan, String> {
+        let governance = format!(
+            "default_classification = \"internal\"\nuns_topic_template = \"{uns_template}\"\n\
+             [classes.internal]\naction = \"pass\"\n[classes.restricted]\naction = \"never\"\n\
+             [egress]\nallow_topic_prefixes = [{egress}]\n"
+        );
+        let files: Vec<(std::path::PathBuf, String)> = products
+            .iter()
+            .map(|(id, fields)| {
+                let text = format!(
+                    "id = \"{id}\"\nname = \"P\"\nversion = \"1.0.0\"\ndomain = \"d\"\nowner = \"o\"\n\
+                     [publish]\nuns = true\n{fields}"
+                );
+                (Path::new(&format!("{id}.toml")).to_path_buf(), text)
+            })
+            .collect();
+        let refs: Vec<(&Path, &str)> = files.iter().map(|(p, t)| (p.as_path(), t.as_str())).collect();
+        let gateway = format!("{GATEWAY}[[devices.tags]]\nname = \"code\"\ntable = \"holding\"\naddress = 1\n");
+        load_texts(
+            (Path::new("agent.toml"), &gateway),
+            Some((Path::new("governance.toml"), &governance)),
+            &refs,
+            Path::new("/nonexistent"),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn field(name: &str, class: &str) -> String {
+        let tag = if class == "restricted" { "code" } else { "temp" };
+        format!("[[fields]]\nname = \"{name}\"\nsource = \"plc.{tag}\"\nclassification = \"{class}\"\n")
+    }
+
+    /// The governance file places the UNS view: every product's fields under its template, and
+    /// every catalogue document naming that template.
+    #[test]
+    fn the_uns_template_places_every_field() {
+        let plan = load_uns(
+            "{site}/uns/{area}/{line}/{product}/{field}",
+            "\"#\"",
+            &[("press", &field("temp", "internal"))],
+        )
+        .unwrap();
+        let p = &plan.products[0];
+        assert_eq!(p.topic, "s/a/l/d/press/v1");
+        assert_eq!(p.uns_topic, "s/uns/a/l/press/{field}");
+        assert_eq!(
+            crate::publish::uns::field_topic(&p.uns_topic, "temp"),
+            "s/uns/a/l/press/temp"
+        );
+        let d: serde_json::Value = serde_json::from_slice(&crate::publish::envelope::descriptor(&plan, p)).unwrap();
+        assert_eq!(d["binding"]["uns_topic"], "s/uns/a/l/press/{field}", "{d}");
+        // `{topic}` is the product's topic.
+        let plan = load_uns("{topic}/uns/{field}", "\"#\"", &[("press", &field("temp", "internal"))]).unwrap();
+        assert_eq!(plan.products[0].uns_topic, "s/a/l/d/press/v1/uns/{field}");
+    }
+
+    #[test]
+    fn a_uns_template_that_would_merge_topics_is_refused() {
+        let one = [("press", field("temp", "internal"))];
+        let one: Vec<(&str, &str)> = one.iter().map(|(a, b)| (*a, b.as_str())).collect();
+        for (template, says) in [
+            (
+                "{site}/uns/{product}",
+                "must contain `{field}`, or fields would share a topic",
+            ),
+            (
+                "{site}/uns/{field}",
+                "must contain `{product}` or `{topic}`, or products would share a topic",
+            ),
+            ("{site}/{prodcut}/{field}", "unknown placeholder `{prodcut}`"),
+            ("{site}/+/{product}/{field}", "MQTT wildcards"),
+        ] {
+            let err = load_uns(template, "\"#\"", &one).unwrap_err();
+            assert!(
+                err.contains(says) && err.contains("uns_topic_template"),
+                "{template}: {err}"
+            );
+        }
+    }
+
+    /// A UNS topic is a topic leaving the site like any other: outside egress it is refused at
+    /// the field (a withheld field has no topic, so nothing to refuse), and it may not land on a
+    /// topic another product or field already uses.
+    #[test]
+    fn a_uns_topic_is_checked_like_a_product_topic() {
+        let fields = format!("{}{}", field("temp", "internal"), field("secret", "restricted"));
+        let err = load_uns("uns/{product}/{field}", "\"s/\"", &[("press", &fields)]).unwrap_err();
+        assert!(
+            err.contains("the UNS topic `uns/press/temp` of field `temp` is outside the egress allow-list"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "a withheld field has no topic: {err}");
+        assert!(err.contains("fields[0].name"), "{err}");
+        // Under this template, field `v1` of `press` lands on the product's own message topic.
+        let err = load_uns(
+            "{site}/{area}/{line}/d/{product}/{field}",
+            "\"#\"",
+            &[("press", &field("v1", "internal"))],
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("the UNS topic `s/a/l/d/press/v1` of field `v1` is already a topic of product `press`"),
+            "{err}"
+        );
     }
 }

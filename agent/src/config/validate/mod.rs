@@ -106,6 +106,7 @@ pub(super) fn validate(
             .map(|(i, t)| (format!("{}.{}", device_ids[t.device()], t.name), i))
             .collect();
         let mut seen_ids: HashMap<(String, String), PathBuf> = HashMap::new();
+        let mut topics = products::Topics::default();
         let published = super::contract::load(&super::contract::dir(&agent.data_dir));
         // Every product file is read before any is planned: a tag's class is the strictest any of
         // them gives a field reading it, so two products reading one tag treat it alike.
@@ -163,6 +164,7 @@ pub(super) fn validate(
                     floors: &floors,
                 },
                 &rules,
+                &mut topics,
             ) {
                 if let Some(stored) = published.get(&p.key) {
                     if let Some((message, help)) = super::contract::check(&p, stored) {

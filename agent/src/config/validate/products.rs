@@ -19,6 +19,17 @@ pub(super) struct TagIndex<'a> {
     pub floors: &'a HashMap<usize, Floor>,
 }
 
+/// Topics of the products planned so far: a field's UNS topic may be no other field's and none of
+/// a product's own (its messages, `_descriptor`, `_contract`, `_sli`, `_gaps`), or one would
+/// overwrite the other's retained value at the broker.
+#[derive(Default)]
+pub(super) struct Topics {
+    /// Topic -> the product owning it.
+    own: HashMap<String, String>,
+    /// UNS topic -> `product.field`.
+    uns: HashMap<String, String>,
+}
+
 /// One shared copy of each distinct string (a product's units and classes): thousands of fields
 /// then hold a pointer each rather than an allocation each.
 #[derive(Default)]
@@ -42,6 +53,7 @@ pub(super) fn plan(
     buffer: &BufferPlan,
     tags: &TagIndex,
     rules: &Rules,
+    topics: &mut Topics,
 ) -> Option<ProductPlan> {
     let template = rules.template.as_str();
     let TagIndex {
@@ -344,15 +356,20 @@ pub(super) fn plan(
             .boxed(),
         });
     }
-    let topic = template
-        .replace("{enterprise}", agent.enterprise.as_deref().unwrap_or_default())
-        .replace("{cell}", agent.cell.as_deref().unwrap_or_default())
-        .replace("{site}", &agent.site)
-        .replace("{area}", &agent.area)
-        .replace("{line}", &agent.line)
-        .replace("{domain}", p.domain.get_ref())
-        .replace("{product}", id)
-        .replace("{major}", &major.to_string());
+    let fill = |template: &str| {
+        template
+            .replace("{enterprise}", agent.enterprise.as_deref().unwrap_or_default())
+            .replace("{cell}", agent.cell.as_deref().unwrap_or_default())
+            .replace("{site}", &agent.site)
+            .replace("{area}", &agent.area)
+            .replace("{line}", &agent.line)
+            .replace("{domain}", p.domain.get_ref())
+            .replace("{product}", id)
+            .replace("{major}", &major.to_string())
+    };
+    let topic = fill(template);
+    let uns_topic = fill(&rules.uns_template).replace("{topic}", &topic);
+    uns_topics(cx, &p, &fields, (&topic, &uns_topic, uns), rules, topics);
     let status = match &p.status {
         None => "active".to_string(),
         Some(s) => cx
@@ -491,10 +508,85 @@ pub(super) fn plan(
         topic,
         qos,
         uns,
+        uns_topic,
         max_records_per_message,
         service_levels,
         file: cx.src.path.to_path_buf(),
     })
+}
+
+/// The UNS topic of each field that leaves the site, checked as a product topic is (egress, the
+/// domain's prefixes) and against every topic taken so far; then this product's topics are taken.
+fn uns_topics(
+    cx: &mut Ctx,
+    p: &raw::Product,
+    fields: &[FieldPlan],
+    (topic, uns_topic, uns): (&str, &str, bool),
+    rules: &Rules,
+    topics: &mut Topics,
+) {
+    let id = p.id.get_ref();
+    let own = ["", "/_descriptor", "/_contract", "/_sli", "/_gaps"].map(|s| format!("{topic}{s}"));
+    for t in &own {
+        if let Some(field) = topics.uns.get(t) {
+            let msg = format!("topic `{t}` of this product is the UNS topic of field `{field}`");
+            cx.err(&p.id, "id", msg).help = Some("change uns_topic_template in the governance file".into());
+        }
+    }
+    for t in own {
+        topics.own.entry(t).or_insert_with(|| id.clone());
+    }
+    if !uns {
+        return;
+    }
+    let domain = rules.domains.iter().find(|(d, _)| d == p.domain.get_ref());
+    for (fi, f) in p.fields.iter().enumerate() {
+        let name = f.name.get_ref();
+        // Nothing of a withheld field, not even its topic: nothing to check.
+        match fields.iter().find(|planned| planned.name == name.as_str()) {
+            Some(planned) if planned.action != EdgeAction::Never => {}
+            _ => continue,
+        }
+        let key = format!("fields[{fi}].name");
+        let t = uns_topic.replace("{field}", name);
+        if rules.egress_written && !rules.plan.allows_topic(&t) {
+            let msg = format!(
+                "the UNS topic `{t}` of field `{name}` is outside the egress allow-list (rule `egress.allow_topic_prefixes` in {})",
+                rules.file
+            );
+            cx.err(&f.name, key, msg).help = Some(format!(
+                "add a prefix of `{t}` to egress.allow_topic_prefixes, or change uns_topic_template, in {}",
+                rules.file
+            ));
+            continue;
+        }
+        if let Some((d, prefixes)) = domain.filter(|(_, pre)| !pre.iter().any(|pre| t.starts_with(pre.as_str()))) {
+            let msg = format!(
+                "the UNS topic `{t}` of field `{name}` is not under the prefixes domain `{d}` may use (rule `domains` in {}: {})",
+                rules.file,
+                prefixes.join(", ")
+            );
+            cx.err(&f.name, key, msg);
+            continue;
+        }
+        let taken = topics
+            .own
+            .get(&t)
+            .map(|owner| format!("a topic of product `{owner}`"))
+            .or_else(|| {
+                topics
+                    .uns
+                    .get(&t)
+                    .map(|other| format!("the UNS topic of field `{other}`"))
+            });
+        if let Some(taken) = taken {
+            let msg = format!("the UNS topic `{t}` of field `{name}` is already {taken}");
+            cx.err(&f.name, key, msg).help =
+                Some("rename the field, or change uns_topic_template in the governance file".into());
+            continue;
+        }
+        topics.uns.insert(t, format!("{id}.{name}"));
+    }
 }
 
 /// A field's source, natural logical type, tag type (`None` for derived fields) and how messages
