@@ -629,14 +629,14 @@ impl Writer {
                 batch.numbered.push(s.msg);
             }
         }
-        // What stays staged is not sealed: a crash now may lose it.
+        // What stays staged is not sealed: a crash now may lose it. (A map: thousands of
+        // products may each have a message staged.)
+        let mut unsealed: HashMap<ProductKey, u64> = HashMap::new();
         for (p, id) in self.staged.keys() {
-            let lowest = batch.unsealed.iter_mut().find(|u| u.0 == *p);
-            match lowest {
-                Some(u) => u.1 = u.1.min(id.seq),
-                None => batch.unsealed.push((*p, id.seq)),
-            }
+            let lowest = unsealed.entry(*p).or_insert(id.seq);
+            *lowest = (*lowest).min(id.seq);
         }
+        batch.unsealed.extend(unsealed);
         batch.acks.append(&mut self.recheck);
         batch.refused.append(&mut self.carried.0);
         batch.refused_seqs.append(&mut self.carried.1);
@@ -912,9 +912,10 @@ impl Writer {
     /// due together, one commit for all. A block that lasted less than [`BLOCK_TARGET`] doubles.
     fn reserve(&mut self, batch: &mut Batch, short: &[(usize, u64)]) {
         let now = Instant::now();
+        let short: HashMap<usize, u64> = short.iter().copied().collect();
         for i in 0..self.products.len() {
             let key = self.keys[i];
-            let need = short.iter().find(|s| s.0 == i).map(|s| s.1);
+            let need = short.get(&i).copied();
             let left = self.store.reserved_left(key);
             let (block, raised) = &mut self.blocks[i];
             if need.is_none() && left >= *block / 2 {
