@@ -542,6 +542,9 @@ fn uns_topics(
     let domain = rules.domains.iter().find(|(d, _)| d == p.domain.get_ref());
     for (fi, f) in p.fields.iter().enumerate() {
         let name = f.name.get_ref();
+        if name.starts_with('_') {
+            continue; // refused already: it would shadow the agent's own topics
+        }
         // Nothing of a withheld field, not even its topic: nothing to check.
         match fields.iter().find(|planned| planned.name == name.as_str()) {
             Some(planned) if planned.action != EdgeAction::Never => {}
